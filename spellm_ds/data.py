@@ -9,9 +9,11 @@ Every input is checked up front so a bad file fails with one clear line, not dee
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 
 from spellm_ds import assets
 from spellm_ds.errors import SpellmError
@@ -84,3 +86,58 @@ def load_texts(paths: Sequence[str] | None = None, text_field: str = "text") -> 
     if len(dataset) == 0:
         raise SpellmError(f"no non-empty documents in {', '.join(paths)}; check --data and --text_field")
     return dataset
+
+
+# ---------------------------------------------------------------------------- packing
+@dataclass
+class PackedData:
+    """Token blocks of ``seq_len``: training blocks and held-out evaluation blocks.
+
+    Documents are split into train and held-out *before* packing, so no held-out document
+    contributes a single token to training.
+    """
+
+    train: torch.Tensor  # [N, seq_len] int64
+    held_out: torch.Tensor  # [M, seq_len] int64
+
+
+def _pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for start in range(0, len(texts), 1000):
+        for ids in tokenizer(texts[start : start + 1000], add_special_tokens=False)["input_ids"]:
+            stream += ids + separator
+    n_blocks = len(stream) // seq_len
+    return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
+
+
+def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: float, seed: int) -> PackedData:
+    """Shuffle documents by ``seed``, hold out ``eval_fraction`` of them, pack both parts."""
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(len(texts) * eval_fraction))
+    if len(texts) < 2:
+        raise SpellmError("the data has a single document; a held-out split needs at least 2 (add documents)")
+    held_out = _pack([texts[i] for i in order[:n_eval]], tokenizer, seq_len)
+    train = _pack([texts[i] for i in order[n_eval:]], tokenizer, seq_len)
+    for name, blocks in (("training", train), ("held-out", held_out)):
+        if len(blocks) == 0:
+            raise SpellmError(f"the {name} documents are shorter than one {seq_len}-token block; "
+                              "add data, lower --seq_len or change --eval_fraction")
+    return PackedData(train, held_out)
+
+
+def step_batch(blocks: torch.Tensor, step: int, micro_step: int, grad_accum: int, micro_batch: int,
+               rank: int, world_size: int, seed: int) -> torch.Tensor:
+    """This rank's micro-batch for (step, micro_step): a pure function of the position, so a
+    resumed run reads exactly the blocks the uninterrupted run would have read.
+
+    Blocks are visited in a fresh seeded permutation each epoch; ranks take disjoint slices.
+    """
+    first = ((step * grad_accum + micro_step) * world_size + rank) * micro_batch
+    positions = torch.arange(first, first + micro_batch)
+    epochs, offsets = positions // len(blocks), positions % len(blocks)
+    rows = []
+    for epoch in epochs.unique().tolist():
+        permutation = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        rows.append(permutation[offsets[epochs == epoch]])
+    return blocks[torch.cat(rows)]

@@ -1,0 +1,68 @@
+"""Convert a pretrained causal LM into a SpeLLM model by online self-distillation.
+
+    deepspeed --num_gpus 2 launch/distill.py --deepspeed ds_configs/zero3.json [flags]
+    torchrun --nproc_per_node 2 launch/distill.py ...      mpirun -np 2 python launch/distill.py ...
+
+With no --model/--data it distils the embedded SmolLM2-135M-Instruct on the embedded BoolQ corpus.
+Values left "auto" in the DeepSpeed config (batch sizes, lr, schedule) are filled from the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from spellm_ds import cli
+from spellm_ds.config import RunConfig
+from spellm_ds.train import run
+
+DEFAULTS = RunConfig()
+
+
+def parse_args() -> RunConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_and_data_args(p)
+    p.add_argument("--deepspeed", default=DEFAULTS.deepspeed, help="student DeepSpeed config (default: %(default)s)")
+    p.add_argument("--teacher_deepspeed", default=DEFAULTS.teacher_deepspeed,
+                   help="teacher DeepSpeed config, no optimizer (default: %(default)s)")
+    p.add_argument("--teacher_stage", type=int, choices=(0, 3), default=None,
+                   help="override the teacher's ZeRO stage: 0 = replicated (fast when it fits), 3 = sharded")
+    p.add_argument("--teacher_offload", action="store_true", help="keep the ZeRO-3 teacher's parameters in CPU memory")
+    p.add_argument("--output_dir", default=DEFAULTS.output_dir, help="checkpoints, tensorboard/, run_config.json, "
+                   "model/ (default: %(default)s)")
+    p.add_argument("--k", type=int, default=DEFAULTS.k, help="characters per token = number of heads (default: %(default)s)")
+    p.add_argument("--charset", default=None, help="charset.json or a text file of extra characters")
+    p.add_argument("--trainable_layers", type=int, default=DEFAULTS.trainable_layers,
+                   help="train the FFN blocks of this many last decoder layers (default: %(default)s)")
+    p.add_argument("--head_init", choices=("embedding", "random"), default=DEFAULTS.head_init,
+                   help="char head start: mean token embeddings per (position, char), or random (default: %(default)s)")
+    p.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="tokens per packed block (default: %(default)s)")
+    p.add_argument("--micro_batch", type=int, default=None, help="blocks per rank per micro step (default: config or 4)")
+    p.add_argument("--grad_accum", type=int, default=None, help="micro steps per optimizer step (default: config or 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: config or 1e-3)")
+    p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warm-up steps (default: %(default)s)")
+    p.add_argument("--max_steps", type=int, default=DEFAULTS.max_steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--reg_weight", type=float, default=DEFAULTS.reg_weight,
+                   help="weight of the token-level regularisation loss (default: %(default)s)")
+    p.add_argument("--eval_every", type=int, default=DEFAULTS.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--eval_fraction", type=float, default=DEFAULTS.eval_fraction,
+                   help="share of documents held out (default: %(default)s)")
+    p.add_argument("--eval_blocks", type=int, default=DEFAULTS.eval_blocks,
+                   help="held-out blocks evaluated (default: %(default)s)")
+    p.add_argument("--save_every", type=int, default=DEFAULTS.save_every, help="steps between checkpoints (0: never)")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--no_activation_checkpointing", dest="activation_checkpointing", action="store_false",
+                   help="keep activations instead of recomputing them (non-reentrant checkpointing is on by default)")
+    p.add_argument("--collective_timeout_s", type=float, default=DEFAULTS.collective_timeout_s,
+                   help="a collective waiting longer than this ends the job (default: %(default)s)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = vars(p.parse_args())
+    args.pop("local_rank")
+    return RunConfig(**args)
+
+
+def main() -> None:
+    run(parse_args())
+
+
+if __name__ == "__main__":
+    cli.run(main)

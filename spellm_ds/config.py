@@ -1,0 +1,156 @@
+"""The run configuration and DeepSpeed config resolution.
+
+DeepSpeed itself cannot read ``"auto"`` (an HF Trainer feature): every ``"auto"`` is filled here
+from the run config before DeepSpeed sees the file, and a concrete value in the file that
+contradicts a command-line flag is an error rather than a silent choice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from spellm_ds.assets import EMBEDDED_MODEL
+from spellm_ds.errors import SpellmError
+
+DEFAULTS = {"micro_batch": 4, "grad_accum": 1, "lr": 1e-3}
+
+
+@dataclass
+class RunConfig:
+    model: str = EMBEDDED_MODEL
+    data: list[str] | None = None
+    text_field: str = "text"
+    output_dir: str = "outputs/spellm"
+    deepspeed: str = "ds_configs/zero3.json"
+    teacher_deepspeed: str = "ds_configs/teacher.json"
+    teacher_stage: int | None = None
+    teacher_offload: bool = False
+    k: int = 10
+    charset: str | None = None
+    trainable_layers: int = 5
+    head_init: str = "embedding"
+    seq_len: int = 256
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    lr: float | None = None
+    warmup: int = 20
+    max_steps: int = 300
+    reg_weight: float = 0.1
+    eval_every: int = 50
+    eval_fraction: float = 0.02
+    eval_blocks: int = 32
+    save_every: int = 100
+    seed: int = 0
+    activation_checkpointing: bool = True
+    collective_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        checks = [
+            (self.k >= 1, f"--k {self.k} must be at least 1 (the paper uses 10)"),
+            (self.seq_len >= 2, f"--seq_len {self.seq_len} must be at least 2"),
+            (self.max_steps >= 1, f"--max_steps {self.max_steps} must be at least 1"),
+            (self.trainable_layers >= 0, f"--trainable_layers {self.trainable_layers} must be >= 0"),
+            (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
+            (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
+            (self.teacher_stage in (None, 0, 3), f"--teacher_stage {self.teacher_stage} must be 0 or 3"),
+            (self.head_init in ("embedding", "random"), f"--head_init {self.head_init!r}: use embedding or random"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpellmError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_json_config(path: str | Path, flag: str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpellmError(f"DeepSpeed config {path} does not exist; pass an existing file with {flag}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SpellmError(f"DeepSpeed config {path} is not readable JSON ({e}); fix the file or pass another "
+                          f"with {flag}") from None
+    if not isinstance(config, dict):
+        raise SpellmError(f"DeepSpeed config {path} must be a JSON object; fix the file")
+    return config
+
+
+def _settle(config: dict[str, Any], key: str, cli_value: Any, flag: str, source: str) -> Any:
+    """One value from a config key and a flag: ``auto``/missing takes the flag, equal values agree."""
+    file_value = config.get(key, "auto")
+    if file_value == "auto":
+        return cli_value
+    if cli_value is not None and file_value != cli_value:
+        raise SpellmError(f"{source} sets {key}={file_value} but {flag} is {cli_value}; "
+                          f"drop one of them or make them equal")
+    return file_value
+
+
+def _reject_auto(config: Any, source: str, path: str = "") -> None:
+    if isinstance(config, dict):
+        for key, value in config.items():
+            _reject_auto(value, source, f"{path}.{key}" if path else key)
+    elif config == "auto":
+        raise SpellmError(f"{source} leaves {path}=\"auto\" that spellm-ds cannot fill; set a value")
+
+
+def resolve_student_config(run: RunConfig, world_size: int) -> dict[str, Any]:
+    """The student's DeepSpeed config with batch sizes, lr and schedule filled from ``run``."""
+    config = load_json_config(run.deepspeed, "--deepspeed")
+    source = f"DeepSpeed config {run.deepspeed}"
+    micro = _settle(config, "train_micro_batch_size_per_gpu", run.micro_batch, "--micro_batch", source)
+    accum = _settle(config, "gradient_accumulation_steps", run.grad_accum, "--grad_accum", source)
+    micro = DEFAULTS["micro_batch"] if micro is None else micro
+    accum = DEFAULTS["grad_accum"] if accum is None else accum
+    config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"] = micro, accum
+    config["train_batch_size"] = _settle(config, "train_batch_size", micro * accum * world_size,
+                                         "micro_batch x grad_accum x world_size", source)
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    params = optimizer.setdefault("params", {})
+    lr = _settle(params, "lr", run.lr, "--lr", source)
+    params["lr"] = DEFAULTS["lr"] if lr is None else lr
+    scheduler = config.get("scheduler", {}).get("params", {})
+    for key, value in (("warmup_max_lr", params["lr"]), ("warmup_num_steps", run.warmup),
+                       ("total_num_steps", run.max_steps)):
+        if scheduler.get(key) == "auto":
+            scheduler[key] = value
+    _reject_auto(config, source)
+    run.micro_batch, run.grad_accum, run.lr = micro, accum, params["lr"]
+    return config
+
+
+def resolve_teacher_config(run: RunConfig, student: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The frozen teacher's config: no optimizer, the student's precision and micro batch."""
+    config = load_json_config(run.teacher_deepspeed, "--teacher_deepspeed")
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    config["train_micro_batch_size_per_gpu"] = student["train_micro_batch_size_per_gpu"]
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = student["train_micro_batch_size_per_gpu"] * world_size
+    for precision in ("bf16", "fp16"):
+        if config.get(precision, {}).get("enabled") == "auto" or precision in student:
+            config[precision] = {"enabled": bool(student.get(precision, {}).get("enabled", False))}
+    zero = config.setdefault("zero_optimization", {})
+    if run.teacher_stage is not None:
+        zero["stage"] = run.teacher_stage
+    if run.teacher_offload:
+        if zero.get("stage", 0) != 3:
+            raise SpellmError("--teacher_offload needs a ZeRO-3 teacher; drop --teacher_stage 0")
+        zero["offload_param"] = {"device": "cpu"}
+    _reject_auto(config, f"DeepSpeed config {run.teacher_deepspeed}")
+    return config
+
+
+def mixed_precision_dtype(ds_config: dict[str, Any]):
+    import torch
+
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32

@@ -1,0 +1,44 @@
+"""The k character heads, computed as one fused ``Linear(d, k * |C|)``.
+
+One GEMM with k*|C| outputs is exactly k separate ``Linear(d, |C|)`` heads side by side (the
+output is reshaped to ``[..., k, |C|]``), and much cheaper to launch than k small ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HEAD_INITS = ("embedding", "random")
+
+
+class CharHeads(nn.Module):
+    def __init__(self, hidden_size: int, k: int, num_chars: int) -> None:
+        super().__init__()
+        self.k, self.num_chars = k, num_chars
+        self.proj = nn.Linear(hidden_size, k * num_chars)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., d]`` -> char logits ``[..., k, |C|]``."""
+        return self.proj(hidden).unflatten(-1, (self.k, self.num_chars))
+
+    @torch.no_grad()
+    def init_from_embeddings(self, embeddings: torch.Tensor, chars: torch.Tensor, spellable: torch.Tensor) -> None:
+        """Informed start: head j's row for char c is the mean output embedding of the tokens
+        spelled with c at position j, and its bias the log frequency of c there.
+
+        With a tied or untied LM head, ``h . E_v`` is the teacher's logit for token v, so
+        averaging ``E_v`` over the tokens that share a character gives a head that already
+        scores that character by how likely its tokens are.
+        """
+        k, num_chars = self.k, self.num_chars
+        emb = embeddings[spellable].float()  # [N, d]
+        ids = chars[spellable]  # [N, k]
+        weight = torch.zeros(k, num_chars, emb.shape[1])
+        counts = torch.zeros(k, num_chars)
+        for j in range(k):
+            weight[j].index_add_(0, ids[:, j], emb)
+            counts[j] += torch.bincount(ids[:, j], minlength=num_chars).float()
+        weight /= counts.clamp(min=1).unsqueeze(-1)
+        self.proj.weight.copy_(weight.reshape(k * num_chars, -1))
+        self.proj.bias.copy_(torch.log((counts + 1) / (counts + 1).sum(-1, keepdim=True)).reshape(-1))

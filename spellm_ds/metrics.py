@@ -1,0 +1,60 @@
+"""Per-step match metrics, defined as in the README and used everywhere (training logs, analysis).
+
+- exact match: the argmax string equals spelling(teacher top-1) and that token fits in k chars;
+- prefix match: the teacher top-1 is longer than k and the argmax string equals its first k chars;
+- match@5: the argmax string equals the spelling of any spellable teacher top-5 candidate;
+- head j accuracy: head j's argmax equals the selected label's j-th char (valid positions).
+
+Functions return *sums* so ranks can all-reduce them before dividing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spellm_ds.losses import Labels
+from spellm_ds.spelling import SpellingTable
+from spellm_ds.teacher import TeacherSignal
+
+
+def mean_head_entropy(char_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the k heads of each head's entropy (nats), fp32: ``[..., k, C]`` -> ``[...]``."""
+    logp = torch.log_softmax(char_logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1).mean(-1)
+
+
+@torch.no_grad()
+def match_sums(char_logits: torch.Tensor, signal: TeacherSignal, labels: Labels,
+               table: SpellingTable) -> dict[str, torch.Tensor]:
+    predicted = char_logits.argmax(-1)  # [B, T, k]
+    top1 = signal.top_ids[..., 0]
+    same_as_top1 = (predicted == table.chars[top1]).all(-1) & table.spellable[top1]
+    fits = table.lengths[top1] <= table.k
+    same_as_any = (predicted.unsqueeze(2) == table.chars[signal.top_ids]).all(-1) & table.spellable[signal.top_ids]
+    head_correct = ((predicted == labels.chars) & labels.valid.unsqueeze(-1)).sum((0, 1))
+    return {
+        "positions": torch.tensor(float(top1.numel())),
+        "valid": labels.valid.sum().float(),
+        "exact": (same_as_top1 & fits).sum().float(),
+        "prefix": (same_as_top1 & ~fits).sum().float(),
+        "at5": same_as_any.any(-1).sum().float(),
+        "head_correct": head_correct.float(),
+        "entropy_student": mean_head_entropy(char_logits).sum(),
+        "entropy_teacher": signal.entropy.sum(),
+    }
+
+
+def rates(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Turn (all-reduced) sums into the logged rates."""
+    positions, valid = float(sums["positions"]), max(float(sums["valid"]), 1.0)
+    out = {
+        "match/exact": float(sums["exact"]) / positions,
+        "match/prefix": float(sums["prefix"]) / positions,
+        "match/exact_or_prefix": float(sums["exact"] + sums["prefix"]) / positions,
+        "match/at5": float(sums["at5"]) / positions,
+        "entropy/student": float(sums["entropy_student"]) / positions,
+        "entropy/teacher": float(sums["entropy_teacher"]) / positions,
+    }
+    for j, correct in enumerate(sums["head_correct"].tolist()):
+        out[f"acc/head_{j + 1}"] = correct / valid
+    return out

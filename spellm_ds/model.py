@@ -1,0 +1,151 @@
+"""SpeLLMForCausalLM: a Hugging Face causal LM plus k character heads.
+
+The heads read the base model's final normed hidden state. The original LM head stays (frozen;
+on SmolLM2 it is the tied input embedding): the distillation uses it for the token-level
+regularisation loss and decoding falls back to it when the char heads are uncertain.
+
+A saved SpeLLM directory is an ordinary HF model directory (``config.json``,
+``model.safetensors``, tokenizer) holding the student's full weights, plus ``char_heads.safetensors``,
+``spellm_config.json`` (k, trainable layers, head init, the teacher it came from) and
+``charset.json``. It loads on one process without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from spellm_ds.charset import Charset
+from spellm_ds.errors import SpellmError
+from spellm_ds.heads import CharHeads
+
+SPELLM_CONFIG_FILE = "spellm_config.json"
+HEADS_FILE = "char_heads.safetensors"
+BASE_WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class SpeLLMConfig:
+    k: int = 10
+    trainable_layers: int = 5
+    head_init: str = "embedding"
+    teacher: str = ""
+    """The model this student was distilled from: the embedded name or a directory path."""
+
+    def save(self, directory: Path) -> None:
+        (directory / SPELLM_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> SpeLLMConfig:
+        path = directory / SPELLM_CONFIG_FILE
+        if not path.is_file():
+            raise SpellmError(f"{directory} is not a SpeLLM model directory (no {SPELLM_CONFIG_FILE}); "
+                              "pass a directory written by distill/export")
+        return cls(**json.loads(path.read_text()))
+
+
+class SpeLLMOutput(NamedTuple):
+    hidden: torch.Tensor  # [B, T, d] final normed hidden state
+    char_logits: torch.Tensor  # [B, T, k, C]
+    token_logits: torch.Tensor | None  # [B, T, V] from the frozen LM head, when asked for
+
+
+def decoder_layers(base: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of an HF causal LM (Llama/Mistral/Qwen ``layers``, GPT-2 ``h``)."""
+    decoder = base.get_decoder()
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise SpellmError(f"cannot find the decoder layers of {type(base).__name__}; it needs a 'layers' ModuleList")
+
+
+def feed_forward(layer: nn.Module) -> nn.Module:
+    for name in ("mlp", "feed_forward", "ffn"):
+        block = getattr(layer, name, None)
+        if isinstance(block, nn.Module):
+            return block
+    raise SpellmError(f"cannot find the FFN block of {type(layer).__name__}; it needs an 'mlp' submodule")
+
+
+class SpeLLMForCausalLM(nn.Module):
+    def __init__(self, base: nn.Module, config: SpeLLMConfig, charset: Charset) -> None:
+        super().__init__()
+        if config.k < 1:
+            raise SpellmError(f"k={config.k} is out of range; choose k >= 1 (the paper uses 10)")
+        self.base = base
+        self.config = config
+        self.charset = charset
+        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(charset)).to(base.dtype)
+
+    # ----------------------------------------------------------------- training set-up
+    def freeze_for_distillation(self) -> int:
+        """Train only the char heads and the FFN blocks of the last ``trainable_layers`` layers.
+
+        Returns the number of trainable parameters.
+        """
+        layers = decoder_layers(self.base)
+        n = self.config.trainable_layers
+        if not 0 <= n <= len(layers):
+            raise SpellmError(f"--trainable_layers {n} is out of range; the model has {len(layers)} layers")
+        self.requires_grad_(False)
+        self.char_heads.requires_grad_(True)
+        for layer in list(layers)[len(layers) - n:]:
+            feed_forward(layer).requires_grad_(True)
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                   for p in self.parameters() if p.requires_grad)
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                with_token_logits: bool = False) -> SpeLLMOutput:
+        hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        char_logits = self.char_heads(hidden)
+        token_logits = self.base.get_output_embeddings()(hidden) if with_token_logits else None
+        return SpeLLMOutput(hidden, char_logits, token_logits)
+
+    # ----------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """Write the full model (weights must be whole, not ZeRO-3 partitions)."""
+        write_directory(Path(directory), self.base.config, self.config, self.charset,
+                        base_state={n: p.detach() for n, p in self.base.named_parameters()},
+                        heads_state=self.char_heads.state_dict(), tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> SpeLLMForCausalLM:
+        from transformers import AutoModelForCausalLM
+
+        directory = Path(directory)
+        config = SpeLLMConfig.load(directory)
+        base = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = cls(base, config, Charset.load(directory))
+        model.char_heads.load_state_dict(load_file(directory / HEADS_FILE))
+        return model.to(dtype).eval()
+
+
+def write_directory(directory: Path, base_config, config: SpeLLMConfig, charset: Charset,
+                    base_state: dict[str, torch.Tensor], heads_state: dict[str, torch.Tensor],
+                    tokenizer=None) -> None:
+    """Write a SpeLLM directory from whole state dicts (shared by save_pretrained and export).
+
+    ``base_state`` comes from ``named_parameters()``, which lists a tied LM head once, as HF
+    checkpoints do; ``from_pretrained`` re-ties it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    base_config.save_pretrained(directory)
+    save_file({n: t.contiguous().cpu() for n, t in base_state.items()}, directory / BASE_WEIGHTS_FILE,
+              metadata={"format": "pt"})
+    save_file({n: t.contiguous().cpu() for n, t in heads_state.items()}, directory / HEADS_FILE,
+              metadata={"format": "pt"})
+    config.save(directory)
+    charset.save(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

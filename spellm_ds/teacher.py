@@ -1,0 +1,44 @@
+"""The teacher's signal: top-k next tokens, their probabilities and the entropy, per position.
+
+The LM head is applied in chunks along the sequence, so only a ``[B, chunk, V]`` slice of logits
+exists at any time (the full ``[B, T, V]`` tensor is 200 MB for SmolLM2 at 4 x 256 in fp32).
+Everything after the LM head is fp32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import deepspeed
+import torch
+from torch import nn
+
+
+class TeacherSignal(NamedTuple):
+    top_ids: torch.Tensor  # [B, T, top_k] int64
+    top_probs: torch.Tensor  # [B, T, top_k] fp32
+    entropy: torch.Tensor  # [B, T] fp32, in nats
+
+
+@torch.no_grad()
+def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int = 5,
+                           chunk: int = 64) -> TeacherSignal:
+    """Top-k of ``lm_head(hidden)`` along the sequence in chunks (weights gathered once under ZeRO-3)."""
+    ids, probs, entropies = [], [], []
+    with deepspeed.zero.GatheredParameters(list(lm_head.parameters())):
+        for start in range(0, hidden.shape[1], chunk):
+            logits = lm_head(hidden[:, start : start + chunk]).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            entropies.append(-(logp.exp() * logp).sum(-1))
+            top_logp, top_ids = logp.topk(top_k, dim=-1)
+            ids.append(top_ids)
+            probs.append(top_logp.exp())
+    return TeacherSignal(torch.cat(ids, 1), torch.cat(probs, 1), torch.cat(entropies, 1))
+
+
+@torch.no_grad()
+def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   top_k: int = 5, chunk: int = 64) -> TeacherSignal:
+    """Run the frozen causal LM's decoder, then its LM head in chunks."""
+    hidden = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return top_tokens_from_hidden(hidden, teacher.get_output_embeddings(), top_k, chunk)

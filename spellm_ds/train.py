@@ -1,0 +1,233 @@
+"""The SpeLLM distillation recipe, top to bottom.
+
+Features
+- online self-distillation: the frozen original model is the teacher; its top-5 next tokens,
+  their probabilities and its entropy are computed on the fly (LM head chunked along the sequence);
+- the student is the same model plus k char heads; only the heads and the FFN blocks of the last
+  ``trainable_layers`` decoder layers train; the label of each position is the teacher candidate
+  the student spells best (no blending), the loss is char CE + ``reg_weight`` x token CE through
+  the frozen LM head, all in fp32;
+- two DeepSpeed engines per rank (student with optimizer, teacher without), ZeRO-3 by default,
+  models built under ``HfDeepSpeedConfig`` so weights load partitioned; teacher stage 0 or 3,
+  optional teacher parameter offload;
+- bf16 from the DeepSpeed config, non-reentrant activation checkpointing;
+- every rank runs the same forward sequence (same batch counts in training and evaluation);
+- rank 0 logs a progress bar and TensorBoard scalars, writes the resolved run config, and the run
+  ends with an HF-format SpeLLM export in ``output_dir/model``.
+
+Limits
+- the teacher is a second full copy of the model (no shared trunk yet);
+- packed blocks attend across document boundaries (standard packing).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import deepspeed
+import psutil
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+
+from spellm_ds import assets, distributed
+from spellm_ds.charset import Charset
+from spellm_ds.checkpoint import export_model
+from spellm_ds.config import RunConfig, mixed_precision_dtype, resolve_student_config, resolve_teacher_config
+from spellm_ds.data import load_texts, pack_documents, step_batch
+from spellm_ds.losses import distillation_loss, select_labels
+from spellm_ds.metrics import match_sums, rates
+from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.spelling import SpellingTable
+from spellm_ds.teacher import teacher_signal
+
+TOP_K = 5
+
+
+def run(config: RunConfig) -> Path:
+    """Distil ``config.model`` into a SpeLLM model; returns the exported model directory."""
+    config.validate()
+    distributed.init(config.collective_timeout_s)
+    try:
+        return Distillation(config).train()
+    finally:
+        distributed.teardown()
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Distillation:
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(deepspeed.get_accelerator().current_device_name())
+        self.output_dir = Path(config.output_dir)
+        self.model_dir = assets.resolve_model(config.model)
+        self.tokenizer = assets.load_tokenizer(self.model_dir)
+        self.charset = Charset.from_file(config.charset) if config.charset else Charset.default()
+        self.table = SpellingTable.from_tokenizer(self.tokenizer, self.charset, config.k).to(self.device)
+        self.student_ds = resolve_student_config(config, self.world_size)
+        self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size)
+        self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
+                                   config.seq_len, config.eval_fraction, config.seed)
+        self.teacher = self._build_teacher()
+        self.student, self.trainable = self._build_student()
+        self.writer = self._tensorboard()
+
+    # ----------------------------------------------------------------- set-up
+    def _load_base(self, ds_config: dict):
+        # HfDeepSpeedConfig must stay alive while from_pretrained runs so weights load partitioned.
+        keep_alive = HfDeepSpeedConfig(ds_config)
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=mixed_precision_dtype(ds_config))
+        del keep_alive
+        return base
+
+    def _build_teacher(self):
+        teacher = self._load_base(self.teacher_ds)
+        teacher.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=teacher, config=self.teacher_ds)
+        engine.eval()
+        return engine
+
+    def _build_student(self):
+        base = self._load_base(self.student_ds)
+        torch.manual_seed(self.config.seed)  # identical head init on every rank
+        model = SpeLLMForCausalLM(base, SpeLLMConfig(self.config.k, self.config.trainable_layers,
+                                                     self.config.head_init, self.config.model), self.charset)
+        if self.config.head_init == "embedding":
+            embedding = base.get_output_embeddings().weight
+            with deepspeed.zero.GatheredParameters([embedding]):
+                model.char_heads.init_from_embeddings(embedding.detach().cpu(), self.table.chars.cpu(),
+                                                      self.table.spellable.cpu())
+        trainable = model.freeze_for_distillation()
+        if self.config.activation_checkpointing:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        engine, *_ = deepspeed.initialize(model=model, config=self.student_ds,
+                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        if self.rank == 0:
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+            print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})", flush=True)
+        return engine, trainable
+
+    def _tensorboard(self):
+        if self.rank != 0:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"run": self.config.to_dict(), "world_size": self.world_size, "student_deepspeed": self.student_ds,
+                    "teacher_deepspeed": self.teacher_ds, "model_dir": str(self.model_dir),
+                    "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
+        (self.output_dir / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        return SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    # ----------------------------------------------------------------- one step
+    def _forward(self, input_ids: torch.Tensor, with_token_logits: bool):
+        """Teacher then student forward; the same sequence on every rank."""
+        input_ids = input_ids.to(self.device)
+        started = time.perf_counter()
+        signal = teacher_signal(self.teacher.module, input_ids, top_k=TOP_K)
+        teacher_s = time.perf_counter() - started
+        out = self.student(input_ids, with_token_logits=with_token_logits)
+        labels = select_labels(out.char_logits, signal.top_ids, self.table.chars, self.table.spellable)
+        return signal, out, labels, teacher_s
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(sums)
+        flat = torch.cat([sums[n].reshape(-1).double().cpu() for n in names])
+        dist.all_reduce(flat)
+        out, offset = {}, 0
+        for name in names:
+            size = sums[name].numel()
+            out[name] = flat[offset : offset + size].reshape(sums[name].shape)
+            offset += size
+        return rates(out)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        teacher_s = student_s = 0.0
+        sums: dict[str, torch.Tensor] = {}
+        losses = torch.zeros(3, dtype=torch.float64)
+        for micro_step in range(cfg.grad_accum):
+            batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
+                               self.rank, self.world_size, cfg.seed)
+            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.reg_weight > 0)
+            started = time.perf_counter()
+            loss = distillation_loss(out.char_logits, out.token_logits, labels, cfg.reg_weight)
+            self.student.backward(loss.total)
+            self.student.step()
+            student_s += time.perf_counter() - started
+            teacher_s += t_s
+            losses += torch.tensor([loss.total.item(), loss.char.item(), loss.token.item()], dtype=torch.float64)
+            for name, value in match_sums(out.char_logits.detach(), signal, labels, self.table).items():
+                sums[name] = sums.get(name, 0) + value.cpu()
+        losses /= cfg.grad_accum
+        dist.all_reduce(losses)
+        metrics = self._reduce(sums)
+        metrics.update({"loss/total": losses[0].item() / self.world_size, "loss/char": losses[1].item() / self.world_size,
+                        "loss/token": losses[2].item() / self.world_size,
+                        "perf/teacher_s": teacher_s, "perf/student_s": student_s})
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out match rates; every rank evaluates the same number of batches."""
+        cfg = self.config
+        blocks = self.data.held_out[: cfg.eval_blocks]
+        per_rank = len(blocks) // self.world_size
+        if per_rank == 0:  # fewer held-out blocks than ranks: every rank evaluates the same ones
+            mine = blocks
+        else:
+            mine = blocks[self.rank * per_rank : (self.rank + 1) * per_rank]
+        self.student.eval()
+        sums: dict[str, torch.Tensor] = {}
+        for start in range(0, len(mine), cfg.micro_batch):
+            signal, out, labels, _ = self._forward(mine[start : start + cfg.micro_batch], with_token_logits=False)
+            for name, value in match_sums(out.char_logits, signal, labels, self.table).items():
+                sums[name] = sums.get(name, 0) + value.cpu()
+        self.student.train()
+        return {f"eval/{name}": value for name, value in self._reduce(sums).items()}
+
+    # ----------------------------------------------------------------- the loop
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def train(self) -> Path:
+        cfg = self.config
+        tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
+        self._log(self.evaluate(), 0)
+        self.student.train()
+        bar = tqdm(total=cfg.max_steps, disable=self.rank != 0, dynamic_ncols=True, desc="distill")
+        for step in range(cfg.max_steps):
+            started = time.perf_counter()
+            metrics = self.train_step(step)
+            elapsed = time.perf_counter() - started
+            metrics.update({"perf/tokens_per_s": tokens_per_step / elapsed, "perf/step_s": elapsed,
+                            "lr": self.student.get_lr()[0],
+                            "mem/rss_gb": psutil.Process().memory_info().rss / 2**30})
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+                metrics.update(self.evaluate())
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                self.student.save_checkpoint(str(self.output_dir / "checkpoints"), tag=f"step{step + 1}")
+            self._log(metrics, step + 1)
+            bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", exact=f"{metrics['match/exact_or_prefix']:.2f}",
+                            tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+            bar.update()
+        bar.close()
+        exported = export_model(self.student, self.model_dir, self.output_dir / "model", self.tokenizer)
+        if self.rank == 0:
+            print(f"peak RSS rank 0: {_peak_rss_gb():.2f} GB; exported SpeLLM model: {exported}", flush=True)
+        if self.writer is not None:
+            self.writer.close()
+        return exported

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from spellm_ds.config import RunConfig, resolve_student_config, resolve_teacher_config
+from spellm_ds.errors import SpellmError
+
+
+def write(tmp_path, config, name="ds.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_auto_values_are_filled_from_the_run(tmp_path):
+    run = RunConfig(deepspeed="ds_configs/zero3.json", micro_batch=3, grad_accum=2, lr=5e-4, max_steps=40, warmup=4)
+    ds = resolve_student_config(run, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 12 and ds["optimizer"]["params"]["lr"] == 5e-4
+    assert ds["scheduler"]["params"] == {**ds["scheduler"]["params"], "warmup_max_lr": 5e-4,
+                                         "warmup_num_steps": 4, "total_num_steps": 40}
+    assert "auto" not in json.dumps(ds)
+    teacher = resolve_teacher_config(run, ds, world_size=2)
+    assert "optimizer" not in teacher and teacher["bf16"] == {"enabled": True}
+    assert teacher["zero_optimization"]["stage"] == 3 and teacher["train_batch_size"] == 6
+
+
+def test_concrete_values_are_used_when_flags_are_absent(tmp_path):
+    path = write(tmp_path, {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "AdamW", "params": {"lr": 0.01}}})
+    run = RunConfig(deepspeed=path)
+    ds = resolve_student_config(run, world_size=1)
+    assert (run.micro_batch, run.grad_accum, run.lr) == (8, 1, 0.01) and ds["train_batch_size"] == 8
+
+
+@pytest.mark.parametrize("config, flags, message", [
+    ({"train_micro_batch_size_per_gpu": 8}, {"micro_batch": 4}, "train_micro_batch_size_per_gpu=8 but --micro_batch"),
+    ({"train_batch_size": 100}, {}, "train_batch_size=100"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, {"lr": 0.2}, "lr=0.1 but --lr"),
+    ({"zero_optimization": {"stage": "auto"}}, {}, "zero_optimization.stage=\"auto\""),
+])
+def test_conflicts_are_errors(tmp_path, config, flags, message):
+    with pytest.raises(SpellmError, match=message):
+        resolve_student_config(RunConfig(deepspeed=write(tmp_path, config), **flags), world_size=2)
+
+
+def test_unreadable_configs(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SpellmError, match="not readable JSON"):
+        resolve_student_config(RunConfig(deepspeed=str(bad)), 1)
+    with pytest.raises(SpellmError, match="does not exist"):
+        resolve_student_config(RunConfig(deepspeed=str(tmp_path / "none.json")), 1)
+
+
+def test_teacher_stage_and_offload():
+    run = RunConfig(teacher_stage=0)
+    ds = resolve_student_config(run, 1)
+    assert resolve_teacher_config(run, ds, 1)["zero_optimization"]["stage"] == 0
+    with pytest.raises(SpellmError, match="--teacher_offload needs a ZeRO-3 teacher"):
+        resolve_teacher_config(RunConfig(teacher_stage=0, teacher_offload=True), ds, 1)
+    offload = resolve_teacher_config(RunConfig(teacher_offload=True), ds, 1)
+    assert offload["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
+
+def test_bad_values():
+    with pytest.raises(SpellmError, match="--k 0"):
+        RunConfig(k=0).validate()

@@ -1,0 +1,64 @@
+"""A real 2-rank ZeRO-3 distillation (torchrun, gloo) of a tiny Llama on real text."""
+
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spellm_ds.model import SpeLLMForCausalLM
+from tests import tiny
+from tests.distributed import scalars, torchrun
+
+STEPS, K = 30, 6
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    texts = tiny.corpus_texts(300)
+    model_dir = tiny.tiny_llama_dir(root / "base", texts)
+    data = root / "corpus.jsonl"
+    import json
+    data.write_text("\n".join(json.dumps({"body": t}) for t in texts))
+    out = root / "out"
+    result = torchrun(["--model", str(model_dir), "--data", str(data), "--text_field", "body",
+                       "--output_dir", str(out), "--k", str(K), "--trainable_layers", "2", "--seq_len", "64",
+                       "--micro_batch", "4", "--lr", "3e-3", "--warmup", "3", "--max_steps", str(STEPS),
+                       "--eval_every", "10", "--save_every", "0", "--eval_blocks", "16"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return model_dir, out, result
+
+
+def test_logs_every_documented_tag(run):
+    _, out, result = run
+    tags = scalars(out / "tensorboard")
+    expected = {"loss/total", "loss/char", "loss/token", "match/exact", "match/prefix", "match/at5",
+                "entropy/student", "entropy/teacher", "perf/tokens_per_s", "perf/teacher_s", "perf/student_s",
+                "lr", "mem/rss_gb", "eval/match/exact", "eval/match/prefix", "eval/match/at5"}
+    expected |= {f"acc/head_{j}" for j in range(1, K + 1)}
+    assert expected <= set(tags)
+    assert [s for s, _ in tags["loss/total"]] == list(range(1, STEPS + 1))
+    assert "trainable parameters:" in result.stdout
+    assert (out / "run_config.json").is_file()
+
+
+def test_loss_falls_and_held_out_match_rises(run):
+    _, out, _ = run
+    tags = scalars(out / "tensorboard")
+    loss = [v for _, v in tags["loss/total"]]
+    assert statistics.mean(loss[-5:]) < 0.8 * statistics.mean(loss[:5])
+    held_out = dict(tags["eval/match/exact_or_prefix"])
+    assert held_out[STEPS] > held_out[0] + 0.05
+
+
+def test_only_heads_and_last_ffns_changed(run):
+    model_dir, out, _ = run
+    base = load_file(model_dir / "model.safetensors")
+    exported = load_file(out / "model" / "model.safetensors")
+    assert base.keys() == exported.keys()
+    changed = {name for name in base if not torch.equal(base[name], exported[name])}
+    trainable = {n for n in base if ".mlp." in n and (".layers.2." in n or ".layers.3." in n)}
+    assert changed == trainable  # every trainable FFN moved; embeddings, attention, norms, lower layers did not
+    model = SpeLLMForCausalLM.from_pretrained(out / "model")
+    assert model.config.k == K and model.config.teacher == str(model_dir)
