@@ -49,6 +49,13 @@ def parse_args() -> RunConfig:
     p.add_argument("--eval_blocks", type=int, default=DEFAULTS.eval_blocks,
                    help="held-out blocks evaluated (default: %(default)s)")
     p.add_argument("--save_every", type=int, default=DEFAULTS.save_every, help="steps between checkpoints (0: never)")
+    p.add_argument("--keep_checkpoints", type=int, default=DEFAULTS.keep_checkpoints,
+                   help="complete checkpoints to keep (default: %(default)s)")
+    p.add_argument("--resume", default=DEFAULTS.resume, metavar="auto|none|PATH",
+                   help="auto: continue from the latest complete checkpoint in --output_dir; none: start fresh; "
+                        "PATH: a checkpoints/stepN directory (default: %(default)s)")
+    p.add_argument("--stop_at", type=int, default=None, metavar="STEP",
+                   help="save and exit 0 after this step; the schedule still runs to --max_steps (time-boxed jobs)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--no_activation_checkpointing", dest="activation_checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (non-reentrant checkpointing is on by default)")

@@ -1,25 +1,166 @@
-"""Export: a ZeRO-partitioned student engine -> an HF-format SpeLLM directory.
+"""Checkpoints: atomic save, exact resume, export to an HF-format SpeLLM directory.
 
-Trainable parameters are taken from the optimizer's fp32 master weights (gathered from every
-rank); frozen parameters are copied from the base model's own files, which training never
-changes, so they stay bit-identical to the original (not rounded through bf16).
+Layout: ``output_dir/checkpoints/step{N}/`` holds DeepSpeed's files (ZeRO partitions, optimizer
+and LR-schedule state), ``spellm_state.json`` (step, world size, run config, charset, base model
+directory), one ``rng_rank{r}.pt`` per rank, and last of all ``COMPLETE``. ``COMPLETE`` is written
+by rank 0 after every rank has finished writing (a barrier), by an atomic rename, so a directory
+without it is a half-written checkpoint that resume never picks.
+
+Frozen parameters are not stored (they are 95% of the model and never change): resume reloads
+them from the base model, and export copies them bit-identically from the base model's files.
+Trainable parameters are exported from the fp32 master weights, not their bf16 copies.
+
+The data position needs no state of its own: a batch is a pure function of the step
+(:func:`spellm_ds.data.step_batch`), so restoring the step restores the sample order.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file
 
+from spellm_ds.charset import Charset
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import write_directory
+from spellm_ds.model import SpeLLMConfig, write_directory
 
+COMPLETE = "COMPLETE"
+STATE_FILE = "spellm_state.json"
 BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
+COMPATIBILITY_KEYS = ("model", "k", "seq_len", "trainable_layers")
+_TAG = re.compile(r"^step(\d+)$")
 
 
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_of(checkpoint: Path) -> int:
+    match = _TAG.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first; half-written ones are left out."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if step_of(p) >= 0 and (p / COMPLETE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """The run state of a checkpoint; clear errors for missing, half-written or corrupt ones."""
+    if not checkpoint.is_dir():
+        raise SpellmError(f"checkpoint {checkpoint} does not exist; pass a checkpoints/stepN directory to --resume")
+    if not (checkpoint / COMPLETE).is_file():
+        raise SpellmError(f"checkpoint {checkpoint} is incomplete (no {COMPLETE} marker: the run died while "
+                          "saving); resume from an earlier one")
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        raise SpellmError(f"checkpoint {checkpoint} is corrupt ({STATE_FILE} unreadable); "
+                          "resume from an earlier one") from None
+
+
+def find_resume_point(resume: str, output_dir: str | Path) -> Path | None:
+    """``auto``: the latest complete checkpoint in ``output_dir`` (or none); ``none``; or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    return Path(resume)
+
+
+def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charset, world_size: int,
+                     checkpoint: Path) -> None:
+    saved = state["run"]
+    for key in COMPATIBILITY_KEYS:
+        if saved[key] != run[key]:
+            raise SpellmError(f"checkpoint {checkpoint} was made with {key}={saved[key]!r}, this run has "
+                              f"{run[key]!r}; use the same {key}, another --output_dir, or --resume none")
+    if state["charset"] != list(charset.symbols):
+        raise SpellmError(f"checkpoint {checkpoint} uses another charset; pass the same --charset or --resume none")
+    if state["world_size"] != world_size:
+        raise SpellmError(f"checkpoint {checkpoint} was written by {state['world_size']} ranks, this run has "
+                          f"{world_size}; resume with {state['world_size']} ranks (ZeRO partitions are per rank) "
+                          "or export it and start a new run")
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save(engine, output_dir: str | Path, step: int, run: dict[str, Any], charset: Charset, model_dir: Path,
+         keep: int) -> Path:
+    """Collective: every rank writes its part; rank 0 commits with COMPLETE and prunes old ones."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    checkpoint = checkpoints_dir(output_dir) / f"step{step}"
+    if rank == 0 and checkpoint.exists():  # a half-written leftover of a run that died at this step
+        shutil.rmtree(checkpoint)
+    dist.barrier()
+    engine.save_checkpoint(str(checkpoint.parent), tag=checkpoint.name, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(_rng_state(), checkpoint / f"rng_rank{rank}.pt")
+    if rank == 0:
+        state = {"step": step, "world_size": world_size, "run": run, "charset": list(charset.symbols),
+                 "model_dir": str(model_dir)}
+        (checkpoint / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        tmp = checkpoint / f".{COMPLETE}.tmp"
+        tmp.write_text(f"step {step}\n")
+        os.replace(tmp, checkpoint / COMPLETE)
+        _prune(output_dir, keep, newest=checkpoint)
+    dist.barrier()
+    return checkpoint
+
+
+def _prune(output_dir: str | Path, keep: int, newest: Path) -> None:
+    """Keep the last ``keep`` complete checkpoints; drop half-written ones older than ``newest``."""
+    complete = complete_checkpoints(output_dir)
+    doomed = complete[: max(0, len(complete) - keep)]
+    doomed += [p for p in checkpoints_dir(output_dir).iterdir()
+               if 0 <= step_of(p) < step_of(newest) and not (p / COMPLETE).is_file()]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine, checkpoint: Path) -> int:
+    """Restore engine, optimizer, LR schedule and this rank's RNG; returns the step to continue from."""
+    state = read_state(checkpoint)
+    try:
+        path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=False)
+    except Exception as e:  # DeepSpeed raises many types for damaged files
+        raise SpellmError(f"checkpoint {checkpoint} could not be loaded ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); resume from an earlier one") from None
+    if path is None:
+        raise SpellmError(f"checkpoint {checkpoint} has no DeepSpeed state; resume from an earlier one")
+    rng = checkpoint / f"rng_rank{dist.get_rank()}.pt"
+    _restore_rng(torch.load(rng, weights_only=False))
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------- export
 def load_base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -30,23 +171,31 @@ def load_base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_model(engine, base_dir: Path, out_dir: Path, tokenizer=None) -> Path:
-    """Collective: every rank must call it; rank 0 writes ``out_dir``."""
-    model = engine.module
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    trained: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            full = safe_get_full_fp32_param(param)  # all-gather under ZeRO-3
-            if rank == 0:
-                trained[name] = full.detach().float().cpu().clone()
-    if rank == 0:
-        base_state = load_base_weights(base_dir)
-        for name, tensor in trained.items():
-            if name.startswith(BASE_PREFIX):
-                base_state[name.removeprefix(BASE_PREFIX)] = tensor
-        heads = {n.removeprefix(HEADS_PREFIX): t for n, t in trained.items() if n.startswith(HEADS_PREFIX)}
-        write_directory(out_dir, model.base.config, model.config, model.charset, base_state, heads, tokenizer)
-    if dist.is_initialized():
-        dist.barrier()
+def export(checkpoint: Path, out_dir: Path) -> Path:
+    """One process, no engine: a complete checkpoint -> an HF-format SpeLLM directory."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig
+
+    from spellm_ds.assets import load_tokenizer
+
+    state = read_state(checkpoint)
+    model_dir = Path(state["model_dir"])
+    if not model_dir.is_dir():
+        raise SpellmError(f"the base model {model_dir} of checkpoint {checkpoint} is gone; restore it to export")
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
+                                                       exclude_frozen_parameters=True)
+    base_state = load_base_weights(model_dir)
+    for name, tensor in trained.items():
+        if name.startswith(BASE_PREFIX):
+            key = name.removeprefix(BASE_PREFIX)
+            if key not in base_state:
+                raise SpellmError(f"checkpoint {checkpoint} does not match base model {model_dir} ({key}); "
+                                  "export with the base model it was trained from")
+            base_state[key] = tensor  # the fp32 master weight, whatever the base dtype
+    heads = {n.removeprefix(HEADS_PREFIX): t.float() for n, t in trained.items() if n.startswith(HEADS_PREFIX)}
+    run = state["run"]
+    config = SpeLLMConfig(k=run["k"], trainable_layers=run["trainable_layers"], head_init=run["head_init"],
+                          teacher=run["model"])
+    write_directory(out_dir, AutoConfig.from_pretrained(model_dir), config, Charset(tuple(state["charset"])),
+                    base_state, heads, load_tokenizer(model_dir))
     return out_dir

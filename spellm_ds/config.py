@@ -43,6 +43,9 @@ class RunConfig:
     eval_fraction: float = 0.02
     eval_blocks: int = 32
     save_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    stop_at: int | None = None
     seed: int = 0
     activation_checkpointing: bool = True
     collective_timeout_s: float = 300.0
@@ -56,6 +59,7 @@ class RunConfig:
             (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
             (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
             (self.teacher_stage in (None, 0, 3), f"--teacher_stage {self.teacher_stage} must be 0 or 3"),
+            (self.keep_checkpoints >= 1, f"--keep_checkpoints {self.keep_checkpoints} must be at least 1"),
             (self.head_init in ("embedding", "random"), f"--head_init {self.head_init!r}: use embedding or random"),
         ]
         for ok, message in checks:

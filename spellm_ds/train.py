@@ -12,8 +12,11 @@ Features
   optional teacher parameter offload;
 - bf16 from the DeepSpeed config, non-reentrant activation checkpointing;
 - every rank runs the same forward sequence (same batch counts in training and evaluation);
-- rank 0 logs a progress bar and TensorBoard scalars, writes the resolved run config, and the run
-  ends with an HF-format SpeLLM export in ``output_dir/model``.
+- rank 0 logs a progress bar and TensorBoard scalars and writes the resolved run config;
+- checkpoints every ``save_every`` steps and at the end, resumed exactly (``--resume auto``);
+  SIGTERM/SIGUSR1 stop all ranks at the same step boundary with a checkpoint (exit 0);
+  collectives time out, so a dead rank ends the job instead of hanging it;
+- the run ends with an HF-format SpeLLM export in ``output_dir/model``.
 
 Limits
 - the teacher is a second full copy of the model (no shared trunk yet);
@@ -35,27 +38,31 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from spellm_ds import assets, distributed
+from spellm_ds import assets, checkpoint, distributed
 from spellm_ds.charset import Charset
-from spellm_ds.checkpoint import export_model
 from spellm_ds.config import RunConfig, mixed_precision_dtype, resolve_student_config, resolve_teacher_config
 from spellm_ds.data import load_texts, pack_documents, step_batch
 from spellm_ds.losses import distillation_loss, select_labels
 from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.shutdown import GracefulShutdown
 from spellm_ds.spelling import SpellingTable
 from spellm_ds.teacher import teacher_signal
 
 TOP_K = 5
 
 
-def run(config: RunConfig) -> Path:
-    """Distil ``config.model`` into a SpeLLM model; returns the exported model directory."""
+def run(config: RunConfig) -> Path | None:
+    """Distil ``config.model`` into a SpeLLM model; returns the exported model directory, or None
+    when a signal stopped the run early (after saving a checkpoint)."""
     config.validate()
     distributed.init(config.collective_timeout_s)
+    distillation = None
     try:
-        return Distillation(config).train()
+        distillation = Distillation(config)
+        return distillation.train()
     finally:
+        del distillation  # the engines hold process-group handles: free them before teardown
         distributed.teardown()
 
 
@@ -72,6 +79,10 @@ class Distillation:
         self.model_dir = assets.resolve_model(config.model)
         self.tokenizer = assets.load_tokenizer(self.model_dir)
         self.charset = Charset.from_file(config.charset) if config.charset else Charset.default()
+        self.resume_from = checkpoint.find_resume_point(config.resume, self.output_dir)
+        if self.resume_from is not None:  # refuse before anything is built or written
+            checkpoint.check_compatible(checkpoint.read_state(self.resume_from), config.to_dict(), self.charset,
+                                        self.world_size, self.resume_from)
         self.table = SpellingTable.from_tokenizer(self.tokenizer, self.charset, config.k).to(self.device)
         self.student_ds = resolve_student_config(config, self.world_size)
         self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size)
@@ -79,6 +90,9 @@ class Distillation:
                                    config.seq_len, config.eval_fraction, config.seed)
         self.teacher = self._build_teacher()
         self.student, self.trainable = self._build_student()
+        self.start_step = checkpoint.load(self.student, self.resume_from) if self.resume_from else 0
+        if self.resume_from and self.rank == 0:
+            print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)
         self.writer = self._tensorboard()
 
     # ----------------------------------------------------------------- set-up
@@ -126,7 +140,8 @@ class Distillation:
                     "teacher_deepspeed": self.teacher_ds, "model_dir": str(self.model_dir),
                     "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
         (self.output_dir / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
+        # purge_step drops events a dead run logged after its last checkpoint
+        return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.start_step + 1)
 
     # ----------------------------------------------------------------- one step
     def _forward(self, input_ids: torch.Tensor, with_token_logits: bool):
@@ -141,8 +156,9 @@ class Distillation:
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(sums)
-        flat = torch.cat([sums[n].reshape(-1).double().cpu() for n in names])
+        flat = torch.cat([sums[n].reshape(-1).double().cpu() for n in names]).to(self.device)
         dist.all_reduce(flat)
+        flat = flat.cpu()
         out, offset = {}, 0
         for name in names:
             size = sums[name].numel()
@@ -168,7 +184,7 @@ class Distillation:
             losses += torch.tensor([loss.total.item(), loss.char.item(), loss.token.item()], dtype=torch.float64)
             for name, value in match_sums(out.char_logits.detach(), signal, labels, self.table).items():
                 sums[name] = sums.get(name, 0) + value.cpu()
-        losses /= cfg.grad_accum
+        losses = (losses / cfg.grad_accum).to(self.device)
         dist.all_reduce(losses)
         metrics = self._reduce(sums)
         metrics.update({"loss/total": losses[0].item() / self.world_size, "loss/char": losses[1].item() / self.world_size,
@@ -203,13 +219,29 @@ class Distillation:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
-    def train(self) -> Path:
+    def save(self, step: int) -> Path:
+        return checkpoint.save(self.student, self.output_dir, step, self.config.to_dict(), self.charset,
+                               self.model_dir, self.config.keep_checkpoints)
+
+    def train(self) -> Path | None:
         cfg = self.config
         tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
-        self._log(self.evaluate(), 0)
+        if self.start_step == 0:
+            self._log(self.evaluate(), 0)
         self.student.train()
-        bar = tqdm(total=cfg.max_steps, disable=self.rank != 0, dynamic_ncols=True, desc="distill")
-        for step in range(cfg.max_steps):
+        shutdown = GracefulShutdown()
+        try:
+            return self._loop(tokens_per_step, shutdown)
+        finally:
+            shutdown.close()
+            if self.writer is not None:
+                self.writer.close()
+
+    def _loop(self, tokens_per_step: int, shutdown: GracefulShutdown) -> Path | None:
+        cfg = self.config
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=self.rank != 0, dynamic_ncols=True,
+                   desc="distill")
+        for step in range(self.start_step, cfg.max_steps):
             started = time.perf_counter()
             metrics = self.train_step(step)
             elapsed = time.perf_counter() - started
@@ -218,16 +250,24 @@ class Distillation:
                             "mem/rss_gb": psutil.Process().memory_info().rss / 2**30})
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
                 metrics.update(self.evaluate())
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                self.student.save_checkpoint(str(self.output_dir / "checkpoints"), tag=f"step{step + 1}")
             self._log(metrics, step + 1)
             bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", exact=f"{metrics['match/exact_or_prefix']:.2f}",
                             tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
             bar.update()
+            stop_reason = "signal" if shutdown.agreed(self.device) else "--stop_at" if step + 1 == cfg.stop_at else ""
+            if stop_reason and step + 1 < cfg.max_steps:
+                saved = self.save(step + 1)
+                if self.rank == 0:
+                    print(f"stopped by {stop_reason} after step {step + 1}; checkpoint {saved}; rerun the same "
+                          "command to resume", flush=True)
+                return None
+            if step + 1 < cfg.max_steps and cfg.save_every and (step + 1) % cfg.save_every == 0:
+                self.save(step + 1)
         bar.close()
-        exported = export_model(self.student, self.model_dir, self.output_dir / "model", self.tokenizer)
+        final = self.save(cfg.max_steps) if self.start_step < cfg.max_steps else self.resume_from
+        exported = self.output_dir / "model"
         if self.rank == 0:
+            checkpoint.export(final, exported)
             print(f"peak RSS rank 0: {_peak_rss_gb():.2f} GB; exported SpeLLM model: {exported}", flush=True)
-        if self.writer is not None:
-            self.writer.close()
+        dist.barrier()
         return exported

@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def rank_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
@@ -27,7 +27,7 @@ def test_env(**extra: str) -> dict[str, str]:
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     command = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(ROOT / "launch" / "distill.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=test_env(), cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=rank_env(), cwd=ROOT)
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

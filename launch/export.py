@@ -1,0 +1,37 @@
+"""Export a distillation checkpoint as an HF-format SpeLLM model directory (one process, no DeepSpeed launch).
+
+    python launch/export.py --checkpoint OUTPUT_DIR/checkpoints/step300 --out DIR
+
+The directory loads with ``SpeLLMForCausalLM.from_pretrained(DIR)``: the base model's frozen
+weights bit-identical, trained weights from the fp32 master copies, plus heads, charset, config.
+``--checkpoint OUTPUT_DIR`` picks that run's latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from spellm_ds import checkpoint, cli
+from spellm_ds.errors import SpellmError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoints/stepN directory or a run's --output_dir")
+    parser.add_argument("--out", required=True, help="directory to write the SpeLLM model to")
+    args = parser.parse_args()
+    source = Path(args.checkpoint)
+    if checkpoint.step_of(source) < 0 and not (source / checkpoint.COMPLETE).exists():
+        found = checkpoint.complete_checkpoints(source)
+        if not found:
+            raise SpellmError(f"no complete checkpoint in {source}; pass a checkpoints/stepN directory")
+        source = found[-1]
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SpellmError(f"{out} exists and is not empty; choose a new --out directory")
+    print(f"exported {source} -> {checkpoint.export(source, out)}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

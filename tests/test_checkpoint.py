@@ -1,0 +1,162 @@
+"""Checkpoints with real ranks: exact resume, SIGTERM, kill -9, bad --resume, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spellm_ds.model import SpeLLMForCausalLM
+from tests import tiny
+from tests.distributed import ROOT, free_port, scalars, rank_env, torchrun
+from tests.test_data import one_line_error
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    texts = tiny.corpus_texts(150)
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
+    return tiny.tiny_llama_dir(root / "base", texts), data
+
+
+def args(base, out, *extra):
+    model_dir, data = base
+    return ["--model", str(model_dir), "--data", str(data), "--output_dir", str(out), "--k", "6",
+            "--trainable_layers", "2", "--seq_len", "32", "--micro_batch", "2", "--lr", "3e-3", "--warmup", "2",
+            "--eval_every", "1000", "--eval_blocks", "4", *extra]
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def losses(out):
+    return [v for _, v in scalars(out / "tensorboard")["loss/total"]]
+
+
+def test_resume_is_the_same_run(base, tmp_path):
+    ok(torchrun(args(base, tmp_path / "straight", "--max_steps", "6", "--save_every", "0")))
+    stopped = ok(torchrun(args(base, tmp_path / "split", "--max_steps", "6", "--save_every", "0", "--stop_at", "3")))
+    assert "stopped by --stop_at after step 3" in stopped.stdout
+    assert not (tmp_path / "split" / "model").exists()
+    resumed = ok(torchrun(args(base, tmp_path / "split", "--max_steps", "6", "--save_every", "0")))
+    assert "at step 3" in resumed.stdout
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # all six, bit for bit
+    for file in ("model.safetensors", "char_heads.safetensors"):
+        a = load_file(tmp_path / "straight" / "model" / file)
+        b = load_file(tmp_path / "split" / "model" / file)
+        assert all(torch.equal(a[n], b[n]) for n in a), file
+    kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step3", "step6"]
+
+
+def worker_pids(launcher: subprocess.Popen, count: int, timeout: float = 120) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        workers = [c for c in psutil.Process(launcher.pid).children(recursive=True) if "distill.py" in " ".join(c.cmdline())]
+        if len(workers) == count:
+            return [w.pid for w in sorted(workers, key=lambda w: w.pid)]
+        time.sleep(0.5)
+    raise AssertionError("workers did not start")
+
+
+def wait_for(path, process, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.3)
+
+
+def test_sigterm_to_one_rank_saves_and_exits_zero(base, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(ROOT / "launch" / "distill.py"),
+               *args(base, out, "--max_steps", "400", "--save_every", "2")]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rank_env(), cwd=ROOT)
+    wait_for(out / "checkpoints" / "step2" / "COMPLETE", launcher)
+    rank_pids = worker_pids(launcher, 2)
+    os.kill(rank_pids[-1], signal.SIGTERM)  # one rank only: the ranks must agree by themselves
+    stdout, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, stderr[-3000:]
+    line = next(l for l in stdout.splitlines() if l.startswith("stopped by signal after step"))
+    stop_step = int(line.split("after step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step{stop_step}" / "COMPLETE").is_file() and stop_step < 400
+    resumed = ok(torchrun(args(base, out, "--max_steps", str(stop_step + 2), "--save_every", "0")))
+    assert f"resumed from {out / 'checkpoints' / f'step{stop_step}'} at step {stop_step}" in resumed.stdout
+    steps = [s for s, _ in scalars(out / "tensorboard")["loss/total"]]
+    assert steps == list(range(1, stop_step + 3))
+
+
+def test_killed_rank_ends_the_job_and_resume_ignores_half_written(base, tmp_path):
+    """Ranks started directly (as srun or mpirun would), so only the collective time-out can end rank 0."""
+    out = tmp_path / "run"
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, str(ROOT / "launch" / "distill.py"),
+                               *args(base, out, "--max_steps", "400", "--save_every", "2", "--collective_timeout_s", "20")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=rank_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_PORT=port))
+             for r in range(2)]
+    wait_for(out / "checkpoints" / "step2" / "COMPLETE", ranks[0])
+    ranks[1].kill()
+    started = time.time()
+    ranks[0].communicate(timeout=180)
+    ranks[1].communicate()
+    assert ranks[0].returncode != 0 and time.time() - started < 180
+    last = max(int(p.name[4:]) for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    half = out / "checkpoints" / "step999"
+    half.mkdir()
+    (half / "spellm_state.json").write_text("{}")
+    resumed = ok(torchrun(args(base, out, "--max_steps", str(last + 1), "--save_every", "0")))
+    assert f"at step {last}" in resumed.stdout
+
+
+def run_single(base, out, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"), *args(base, out, *extra)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=rank_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port())))
+
+
+def test_bad_resume_and_export(base, tmp_path):
+    out = tmp_path / "run"
+    ok(run_single(base, out, "--max_steps", "2", "--save_every", "0"))
+    step2 = out / "checkpoints" / "step2"
+    before = {p.name: p.read_bytes() for p in step2.iterdir() if p.is_file()}
+    assert "does not exist" in one_line_error(run_single(base, out, "--resume", str(out / "nope"), "--max_steps", "4"))
+    assert "k=6" in one_line_error(run_single(base, out, "--max_steps", "4", "--k", "5"))
+    other = tiny.tiny_llama_dir(tmp_path / "other", tiny.corpus_texts(20), layers=3)
+    other_args = args(base, out, "--max_steps", "4")
+    other_args[1] = str(other)
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"), *other_args], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT,
+                            env=rank_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port())))
+    assert "was made with model=" in one_line_error(result)
+    corrupt = out / "checkpoints" / "step7"
+    corrupt.mkdir()
+    (corrupt / "COMPLETE").write_text("x")
+    (corrupt / "spellm_state.json").write_text("{garbage")
+    assert "is corrupt" in one_line_error(run_single(base, out, "--resume", str(corrupt), "--max_steps", "8"))
+    assert {p.name: p.read_bytes() for p in step2.iterdir() if p.is_file()} == before  # nothing overwritten
+
+    exported = tmp_path / "exported"
+    cli = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(step2),
+                          "--out", str(exported)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=rank_env())
+    assert cli.returncode == 0, cli.stderr
+    a, b = load_file(exported / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    base_weights = load_file(base[0] / "model.safetensors")
+    frozen = [n for n in base_weights if ".mlp." not in n or ".layers.0." in n or ".layers.1." in n]
+    assert all(torch.equal(a[n], base_weights[n]) for n in frozen)
+    assert SpeLLMForCausalLM.from_pretrained(exported).config.k == 6
+    again = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(step2),
+                            "--out", str(exported)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=rank_env())
+    assert "not empty" in one_line_error(again)

@@ -1,0 +1,80 @@
+"""In-process, world-size-1 ZeRO-3 checks of the two engines (fast; no launcher)."""
+
+import json
+import os
+
+import deepspeed
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spellm_ds import checkpoint, distributed
+from spellm_ds.config import RunConfig
+from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.train import Distillation
+from tests import tiny
+from tests.distributed import free_port
+
+
+def gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
+@pytest.fixture(scope="module")
+def distillation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    texts = tiny.corpus_texts(120)
+    model_dir = tiny.tiny_llama_dir(root / "base", texts)
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
+    ds = json.loads(open("ds_configs/zero3.json").read())
+    ds["bf16"] = {"enabled": False}  # fp32 so the export can be compared exactly
+    (root / "zero3_fp32.json").write_text(json.dumps(ds))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    config = RunConfig(model=str(model_dir), data=[str(data)], output_dir=str(root / "out"),
+                       deepspeed=str(root / "zero3_fp32.json"), k=6, trainable_layers=2, seq_len=32,
+                       micro_batch=2, max_steps=4, lr=1e-2, warmup=1, eval_blocks=4, save_every=0)
+    config.validate()
+    distributed.init(60)
+    yield Distillation(config)
+    distributed.teardown()
+
+
+def test_both_engines_are_zero3_partitioned(distillation):
+    for engine in (distillation.teacher, distillation.student):
+        assert engine.zero_optimization_stage() == 3
+        params = list(engine.module.parameters())
+        assert all(hasattr(p, "ds_id") and p.ds_numel > 0 for p in params)
+        assert all(p.numel() == 0 for p in params if p.ds_numel > 10000)  # released partitions
+
+
+def test_teacher_never_changes_and_export_reproduces_the_student(distillation, tmp_path):
+    before = gathered(distillation.teacher.module)
+    student_before = gathered(distillation.student.module)
+    for step in range(3):
+        distillation.train_step(step)
+    after = gathered(distillation.teacher.module)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    student_after = gathered(distillation.student.module)
+    moved = {n for n in student_before if not torch.equal(student_before[n], student_after[n])}
+    assert moved == set(distillation.student.module.trainable_parameter_names())
+
+    saved = distillation.save(3)
+    exported = checkpoint.export(saved, tmp_path / "model")
+    base = load_file(distillation.model_dir / "model.safetensors")
+    written = load_file(exported / "model.safetensors")
+    for name in base:
+        trained = student_after.get("base." + name)
+        if "base." + name in moved:
+            assert torch.equal(written[name], trained), name  # fp32 run: master == model weight
+        else:
+            assert torch.equal(written[name], base[name]), name
+    ids = distillation.data.held_out[:2, :16]
+    distillation.student.eval()
+    with torch.no_grad():
+        expected = distillation.student(ids).char_logits
+    reloaded = SpeLLMForCausalLM.from_pretrained(exported)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).char_logits, expected, atol=1e-5)
