@@ -14,8 +14,10 @@ test: setup
 	DS_ACCELERATOR=cpu $(VENV)/python scripts/warm_deepspeed.py
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/python -m pytest -q
 
+# One thread per rank: on CPU the launcher would leave two per rank on a 2-core machine.
 distill: setup
-	$(VENV)/python launch/spelling_report.py --k 5 10 15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PATH=$(CURDIR)/.venv/bin:$$PATH \
+		deepspeed --num_gpus 2 launch/distill.py --deepspeed ds_configs/zero3.json $(ARGS)
 
 spelling-report: setup
 	$(VENV)/python launch/spelling_report.py --k 5 10 15

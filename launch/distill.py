@@ -36,7 +36,7 @@ def parse_args() -> RunConfig:
     p.add_argument("--head_init", choices=("embedding", "random"), default=DEFAULTS.head_init,
                    help="char head start: mean token embeddings per (position, char), or random (default: %(default)s)")
     p.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="tokens per packed block (default: %(default)s)")
-    p.add_argument("--micro_batch", type=int, default=None, help="blocks per rank per micro step (default: config or 4)")
+    p.add_argument("--micro_batch", type=int, default=None, help="blocks per rank per micro step (default: config or 2)")
     p.add_argument("--grad_accum", type=int, default=None, help="micro steps per optimizer step (default: config or 1)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: config or 1e-3)")
     p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warm-up steps (default: %(default)s)")

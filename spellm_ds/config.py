@@ -15,7 +15,7 @@ from typing import Any
 from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
 
-DEFAULTS = {"micro_batch": 4, "grad_accum": 1, "lr": 1e-3}
+DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 1e-3}
 
 
 @dataclass
