@@ -22,8 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spellm_ds.charset import Charset
+from spellm_ds.decoding import CharDecoder, GenerationOutput, generate
 from spellm_ds.errors import SpellmError
 from spellm_ds.heads import CharHeads
+from spellm_ds.spelling import SpellingTable
 
 SPELLM_CONFIG_FILE = "spellm_config.json"
 HEADS_FILE = "char_heads.safetensors"
@@ -83,6 +85,8 @@ class SpeLLMForCausalLM(nn.Module):
         self.config = config
         self.charset = charset
         self.char_heads = CharHeads(base.config.hidden_size, config.k, len(charset)).to(base.dtype)
+        self.tokenizer = None
+        self.spelling: SpellingTable | None = None
 
     # ----------------------------------------------------------------- training set-up
     def freeze_for_distillation(self) -> int:
@@ -121,14 +125,37 @@ class SpeLLMForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> SpeLLMForCausalLM:
+        """Load a saved SpeLLM directory; with its tokenizer, ``generate`` is ready to use."""
         from transformers import AutoModelForCausalLM
+
+        from spellm_ds.assets import load_tokenizer
 
         directory = Path(directory)
         config = SpeLLMConfig.load(directory)
         base = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         model = cls(base, config, Charset.load(directory))
         model.char_heads.load_state_dict(load_file(directory / HEADS_FILE))
+        model.attach_tokenizer(load_tokenizer(directory))
         return model.to(dtype).eval()
+
+    # ----------------------------------------------------------------- decoding
+    def attach_tokenizer(self, tokenizer) -> None:
+        """Build the spelling table that decoding maps characters back to tokens with."""
+        self.tokenizer = tokenizer
+        self.spelling = SpellingTable.from_tokenizer(tokenizer, self.charset, self.config.k)
+
+    def char_decoder(self, tau: float | None = 0.22) -> CharDecoder:
+        if self.spelling is None:
+            raise SpellmError("this model has no tokenizer attached; call attach_tokenizer(tokenizer) first")
+        return CharDecoder(self.spelling, tau).to(self.base.device)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 64, tau: float | None = 0.22, **sampling) -> GenerationOutput:
+        """Greedy (or ``do_sample=True`` with temperature/top_k/top_p) decoding with the char
+        heads, AutoCorrect and entropy fallback; returns new ids and each token's provenance."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        return generate(self, self.char_decoder(tau), input_ids, attention_mask, max_new_tokens,
+                        eos_token_id=sampling.pop("eos_token_id", eos), **sampling)
 
 
 def write_directory(directory: Path, base_config, config: SpeLLMConfig, charset: Charset,

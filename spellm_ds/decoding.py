@@ -1,0 +1,170 @@
+"""SpeLLM decoding: k predicted characters -> a token, AutoCorrect, entropy fallback, sampling.
+
+Everything here is batched on the model's device. Per decode step:
+
+1. each head's argmax char -> a k-char string -> token id by the spelling table's hash lookup;
+2. **AutoCorrect** for strings that are no token's spelling: the valid token whose spelling has
+   the highest summed per-head log-probability, an argmax over the vocabulary under the
+   factorised heads (a gather-sum over the ``[N, k]`` table of valid spellings: O(N k), against
+   the LM head's O(V d));
+3. **fallback** to the original LM head, for rows whose mean per-head entropy is at or above
+   ``tau`` (paper: 0.22; ``None`` disables it) or whose prediction holds an UNK character.
+
+Valid tokens are the canonical token of each spelling (:class:`SpellingTable`): the ones a
+prediction can name. The char heads also define a proper token distribution,
+``log p(v) = sum_j log p_j(spelling(v)_j)`` normalised over valid tokens, used for sampling and
+for scoring continuations.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
+
+import torch
+
+from spellm_ds.charset import UNK_ID
+from spellm_ds.metrics import mean_head_entropy
+from spellm_ds.spelling import SpellingTable
+
+
+class Provenance(IntEnum):
+    EXACT = 0  # the predicted string is a token's spelling
+    AUTOCORRECTED = 1  # repaired to the most likely valid spelling
+    FALLBACK = 2  # the original LM head decided
+
+
+class Proposal(NamedTuple):
+    token_ids: torch.Tensor  # [B] from the char heads (exact hit or AutoCorrect)
+    hit: torch.Tensor  # [B] bool: the argmax string was a valid spelling
+    fallback: torch.Tensor  # [B] bool: the LM head should decide this row
+    entropy: torch.Tensor  # [B] mean per-head entropy, fp32
+
+
+class CharDecoder:
+    """Maps char logits to tokens; holds the valid spellings on the model's device."""
+
+    def __init__(self, table: SpellingTable, tau: float | None = 0.22) -> None:
+        self.table = table
+        self.tau = tau
+        self.valid_ids = table.canonical.nonzero().squeeze(1)  # [N]
+        self.valid_chars = table.chars[self.valid_ids]  # [N, k]
+
+    def to(self, device: torch.device | str) -> CharDecoder:
+        moved = CharDecoder.__new__(CharDecoder)
+        moved.table, moved.tau = self.table.to(device), self.tau
+        moved.valid_ids, moved.valid_chars = self.valid_ids.to(device), self.valid_chars.to(device)
+        return moved
+
+    def spelling_scores(self, char_logp: torch.Tensor) -> torch.Tensor:
+        """Summed per-head log-prob of every valid spelling: ``[B, k, C]`` -> ``[B, N]``."""
+        batch, k, _ = char_logp.shape
+        index = self.valid_chars.T.unsqueeze(0).expand(batch, k, -1)  # [B, k, N]
+        return char_logp.gather(2, index).sum(1)
+
+    def token_log_probs(self, char_logits: torch.Tensor) -> torch.Tensor:
+        """The char heads' token distribution over the full vocabulary ``[B, V]`` (fp32; -inf
+        for tokens no prediction can name)."""
+        scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
+        full = scores.new_full((scores.shape[0], self.table.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.valid_ids, torch.log_softmax(scores, -1))
+
+    def autocorrect(self, char_logits: torch.Tensor) -> torch.Tensor:
+        """The valid token with the highest summed per-head log-probability, per row."""
+        scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
+        return self.valid_ids[scores.argmax(-1)]
+
+    def propose(self, char_logits: torch.Tensor) -> Proposal:
+        """Tokens from char logits ``[B, k, C]`` and which rows should fall back; no host sync."""
+        predicted = char_logits.argmax(-1)
+        looked_up = self.table.lookup(predicted)
+        hit = looked_up >= 0
+        token_ids = torch.where(hit, looked_up, self.autocorrect(char_logits))
+        entropy = mean_head_entropy(char_logits)
+        if self.tau is None:
+            fallback = torch.zeros_like(hit)
+        else:
+            fallback = (entropy >= self.tau) | (predicted == UNK_ID).any(-1)
+        return Proposal(token_ids, hit, fallback, entropy)
+
+
+def provenance(proposal: Proposal) -> torch.Tensor:
+    """Per-row :class:`Provenance` codes."""
+    codes = torch.where(proposal.hit, int(Provenance.EXACT), int(Provenance.AUTOCORRECTED))
+    return torch.where(proposal.fallback, int(Provenance.FALLBACK), codes)
+
+
+def sample(log_probs: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample token ids from ``[B, V]`` log-probabilities with temperature, top-k and top-p."""
+    logits = log_probs.float() / max(temperature, 1e-6)
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class GenerationOutput(NamedTuple):
+    sequences: torch.Tensor  # [B, n] generated ids (EOS-padded after a row finished)
+    provenance: torch.Tensor  # [B, n] Provenance codes, -1 after a row finished
+
+    def counts(self) -> dict[str, int]:
+        return {p.name.lower(): int((self.provenance == p).sum()) for p in Provenance}
+
+
+@torch.no_grad()
+def generate(model, decoder: CharDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int = 64, eos_token_id: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> GenerationOutput:
+    """Decode with the char heads, a KV cache and left-padded batches.
+
+    One device->host transfer per token: the fallback mask together with the previous step's
+    finished flags (the stopping check). Fallback rows alone go through the LM head.
+    """
+    from transformers import DynamicCache
+
+    decoder_stack, lm_head = model.base.get_decoder(), model.base.get_output_embeddings()
+    batch = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.base.config)
+    step_ids = input_ids
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    tokens, origins = [], []
+    for _ in range(max_new_tokens):
+        hidden = decoder_stack(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        char_logits = model.char_heads(hidden)
+        proposal = decoder.propose(char_logits)
+        if do_sample:
+            ids = sample(decoder.token_log_probs(char_logits), temperature, top_k, top_p, generator)
+        else:
+            ids = proposal.token_ids
+        host = torch.cat([proposal.fallback, finished]).cpu()  # the one sync per token
+        if host[batch:].all():
+            break
+        rows = host[:batch].nonzero().squeeze(1)
+        if len(rows):
+            rows = rows.to(ids.device)
+            token_logits = lm_head(hidden[rows]).float()
+            ids = ids.clone()
+            ids[rows] = (sample(torch.log_softmax(token_logits, -1), temperature, top_k, top_p, generator)
+                         if do_sample else token_logits.argmax(-1))
+        origin = torch.where(finished, -1, provenance(proposal))
+        if eos_token_id is not None:
+            ids = torch.where(finished, eos_token_id, ids)
+            finished = finished | (ids == eos_token_id)
+        tokens.append(ids)
+        origins.append(origin)
+        step_ids = ids.unsqueeze(1)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    empty = input_ids.new_zeros(batch, 0)
+    return GenerationOutput(torch.stack(tokens, 1) if tokens else empty,
+                            torch.stack(origins, 1) if origins else empty)

@@ -1,0 +1,143 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spellm_ds.assets import load_tokenizer
+from spellm_ds.charset import Charset
+from spellm_ds.decoding import CharDecoder, Provenance, sample
+from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.spelling import SpellingTable
+from tests import tiny
+
+K = 6
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    model_dir = tiny.tiny_llama_dir(tmp_path_factory.mktemp("dec") / "base", tiny.corpus_texts(80))
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    spellm = SpeLLMForCausalLM(base, SpeLLMConfig(k=K), Charset.default())
+    torch.manual_seed(0)
+    torch.nn.init.normal_(spellm.char_heads.proj.weight, std=0.5)
+    spellm.attach_tokenizer(load_tokenizer(model_dir))
+    return spellm.eval()
+
+
+@pytest.fixture(scope="module")
+def table(byte_level_tokenizer):
+    return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=8)
+
+
+def brute_force_autocorrect(logp, table):
+    best, best_score = None, -float("inf")
+    for v in range(table.vocab_size):
+        if not table.canonical[v]:
+            continue
+        score = sum(logp[j, table.chars[v, j]].item() for j in range(table.k))
+        if score > best_score:
+            best, best_score = v, score
+    return best
+
+
+def test_autocorrect_is_the_vocabulary_argmax(table):
+    decoder = CharDecoder(table, tau=None)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, table.k, len(table.charset), generator=g) * 3
+    fixed = decoder.autocorrect(logits)
+    logp = torch.log_softmax(logits, -1)
+    for row in range(300):
+        assert fixed[row].item() == brute_force_autocorrect(logp[row], table)
+    # Exact hits are never changed: logits peaked on valid spellings decode to those tokens.
+    valid = table.canonical.nonzero().squeeze(1)
+    peaked = torch.full((len(valid), table.k, len(table.charset)), -5.0)
+    peaked.scatter_(2, table.chars[valid].unsqueeze(-1), 5.0)
+    peaked[:, :, 2] += 4.0  # a strong runner-up char everywhere
+    proposal = decoder.propose(peaked)
+    assert proposal.hit.all() and torch.equal(proposal.token_ids, valid)
+
+
+def test_token_distribution_is_normalised_over_valid_tokens(table):
+    decoder = CharDecoder(table)
+    logits = torch.randn(4, table.k, len(table.charset))
+    log_probs = decoder.token_log_probs(logits)
+    assert torch.allclose(log_probs.logsumexp(-1), torch.zeros(4), atol=1e-5)
+    assert torch.isinf(log_probs[:, ~table.canonical]).all()
+    assert torch.equal(log_probs.argmax(-1), decoder.autocorrect(logits))
+    assert torch.equal(sample(log_probs, top_k=1), log_probs.argmax(-1))
+
+
+def test_fallback_rows_are_exactly_those_at_or_above_tau(table):
+    logits = torch.randn(64, table.k, len(table.charset)) * torch.linspace(0.1, 8, 64).view(64, 1, 1)
+    entropy = CharDecoder(table, tau=None).propose(logits).entropy
+    tau = entropy.median().item()
+    proposal = CharDecoder(table, tau=tau).propose(logits)
+    has_unk = (logits.argmax(-1) == 1).any(-1)
+    assert torch.equal(proposal.fallback, (entropy >= tau) | has_unk)
+    assert not CharDecoder(table, tau=None).propose(logits).fallback.any()
+    assert CharDecoder(table, tau=0.0).propose(logits).fallback.all()
+
+
+def test_propose_needs_no_host_sync(table):
+    """Meta tensors have no data: any .item()/.cpu()/boolean indexing inside would raise."""
+    decoder = CharDecoder(table, tau=0.22).to("meta")
+    proposal = decoder.propose(torch.empty(8, table.k, len(table.charset), device="meta"))
+    assert proposal.token_ids.shape == (8,) and proposal.token_ids.device.type == "meta"
+
+
+def constructed_model(model, sequence):
+    """Zero every layer's output so the final hidden state is the current token's normalised
+    embedding; give each sequence token its own axis; heads spell the successor of each token."""
+    spellm = SpeLLMForCausalLM(model.base, model.config, model.charset)
+    spellm.attach_tokenizer(model.tokenizer)
+    base = spellm.base = type(model.base)(model.base.config)
+    base.load_state_dict(model.base.state_dict())
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = base.get_input_embeddings().weight
+        emb.mul_(0.01)
+        for axis, token in enumerate(sequence):
+            emb[token] = 0
+            emb[token, axis] = 1.0
+        weight = torch.zeros(K, len(model.charset), emb.shape[1])
+        for axis, (token, successor) in enumerate(zip(sequence, sequence[1:])):
+            for j, c in enumerate(spellm.spelling.chars[successor].tolist()):
+                weight[j, c, axis] = 10.0
+        spellm.char_heads.proj.weight.copy_(weight.view(K * len(model.charset), -1))
+        spellm.char_heads.proj.bias.zero_()
+    return spellm.eval()
+
+
+def test_constructed_heads_generate_the_known_sequence(model):
+    table = model.spelling
+    candidates = (table.canonical & (table.lengths <= K) & (table.lengths >= 2)).nonzero().squeeze(1)
+    sequence = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(3))[:8]].tolist()
+    spellm = constructed_model(model, sequence)
+    out = spellm.generate(torch.tensor([[sequence[0]]]), max_new_tokens=7, tau=0.22, eos_token_id=None)
+    assert out.sequences[0].tolist() == sequence[1:]
+    assert (out.provenance == Provenance.EXACT).all()
+    assert out.counts() == {"exact": 7, "autocorrected": 0, "fallback": 0}
+
+
+def test_tau_zero_is_greedy_decoding_with_the_token_head(model):
+    ids = torch.tensor([[5, 17, 42, 9]])
+    out = model.generate(ids, max_new_tokens=10, tau=0.0, eos_token_id=None)
+    assert (out.provenance == Provenance.FALLBACK).all()
+    reference = model.base.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                    min_new_tokens=10)
+    assert out.sequences[0].tolist() == reference[0, 4:].tolist()
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(model):
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    prompts = ["The river flows", "In 1998 the national team of the country won", "A"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    together = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12, tau=0.5)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=12, tau=0.5)
+        n = alone.sequences.shape[1]
+        assert together.sequences[row, :n].tolist() == alone.sequences[0].tolist(), prompt
+        assert together.provenance[row, :n].tolist() == alone.provenance[0].tolist(), prompt
+    assert set(together.counts()) == {"exact", "autocorrected", "fallback"}
