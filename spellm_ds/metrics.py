@@ -10,6 +10,8 @@ Functions return *sums* so ranks can all-reduce them before dividing.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from spellm_ds.losses import Labels
@@ -23,21 +25,33 @@ def mean_head_entropy(char_logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1).mean(-1)
 
 
+class MatchFlags(NamedTuple):
+    exact: torch.Tensor  # [...] bool
+    prefix: torch.Tensor
+    at5: torch.Tensor
+
+
+def match_flags(predicted: torch.Tensor, top_ids: torch.Tensor, table: SpellingTable) -> MatchFlags:
+    """Exact / prefix / match@5 of predicted strings ``[..., k]`` against teacher top-5 ``[..., 5]``."""
+    top1 = top_ids[..., 0]
+    same_as_top1 = (predicted == table.chars[top1]).all(-1) & table.spellable[top1]
+    fits = table.lengths[top1] <= table.k
+    same_as_any = (predicted.unsqueeze(-2) == table.chars[top_ids]).all(-1) & table.spellable[top_ids]
+    return MatchFlags(same_as_top1 & fits, same_as_top1 & ~fits, same_as_any.any(-1))
+
+
 @torch.no_grad()
 def match_sums(char_logits: torch.Tensor, signal: TeacherSignal, labels: Labels,
                table: SpellingTable) -> dict[str, torch.Tensor]:
     predicted = char_logits.argmax(-1)  # [B, T, k]
-    top1 = signal.top_ids[..., 0]
-    same_as_top1 = (predicted == table.chars[top1]).all(-1) & table.spellable[top1]
-    fits = table.lengths[top1] <= table.k
-    same_as_any = (predicted.unsqueeze(2) == table.chars[signal.top_ids]).all(-1) & table.spellable[signal.top_ids]
+    flags = match_flags(predicted, signal.top_ids, table)
     head_correct = ((predicted == labels.chars) & labels.valid.unsqueeze(-1)).sum((0, 1))
     return {
-        "positions": torch.tensor(float(top1.numel())),
+        "positions": torch.tensor(float(predicted[..., 0].numel())),
         "valid": labels.valid.sum().float(),
-        "exact": (same_as_top1 & fits).sum().float(),
-        "prefix": (same_as_top1 & ~fits).sum().float(),
-        "at5": same_as_any.any(-1).sum().float(),
+        "exact": flags.exact.sum().float(),
+        "prefix": flags.prefix.sum().float(),
+        "at5": flags.at5.sum().float(),
         "head_correct": head_correct.float(),
         "entropy_student": mean_head_entropy(char_logits).sum(),
         "entropy_teacher": signal.entropy.sum(),

@@ -1,0 +1,99 @@
+"""Shared pieces of the analysis modules: predictions per decoding variant, rates with
+confidence intervals, and the command-line driver."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis.collect import Analysis, add_args, collect
+from spellm_ds.metrics import match_flags
+
+VARIANTS = ("raw", "autocorrect", "autocorrect_fallback")
+
+
+def wilson_interval(count: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (positions treated as independent)."""
+    if total == 0:
+        return (0.0, 0.0)
+    p = count / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate(flags: torch.Tensor) -> dict[str, Any]:
+    count, total = int(flags.sum()), int(flags.numel())
+    return {"rate": count / total if total else 0.0, "count": count, "n": total,
+            "ci95": list(wilson_interval(count, total))}
+
+
+def fallback_mask(analysis: Analysis, tau: float | None) -> torch.Tensor:
+    """Rows decoding hands to the LM head: mean head entropy at or above tau, or an UNK char."""
+    records = analysis.records
+    if tau is None:
+        return torch.zeros(len(records), dtype=torch.bool)
+    return (records.student_entropy >= tau) | records.has_unk
+
+
+def correct_flags(analysis: Analysis, variant: str, tau: float | None = None) -> dict[str, torch.Tensor]:
+    """Per-position exact / prefix / exact_or_prefix / at5 flags of one decoding variant.
+
+    raw: the argmax string; autocorrect: the spelling of the looked-up or AutoCorrected token;
+    autocorrect_fallback: the same, except that fallen-back positions match when the LM head's
+    token is the teacher's top-1 (exact) or in its top-5 (at5).
+    """
+    r, table = analysis.records, analysis.table
+    predicted = r.raw_chars if variant == "raw" else table.chars[r.autocorrected]
+    flags = match_flags(predicted, r.top_ids, table)
+    exact, prefix, at5 = flags.exact, flags.prefix, flags.at5
+    if variant == "autocorrect_fallback":
+        back = fallback_mask(analysis, analysis.tau if tau is None else tau)
+        lm_exact = r.fallback_token == r.top_ids[:, 0]
+        lm_at5 = (r.fallback_token.unsqueeze(1) == r.top_ids).any(1)
+        exact = torch.where(back, lm_exact, exact)
+        prefix = prefix & ~back
+        at5 = torch.where(back, lm_at5, at5)
+    return {"exact": exact, "prefix": prefix, "exact_or_prefix": exact | prefix, "at5": at5}
+
+
+def run_cli(description: str, compute: Callable[[Analysis, argparse.Namespace], dict],
+            plot: Callable[[dict, Path], None] | None = None,
+            extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Parse the common flags, collect records, compute, write ``--out`` JSON (and a PNG beside it)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    parser.add_argument("--out", required=True, help="JSON report path (a PNG is written beside it)")
+    if extra_args:
+        extra_args(parser)
+    args = parser.parse_args()
+    result = compute(collect(args), args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if plot:
+        plot(result, out.with_suffix(".png"))
+    print(json.dumps(result.get("summary", result), indent=2)[:4000])
+
+
+def new_figure(ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(6 * ncols, 4))
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

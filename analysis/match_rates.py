@@ -1,0 +1,31 @@
+"""Exact, prefix and match@5 with the teacher, raw / with AutoCorrect / with AutoCorrect + fallback.
+
+    python -m analysis.match_rates --model DIR [--data FILE] [--max_tokens N] [--tau 0.22] --out report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from analysis.collect import Analysis
+from analysis.common import VARIANTS, correct_flags, fallback_mask, rate, run_cli
+from spellm_ds import cli
+
+
+def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
+    r = analysis.records
+    result: dict = {"teacher": analysis.teacher, "tau": analysis.tau, "positions": len(r), "k": analysis.table.k}
+    for variant in VARIANTS:
+        result[variant] = {name: rate(flags) for name, flags in correct_flags(analysis, variant).items()}
+    result["autocorrect_fallback"]["fallback_rate"] = rate(fallback_mask(analysis, analysis.tau))
+    result["raw"]["valid_string"] = rate(r.hit)
+    valid = r.label_valid
+    result["per_head_accuracy"] = [rate((r.raw_chars[:, j] == r.label_chars[:, j])[valid])["rate"]
+                                   for j in range(analysis.table.k)]
+    result["summary"] = {v: result[v]["exact_or_prefix"]["rate"] for v in VARIANTS}
+    result["summary"]["fallback_rate"] = result["autocorrect_fallback"]["fallback_rate"]["rate"]
+    return result
+
+
+if __name__ == "__main__":
+    cli.run(lambda: run_cli(__doc__, compute))

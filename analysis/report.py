@@ -1,0 +1,85 @@
+"""All analyses in one pass over the data: report.json, PNG plots and a readable report.md.
+
+    python -m analysis.report --model DIR [--data FILE] [--max_tokens N] [--tau 0.22] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from analysis import blending, entropy, match_rates, token_length
+from analysis.collect import add_args, collect
+from analysis.common import VARIANTS
+from spellm_ds import cli
+
+MODULES = {"match_rates": (match_rates.compute, None), "blending": (blending.compute, blending.plot),
+           "entropy": (entropy.compute, entropy.plot), "token_length": (token_length.compute, token_length.plot)}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def markdown(report: dict, model: str) -> str:
+    m = report["match_rates"]
+    lines = [f"# SpeLLM analysis: `{model}`", "",
+             f"Teacher `{m['teacher']}`, k = {m['k']}, {m['positions']} positions, tau = {m['tau']}.", "",
+             "| decoding | exact | prefix | exact+prefix (95% CI) | match@5 |", "|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        v = m[variant]
+        low, high = v["exact_or_prefix"]["ci95"]
+        lines.append(f"| {variant} | {pct(v['exact']['rate'])} | {pct(v['prefix']['rate'])} | "
+                     f"{pct(v['exact_or_prefix']['rate'])} ({pct(low)}-{pct(high)}) | {pct(v['at5']['rate'])} |")
+    lines += ["", f"Fallback rate at tau = {m['tau']}: {pct(m['autocorrect_fallback']['fallback_rate']['rate'])}.",
+              "", "Per-head accuracy (vs the selected label): "
+              + ", ".join(f"{j + 1}: {pct(a)}" for j, a in enumerate(m["per_head_accuracy"])), ""]
+    b = report["blending"]
+    lines += ["## Blending", "", f"Blending rate {pct(b['blending']['rate'])} of positions "
+              f"({pct(b['blends_among_invalid']['rate'])} of invalid strings; invalid strings "
+              f"{pct(b['invalid_strings']['rate'])}).", "", "Most frequent blends:", ""]
+    lines += [f"- `{t['shown']}` x{t['count']}" for t in b["top_blends"][:10]] or ["- none"]
+    e = report["entropy"]
+    target, budget = e["threshold_for_target_accuracy"], e["threshold_for_fallback_budget"]
+    lines += ["", "## Entropy calibration", "",
+              f"Pearson / Spearman correlation of teacher and student entropy: {e['pearson_teacher_student']:.3f} / "
+              f"{e['spearman_teacher_student']:.3f}.", "",
+              f"- target accuracy {e['target_accuracy']}: " + (
+                  f"tau = {target['tau']:.4f} (accuracy {pct(target['accuracy'])}, fallback {pct(target['fallback_rate'])})"
+                  if target else "not reachable"),
+              f"- fallback budget {e['max_fallback_rate']}: " + (
+                  f"tau = {budget['tau']:.4f} (accuracy {pct(budget['accuracy'])}, fallback {pct(budget['fallback_rate'])})"
+                  if budget else "none"), ""]
+    t = report["token_length"]
+    lines += ["## Token length", "", "| teacher token length | n | raw | AutoCorrect |", "|---|---|---|---|"]
+    lines += [f"| {row['length']} | {row['n']} | {pct(row['raw'])} | {pct(row['autocorrect'])} |"
+              for row in t["by_teacher_token_length"]]
+    lines += ["", "| k | vocabulary exactly spellable | text tokens exactly spellable |", "|---|---|---|"]
+    lines += [f"| {c['k']} | {pct(c['vocab_exactly_spellable'])} | {pct(c['text_tokens_exactly_spellable'])} |"
+              for c in t["coverage"]]
+    lines += ["", "Plots: `entropy.png`, `blending.png`, `token_length.png`.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    entropy.extra_args(parser)
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args()
+    analysis = collect(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for name, (compute, plot) in MODULES.items():
+        report[name] = compute(analysis, args)
+        if plot:
+            plot(report[name], out / f"{name}.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report, args.model))
+    print((out / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    cli.run(main)

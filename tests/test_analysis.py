@@ -1,0 +1,134 @@
+"""Analysis metrics on constructed cases with hand-known answers, and the report CLI."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from analysis import blending, entropy, match_rates
+from analysis.collect import Analysis, Records
+from analysis.common import correct_flags
+from spellm_ds.charset import Charset
+from spellm_ds.spelling import SpellingTable
+from tests import tiny
+from tests.distributed import ROOT, rank_env
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def table(byte_level_tokenizer):
+    return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=K)
+
+
+def tok(tokenizer, text):
+    return tokenizer.convert_tokens_to_ids(tiny.byte_level_symbols(text))
+
+
+def chars(table, text):
+    ids = table.charset.encode(text)[:K]
+    return ids + [0] * (K - len(ids))
+
+
+def make(table, tokenizer, rows, tau=0.5):
+    """rows: (predicted text, [top-5 texts], student entropy, teacher entropy, fallback token text)."""
+    n = len(rows)
+    top = torch.tensor([[tok(tokenizer, t) for t in cands] for _, cands, *_ in rows])
+    raw = torch.tensor([chars(table, p) for p, *_ in rows])
+    looked = table.lookup(raw)
+    records = Records(
+        top_ids=top, top_probs=torch.full((n, 5), 0.2), teacher_entropy=torch.tensor([r[3] for r in rows]),
+        raw_chars=raw, hit=looked >= 0, autocorrected=torch.where(looked >= 0, looked, top[:, 4]),
+        fallback_token=torch.tensor([tok(tokenizer, r[4]) for r in rows]), has_unk=torch.zeros(n, dtype=torch.bool),
+        student_entropy=torch.tensor([r[2] for r in rows]), label_chars=table.chars[top[:, 0]],
+        label_valid=torch.ones(n, dtype=torch.bool))
+    return Analysis(records, table, tau, "teacher", torch.zeros(table.vocab_size), None)
+
+
+CANDS = [" the", " cafe", "hello", " x", "123"]
+
+
+def test_exact_prefix_and_match_at_5(table, byte_level_tokenizer):
+    rows = [
+        (" the", CANDS, 0.1, 1.0, " the"),  # exact
+        (" internat", [" internationalization"] + CANDS[1:], 0.1, 1.0, " the"),  # prefix (cut at k=8)
+        ("hello", CANDS, 0.1, 1.0, " the"),  # top-3: match@5 only
+        ("zzzz", CANDS, 0.9, 1.0, " the"),  # invalid; falls back to the right token
+    ]
+    analysis = make(table, byte_level_tokenizer, rows)
+    raw = correct_flags(analysis, "raw")
+    assert raw["exact"].tolist() == [True, False, False, False]
+    assert raw["prefix"].tolist() == [False, True, False, False]
+    assert raw["at5"].tolist() == [True, True, True, False]  # match@5 counts the prefix match too
+    with_fallback = correct_flags(analysis, "autocorrect_fallback")
+    assert with_fallback["exact"].tolist() == [True, False, False, True]
+    result = match_rates.compute(analysis)
+    assert result["raw"]["exact_or_prefix"]["rate"] == 0.5 and result["raw"]["at5"]["count"] == 3
+    assert result["autocorrect_fallback"]["fallback_rate"]["rate"] == 0.25
+    low, high = result["raw"]["exact_or_prefix"]["ci95"]
+    assert low < 0.5 < high
+
+
+def test_blend_and_non_blend(table, byte_level_tokenizer):
+    rows = [
+        (" ello", CANDS, 0.1, 0.1, " the"),  # ' ' from " cafe"/" the", "ello" from "hello": a blend
+        ("zzzz", CANDS, 0.1, 3.0, " the"),  # invalid, not a blend
+        (" cafe", CANDS, 0.1, 3.0, " the"),  # a candidate: explained, not a blend
+    ]
+    result = blending.compute(make(table, byte_level_tokenizer, rows))
+    assert result["blending"]["count"] == 1
+    assert result["top_blends"][0]["blend"] == " ello"
+    assert result["top_blends"][0]["from"] == [" the", "hello"]
+    low_bin = result["by_teacher_entropy"][0]
+    assert low_bin["count"] == 1 and low_bin["n"] == 1
+
+
+def test_entropy_bins_threshold_and_correlation(table, byte_level_tokenizer):
+    # 10 positions: the char heads are right when entropy < 0.5, the LM head is always right.
+    rows = [(" the" if e < 0.5 else "zzzz", CANDS, e, 2 * e, " the") for e in [i / 10 for i in range(10)]]
+    analysis = make(table, byte_level_tokenizer, rows, tau=0.5)
+    args = argparse.Namespace(target_accuracy=1.0, max_fallback_rate=0.3)
+    result = entropy.compute(analysis, args)
+    assert [b["accuracy"] for b in result["bins"]] == [1.0] * 5 + [0.0] * 5
+    assert result["at_tau"] == {"tau": 0.5, "accuracy": 1.0, "fallback_rate": 0.5}
+    assert result["threshold_for_target_accuracy"]["tau"] == pytest.approx(0.5)
+    budget = result["threshold_for_fallback_budget"]
+    assert budget["fallback_rate"] == pytest.approx(0.3) and budget["accuracy"] == pytest.approx(0.8)
+    assert result["pearson_teacher_student"] == pytest.approx(1.0)
+    assert result["spearman_teacher_student"] == pytest.approx(1.0)
+
+
+def test_report_writes_every_file_and_matches_single_modules(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spellm_ds.assets import load_tokenizer
+    from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+
+    texts = tiny.corpus_texts(60)
+    base_dir = tiny.tiny_llama_dir(tmp_path / "base", texts)
+    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=6, teacher=str(base_dir)),
+                              Charset.default())
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.char_heads.proj.weight, std=0.3)
+    model.save_pretrained(tmp_path / "spellm", tokenizer=load_tokenizer(base_dir))
+    data = tmp_path / "held_out.txt"
+    data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in tiny.corpus_texts(200)[150:]))
+    common = ["--model", str(tmp_path / "spellm"), "--data", str(data), "--max_tokens", "600", "--seq_len", "64"]
+
+    def module(name, *extra):
+        result = subprocess.run([sys.executable, "-m", f"analysis.{name}", *common, *extra], capture_output=True,
+                                text=True, timeout=300, cwd=ROOT, env=rank_env())
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    module("report", "--out", str(tmp_path / "report"))
+    for name in ("report.json", "report.md", "entropy.png", "blending.png", "token_length.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0, name
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["match_rates"]["positions"] == 640
+    for name in ("match_rates", "blending", "token_length"):
+        module(name, "--out", str(tmp_path / f"{name}.json"))
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == report[name], name
+    assert "| raw |" in (tmp_path / "report" / "report.md").read_text()
