@@ -4,7 +4,8 @@ Every analysis module computes from these records, so ``analysis.report`` can ru
 on a single pass (one teacher and one student forward per batch).
 
 The teacher is the original model the SpeLLM directory records as its base (``spellm_config.json``
-``teacher``), not the student's modified layers; ``--teacher`` overrides it.
+``teacher``), not the student's modified layers; ``--teacher`` overrides it. The student's frozen
+lower layers are the teacher's, so they run once (in the teacher) unless ``--teacher`` is given.
 """
 
 from __future__ import annotations
@@ -100,11 +101,16 @@ def collect(args: argparse.Namespace) -> Analysis:
     table = student.spelling
     decoder = CharDecoder(table, tau=args.tau)
     blocks = held_out_blocks(student.tokenizer, args.data, args.text_field, args.seq_len, args.max_tokens)
+    # The student's layers below the trainable ones are the recorded teacher's: share them,
+    # unless another teacher was asked for.
+    n_top = student.config.trainable_layers
+    trunk_layer = None if args.teacher or n_top == 0 else student.base.config.num_hidden_layers - n_top
     parts = []
     for start in tqdm(range(0, len(blocks), args.batch_size), desc="analyse", disable=len(blocks) <= args.batch_size):
         ids = blocks[start : start + args.batch_size]
-        signal = teacher_signal(teacher, ids, top_k=TOP_K)
-        out = student(ids, with_token_logits=True)
+        signal, trunk = teacher_signal(teacher, ids, top_k=TOP_K, trunk_layer=trunk_layer)
+        out = student(ids, with_token_logits=True) if trunk is None else student(trunk_hidden=trunk,
+                                                                                with_token_logits=True)
         char_logits = out.char_logits.flatten(0, 1)
         proposal = decoder.propose(char_logits)
         labels = select_labels(out.char_logits, signal.top_ids, table.chars, table.spellable)

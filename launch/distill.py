@@ -59,6 +59,9 @@ def parse_args() -> RunConfig:
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--no_activation_checkpointing", dest="activation_checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (non-reentrant checkpointing is on by default)")
+    p.add_argument("--no_shared_trunk", dest="shared_trunk", action="store_false",
+                   help="run the student's frozen lower layers itself instead of starting from the teacher's "
+                        "hidden state (slower; the result is the same)")
     p.add_argument("--collective_timeout_s", type=float, default=DEFAULTS.collective_timeout_s,
                    help="a collective waiting longer than this ends the job (default: %(default)s)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher

@@ -48,6 +48,7 @@ class RunConfig:
     stop_at: int | None = None
     seed: int = 0
     activation_checkpointing: bool = True
+    shared_trunk: bool = True
     collective_timeout_s: float = 300.0
 
     def validate(self) -> None:

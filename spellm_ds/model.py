@@ -13,6 +13,7 @@ A saved SpeLLM directory is an ordinary HF model directory (``config.json``,
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -60,12 +61,15 @@ class SpeLLMOutput(NamedTuple):
 
 def decoder_layers(base: nn.Module) -> nn.ModuleList:
     """The stack of decoder blocks of an HF causal LM (Llama/Mistral/Qwen ``layers``, GPT-2 ``h``)."""
-    decoder = base.get_decoder()
+    return decoder_layers_of(base.get_decoder())
+
+
+def decoder_layers_of(decoder: nn.Module) -> nn.ModuleList:
     for name in ("layers", "h", "blocks"):
         layers = getattr(decoder, name, None)
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise SpellmError(f"cannot find the decoder layers of {type(base).__name__}; it needs a 'layers' ModuleList")
+    raise SpellmError(f"cannot find the decoder layers of {type(decoder).__name__}; it needs a 'layers' ModuleList")
 
 
 def feed_forward(layer: nn.Module) -> nn.Module:
@@ -74,6 +78,20 @@ def feed_forward(layer: nn.Module) -> nn.Module:
         if isinstance(block, nn.Module):
             return block
     raise SpellmError(f"cannot find the FFN block of {type(layer).__name__}; it needs an 'mlp' submodule")
+
+
+@contextmanager
+def top_layers_only(decoder: nn.Module, n: int):
+    """Run ``decoder`` over its last ``n`` layers only (its input is then the hidden state entering them)."""
+    layers = decoder_layers_of(decoder)
+    if not 1 <= n <= len(layers):
+        raise SpellmError(f"a shared trunk needs 1 <= trainable_layers <= {len(layers)}, got {n}")
+    name = next(key for key, value in decoder.named_children() if value is layers)
+    setattr(decoder, name, nn.ModuleList(list(layers)[len(layers) - n:]))
+    try:
+        yield
+    finally:
+        setattr(decoder, name, layers)
 
 
 class SpeLLMForCausalLM(nn.Module):
@@ -109,9 +127,17 @@ class SpeLLMForCausalLM(nn.Module):
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
     # ----------------------------------------------------------------- forward
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                with_token_logits: bool = False) -> SpeLLMOutput:
-        hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                with_token_logits: bool = False, trunk_hidden: torch.Tensor | None = None) -> SpeLLMOutput:
+        """Char logits (and token logits) for ``input_ids``, or, with ``trunk_hidden``, from the
+        hidden state entering the first trainable layer: the lower layers are frozen copies of the
+        teacher's, so the teacher's hidden state there is exactly what they would compute."""
+        decoder = self.base.get_decoder()
+        if trunk_hidden is None:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            with top_layers_only(decoder, self.config.trainable_layers):
+                hidden = decoder(inputs_embeds=trunk_hidden, attention_mask=attention_mask).last_hidden_state
         char_logits = self.char_heads(hidden)
         token_logits = self.base.get_output_embeddings()(hidden) if with_token_logits else None
         return SpeLLMOutput(hidden, char_logits, token_logits)

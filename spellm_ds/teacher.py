@@ -38,7 +38,14 @@ def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int 
 
 @torch.no_grad()
 def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   top_k: int = 5, chunk: int = 64) -> TeacherSignal:
-    """Run the frozen causal LM's decoder, then its LM head in chunks."""
-    hidden = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return top_tokens_from_hidden(hidden, teacher.get_output_embeddings(), top_k, chunk)
+                   top_k: int = 5, chunk: int = 64,
+                   trunk_layer: int | None = None) -> tuple[TeacherSignal, torch.Tensor | None]:
+    """Run the frozen causal LM's decoder, then its LM head in chunks.
+
+    With ``trunk_layer`` it also returns the hidden state entering that layer (the shared trunk
+    a student whose layers below it are frozen copies can start from).
+    """
+    out = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                output_hidden_states=trunk_layer is not None)
+    signal = top_tokens_from_hidden(out.last_hidden_state, teacher.get_output_embeddings(), top_k, chunk)
+    return signal, (out.hidden_states[trunk_layer] if trunk_layer is not None else None)

@@ -18,8 +18,12 @@ Features
   collectives time out, so a dead rank ends the job instead of hanging it;
 - the run ends with an HF-format SpeLLM export in ``output_dir/model``.
 
+- shared trunk (default): the student's layers below the trainable ones are frozen copies of
+  the teacher's, so they run once, in the teacher, and the student starts from the teacher's
+  hidden state there (``--no_shared_trunk`` runs them twice);
+
 Limits
-- the teacher is a second full copy of the model (no shared trunk yet);
+- the teacher is a second full copy of the model in memory (ZeRO-3 shards it);
 - packed blocks attend across document boundaries (standard packing).
 """
 
@@ -144,13 +148,28 @@ class Distillation:
         return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.start_step + 1)
 
     # ----------------------------------------------------------------- one step
+    @property
+    def trunk_layer(self) -> int | None:
+        """Index of the first trainable layer when the shared trunk is on (None: naive)."""
+        cfg = self.config
+        if not cfg.shared_trunk or cfg.trainable_layers == 0:
+            return None
+        return self.student.module.base.config.num_hidden_layers - cfg.trainable_layers
+
     def _forward(self, input_ids: torch.Tensor, with_token_logits: bool):
-        """Teacher then student forward; the same sequence on every rank."""
+        """Teacher then student forward; the same sequence on every rank.
+
+        With the shared trunk the layers below the trainable ones run once, in the teacher, and
+        the student starts from the teacher's hidden state there.
+        """
         input_ids = input_ids.to(self.device)
         started = time.perf_counter()
-        signal = teacher_signal(self.teacher.module, input_ids, top_k=TOP_K)
+        signal, trunk = teacher_signal(self.teacher.module, input_ids, top_k=TOP_K, trunk_layer=self.trunk_layer)
         teacher_s = time.perf_counter() - started
-        out = self.student(input_ids, with_token_logits=with_token_logits)
+        if trunk is None:
+            out = self.student(input_ids, with_token_logits=with_token_logits)
+        else:
+            out = self.student(trunk_hidden=trunk, with_token_logits=with_token_logits)
         labels = select_labels(out.char_logits, signal.top_ids, self.table.chars, self.table.spellable)
         return signal, out, labels, teacher_s
 

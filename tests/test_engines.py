@@ -50,6 +50,23 @@ def test_both_engines_are_zero3_partitioned(distillation):
         assert all(p.numel() == 0 for p in params if p.ds_numel > 10000)  # released partitions
 
 
+def test_shared_trunk_equals_the_naive_two_model_computation(distillation):
+    from spellm_ds.teacher import teacher_signal
+
+    ids = distillation.data.train[:2]
+    assert distillation.trunk_layer == 2  # 4 layers, 2 trainable
+    distillation.student.eval()
+    with torch.no_grad():
+        naive_signal, _ = teacher_signal(distillation.teacher.module, ids)
+        naive = distillation.student(ids, with_token_logits=True)
+        signal, trunk = teacher_signal(distillation.teacher.module, ids, trunk_layer=distillation.trunk_layer)
+        shared = distillation.student(trunk_hidden=trunk, with_token_logits=True)
+    distillation.student.train()
+    assert torch.equal(signal.top_ids, naive_signal.top_ids)
+    assert torch.allclose(shared.char_logits, naive.char_logits, atol=1e-5)
+    assert torch.allclose(shared.token_logits, naive.token_logits, atol=1e-5)
+
+
 def test_teacher_never_changes_and_export_reproduces_the_student(distillation, tmp_path):
     before = gathered(distillation.teacher.module)
     student_before = gathered(distillation.student.module)
