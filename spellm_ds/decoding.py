@@ -18,6 +18,7 @@ for scoring continuations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -117,46 +118,35 @@ class GenerationOutput(NamedTuple):
         return {p.name.lower(): int((self.provenance == p).sum()) for p in Provenance}
 
 
-@torch.no_grad()
-def generate(model, decoder: CharDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int = 64, eos_token_id: int | None = None, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> GenerationOutput:
-    """Decode with the char heads, a KV cache and left-padded batches.
+TokenPicker = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]
+"""(last hidden states [B, d], finished [B]) -> (next ids [B], provenance [B]), or (None, None) to stop."""
 
-    One device->host transfer per token: the fallback mask together with the previous step's
-    finished flags (the stopping check). Fallback rows alone go through the LM head.
+
+@torch.no_grad()
+def decode_loop(base, pick: TokenPicker, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                max_new_tokens: int = 64, eos_token_id: int | None = None) -> GenerationOutput:
+    """Greedy-style decoding over ``base``'s decoder with a KV cache and left-padded batches;
+    ``pick`` turns each step's last hidden states into tokens (the output head is its business).
+
+    Stopping costs one device->host transfer per token (``pick`` may fold its own into it).
     """
     from transformers import DynamicCache
 
-    decoder_stack, lm_head = model.base.get_decoder(), model.base.get_output_embeddings()
+    decoder_stack = base.get_decoder()
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.base.config)
+    cache = DynamicCache(config=base.config)
     step_ids = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     tokens, origins = [], []
     for _ in range(max_new_tokens):
         hidden = decoder_stack(input_ids=step_ids, attention_mask=mask, position_ids=positions,
                                past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-        char_logits = model.char_heads(hidden)
-        proposal = decoder.propose(char_logits)
-        if do_sample:
-            ids = sample(decoder.token_log_probs(char_logits), temperature, top_k, top_p, generator)
-        else:
-            ids = proposal.token_ids
-        host = torch.cat([proposal.fallback, finished]).cpu()  # the one sync per token
-        if host[batch:].all():
+        ids, origin = pick(hidden, finished)
+        if ids is None:  # every row had finished
             break
-        rows = host[:batch].nonzero().squeeze(1)
-        if len(rows):
-            rows = rows.to(ids.device)
-            token_logits = lm_head(hidden[rows]).float()
-            ids = ids.clone()
-            ids[rows] = (sample(torch.log_softmax(token_logits, -1), temperature, top_k, top_p, generator)
-                         if do_sample else token_logits.argmax(-1))
-        origin = torch.where(finished, -1, provenance(proposal))
+        origin = torch.where(finished, -1, origin)
         if eos_token_id is not None:
             ids = torch.where(finished, eos_token_id, ids)
             finished = finished | (ids == eos_token_id)
@@ -168,3 +158,42 @@ def generate(model, decoder: CharDecoder, input_ids: torch.Tensor, attention_mas
     empty = input_ids.new_zeros(batch, 0)
     return GenerationOutput(torch.stack(tokens, 1) if tokens else empty,
                             torch.stack(origins, 1) if origins else empty)
+
+
+def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, generator: torch.Generator | None = None):
+    """The SpeLLM output head: char heads, lookup, AutoCorrect, and the LM head on fallback rows.
+
+    Its one device->host transfer per token carries the fallback mask and the previous step's
+    finished flags (the stopping check) together.
+    """
+    lm_head = model.base.get_output_embeddings()
+
+    def pick(hidden: torch.Tensor, finished: torch.Tensor):
+        char_logits = model.char_heads(hidden)
+        proposal = decoder.propose(char_logits)
+        ids = (sample(decoder.token_log_probs(char_logits), temperature, top_k, top_p, generator)
+               if do_sample else proposal.token_ids)
+        batch = len(ids)
+        host = torch.cat([proposal.fallback, finished]).cpu()
+        if host[batch:].all():
+            return None, None
+        rows = host[:batch].nonzero().squeeze(1)
+        if len(rows):
+            rows = rows.to(ids.device)
+            token_logits = lm_head(hidden[rows]).float()
+            ids = ids.clone()
+            ids[rows] = (sample(torch.log_softmax(token_logits, -1), temperature, top_k, top_p, generator)
+                         if do_sample else token_logits.argmax(-1))
+        return ids, provenance(proposal)
+
+    return pick
+
+
+def generate(model, decoder: CharDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int = 64, eos_token_id: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> GenerationOutput:
+    """Decode with the char heads (see :func:`spellm_picker`) over a KV cache."""
+    pick = spellm_picker(model, decoder, do_sample, temperature, top_k, top_p, generator)
+    return decode_loop(model.base, pick, input_ids, attention_mask, max_new_tokens, eos_token_id)

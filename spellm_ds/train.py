@@ -187,18 +187,20 @@ class Distillation:
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        teacher_s = student_s = 0.0
+        teacher_s = student_s = backward_s = 0.0
         sums: dict[str, torch.Tensor] = {}
         losses = torch.zeros(3, dtype=torch.float64)
         for micro_step in range(cfg.grad_accum):
             batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
                                self.rank, self.world_size, cfg.seed)
-            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.reg_weight > 0)
             started = time.perf_counter()
+            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.reg_weight > 0)
             loss = distillation_loss(out.char_logits, out.token_logits, labels, cfg.reg_weight)
+            backward_started = time.perf_counter()
             self.student.backward(loss.total)
             self.student.step()
-            student_s += time.perf_counter() - started
+            backward_s += time.perf_counter() - backward_started
+            student_s += time.perf_counter() - started - t_s
             teacher_s += t_s
             losses += torch.tensor([loss.total.item(), loss.char.item(), loss.token.item()], dtype=torch.float64)
             for name, value in match_sums(out.char_logits.detach(), signal, labels, self.table).items():
@@ -208,7 +210,7 @@ class Distillation:
         metrics = self._reduce(sums)
         metrics.update({"loss/total": losses[0].item() / self.world_size, "loss/char": losses[1].item() / self.world_size,
                         "loss/token": losses[2].item() / self.world_size,
-                        "perf/teacher_s": teacher_s, "perf/student_s": student_s})
+                        "perf/teacher_s": teacher_s, "perf/student_s": student_s, "perf/backward_s": backward_s})
         return metrics
 
     @torch.no_grad()

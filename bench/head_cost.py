@@ -1,0 +1,80 @@
+"""Output-head cost per position: the LM head against SpeLLM's char-head path.
+
+    python -m bench.head_cost [--quick] [--out FILE]
+
+Variants (all on the same hidden states, SmolLM2-135M dimensions: d=576, |V|=49152, k=10,
+|C|=105, the real SmolLM2 spelling table):
+  (a) lm_head        LM head GEMM + argmax (the baseline: what picks a token today)
+  (b) char_heads     the fused k-head GEMM alone
+  (c) + lookup       argmax per head, spelling hash lookup
+  (d) + autocorrect  the vocabulary-wide AutoCorrect argmax (computed for every row: no sync)
+  (e) + entropy      mean head entropy and the fallback mask = CharDecoder.propose
+Batch sizes 1, 8, 64; fp32 and bf16; time per position and ratio to (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import median_seconds, write
+from spellm_ds.charset import Charset
+from spellm_ds.decoding import CharDecoder
+from spellm_ds.heads import CharHeads
+
+
+def spelling_table(quick: bool, k: int):
+    from spellm_ds.spelling import SpellingTable
+
+    if quick:
+        from tests import tiny
+
+        tokenizer = tiny.trained_tokenizer(tiny.corpus_texts(40), vocab_size=300)
+    else:
+        from spellm_ds import assets
+
+        tokenizer = assets.load_tokenizer(assets.embedded_model_dir())
+    return SpellingTable.from_tokenizer(tokenizer, Charset.default(), k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    k = 10
+    table = spelling_table(args.quick, k)
+    d = 64 if args.quick else 576
+    vocab, num_chars = table.vocab_size, len(table.charset)
+    decoder = CharDecoder(table, tau=0.22)
+    min_time = 0.05 if args.quick else 1.0
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        lm_head = torch.nn.Linear(d, vocab, bias=False).to(dtype)
+        heads = CharHeads(d, k, num_chars).to(dtype)
+        for batch in (1, 8, 64):
+            hidden = torch.randn(batch, d, dtype=dtype)
+            with torch.no_grad():
+                variants = {
+                    "a_lm_head": lambda: lm_head(hidden).argmax(-1),
+                    "b_char_heads": lambda: heads(hidden),
+                    "c_lookup": lambda: table.lookup(heads(hidden).argmax(-1)),
+                    "d_autocorrect": lambda: (lambda logits: (table.lookup(logits.argmax(-1)),
+                                                              decoder.autocorrect(logits)))(heads(hidden)),
+                    "e_entropy": lambda: decoder.propose(heads(hidden)),
+                }
+                per_position = {name: median_seconds(fn, min_time) / batch for name, fn in variants.items()}
+            base = per_position["a_lm_head"]
+            results.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch,
+                            "seconds_per_position": per_position,
+                            "speedup_vs_lm_head": {name: base / t for name, t in per_position.items()}})
+            print(f"{dtype} batch {batch}: " + ", ".join(f"{n} {base / t:.1f}x" for n, t in per_position.items()))
+    write("head_cost" + ("_quick" if args.quick else ""),
+          {"hidden": d, "vocab": vocab, "k": k, "charset": num_chars, "valid_spellings": int(table.canonical.sum()),
+           "quick": args.quick}, results, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Every benchmark runs in quick mode and writes its JSON; no timing is asserted."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed import ROOT, rank_env
+
+
+def run_bench(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out)], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT, env=rank_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert document["benchmark"] == f"{name}_quick" and document["hardware"]["cpu_count"] >= 1
+    return document
+
+
+def positive(value):
+    return isinstance(value, float) and value > 0
+
+
+def test_head_cost(tmp_path):
+    results = run_bench("head_cost", tmp_path)["results"]
+    assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8, 64)}
+    for row in results:
+        assert set(row["seconds_per_position"]) == {"a_lm_head", "b_char_heads", "c_lookup", "d_autocorrect",
+                                                    "e_entropy"}
+        assert all(positive(v) for v in row["seconds_per_position"].values())
+        assert row["speedup_vs_lm_head"]["a_lm_head"] == pytest.approx(1.0)
+
+
+def test_decode_speed(tmp_path):
+    results = run_bench("decode_speed", tmp_path)["results"]
+    assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8)}
+    for row in results:
+        assert set(row["tokens_per_s"]) == {"hf_generate", "loop_lm_head", "spellm", "spellm_fallback", "loop_no_head"}
+        assert all(positive(v) for v in row["tokens_per_s"].values())
+        assert 0.0 <= row["fallback_rate"] <= 1.0
+
+
+def test_distill_throughput(tmp_path):
+    results = run_bench("distill_throughput", tmp_path)["results"]
+    for variant in ("naive", "shared_trunk"):
+        assert all(positive(results[variant][key]) for key in ("tokens_per_s", "teacher_s", "student_s", "backward_s"))
+    assert positive(results["speedup_tokens_per_s"])
