@@ -1,10 +1,18 @@
 """Rank discovery and process-group lifetime.
 
-The ``deepspeed`` launcher and ``torchrun`` set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; under
-``mpirun`` (Open MPI) they are mapped from ``OMPI_COMM_WORLD_*`` here, with the rendezvous on
-``MASTER_ADDR`` (default 127.0.0.1) so DeepSpeed's own MPI discovery, which picks the external
-interface, is not needed. Collectives time out after ``timeout_s``: a dead rank ends the job
-instead of hanging it.
+Whatever started the process, the torch.distributed variables (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) are settled here, first match wins:
+
+1. launchers that set them: the ``deepspeed`` launcher, ``torchrun`` (also inside an sbatch job);
+2. Open MPI's ``mpirun``: ``OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK}``;
+3. MPICH / Intel MPI / PMI: ``PMI_RANK``, ``PMI_SIZE`` (local rank from ``MPI_LOCALRANKID``);
+4. SLURM ``srun`` with one task per rank: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``;
+5. nothing: a single process.
+
+``MASTER_ADDR`` defaults to 127.0.0.1 on one node; a multi-node job must set it (the sbatch
+template does, from ``scontrol show hostnames``). DeepSpeed's own MPI discovery, which picks the
+external interface, is never needed. Collectives time out after ``timeout_s``: a dead rank ends
+the job instead of hanging it.
 """
 
 from __future__ import annotations
@@ -16,29 +24,51 @@ from datetime import timedelta
 import deepspeed
 import torch.distributed as dist
 
-_MPI_VARS = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
-             "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK"}
+from spellm_ds.errors import SpellmError
+
+DEFAULT_PORT = "29500"
+_SOURCES = (
+    ("launcher", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("SLURM", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
 
 
 def discover_environment(env: dict[str, str]) -> dict[str, str]:
     """The torch.distributed variables for this process, from whatever launched it."""
-    found = {name: env[name] for name in (*_MPI_VARS, "MASTER_ADDR", "MASTER_PORT") if name in env}
-    for name, mpi_name in _MPI_VARS.items():
-        if name not in found and mpi_name in env:
-            found[name] = env[mpi_name]
-    found.setdefault("RANK", "0")
-    found.setdefault("WORLD_SIZE", "1")
-    found.setdefault("LOCAL_RANK", "0")
-    found.setdefault("MASTER_ADDR", "127.0.0.1")
-    found.setdefault("MASTER_PORT", "29500")
-    return found
+    for source, rank_var, size_var, local_var in _SOURCES:
+        if rank_var in env or size_var in env:
+            break
+    else:
+        source, rank_var, size_var, local_var = "single process", "", "", ""
+    try:
+        rank = int(env.get(rank_var, 0))
+        world_size = int(env.get(size_var, 1))
+        local_rank = int(env.get(local_var) or env.get("LOCAL_RANK") or 0)
+    except ValueError:
+        raise SpellmError(f"{source} rank variables are not integers ({rank_var}={env.get(rank_var)!r}, "
+                          f"{size_var}={env.get(size_var)!r}); check the launcher") from None
+    if not 0 <= rank < world_size or not 0 <= local_rank <= rank:
+        raise SpellmError(f"inconsistent {source} environment: rank {rank}, world size {world_size}, "
+                          f"local rank {local_rank}; launch every rank with the same world size")
+    nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")))
+    if "MASTER_ADDR" not in env and world_size > 1 and nodes > 1:
+        raise SpellmError("MASTER_ADDR is not set in a multi-node job; export MASTER_ADDR=$(scontrol show "
+                          "hostnames $SLURM_JOB_NODELIST | head -n1) (launch/slurm/distill.sbatch does)")
+    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", DEFAULT_PORT)}
 
 
 def init(timeout_s: float) -> tuple[int, int]:
     """Join (or, alone, create) the process group; returns (rank, world size)."""
     os.environ.update(discover_environment(dict(os.environ)))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    node = os.environ.get("SLURM_NODEID", "-")
+    print(f"rank {rank}/{world_size} local {os.environ['LOCAL_RANK']} node {node} "
+          f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+    return rank, world_size
 
 
 def teardown() -> None:

@@ -54,6 +54,7 @@ from spellm_ds.spelling import SpellingTable
 from spellm_ds.teacher import teacher_signal
 
 TOP_K = 5
+PREEMPTED = "PREEMPTED"
 
 
 def run(config: RunConfig) -> Path | None:
@@ -140,6 +141,7 @@ class Distillation:
         from torch.utils.tensorboard import SummaryWriter
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / PREEMPTED).unlink(missing_ok=True)
         resolved = {"run": self.config.to_dict(), "world_size": self.world_size, "student_deepspeed": self.student_ds,
                     "teacher_deepspeed": self.teacher_ds, "model_dir": str(self.model_dir),
                     "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
@@ -278,6 +280,8 @@ class Distillation:
             stop_reason = "signal" if shutdown.agreed(self.device) else "--stop_at" if step + 1 == cfg.stop_at else ""
             if stop_reason and step + 1 < cfg.max_steps:
                 saved = self.save(step + 1)
+                if self.rank == 0 and stop_reason == "signal":  # tells a job script to requeue
+                    (self.output_dir / PREEMPTED).write_text(f"{step + 1}\n")
                 if self.rank == 0:
                     print(f"stopped by {stop_reason} after step {step + 1}; checkpoint {saved}; rerun the same "
                           "command to resume", flush=True)
