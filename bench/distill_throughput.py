@@ -65,10 +65,8 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from tests import tiny
 
-        texts = tiny.corpus_texts(60)
-        data = workdir / "corpus.txt"
-        data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
-        extra = ["--model", str(tiny.tiny_llama_dir(workdir / "base", texts)), "--data", str(data),
+        model_dir, data = tiny.tiny_setup(workdir, n_texts=60)
+        extra = ["--model", str(model_dir), "--data", str(data),
                  "--trainable_layers", "2", "--seq_len", "32", "--k", "6"]
         args.steps = 3
     results = {"naive": run(workdir, "naive", [*extra, "--no_shared_trunk"], args.steps),

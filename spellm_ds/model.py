@@ -64,20 +64,21 @@ def decoder_layers(base: nn.Module) -> nn.ModuleList:
     return decoder_layers_of(base.get_decoder())
 
 
+def _child(module: nn.Module, names: tuple[str, ...], kind: type, what: str) -> nn.Module:
+    """The first submodule of ``module`` called one of ``names`` (HF families name them differently)."""
+    for name in names:
+        child = getattr(module, name, None)
+        if isinstance(child, kind):
+            return child
+    raise SpellmError(f"cannot find the {what} of {type(module).__name__}; it needs a {names[0]!r} submodule")
+
+
 def decoder_layers_of(decoder: nn.Module) -> nn.ModuleList:
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(decoder, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise SpellmError(f"cannot find the decoder layers of {type(decoder).__name__}; it needs a 'layers' ModuleList")
+    return _child(decoder, ("layers", "h", "blocks"), nn.ModuleList, "decoder layers")
 
 
 def feed_forward(layer: nn.Module) -> nn.Module:
-    for name in ("mlp", "feed_forward", "ffn"):
-        block = getattr(layer, name, None)
-        if isinstance(block, nn.Module):
-            return block
-    raise SpellmError(f"cannot find the FFN block of {type(layer).__name__}; it needs an 'mlp' submodule")
+    return _child(layer, ("mlp", "feed_forward", "ffn"), nn.Module, "FFN block")
 
 
 @contextmanager

@@ -21,10 +21,7 @@ from tests.test_data import one_line_error
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    texts = tiny.corpus_texts(150)
-    data = root / "corpus.txt"
-    data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
-    return tiny.tiny_llama_dir(root / "base", texts), data
+    return tiny.tiny_setup(root)
 
 
 def args(base, out, *extra):

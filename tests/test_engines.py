@@ -25,10 +25,7 @@ def gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def distillation(tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
-    texts = tiny.corpus_texts(120)
-    model_dir = tiny.tiny_llama_dir(root / "base", texts)
-    data = root / "corpus.txt"
-    data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
+    model_dir, data = tiny.tiny_setup(root, n_texts=120)
     ds = json.loads(open("ds_configs/zero3.json").read())
     ds["bf16"] = {"enabled": False}  # fp32 so the export can be compared exactly
     (root / "zero3_fp32.json").write_text(json.dumps(ds))

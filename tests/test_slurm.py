@@ -31,10 +31,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-data")
-    texts = tiny.corpus_texts(150)
-    data = root / "corpus.txt"
-    data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
-    return tiny.tiny_llama_dir(root / "base", texts), data
+    return tiny.tiny_setup(root)
 
 
 def job_env(out_dir) -> dict:

@@ -87,3 +87,14 @@ def tiny_llama_dir(directory, texts: list[str], layers: int = 4, hidden: int = 6
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_setup(root, n_texts: int = 150, layers: int = 4):
+    """A tiny Llama directory and a ``.txt`` corpus (one passage per paragraph) under ``root``."""
+    from pathlib import Path
+
+    root = Path(root)
+    texts = corpus_texts(n_texts)
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
+    return tiny_llama_dir(root / "base", texts, layers=layers), data
