@@ -90,3 +90,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
                                 capture_output=True, text=True, timeout=300, cwd=ROOT,
                                 env=rank_env(MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"))
         assert message in one_line_error(result), args
+
+
+def test_training_curves_plot_and_summary(run, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.distributed import ROOT, rank_env
+
+    _, out, _ = run
+    png = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, "-m", "analysis.training_curves", "--logdir", str(out / "tensorboard"),
+                             "--out", str(png)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=rank_env())
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(png.with_suffix(".json").read_text())
+    held_out = dict(scalars(out / "tensorboard")["eval/match/exact_or_prefix"])
+    assert summary["steps"] == STEPS and summary["held_out_exact_or_prefix"]["0"] == held_out[0]
+    assert png.stat().st_size > 10000
