@@ -43,6 +43,9 @@ def parse_args() -> RunConfig:
     p.add_argument("--max_steps", type=int, default=DEFAULTS.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--reg_weight", type=float, default=DEFAULTS.reg_weight,
                    help="weight of the token-level regularisation loss (default: %(default)s)")
+    p.add_argument("--label_selection", choices=("student_nll", "joint"), default=DEFAULTS.label_selection,
+                   help="label among the teacher's top-5: the one the student spells best (student_nll, the paper's "
+                        "rule) or best by char NLL - log p_teacher (joint) (default: %(default)s)")
     p.add_argument("--eval_every", type=int, default=DEFAULTS.eval_every, help="steps between held-out evaluations")
     p.add_argument("--eval_fraction", type=float, default=DEFAULTS.eval_fraction,
                    help="share of documents held out (default: %(default)s)")

@@ -39,6 +39,7 @@ class RunConfig:
     warmup: int = 20
     max_steps: int = 300
     reg_weight: float = 0.1
+    label_selection: str = "student_nll"
     eval_every: int = 50
     eval_fraction: float = 0.02
     eval_blocks: int = 32
@@ -60,6 +61,8 @@ class RunConfig:
             (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
             (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
             (self.teacher_stage in (None, 0, 3), f"--teacher_stage {self.teacher_stage} must be 0 or 3"),
+            (self.label_selection in ("student_nll", "joint"),
+             f"--label_selection {self.label_selection!r}: use student_nll or joint"),
             (self.keep_checkpoints >= 1, f"--keep_checkpoints {self.keep_checkpoints} must be at least 1"),
             (self.head_init in ("embedding", "random"), f"--head_init {self.head_init!r}: use embedding or random"),
         ]

@@ -36,10 +36,16 @@ def candidate_nll(char_logp: torch.Tensor, candidate_chars: torch.Tensor) -> tor
 
 @torch.no_grad()
 def select_labels(char_logits: torch.Tensor, top_ids: torch.Tensor, spelling_chars: torch.Tensor,
-                  spellable: torch.Tensor) -> Labels:
-    """The min-NLL spellable candidate per position (``spelling_chars``/``spellable`` index by token id)."""
+                  spellable: torch.Tensor, teacher_probs: torch.Tensor | None = None) -> Labels:
+    """The min-NLL spellable candidate per position (``spelling_chars``/``spellable`` index by token id).
+
+    With ``teacher_probs`` (``[B, T, n]``) the score is the joint ``char NLL - log p_teacher``:
+    the candidate the student spells best *and* the teacher finds likely (``--label_selection joint``).
+    """
     candidate_chars = spelling_chars[top_ids]  # [B, T, n, k]
     nll = candidate_nll(torch.log_softmax(char_logits.float(), -1), candidate_chars)
+    if teacher_probs is not None:
+        nll = nll - torch.log(teacher_probs.float().clamp(min=1e-30))
     nll = nll.masked_fill(~spellable[top_ids], float("inf"))
     best = nll.argmin(-1, keepdim=True)
     token_ids = top_ids.gather(-1, best).squeeze(-1)

@@ -172,7 +172,8 @@ class Distillation:
             out = self.student(input_ids, with_token_logits=with_token_logits)
         else:
             out = self.student(trunk_hidden=trunk, with_token_logits=with_token_logits)
-        labels = select_labels(out.char_logits, signal.top_ids, self.table.chars, self.table.spellable)
+        prior = signal.top_probs if self.config.label_selection == "joint" else None
+        labels = select_labels(out.char_logits, signal.top_ids, self.table.chars, self.table.spellable, prior)
         return signal, out, labels, teacher_s
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:

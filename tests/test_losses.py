@@ -73,3 +73,14 @@ def test_masked_positions_do_not_count():
     parts = distillation_loss(logits, None, labels, reg_weight=0.0)
     only_first = torch.nn.functional.cross_entropy(logits[0, 0], spelling[0])
     assert torch.allclose(parts.char, only_first)
+
+
+def test_joint_selection_adds_the_teacher_log_prior():
+    logits = torch.zeros(1, 1, 2, 3)
+    logits[0, 0, :, 1] = 2.0  # the student spells token 0 ([1, 1]) best
+    spelling = torch.tensor([[1, 1], [2, 2]])
+    top = torch.tensor([[[0, 1, 0, 0, 0]]])
+    spellable = torch.tensor([True, True])
+    assert select_labels(logits, top, spelling, spellable).token_ids.item() == 0
+    teacher = torch.tensor([[[1e-6, 0.99, 0.0, 0.0, 0.0]]])  # but the teacher is sure of token 1
+    assert select_labels(logits, top, spelling, spellable, teacher).token_ids.item() == 1
