@@ -7,8 +7,10 @@ Variants (all on the same hidden states, SmolLM2-135M dimensions: d=576, |V|=491
   (a) lm_head        LM head GEMM + argmax (the baseline: what picks a token today)
   (b) char_heads     the fused k-head GEMM alone
   (c) + lookup       argmax per head, spelling hash lookup
-  (d) + autocorrect  the vocabulary-wide AutoCorrect argmax (computed for every row: no sync)
-  (e) + entropy      mean head entropy and the fallback mask = CharDecoder.propose
+  (d) + autocorrect  the vocabulary-wide AutoCorrect argmax for every row (the worst case: decoding
+                     repairs only the rows whose string missed)
+  (e) + entropy      mean head entropy and the fallback mask too = CharDecoder.propose
+  (f) decode path    (c) + entropy and fallback mask, no AutoCorrect: a step where every row hit
 Batch sizes 1, 8, 64; fp32 and bf16; time per position and ratio to (a).
 """
 
@@ -64,6 +66,7 @@ def main() -> None:
                     "d_autocorrect": lambda: (lambda logits: (table.lookup(logits.argmax(-1)),
                                                               decoder.autocorrect(logits)))(heads(hidden)),
                     "e_entropy": lambda: decoder.propose(heads(hidden)),
+                    "f_decode_path": lambda: decoder.propose(heads(hidden), autocorrect=False),
                 }
                 per_position = {name: median_seconds(fn, min_time) / batch for name, fn in variants.items()}
             base = per_position["a_lm_head"]

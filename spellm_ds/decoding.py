@@ -58,10 +58,15 @@ class CharDecoder:
         return moved
 
     def spelling_scores(self, char_logp: torch.Tensor) -> torch.Tensor:
-        """Summed per-head log-prob of every valid spelling: ``[B, k, C]`` -> ``[B, N]``."""
-        batch, k, _ = char_logp.shape
-        index = self.valid_chars.T.unsqueeze(0).expand(batch, k, -1)  # [B, k, N]
-        return char_logp.gather(2, index).sum(1)
+        """Summed per-head log-prob of every valid spelling: ``[B, k, C]`` -> ``[B, N]``.
+
+        One ``index_select`` per head: reads B x N values k times and never builds a
+        ``[B, k, N]`` index.
+        """
+        scores = char_logp[:, 0].index_select(1, self.valid_chars[:, 0])
+        for j in range(1, self.valid_chars.shape[1]):
+            scores = scores + char_logp[:, j].index_select(1, self.valid_chars[:, j])
+        return scores
 
     def token_log_probs(self, char_logits: torch.Tensor) -> torch.Tensor:
         """The char heads' token distribution over the full vocabulary ``[B, V]`` (fp32; -inf
@@ -75,12 +80,17 @@ class CharDecoder:
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
         return self.valid_ids[scores.argmax(-1)]
 
-    def propose(self, char_logits: torch.Tensor) -> Proposal:
-        """Tokens from char logits ``[B, k, C]`` and which rows should fall back; no host sync."""
+    def propose(self, char_logits: torch.Tensor, autocorrect: bool = True) -> Proposal:
+        """Tokens from char logits ``[B, k, C]`` and which rows should fall back; no host sync.
+
+        With ``autocorrect=False`` missed rows keep -1: the decode loop then repairs only the rows
+        it knows (after its one host transfer per token) to have missed, since AutoCorrect over the
+        whole vocabulary costs more than the rest of the char path together.
+        """
         predicted = char_logits.argmax(-1)
         looked_up = self.table.lookup(predicted)
         hit = looked_up >= 0
-        token_ids = torch.where(hit, looked_up, self.autocorrect(char_logits))
+        token_ids = torch.where(hit, looked_up, self.autocorrect(char_logits)) if autocorrect else looked_up
         entropy = mean_head_entropy(char_logits)
         if self.tau is None:
             fallback = torch.zeros_like(hit)
@@ -162,23 +172,32 @@ def decode_loop(base, pick: TokenPicker, input_ids: torch.Tensor, attention_mask
 
 def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, generator: torch.Generator | None = None):
-    """The SpeLLM output head: char heads, lookup, AutoCorrect, and the LM head on fallback rows.
+    """The SpeLLM output head: char heads, lookup, AutoCorrect on missed rows only, and the LM
+    head on fallback rows only.
 
-    Its one device->host transfer per token carries the fallback mask and the previous step's
-    finished flags (the stopping check) together.
+    Its one device->host transfer per token carries the fallback and hit masks and the previous
+    step's finished flags (the stopping check) together.
     """
     lm_head = model.base.get_output_embeddings()
 
     def pick(hidden: torch.Tensor, finished: torch.Tensor):
         char_logits = model.char_heads(hidden)
-        proposal = decoder.propose(char_logits)
-        ids = (sample(decoder.token_log_probs(char_logits), temperature, top_k, top_p, generator)
-               if do_sample else proposal.token_ids)
-        batch = len(ids)
-        host = torch.cat([proposal.fallback, finished]).cpu()
-        if host[batch:].all():
+        proposal = decoder.propose(char_logits, autocorrect=False)
+        batch = len(hidden)
+        host = torch.cat([proposal.fallback, proposal.hit, finished]).cpu()
+        if host[2 * batch:].all():
             return None, None
-        rows = host[:batch].nonzero().squeeze(1)
+        fallback, hit = host[:batch], host[batch : 2 * batch]
+        if do_sample:
+            ids = sample(decoder.token_log_probs(char_logits), temperature, top_k, top_p, generator)
+        else:
+            ids = proposal.token_ids
+            missed = (~hit & ~fallback).nonzero().squeeze(1)
+            if len(missed):
+                missed = missed.to(ids.device)
+                ids = ids.clone()
+                ids[missed] = decoder.autocorrect(char_logits[missed])
+        rows = fallback.nonzero().squeeze(1)
         if len(rows):
             rows = rows.to(ids.device)
             token_logits = lm_head(hidden[rows]).float()

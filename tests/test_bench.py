@@ -28,7 +28,7 @@ def test_head_cost(tmp_path):
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8, 64)}
     for row in results:
         assert set(row["seconds_per_position"]) == {"a_lm_head", "b_char_heads", "c_lookup", "d_autocorrect",
-                                                    "e_entropy"}
+                                                    "e_entropy", "f_decode_path"}
         assert all(positive(v) for v in row["seconds_per_position"].values())
         assert row["speedup_vs_lm_head"]["a_lm_head"] == pytest.approx(1.0)
 
