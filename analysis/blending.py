@@ -15,6 +15,7 @@ import torch
 from analysis.collect import Analysis
 from analysis.common import new_figure, rate, run_cli, save_figure
 from spellm_ds import cli
+from spellm_ds.charset import END_ID
 from spellm_ds.metrics import match_flags
 
 ENTROPY_BINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, float("inf"))
@@ -43,6 +44,13 @@ def sources(analysis: Analysis, row: int) -> list[int]:
     return used
 
 
+def render(chars: list[int], table) -> str:
+    """A predicted string as text; an END followed by more characters shows as ``<end>``."""
+    while chars and chars[-1] == END_ID:
+        chars = chars[:-1]
+    return "".join(table.charset.symbols[c] for c in chars)
+
+
 def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     r, table = analysis.records, analysis.table
     blends = blend_flags(analysis)
@@ -52,7 +60,7 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
         by_bin.append({"teacher_entropy": [low, high], **rate(blends[in_bin])})
     counter: Counter = Counter()
     for row in blends.nonzero().squeeze(1).tolist():
-        text = table.charset.decode(r.raw_chars[row].tolist())
+        text = render(r.raw_chars[row].tolist(), table)
         counter[(text, tuple(table.spelling_text(t) for t in sources(analysis, row)))] += 1
     top = [{"blend": text, "from": list(parts), "count": n, "shown": f"{text!r} <- " + " + ".join(map(repr, parts))}
            for (text, parts), n in counter.most_common(TOP_BLENDS)]
