@@ -103,8 +103,8 @@ def collect(args: argparse.Namespace) -> Analysis:
     blocks = held_out_blocks(student.tokenizer, args.data, args.text_field, args.seq_len, args.max_tokens)
     # The student's layers below the trainable ones are the recorded teacher's: share them,
     # unless another teacher was asked for.
-    n_top = student.config.trainable_layers
-    trunk_layer = None if args.teacher or n_top == 0 else student.base.config.num_hidden_layers - n_top
+    n_top, n_layers = student.config.trainable_layers, student.base.config.num_hidden_layers
+    trunk_layer = n_layers - n_top if not args.teacher and 0 < n_top <= n_layers else None
     parts = []
     for start in tqdm(range(0, len(blocks), args.batch_size), desc="analyse", disable=len(blocks) <= args.batch_size):
         ids = blocks[start : start + args.batch_size]

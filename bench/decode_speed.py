@@ -42,7 +42,7 @@ def tiny_model(directory) -> str:
     from tests import tiny
 
     base_dir = tiny.tiny_llama_dir(directory / "base", tiny.corpus_texts(40))
-    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=10, teacher=str(base_dir)),
+    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=10, trainable_layers=2, teacher=str(base_dir)),
                               Charset.default())
     model.save_pretrained(directory / "spellm", tokenizer=load_tokenizer(base_dir))
     return str(directory / "spellm")

@@ -109,7 +109,7 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
 
     texts = tiny.corpus_texts(60)
     base_dir = tiny.tiny_llama_dir(tmp_path / "base", texts)
-    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=6, teacher=str(base_dir)),
+    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=6, trainable_layers=2, teacher=str(base_dir)),
                               Charset.default())
     torch.manual_seed(0)
     torch.nn.init.normal_(model.char_heads.proj.weight, std=0.3)

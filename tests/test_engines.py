@@ -29,6 +29,7 @@ def distillation(tmp_path_factory):
     ds = json.loads(open("ds_configs/zero3.json").read())
     ds["bf16"] = {"enabled": False}  # fp32 so the export can be compared exactly
     (root / "zero3_fp32.json").write_text(json.dumps(ds))
+    saved_env = dict(os.environ)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     config = RunConfig(model=str(model_dir), data=[str(data)], output_dir=str(root / "out"),
                        deepspeed=str(root / "zero3_fp32.json"), k=6, trainable_layers=2, seq_len=32,
@@ -37,6 +38,8 @@ def distillation(tmp_path_factory):
     distributed.init(60)
     yield Distillation(config)
     distributed.teardown()
+    os.environ.clear()  # later tests launch their own ranks: leave no rank variables behind
+    os.environ.update(saved_env)
 
 
 def test_both_engines_are_zero3_partitioned(distillation):
