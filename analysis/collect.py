@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from tqdm import tqdm

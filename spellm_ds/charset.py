@@ -16,7 +16,6 @@ before lookup: Unicode NFKD, then combining marks are dropped (``é`` -> ``e``),
 from __future__ import annotations
 
 import json
-import string
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path

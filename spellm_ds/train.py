@@ -94,7 +94,7 @@ class Distillation:
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
                                    config.seq_len, config.eval_fraction, config.seed)
         self.teacher = self._build_teacher()
-        self.student, self.trainable = self._build_student()
+        self.student = self._build_student()
         self.start_step = checkpoint.load(self.student, self.resume_from) if self.resume_from else 0
         if self.resume_from and self.rank == 0:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)
@@ -133,7 +133,7 @@ class Distillation:
         if self.rank == 0:
             total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
             print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})", flush=True)
-        return engine, trainable
+        return engine
 
     def _tensorboard(self):
         if self.rank != 0:
@@ -294,6 +294,7 @@ class Distillation:
         exported = self.output_dir / "model"
         if self.rank == 0:
             checkpoint.export(final, exported)
-            print(f"peak RSS rank 0: {_peak_rss_gb():.2f} GB; exported SpeLLM model: {exported}", flush=True)
+            print(f"exported SpeLLM model: {exported}", flush=True)
         dist.barrier()
+        print(f"rank {self.rank} peak RSS: {_peak_rss_gb():.2f} GB", flush=True)
         return exported

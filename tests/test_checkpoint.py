@@ -1,6 +1,5 @@
 """Checkpoints with real ranks: exact resume, SIGTERM, kill -9, bad --resume, export."""
 
-import json
 import os
 import signal
 import subprocess
