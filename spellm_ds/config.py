@@ -39,7 +39,7 @@ class RunConfig:
     warmup: int = 20
     max_steps: int = 300
     reg_weight: float = 0.1
-    label_selection: str = "student_nll"
+    label_selection: str = "joint"
     eval_every: int = 50
     eval_fraction: float = 0.02
     eval_blocks: int = 32

@@ -1,7 +1,8 @@
 """Distillation losses, all in fp32 whatever the model's dtype.
 
 Label selection (the paper's anti-blending rule): of the teacher's top-5 candidates, the label is
-the one whose spelling has the lowest character NLL under the current student. Training towards a
+the one whose spelling has the lowest character NLL under the current student (the default adds
+``-log p_teacher`` to that score, see ``select_labels``). Training towards a
 single spelling stops heads from mixing characters of two candidates ("Dizza" from "Donuts" and
 "Pizza"). The choice is made without gradient; unspellable candidates are skipped and a position
 with no spellable candidate is masked out.

@@ -5,7 +5,8 @@ Features
   their probabilities and its entropy are computed on the fly (LM head chunked along the sequence);
 - the student is the same model plus k char heads; only the heads and the FFN blocks of the last
   ``trainable_layers`` decoder layers train; the label of each position is the teacher candidate
-  the student spells best (no blending), the loss is char CE + ``reg_weight`` x token CE through
+  with the lowest char NLL - log p_teacher (``--label_selection student_nll``: char NLL alone, the
+  paper's rule; either way one spelling, no blending), the loss is char CE + ``reg_weight`` x token CE through
   the frozen LM head, all in fp32;
 - two DeepSpeed engines per rank (student with optimizer, teacher without), ZeRO-3 by default,
   models built under ``HfDeepSpeedConfig`` so weights load partitioned; teacher stage 0 or 3,
