@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,19 +12,9 @@ from typing import Any
 import torch
 
 from analysis.collect import Analysis, add_args, collect
-from spellm_ds.metrics import match_flags
+from spellm_ds.metrics import match_flags, wilson_interval
 
 VARIANTS = ("raw", "autocorrect", "autocorrect_fallback")
-
-
-def wilson_interval(count: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (positions treated as independent)."""
-    if total == 0:
-        return (0.0, 0.0)
-    p = count / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def rate(flags: torch.Tensor) -> dict[str, Any]:

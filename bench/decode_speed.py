@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from bench.common import interleaved_medians, write
-from spellm_ds.decoding import decode_loop, generate
+from spellm_ds.decoding import decode_loop, generate, lm_head_picker
 from spellm_ds.model import SpeLLMForCausalLM
 
 
@@ -49,10 +49,7 @@ def tiny_model(directory) -> str:
 
 
 def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, record: dict):
-    base, lm_head = model.base, model.base.get_output_embeddings()
-
-    def lm_head_pick(hidden, finished):
-        return lm_head(hidden).argmax(-1), torch.zeros_like(finished, dtype=torch.long)
+    base = model.base
 
     def no_head_pick(hidden, finished):
         return torch.zeros(len(hidden), dtype=torch.long), torch.zeros(len(hidden), dtype=torch.long)
@@ -65,7 +62,7 @@ def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, r
         "hf_generate": lambda: base.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                                              min_new_tokens=new_tokens, do_sample=False,
                                              pad_token_id=model.tokenizer.pad_token_id or 0),
-        "loop_lm_head": lambda: decode_loop(base, lm_head_pick, ids, mask, new_tokens),
+        "loop_lm_head": lambda: decode_loop(base, lm_head_picker(base), ids, mask, new_tokens),
         "spellm": lambda: generate(model, model.char_decoder(None), ids, mask, new_tokens),
         "spellm_fallback": with_fallback,
         "loop_no_head": lambda: decode_loop(base, no_head_pick, ids, mask, new_tokens),

@@ -75,6 +75,20 @@ class CharDecoder:
         full = scores.new_full((scores.shape[0], self.table.vocab_size), float("-inf"))
         return full.index_copy_(1, self.valid_ids, torch.log_softmax(scores, -1))
 
+    def spelling_log_probs(self, char_logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """log-prob of each token's spelling under the char heads' token distribution: ``[N, k, C]``
+        logits and ``[N]`` token ids -> ``[N]`` (fp32).
+
+        Scores any spellable token, not only canonical ones: a token shares its spelling's
+        probability with the canonical token of that spelling (a long token is named by its first
+        k characters). Unspellable tokens get -inf.
+        """
+        char_logp = torch.log_softmax(char_logits.float(), -1)
+        normaliser = torch.logsumexp(self.spelling_scores(char_logp), -1)
+        chars = self.table.chars[token_ids]
+        scores = char_logp.gather(-1, chars.unsqueeze(-1)).squeeze(-1).sum(-1) - normaliser
+        return scores.masked_fill(~self.table.spellable[token_ids], float("-inf"))
+
     def autocorrect(self, char_logits: torch.Tensor) -> torch.Tensor:
         """The valid token with the highest summed per-head log-probability, per row."""
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
@@ -170,14 +184,32 @@ def decode_loop(base, pick: TokenPicker, input_ids: torch.Tensor, attention_mask
                             torch.stack(origins, 1) if origins else empty)
 
 
+def lm_head_picker(base) -> TokenPicker:
+    """Greedy decoding with ``base``'s own LM head (the teacher, or a SpeLLM model's fallback head
+    alone): the reference the char heads are compared with."""
+    lm_head = base.get_output_embeddings()
+
+    def pick(hidden: torch.Tensor, finished: torch.Tensor):
+        if finished.all():
+            return None, None
+        return lm_head(hidden).float().argmax(-1), torch.full_like(finished, int(Provenance.FALLBACK), dtype=torch.long)
+
+    return pick
+
+
 def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, generator: torch.Generator | None = None):
+                  top_p: float = 1.0, generator: torch.Generator | None = None, autocorrect: bool = True,
+                  eos_token_id: int | None = None) -> TokenPicker:
     """The SpeLLM output head: char heads, lookup, AutoCorrect on missed rows only, and the LM
     head on fallback rows only.
 
-    Its one device->host transfer per token carries the fallback and hit masks and the previous
-    step's finished flags (the stopping check) together.
+    With ``autocorrect=False`` (greedy only) a string that is no token's spelling has no token to
+    emit: the row ends there with ``eos_token_id`` (its provenance stays AUTOCORRECTED, marking
+    the miss). Its one device->host transfer per token carries the fallback and hit masks and the
+    previous step's finished flags (the stopping check) together.
     """
+    if not autocorrect and (do_sample or eos_token_id is None):
+        raise ValueError("decoding without AutoCorrect is greedy and needs an eos_token_id to end a missed row")
     lm_head = model.base.get_output_embeddings()
 
     def pick(hidden: torch.Tensor, finished: torch.Tensor):
@@ -196,7 +228,7 @@ def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperat
             if len(missed):
                 missed = missed.to(ids.device)
                 ids = ids.clone()
-                ids[missed] = decoder.autocorrect(char_logits[missed])
+                ids[missed] = decoder.autocorrect(char_logits[missed]) if autocorrect else eos_token_id
         rows = fallback.nonzero().squeeze(1)
         if len(rows):
             rows = rows.to(ids.device)
@@ -212,7 +244,7 @@ def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperat
 def generate(model, decoder: CharDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              max_new_tokens: int = 64, eos_token_id: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> GenerationOutput:
+             generator: torch.Generator | None = None, autocorrect: bool = True) -> GenerationOutput:
     """Decode with the char heads (see :func:`spellm_picker`) over a KV cache."""
-    pick = spellm_picker(model, decoder, do_sample, temperature, top_k, top_p, generator)
+    pick = spellm_picker(model, decoder, do_sample, temperature, top_k, top_p, generator, autocorrect, eos_token_id)
     return decode_loop(model.base, pick, input_ids, attention_mask, max_new_tokens, eos_token_id)

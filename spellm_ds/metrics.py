@@ -10,6 +10,7 @@ Functions return *sums* so ranks can all-reduce them before dividing.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -72,3 +73,13 @@ def rates(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     for j, correct in enumerate(sums["head_correct"].tolist()):
         out[f"acc/head_{j + 1}"] = correct / valid
     return out
+
+
+def wilson_interval(count: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (the observations treated as independent)."""
+    if total == 0:
+        return (0.0, 0.0)
+    p = count / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -141,3 +141,44 @@ def test_batched_generation_equals_one_prompt_at_a_time(model):
         assert together.sequences[row, :n].tolist() == alone.sequences[0].tolist(), prompt
         assert together.provenance[row, :n].tolist() == alone.provenance[0].tolist(), prompt
     assert set(together.counts()) == {"exact", "autocorrected", "fallback"}
+
+
+def test_spelling_log_probs_score_every_spellable_token_by_its_spelling(table):
+    decoder = CharDecoder(table)
+    logits = torch.randn(table.vocab_size, table.k, len(table.charset))
+    token_ids = torch.arange(table.vocab_size)
+    scores = decoder.spelling_log_probs(logits, token_ids)
+    full = decoder.token_log_probs(logits)
+    canonical = table.canonical
+    assert torch.allclose(scores[canonical], full[canonical, token_ids[canonical]],
+                          atol=1e-5)
+    assert torch.isinf(scores[~table.spellable]).all() and (scores[~table.spellable] < 0).all()
+    shadowed = (table.spellable & ~canonical).nonzero().squeeze(1)
+    assert len(shadowed) > 0  # " café" and " cafe" share a spelling, as do the long words' first 8 chars
+    for v in shadowed.tolist():  # a non-canonical token gets the probability of its spelling's canonical token
+        owner = (canonical & (table.chars == table.chars[v]).all(-1)).nonzero().item()
+        logp = torch.log_softmax(logits[v], -1)
+        normaliser = decoder.spelling_scores(logp[None]).logsumexp(-1)
+        own = sum(logp[j, table.chars[v, j]] for j in range(table.k)) - normaliser
+        assert torch.allclose(scores[v], own[0], atol=1e-5)
+        assert owner != v
+
+
+def test_decoding_without_autocorrect_stops_at_the_first_miss(model):
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    ids = tokenizer(["The river flows", "In 1998 the national"], return_tensors="pt", padding=True)
+    args = (ids["input_ids"], ids["attention_mask"], 12)
+    eos = tokenizer.eos_token_id
+    corrected = model.generate(*args, tau=None, eos_token_id=eos)
+    raw = model.generate(*args, tau=None, eos_token_id=eos, autocorrect=False)
+    assert (corrected.provenance == Provenance.AUTOCORRECTED).any()  # random heads miss often
+    for row in range(2):
+        origins = corrected.provenance[row].tolist()
+        first_miss = origins.index(Provenance.AUTOCORRECTED) if Provenance.AUTOCORRECTED in origins else len(origins)
+        assert raw.sequences[row, :first_miss].tolist() == corrected.sequences[row, :first_miss].tolist()
+        if first_miss < raw.sequences.shape[1]:
+            assert raw.sequences[row, first_miss].item() == eos
+            assert raw.provenance[row, first_miss].item() == Provenance.AUTOCORRECTED
+    with pytest.raises(ValueError, match="greedy"):
+        model.generate(*args, tau=None, eos_token_id=eos, autocorrect=False, do_sample=True)
