@@ -47,29 +47,29 @@ def load_models(model_dir: str | Path, teacher: str | None, dtype: torch.dtype, 
     return student, teacher_model
 
 
-def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
-    """Normal-approximation 95% interval of a mean."""
+def mean_interval(values: list[float], low: float, high: float, z: float = 1.96) -> tuple[float, float]:
+    """Normal-approximation 95% interval of a mean, clipped to the values' range ``[low, high]``."""
     n = len(values)
     if n < 2:
         return (values[0], values[0]) if values else (0.0, 0.0)
     mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return (mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n))
+    half = z * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+    return (max(low, mean - half), min(high, mean + half))
 
 
 def summarise(scores: dict[str, list[float]], binary: bool) -> dict[str, dict[str, Any]]:
-    """Per system: mean score, its interval, and the paired difference to the teacher."""
+    """Per system: mean score (in [0, 1]), its interval, and the paired difference to the teacher."""
     teacher = scores["teacher"]
     out = {}
     for system, values in scores.items():
         n = len(values)
         mean = sum(values) / n if n else 0.0
-        ci = wilson_interval(int(sum(values)), n) if binary else mean_interval(values)
+        ci = wilson_interval(int(sum(values)), n) if binary else mean_interval(values, 0.0, 1.0)
         entry: dict[str, Any] = {"score": mean, "ci95": list(ci), "n": n}
         if system != "teacher":
             diffs = [v - t for v, t in zip(values, teacher)]
             entry["diff_vs_teacher"] = sum(diffs) / n if n else 0.0
-            entry["diff_ci95"] = list(mean_interval(diffs))
+            entry["diff_ci95"] = list(mean_interval(diffs, -1.0, 1.0))
         out[system] = entry
     return out
 
@@ -153,7 +153,7 @@ class Evaluator:
         ids = ids.tolist()
         if self.eos in ids:
             ids = ids[: ids.index(self.eos)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[str], max_new_tokens: int) -> tuple[dict[str, list[str]], dict[str, dict]]:

@@ -8,7 +8,7 @@ Multiple choice, scored by the log-likelihood of each option's tokens after the 
 - ``piqa`` (PIQA validation): ``"Question: {goal}\\nAnswer:"``, options ``" {solution}"``;
 - ``openbookqa`` (OpenBookQA test): ``"{question stem}"``, options ``" {answer text}"``.
 
-Generation, greedy, output cut at the first newline:
+Generation, greedy; the output is its first non-empty line:
 
 - ``asdiv`` (ASDiv test): ``"Question: {passage} {question}\\nAnswer:"``; correct when the first
   number of the output equals the first number of the gold answer (rows whose gold answer has no

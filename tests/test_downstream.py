@@ -163,7 +163,8 @@ def test_summaries_are_paired_against_the_teacher():
     low, high = summary["spellm"]["ci95"]
     assert 0.04 < low < 0.05 and 0.69 < high < 0.70  # Wilson interval of 1/4
     assert summary["spellm"]["diff_ci95"] == pytest.approx([-0.25 - 1.96 * 0.5 / 2, -0.25 + 1.96 * 0.5 / 2])
-    assert mean_interval([0.2, 0.2, 0.2]) == pytest.approx((0.2, 0.2))
+    assert mean_interval([0.2, 0.2, 0.2], 0, 1) == pytest.approx((0.2, 0.2))
+    assert mean_interval([0.0, 0.0, 0.1], 0, 1)[0] == 0.0  # clipped to the metric's range
     table = markdown({"piqa": {"n": 4, "fallback_rate": 0.125, "acc": summary}})
     assert "| piqa | acc | 4 | spellm | 25.0 [4.6, 69.9] | -25.0 [-74.0, +24.0] |  |" in table
 
@@ -195,6 +196,9 @@ def test_teacher_generation_is_greedy_and_full_fallback_follows_the_student_lm_h
     assert provenance["spellm_fallback"]["fallback"] > 0
     assert provenance["spellm_fallback"]["exact"] == provenance["spellm_fallback"]["autocorrected"] == 0
     raw, corrected = provenance["spellm_raw"], provenance["spellm_autocorrect"]
+    text_ids = tok("\n\n The town. \nMore", add_special_tokens=False)["input_ids"]
+    leading_newlines = torch.tensor(text_ids + [tok.eos_token_id, 5])
+    assert evaluator._text(leading_newlines) == "The town."  # the first non-empty line, up to EOS
     assert raw["fallback"] == corrected["fallback"] == 0 and corrected["autocorrected"] > 0
 
 
