@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from spellm_ds import assets
-from spellm_ds.data import load_texts
+from spellm_ds.data import load_texts, pack
+from spellm_ds.errors import SpellmError
 from spellm_ds.decoding import CharDecoder
 from spellm_ds.losses import select_labels
 from spellm_ds.metrics import mean_head_entropy
@@ -41,7 +42,7 @@ class Records:
     fallback_token: torch.Tensor  # [N] the student's LM head argmax
     has_unk: torch.Tensor  # [N] bool: raw string holds UNK
     student_entropy: torch.Tensor  # [N] mean per-head entropy
-    label_chars: torch.Tensor  # [N, k] selected label (min char NLL among spellable top-5)
+    label_chars: torch.Tensor  # [N, k] selected label (training's default rule: min char NLL - log p_teacher)
     label_valid: torch.Tensor  # [N] bool
 
     def __len__(self) -> int:
@@ -77,17 +78,13 @@ class Analysis:
 
 
 def held_out_blocks(tokenizer, data: list[str] | None, text_field: str, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """``max_tokens`` positions (rounded up to whole blocks) of ``data`` or the BoolQ dev passages."""
     texts = load_texts(data, text_field)["text"] if data else assets.held_out_texts()
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(stream) >= max_tokens + seq_len:
-            break
-    n_blocks = max(1, min(len(stream) // seq_len, -(-max_tokens // seq_len)))
-    stream = stream[: n_blocks * seq_len]
-    if len(stream) < n_blocks * seq_len:  # shorter than one block: analyse what there is
-        return torch.tensor([stream])
-    return torch.tensor(stream).view(n_blocks, seq_len)
+    blocks = pack(texts, tokenizer, seq_len, max_blocks=-(-max_tokens // seq_len))
+    if len(blocks) == 0:
+        raise SpellmError(f"the text to analyse is shorter than one {seq_len}-token block; "
+                          "lower --seq_len or add text")
+    return blocks
 
 
 @torch.no_grad()
@@ -112,7 +109,7 @@ def collect(args: argparse.Namespace) -> Analysis:
                                                                                 with_token_logits=True)
         char_logits = out.char_logits.flatten(0, 1)
         proposal = decoder.propose(char_logits)
-        labels = select_labels(out.char_logits, signal.top_ids, table.chars, table.spellable)
+        labels = select_labels(out.char_logits, signal.top_ids, table.chars, table.spellable, signal.top_probs)
         raw = char_logits.argmax(-1)
         parts.append(Records(
             top_ids=signal.top_ids.flatten(0, 1), top_probs=signal.top_probs.flatten(0, 1),

@@ -101,13 +101,17 @@ class PackedData:
     held_out: torch.Tensor  # [M, seq_len] int64
 
 
-def _pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+def pack(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Documents joined by EOS into ``[n, seq_len]`` blocks (a partial last block is dropped);
+    with ``max_blocks``, tokenising stops once that many blocks are full."""
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     for start in range(0, len(texts), 1000):
         for ids in tokenizer(texts[start : start + 1000], add_special_tokens=False)["input_ids"]:
             stream += ids + separator
-    n_blocks = len(stream) // seq_len
+        if max_blocks is not None and len(stream) >= max_blocks * seq_len:
+            break
+    n_blocks = len(stream) // seq_len if max_blocks is None else min(len(stream) // seq_len, max_blocks)
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
 
 
@@ -117,8 +121,8 @@ def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: flo
     n_eval = max(1, round(len(texts) * eval_fraction))
     if len(texts) < 2:
         raise SpellmError("the data has a single document; a held-out split needs at least 2 (add documents)")
-    held_out = _pack([texts[i] for i in order[:n_eval]], tokenizer, seq_len)
-    train = _pack([texts[i] for i in order[n_eval:]], tokenizer, seq_len)
+    held_out = pack([texts[i] for i in order[:n_eval]], tokenizer, seq_len)
+    train = pack([texts[i] for i in order[n_eval:]], tokenizer, seq_len)
     for name, blocks in (("training", train), ("held-out", held_out)):
         if len(blocks) == 0:
             raise SpellmError(f"the {name} documents are shorter than one {seq_len}-token block; "

@@ -206,7 +206,7 @@ class Distillation:
             backward_s += time.perf_counter() - backward_started
             student_s += time.perf_counter() - started - t_s
             teacher_s += t_s
-            losses += torch.tensor([loss.total.item(), loss.char.item(), loss.token.item()], dtype=torch.float64)
+            losses += torch.stack([loss.total, loss.char, loss.token]).detach().double().cpu()  # one host sync
             for name, value in match_sums(out.char_logits.detach(), signal, labels, self.table).items():
                 sums[name] = sums.get(name, 0) + value.cpu()
         losses = (losses / cfg.grad_accum).to(self.device)
