@@ -16,17 +16,13 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm import tqdm
 
-from spellm_ds import assets
+from spellm_ds import assets, cli
 from spellm_ds.data import load_texts, pack
-from spellm_ds.errors import SpellmError
 from spellm_ds.decoding import CharDecoder
-from spellm_ds.losses import select_labels
-from spellm_ds.metrics import mean_head_entropy
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.errors import SpellmError
+from spellm_ds.forward import teacher_and_student
+from spellm_ds.model import SpeLLMForCausalLM, shared_trunk_layer
 from spellm_ds.spelling import SpellingTable
-from spellm_ds.teacher import teacher_signal
-
-TOP_K = 5
 
 
 @dataclass
@@ -40,9 +36,8 @@ class Records:
     hit: torch.Tensor  # [N] bool: raw string is a valid spelling
     autocorrected: torch.Tensor  # [N] token from lookup or AutoCorrect
     fallback_token: torch.Tensor  # [N] the student's LM head argmax
-    has_unk: torch.Tensor  # [N] bool: raw string holds UNK
     student_entropy: torch.Tensor  # [N] mean per-head entropy
-    label_chars: torch.Tensor  # [N, k] selected label (training's default rule: min char NLL - log p_teacher)
+    label_chars: torch.Tensor  # [N, k] selected label (by the rule the model was trained with)
     label_valid: torch.Tensor  # [N] bool
 
     def __len__(self) -> int:
@@ -59,10 +54,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="held-out text (.txt/.jsonl/.parquet or dataset dir; default: BoolQ dev passages)")
     parser.add_argument("--text_field", default="text")
     parser.add_argument("--teacher", default=None, help="override the teacher recorded in the SpeLLM directory")
-    parser.add_argument("--max_tokens", type=int, default=20000, help="positions to analyse (default: %(default)s)")
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--tau", type=float, default=0.22, help="fallback threshold (default: %(default)s)")
+    parser.add_argument("--max_tokens", type=cli.positive_int, default=20000,
+                        help="positions to analyse, rounded up to whole blocks (default: %(default)s)")
+    parser.add_argument("--seq_len", type=cli.positive_int, default=256, help="tokens per block (default: %(default)s)")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=4, help="blocks per forward (default: %(default)s)")
+    cli.add_tau_arg(parser)
 
 
 @dataclass
@@ -99,23 +95,20 @@ def collect(args: argparse.Namespace) -> Analysis:
     blocks = held_out_blocks(student.tokenizer, args.data, args.text_field, args.seq_len, args.max_tokens)
     # The student's layers below the trainable ones are the recorded teacher's: share them,
     # unless another teacher was asked for.
-    n_top, n_layers = student.config.trainable_layers, student.base.config.num_hidden_layers
-    trunk_layer = n_layers - n_top if not args.teacher and 0 < n_top <= n_layers else None
+    trunk_layer = None if args.teacher else shared_trunk_layer(student.base.config.num_hidden_layers,
+                                                                 student.config.trainable_layers)
     parts = []
     for start in tqdm(range(0, len(blocks), args.batch_size), desc="analyse", disable=len(blocks) <= args.batch_size):
-        ids = blocks[start : start + args.batch_size]
-        signal, trunk = teacher_signal(teacher, ids, top_k=TOP_K, trunk_layer=trunk_layer)
-        out = student(ids, with_token_logits=True) if trunk is None else student(trunk_hidden=trunk,
-                                                                                with_token_logits=True)
+        signal, out, labels, _ = teacher_and_student(teacher, student, blocks[start : start + args.batch_size], table,
+                                                     student.config.label_selection, trunk_layer,
+                                                     with_token_logits=True)
         char_logits = out.char_logits.flatten(0, 1)
         proposal = decoder.propose(char_logits)
-        labels = select_labels(out.char_logits, signal.top_ids, table.chars, table.spellable, signal.top_probs)
-        raw = char_logits.argmax(-1)
         parts.append(Records(
             top_ids=signal.top_ids.flatten(0, 1), top_probs=signal.top_probs.flatten(0, 1),
-            teacher_entropy=signal.entropy.flatten(), raw_chars=raw, hit=proposal.hit,
+            teacher_entropy=signal.entropy.flatten(), raw_chars=char_logits.argmax(-1), hit=proposal.hit,
             autocorrected=proposal.token_ids, fallback_token=out.token_logits.flatten(0, 1).argmax(-1),
-            has_unk=(raw == 1).any(-1), student_entropy=mean_head_entropy(char_logits),
-            label_chars=labels.chars.flatten(0, 1), label_valid=labels.valid.flatten()))
+            student_entropy=proposal.entropy, label_chars=labels.chars.flatten(0, 1),
+            label_valid=labels.valid.flatten()))
     counts = torch.bincount(blocks.flatten(), minlength=table.vocab_size)
     return Analysis(Records.concat(parts), table, args.tau, teacher_name, counts, student.tokenizer)

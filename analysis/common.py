@@ -12,6 +12,9 @@ from typing import Any
 import torch
 
 from analysis.collect import Analysis, add_args, collect
+from spellm_ds import cli
+from spellm_ds.decoding import falls_back
+from spellm_ds.errors import SpellmError
 from spellm_ds.metrics import match_flags, wilson_interval
 
 VARIANTS = ("raw", "autocorrect", "autocorrect_fallback")
@@ -24,19 +27,18 @@ def rate(flags: torch.Tensor) -> dict[str, Any]:
 
 
 def fallback_mask(analysis: Analysis, tau: float | None) -> torch.Tensor:
-    """Rows decoding hands to the LM head: mean head entropy at or above tau, or an UNK char."""
-    records = analysis.records
-    if tau is None:
-        return torch.zeros(len(records), dtype=torch.bool)
-    return (records.student_entropy >= tau) | records.has_unk
+    """Rows decoding hands to the LM head at threshold ``tau`` (:func:`spellm_ds.decoding.falls_back`)."""
+    return falls_back(analysis.records.student_entropy, analysis.records.raw_chars, tau)
 
 
 def correct_flags(analysis: Analysis, variant: str, tau: float | None = None) -> dict[str, torch.Tensor]:
     """Per-position exact / prefix / exact_or_prefix / at5 flags of one decoding variant.
 
     raw: the argmax string; autocorrect: the spelling of the looked-up or AutoCorrected token;
-    autocorrect_fallback: the same, except that fallen-back positions match when the LM head's
-    token is the teacher's top-1 (exact) or in its top-5 (at5).
+    autocorrect_fallback (at ``tau``, default the analysis's): the same, except at fallen-back
+    positions, where the LM head's token is compared by id: a hit on the teacher's top-1 is exact
+    when that token fits in k characters (or has no spelling) and prefix when it is longer, as for
+    the char heads; at5 when it is any of the top-5.
     """
     r, table = analysis.records, analysis.table
     predicted = r.raw_chars if variant == "raw" else table.chars[r.autocorrected]
@@ -44,11 +46,11 @@ def correct_flags(analysis: Analysis, variant: str, tau: float | None = None) ->
     exact, prefix, at5 = flags.exact, flags.prefix, flags.at5
     if variant == "autocorrect_fallback":
         back = fallback_mask(analysis, analysis.tau if tau is None else tau)
-        lm_exact = r.fallback_token == r.top_ids[:, 0]
-        lm_at5 = (r.fallback_token.unsqueeze(1) == r.top_ids).any(1)
-        exact = torch.where(back, lm_exact, exact)
-        prefix = prefix & ~back
-        at5 = torch.where(back, lm_at5, at5)
+        lm_top1 = r.fallback_token == r.top_ids[:, 0]
+        longer = table.lengths[r.top_ids[:, 0]] > table.k
+        exact = torch.where(back, lm_top1 & ~longer, exact)
+        prefix = torch.where(back, lm_top1 & longer, prefix)
+        at5 = torch.where(back, (r.fallback_token.unsqueeze(1) == r.top_ids).any(1), at5)
     return {"exact": exact, "prefix": prefix, "exact_or_prefix": exact | prefix, "at5": at5}
 
 
@@ -56,14 +58,17 @@ def run_cli(description: str, compute: Callable[[Analysis, argparse.Namespace], 
             plot: Callable[[dict, Path], None] | None = None,
             extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Parse the common flags, collect records, compute, write ``--out`` JSON (and a PNG beside it)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description)
     add_args(parser)
     parser.add_argument("--out", required=True, help="JSON report path (a PNG is written beside it)")
     if extra_args:
         extra_args(parser)
     args = parser.parse_args()
-    result = compute(collect(args), args)
     out = Path(args.out)
+    if out.is_dir():
+        raise SpellmError(f"--out {out} is a directory; pass a .json file path")
+    cli.check_output_dir(out.parent, "--out's folder")
+    result = compute(collect(args), args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if plot:

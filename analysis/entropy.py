@@ -41,14 +41,10 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def tradeoff(analysis: Analysis, thresholds: list[float]) -> list[dict]:
-    char_ok = correct_flags(analysis, "autocorrect")["exact_or_prefix"]
-    lm_ok = analysis.records.fallback_token == analysis.records.top_ids[:, 0]
-    curve = []
-    for t in thresholds:
-        back = fallback_mask(analysis, t)
-        curve.append({"tau": t, "accuracy": torch.where(back, lm_ok, char_ok).double().mean().item(),
-                      "fallback_rate": back.double().mean().item()})
-    return curve
+    """Exact+prefix match with AutoCorrect + fallback, and the fallback rate, at each threshold."""
+    return [{"tau": t,
+             "accuracy": correct_flags(analysis, "autocorrect_fallback", t)["exact_or_prefix"].double().mean().item(),
+             "fallback_rate": fallback_mask(analysis, t).double().mean().item()} for t in thresholds]
 
 
 def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:

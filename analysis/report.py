@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 from analysis import blending, entropy, match_rates, token_length
 from analysis.collect import add_args, collect
@@ -63,13 +61,13 @@ def markdown(report: dict, model: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     add_args(parser)
     entropy.extra_args(parser)
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args()
+    out = cli.check_output_dir(args.out, "--out")
     analysis = collect(args)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {}
     for name, (compute, plot) in MODULES.items():

@@ -31,7 +31,7 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
                           "raw": rate(raw[rows])["rate"], "autocorrect": rate(fixed[rows])["rate"]})
     coverage = []
     for k in COVERAGE_K:
-        stats = SpellingTable.from_tokenizer(analysis.tokenizer, table.charset, k).stats(analysis.corpus_counts)
+        stats = SpellingTable.from_tokenizer(analysis.tokenizer, table.charset, k, table.vocab_size).stats(analysis.corpus_counts)
         coverage.append({"k": k, "vocab_exactly_spellable": stats["exactly_spellable"],
                          "text_tokens_exactly_spellable": stats["corpus_exactly_spellable"]})
     return {"by_teacher_token_length": by_length, "unspellable_top1": rate(~spellable), "coverage": coverage,

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -70,7 +69,7 @@ def plot(scalars: dict[str, list[tuple[int, float]]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--logdir", required=True)
     parser.add_argument("--out", required=True, help="PNG path (a JSON summary is written beside it)")
     args = parser.parse_args()

@@ -15,11 +15,11 @@ Speed does not depend on training except through the fallback rate of (4).
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from bench.common import interleaved_medians, write
+from spellm_ds import cli
 from spellm_ds.decoding import decode_loop, generate, lm_head_picker
 from spellm_ds.model import SpeLLMForCausalLM
 
@@ -70,11 +70,11 @@ def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--model", default=None, help="an exported SpeLLM directory (required unless --quick)")
-    parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tau", type=float, default=0.22)
+    parser.add_argument("--new_tokens", type=cli.positive_int, default=128)
+    parser.add_argument("--repeats", type=cli.positive_int, default=3)
+    cli.add_tau_arg(parser)
     parser.add_argument("--quick", action="store_true", help="a tiny random model, few tokens, for CI")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -114,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -10,7 +10,6 @@ student (forward + backward) / backward time split, from the runs' TensorBoard s
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -19,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import write
+from spellm_ds import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = ("perf/tokens_per_s", "perf/step_s", "perf/teacher_s", "perf/student_s", "perf/backward_s")
@@ -54,8 +54,8 @@ def run(workdir: Path, name: str, extra: list[str], steps: int) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8)
+    parser = cli.ArgumentParser(__doc__)
+    parser.add_argument("--steps", type=cli.positive_int, default=8)
     parser.add_argument("--quick", action="store_true", help="a tiny model and 3 steps, for CI")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -79,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

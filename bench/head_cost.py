@@ -16,11 +16,11 @@ Batch sizes 1, 8, 64; fp32 and bf16; time per position and ratio to (a).
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from bench.common import median_seconds, write
+from spellm_ds import cli
 from spellm_ds.charset import Charset
 from spellm_ds.decoding import CharDecoder
 from spellm_ds.heads import CharHeads
@@ -37,11 +37,11 @@ def spelling_table(quick: bool, k: int):
         from spellm_ds import assets
 
         tokenizer = assets.load_tokenizer(assets.embedded_model_dir())
-    return SpellingTable.from_tokenizer(tokenizer, Charset.default(), k)
+    return SpellingTable.from_tokenizer(tokenizer, Charset.default(), k, len(tokenizer))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -80,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

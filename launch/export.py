@@ -9,7 +9,6 @@ weights bit-identical, trained weights from the fp32 master copies, plus heads, 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from spellm_ds import checkpoint, cli
@@ -17,19 +16,17 @@ from spellm_ds.errors import SpellmError
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/stepN directory or a run's --output_dir")
     parser.add_argument("--out", required=True, help="directory to write the SpeLLM model to")
     args = parser.parse_args()
+    out = cli.check_output_dir(args.out, "--out", empty=True)
     source = Path(args.checkpoint)
     if checkpoint.step_of(source) < 0 and not (source / checkpoint.COMPLETE).exists():
         found = checkpoint.complete_checkpoints(source)
         if not found:
             raise SpellmError(f"no complete checkpoint in {source}; pass a checkpoints/stepN directory")
         source = found[-1]
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SpellmError(f"{out} exists and is not empty; choose a new --out directory")
     print(f"exported {source} -> {checkpoint.export(source, out)}")
 
 

@@ -8,7 +8,6 @@ AutoCorrect repairs and LM-head fallbacks.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
@@ -18,22 +17,17 @@ from spellm_ds.errors import SpellmError
 from spellm_ds.model import SpeLLMForCausalLM
 
 
-def parse_tau(value: str) -> float | None:
-    return None if value.lower() == "none" else float(value)
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--model", required=True, help="an exported SpeLLM directory")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--tau", type=parse_tau, default=0.22,
-                   help="fallback to the LM head at this mean head entropy; 'none' disables (default: %(default)s)")
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    cli.add_tau_arg(p)
+    p.add_argument("--max_new_tokens", type=cli.positive_int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--temperature", type=cli.positive_float, default=1.0)
+    p.add_argument("--top_k", type=cli.non_negative_int, default=0, help="0: no top-k cut (default: %(default)s)")
+    p.add_argument("--top_p", type=cli.probability, default=1.0, help="nucleus mass in (0, 1] (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args()

@@ -9,29 +9,30 @@ import argparse
 import json
 
 import torch
+from transformers import AutoConfig
 
 from spellm_ds import assets, cli
 from spellm_ds.charset import Charset
 from spellm_ds.data import load_texts
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.spelling import SpellingTable, model_vocab_size
 
 COLUMNS = ("exactly_spellable", "truncated", "unspellable", "shadowed_tokens", "corpus_exactly_spellable")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     cli.add_model_and_data_args(parser)
-    parser.add_argument("--k", type=int, nargs="+", default=[10], help="spelling lengths to compare (default: 10)")
+    parser.add_argument("--k", type=cli.positive_int, nargs="+", default=[10], help="spelling lengths to compare (default: 10)")
     parser.add_argument("--charset", default=None, help="charset.json or a text file of extra characters")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser.parse_args()
 
 
-def corpus_token_counts(tokenizer, texts: list[str]) -> torch.Tensor:
-    counts = torch.zeros(len(tokenizer), dtype=torch.int64)
+def corpus_token_counts(tokenizer, texts: list[str], vocab_size: int) -> torch.Tensor:
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
     for start in range(0, len(texts), 1024):
         for ids in tokenizer(texts[start : start + 1024], add_special_tokens=False)["input_ids"]:
-            counts += torch.bincount(torch.tensor(ids, dtype=torch.int64), minlength=len(tokenizer))
+            counts += torch.bincount(torch.tensor(ids, dtype=torch.int64), minlength=vocab_size)[:vocab_size]
     return counts
 
 
@@ -40,8 +41,9 @@ def main() -> None:
     model_dir = assets.resolve_model(args.model)
     tokenizer = assets.load_tokenizer(model_dir)
     charset = Charset.from_file(args.charset) if args.charset else Charset.default()
-    counts = corpus_token_counts(tokenizer, load_texts(args.data, args.text_field)["text"])
-    rows = [SpellingTable.from_tokenizer(tokenizer, charset, k).stats(counts) for k in args.k]
+    vocab_size = model_vocab_size(AutoConfig.from_pretrained(model_dir))
+    counts = corpus_token_counts(tokenizer, load_texts(args.data, args.text_field)["text"], vocab_size)
+    rows = [SpellingTable.from_tokenizer(tokenizer, charset, k, vocab_size).stats(counts) for k in args.k]
     if args.json:
         print(json.dumps({"model": args.model, "reports": rows}, indent=2))
         return

@@ -87,7 +87,11 @@ class Charset:
         path = Path(path)
         if not path.is_file():
             raise SpellmError(f"charset file {path} does not exist; pass an existing file with --charset")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SpellmError(f"charset file {path} is not UTF-8 text; pass a charset.json or a text file of "
+                              "characters with --charset") from None
         if path.suffix == ".json":
             try:
                 symbols = json.loads(text)["symbols"]

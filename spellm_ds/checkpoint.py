@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,11 @@ from spellm_ds.model import SpeLLMConfig, write_directory
 COMPLETE = "COMPLETE"
 STATE_FILE = "spellm_state.json"
 BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
-COMPATIBILITY_KEYS = ("model", "k", "seq_len", "trainable_layers")
+RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "head_init", "seq_len", "micro_batch",
+                      "grad_accum", "lr", "warmup", "max_steps", "reg_weight", "label_selection", "eval_fraction",
+                      "seed")
+"""Flags a resumed run must share with its checkpoint: they fix the model, the held-out split, the
+data order and the schedule. The rest (evaluation, saving, speed settings) may change."""
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -83,17 +88,34 @@ def find_resume_point(resume: str, output_dir: str | Path) -> Path | None:
 
 def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charset, world_size: int,
                      checkpoint: Path) -> None:
+    """Refuse a resume that would silently change the run (``run`` holds the resolved flags).
+
+    The one change allowed, with ``--extend_schedule``, is a larger ``--max_steps``: the LR
+    schedule's linear decay is then laid over the new total from the resumed step on (the LR
+    rises to where the longer schedule would be at that step).
+    """
     saved = state["run"]
-    for key in COMPATIBILITY_KEYS:
-        if saved[key] != run[key]:
-            raise SpellmError(f"checkpoint {checkpoint} was made with {key}={saved[key]!r}, this run has "
-                              f"{run[key]!r}; use the same {key}, another --output_dir, or --resume none")
+    for key in RUN_DEFINING_FLAGS:
+        old, new = saved.get(key), run[key]
+        if old == new or (key == "max_steps" and run["extend_schedule"] and new > old):
+            continue
+        hint = "; to train on, pass a larger --max_steps with --extend_schedule" if key == "max_steps" else ""
+        raise SpellmError(f"checkpoint {checkpoint} was made with --{key} {old!r}, this run has {new!r}: resume "
+                          f"with the same --{key}{hint}, or start anew with another --output_dir or --resume none")
     if state["charset"] != list(charset.symbols):
         raise SpellmError(f"checkpoint {checkpoint} uses another charset; pass the same --charset or --resume none")
     if state["world_size"] != world_size:
         raise SpellmError(f"checkpoint {checkpoint} was written by {state['world_size']} ranks, this run has "
                           f"{world_size}; resume with {state['world_size']} ranks (ZeRO partitions are per rank) "
                           "or export it and start a new run")
+    missing = [path for path in (rng_file(checkpoint, r) for r in range(world_size)) if not path.is_file()]
+    if missing:
+        raise SpellmError(f"checkpoint {checkpoint} lacks {missing[0].name} (damaged); resume from an earlier one "
+                          "with --resume PATH")
+
+
+def rng_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"rng_rank{rank}.pt"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -120,7 +142,7 @@ def save(engine, output_dir: str | Path, step: int, run: dict[str, Any], charset
     dist.barrier()
     engine.save_checkpoint(str(checkpoint.parent), tag=checkpoint.name, save_latest=False,
                            exclude_frozen_parameters=True)
-    torch.save(_rng_state(), checkpoint / f"rng_rank{rank}.pt")
+    torch.save(_rng_state(), rng_file(checkpoint, rank))
     if rank == 0:
         state = {"step": step, "world_size": world_size, "run": run, "charset": list(charset.symbols),
                  "model_dir": str(model_dir)}
@@ -155,8 +177,7 @@ def load(engine, checkpoint: Path) -> int:
                           f"{str(e).splitlines()[0] if str(e) else ''}); resume from an earlier one") from None
     if path is None:
         raise SpellmError(f"checkpoint {checkpoint} has no DeepSpeed state; resume from an earlier one")
-    rng = checkpoint / f"rng_rank{dist.get_rank()}.pt"
-    _restore_rng(torch.load(rng, weights_only=False))
+    _restore_rng(torch.load(rng_file(checkpoint, dist.get_rank()), weights_only=False))
     return int(state["step"])
 
 
@@ -195,7 +216,16 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     heads = {n.removeprefix(HEADS_PREFIX): t.float() for n, t in trained.items() if n.startswith(HEADS_PREFIX)}
     run = state["run"]
     config = SpeLLMConfig(k=run["k"], trainable_layers=run["trainable_layers"], head_init=run["head_init"],
-                          teacher=run["model"])
-    write_directory(out_dir, AutoConfig.from_pretrained(model_dir), config, Charset(tuple(state["charset"])),
-                    base_state, heads, load_tokenizer(model_dir))
+                          teacher=run["model"], label_selection=run["label_selection"])
+    # Written beside out_dir and renamed into place: a crash mid-export leaves no half-written model.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        write_directory(staging, AutoConfig.from_pretrained(model_dir), config, Charset(tuple(state["charset"])),
+                        base_state, heads, load_tokenizer(model_dir))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

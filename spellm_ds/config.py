@@ -14,6 +14,8 @@ from typing import Any
 
 from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
+from spellm_ds.heads import HEAD_INITS
+from spellm_ds.losses import LABEL_RULES
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 1e-3}
 
@@ -51,8 +53,10 @@ class RunConfig:
     activation_checkpointing: bool = True
     shared_trunk: bool = True
     collective_timeout_s: float = 300.0
+    extend_schedule: bool = False
 
     def validate(self) -> None:
+        """Every flag that can be checked without loading anything; one line per problem."""
         checks = [
             (self.k >= 1, f"--k {self.k} must be at least 1 (the paper uses 10)"),
             (self.seq_len >= 2, f"--seq_len {self.seq_len} must be at least 2"),
@@ -60,15 +64,33 @@ class RunConfig:
             (self.trainable_layers >= 0, f"--trainable_layers {self.trainable_layers} must be >= 0"),
             (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
             (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
+            (self.eval_every >= 1, f"--eval_every {self.eval_every} must be at least 1"),
+            (self.eval_blocks >= 1, f"--eval_blocks {self.eval_blocks} must be at least 1"),
+            (self.micro_batch is None or self.micro_batch >= 1,
+             f"--micro_batch {self.micro_batch} must be at least 1"),
+            (self.grad_accum is None or self.grad_accum >= 1,
+             f"--grad_accum {self.grad_accum} must be at least 1"),
+            (self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive"),
+            (self.warmup >= 0, f"--warmup {self.warmup} must be >= 0"),
+            (self.save_every >= 0, f"--save_every {self.save_every} must be >= 0 (0: only at the end)"),
+            (self.stop_at is None or 1 <= self.stop_at <= self.max_steps,
+             f"--stop_at {self.stop_at} must be a step in 1..--max_steps ({self.max_steps})"),
+            (self.collective_timeout_s > 0, f"--collective_timeout_s {self.collective_timeout_s} must be positive"),
             (self.teacher_stage in (None, 0, 3), f"--teacher_stage {self.teacher_stage} must be 0 or 3"),
-            (self.label_selection in ("student_nll", "joint"),
-             f"--label_selection {self.label_selection!r}: use student_nll or joint"),
+            (self.label_selection in LABEL_RULES,
+             f"--label_selection {self.label_selection!r}: use one of {', '.join(LABEL_RULES)}"),
             (self.keep_checkpoints >= 1, f"--keep_checkpoints {self.keep_checkpoints} must be at least 1"),
-            (self.head_init in ("embedding", "random"), f"--head_init {self.head_init!r}: use embedding or random"),
+            (self.head_init in HEAD_INITS, f"--head_init {self.head_init!r}: use one of {', '.join(HEAD_INITS)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SpellmError(message)
+
+    def check_model(self, num_layers: int) -> None:
+        """Checks that need the model's config (read from config.json, before any weights load)."""
+        if not 0 <= self.trainable_layers <= num_layers:
+            raise SpellmError(f"--trainable_layers {self.trainable_layers} is out of range; the model has "
+                              f"{num_layers} layers")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

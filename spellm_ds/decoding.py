@@ -42,6 +42,14 @@ class Proposal(NamedTuple):
     entropy: torch.Tensor  # [B] mean per-head entropy, fp32
 
 
+def falls_back(entropy: torch.Tensor, predicted: torch.Tensor, tau: float | None) -> torch.Tensor:
+    """The fallback rule: rows whose mean per-head entropy is at or above ``tau``, or whose argmax
+    string ``predicted`` (``[..., k]``) holds an UNK char, go to the LM head (``tau`` None: never)."""
+    if tau is None:
+        return torch.zeros_like(entropy, dtype=torch.bool)
+    return (entropy >= tau) | (predicted == UNK_ID).any(-1)
+
+
 class CharDecoder:
     """Maps char logits to tokens; holds the valid spellings on the model's device."""
 
@@ -106,11 +114,7 @@ class CharDecoder:
         hit = looked_up >= 0
         token_ids = torch.where(hit, looked_up, self.autocorrect(char_logits)) if autocorrect else looked_up
         entropy = mean_head_entropy(char_logits)
-        if self.tau is None:
-            fallback = torch.zeros_like(hit)
-        else:
-            fallback = (entropy >= self.tau) | (predicted == UNK_ID).any(-1)
-        return Proposal(token_ids, hit, fallback, entropy)
+        return Proposal(token_ids, hit, falls_back(entropy, predicted, self.tau), entropy)
 
 
 def provenance(proposal: Proposal) -> torch.Tensor:

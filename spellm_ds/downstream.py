@@ -29,6 +29,7 @@ from spellm_ds.decoding import Provenance, decode_loop, generate, lm_head_picker
 from spellm_ds.metrics import wilson_interval
 from spellm_ds.model import SpeLLMForCausalLM
 from spellm_ds.tasks import TASKS, Generation, MultipleChoice, first_number
+from spellm_ds.teacher import lm_head_log_probs
 
 MC_SYSTEMS = ("teacher", "spellm", "spellm_fallback")
 GENERATION_SYSTEMS = ("teacher", "spellm_raw", "spellm_autocorrect", "spellm_fallback")
@@ -112,16 +113,16 @@ class Evaluator:
             hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return hidden[rows_t, cols_t]
 
-        def lm_head_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
-            logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1)
+        def target_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
+            logp = lm_head_log_probs(model.get_output_embeddings(), hidden)
             return logp.gather(-1, targets_t.unsqueeze(-1)).squeeze(-1)
 
-        teacher_lp = lm_head_log_probs(self.teacher, hidden_of(self.teacher))
+        teacher_lp = target_log_probs(self.teacher, hidden_of(self.teacher))
         student_hidden = hidden_of(self.student.base)
         char_logits = self.student.char_heads(student_hidden)
         char_lp = self.with_fallback.spelling_log_probs(char_logits, targets_t)
         fallback = self.with_fallback.propose(char_logits, autocorrect=False).fallback
-        fallback_lp = torch.where(fallback, lm_head_log_probs(self.student.base, student_hidden), char_lp)
+        fallback_lp = torch.where(fallback, target_log_probs(self.student.base, student_hidden), char_lp)
         per_system = {"teacher": teacher_lp, "spellm": char_lp, "spellm_fallback": fallback_lp}
         sums = {name: torch.zeros(len(options), device=self.device).index_add_(0, rows_t, lp).cpu()
                 for name, lp in per_system.items()}

@@ -10,10 +10,17 @@ with no spellable candidate is masked out.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from spellm_ds.spelling import SpellingTable
+    from spellm_ds.teacher import TeacherSignal
+
+LABEL_RULES = ("joint", "student_nll")
+"""``joint``: lowest char NLL - log p_teacher (the default); ``student_nll``: lowest char NLL (the paper's)."""
 
 
 class Labels(NamedTuple):
@@ -52,6 +59,13 @@ def select_labels(char_logits: torch.Tensor, top_ids: torch.Tensor, spelling_cha
     token_ids = top_ids.gather(-1, best).squeeze(-1)
     chars = candidate_chars.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, candidate_chars.shape[-1])).squeeze(2)
     return Labels(token_ids, chars, spellable[top_ids].any(-1))
+
+
+def choose_labels(rule: str, char_logits: torch.Tensor, signal: TeacherSignal, table: SpellingTable) -> Labels:
+    """The labels under one of :data:`LABEL_RULES` (the rule a model was trained with is recorded
+    in its ``spellm_config.json``)."""
+    prior = signal.top_probs if rule == "joint" else None
+    return select_labels(char_logits, signal.top_ids, table.chars, table.spellable, prior)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from spellm_ds.charset import Charset
 from spellm_ds.decoding import CharDecoder, GenerationOutput, generate
 from spellm_ds.errors import SpellmError
 from spellm_ds.heads import CharHeads
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.spelling import SpellingTable, model_vocab_size
 
 SPELLM_CONFIG_FILE = "spellm_config.json"
 HEADS_FILE = "char_heads.safetensors"
@@ -40,6 +40,8 @@ class SpeLLMConfig:
     head_init: str = "embedding"
     teacher: str = ""
     """The model this student was distilled from: the embedded name or a directory path."""
+    label_selection: str = "joint"
+    """The label rule it was trained with (:data:`spellm_ds.losses.LABEL_RULES`); analysis uses the same."""
 
     def save(self, directory: Path) -> None:
         (directory / SPELLM_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -81,14 +83,39 @@ def feed_forward(layer: nn.Module) -> nn.Module:
     return _child(layer, ("mlp", "feed_forward", "ffn"), nn.Module, "FFN block")
 
 
+def shared_trunk_layer(num_layers: int, trainable_layers: int) -> int | None:
+    """The layer a student can start from the teacher's hidden state at, or None when there is
+    no frozen lower layer to share (``trainable_layers`` 0, or all of them)."""
+    first_trainable = num_layers - trainable_layers
+    return first_trainable if 0 < first_trainable < num_layers else None
+
+
+class _TrunkOutput(nn.Module):
+    """Stands in for a frozen lower layer: whatever it is given, it returns the hidden state the
+    teacher computed entering the first trainable layer."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.hidden
+
+
 @contextmanager
-def top_layers_only(decoder: nn.Module, n: int):
-    """Run ``decoder`` over its last ``n`` layers only (its input is then the hidden state entering them)."""
+def starting_from_trunk(decoder: nn.Module, first_layer: int | None, trunk_hidden: torch.Tensor):
+    """Run ``decoder`` from ``trunk_hidden`` at ``first_layer``: the layers below return it unchanged.
+
+    The decoder still runs its own embedding step (GPT-2 adds learned positions, Gemma scales), its
+    masks and position encodings, and indexes per-layer settings (Qwen2's sliding-window layer types)
+    by the true layer number; only the stand-ins' output reaches the layers that run.
+    """
     layers = decoder_layers_of(decoder)
-    if not 1 <= n <= len(layers):
-        raise SpellmError(f"a shared trunk needs 1 <= trainable_layers <= {len(layers)}, got {n}")
+    if first_layer is None or not 0 < first_layer < len(layers):
+        raise SpellmError(f"a shared trunk starts at a layer in 1..{len(layers) - 1}, got {first_layer}")
     name = next(key for key, value in decoder.named_children() if value is layers)
-    setattr(decoder, name, nn.ModuleList(list(layers)[len(layers) - n:]))
+    stand_in = _TrunkOutput(trunk_hidden)
+    setattr(decoder, name, nn.ModuleList([stand_in] * first_layer + list(layers)[first_layer:]))
     try:
         yield
     finally:
@@ -137,7 +164,9 @@ class SpeLLMForCausalLM(nn.Module):
         if trunk_hidden is None:
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
-            with top_layers_only(decoder, self.config.trainable_layers):
+            first = shared_trunk_layer(len(decoder_layers_of(decoder)), self.config.trainable_layers)
+            with starting_from_trunk(decoder, first, trunk_hidden):
+                # inputs_embeds only sets shapes and positions: the stand-in layers replace it
                 hidden = decoder(inputs_embeds=trunk_hidden, attention_mask=attention_mask).last_hidden_state
         char_logits = self.char_heads(hidden)
         token_logits = self.base.get_output_embeddings()(hidden) if with_token_logits else None
@@ -169,7 +198,8 @@ class SpeLLMForCausalLM(nn.Module):
     def attach_tokenizer(self, tokenizer) -> None:
         """Build the spelling table that decoding maps characters back to tokens with."""
         self.tokenizer = tokenizer
-        self.spelling = SpellingTable.from_tokenizer(tokenizer, self.charset, self.config.k)
+        self.spelling = SpellingTable.from_tokenizer(tokenizer, self.charset, self.config.k,
+                                                     model_vocab_size(self.base.config))
 
     def char_decoder(self, tau: float | None = 0.22) -> CharDecoder:
         if self.spelling is None:

@@ -95,11 +95,13 @@ def special_token_ids(tokenizer) -> list[int]:
     return ordered
 
 
-def token_texts(tokenizer) -> tuple[list[str | None], dict[int, int]]:
-    """Every token's text (None if unspellable) and the special tokens' reserved-symbol ranks."""
-    vocab_size = len(tokenizer)
+def token_texts(tokenizer, vocab_size: int) -> tuple[list[str | None], dict[int, int]]:
+    """The text of token ids ``0..vocab_size-1`` (None if unspellable, and for the padding rows
+    of a model whose vocabulary is larger than its tokenizer) and the special tokens'
+    reserved-symbol ranks."""
     byte_level = _is_byte_level(tokenizer)
-    raw_tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    known = min(vocab_size, len(tokenizer))
+    raw_tokens = tokenizer.convert_ids_to_tokens(list(range(known))) + [None] * (vocab_size - known)
     added = {i: tok.content for i, tok in tokenizer.added_tokens_decoder.items()}
     texts: list[str | None] = []
     for token_id, raw in enumerate(raw_tokens):
@@ -109,8 +111,14 @@ def token_texts(tokenizer) -> tuple[list[str | None], dict[int, int]]:
             texts.append(None)
         else:
             texts.append(_valid_text(_raw_token_bytes(raw, byte_level)))
-    specials = {token_id: rank for rank, token_id in enumerate(special_token_ids(tokenizer))}
+    specials = {token_id: rank for rank, token_id in enumerate(special_token_ids(tokenizer)) if token_id < vocab_size}
     return texts, specials
+
+
+def model_vocab_size(model_config) -> int:
+    """Rows of a model's embedding and LM head: what token ids the teacher can emit. Qwen2, Pythia
+    and many others pad it beyond ``len(tokenizer)``."""
+    return model_config.get_text_config().vocab_size
 
 
 def _hash_weights(k: int, seed: int) -> torch.Tensor:
@@ -137,10 +145,12 @@ class SpellingTable:
     key_token_ids: torch.Tensor  # [N] int64 token id of each key
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, charset: Charset, k: int) -> SpellingTable:
+    def from_tokenizer(cls, tokenizer, charset: Charset, k: int, vocab_size: int) -> SpellingTable:
+        """The table of a model with ``vocab_size`` output rows (:func:`model_vocab_size`; padded
+        vocabularies have more rows than ``len(tokenizer)``, and those rows are unspellable)."""
         if not 1 <= k <= MAX_K:
             raise SpellmError(f"k={k} is out of range; choose 1 <= k <= {MAX_K} (the paper uses 10)")
-        texts, specials = token_texts(tokenizer)
+        texts, specials = token_texts(tokenizer, vocab_size)
         reserved = charset.reserved_ids
         rows: list[list[int]] = []
         for token_id, text in enumerate(texts):

@@ -20,6 +20,11 @@ class TeacherSignal(NamedTuple):
     entropy: torch.Tensor  # [B, T] fp32, in nats
 
 
+def lm_head_log_probs(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's next-token log-probabilities, in fp32 whatever the model's dtype."""
+    return torch.log_softmax(lm_head(hidden).float(), dim=-1)
+
+
 @torch.no_grad()
 def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int = 5,
                            chunk: int = 64) -> TeacherSignal:
@@ -27,8 +32,7 @@ def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int 
     ids, probs, entropies = [], [], []
     with deepspeed.zero.GatheredParameters(list(lm_head.parameters())):
         for start in range(0, hidden.shape[1], chunk):
-            logits = lm_head(hidden[:, start : start + chunk]).float()
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = lm_head_log_probs(lm_head, hidden[:, start : start + chunk])
             entropies.append(-(logp.exp() * logp).sum(-1))
             top_logp, top_ids = logp.topk(top_k, dim=-1)
             ids.append(top_ids)

@@ -6,22 +6,22 @@ Features
 - the student is the same model plus k char heads; only the heads and the FFN blocks of the last
   ``trainable_layers`` decoder layers train; the label of each position is the teacher candidate
   with the lowest char NLL - log p_teacher (``--label_selection student_nll``: char NLL alone, the
-  paper's rule; either way one spelling, no blending), the loss is char CE + ``reg_weight`` x token CE through
-  the frozen LM head, all in fp32;
-- two DeepSpeed engines per rank (student with optimizer, teacher without), ZeRO-3 by default,
-  models built under ``HfDeepSpeedConfig`` so weights load partitioned; teacher stage 0 or 3,
-  optional teacher parameter offload;
+  paper's rule; either way one spelling, no blending), the loss is char CE + ``reg_weight`` x
+  token CE through the frozen LM head, all in fp32;
+- two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
+  without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 from the DeepSpeed config, non-reentrant activation checkpointing;
+- shared trunk (default): the student's layers below the trainable ones are frozen copies of the
+  teacher's, so they run once, in the teacher (:func:`spellm_ds.forward.teacher_and_student`);
 - every rank runs the same forward sequence (same batch counts in training and evaluation);
 - rank 0 logs a progress bar and TensorBoard scalars and writes the resolved run config;
-- checkpoints every ``save_every`` steps and at the end, resumed exactly (``--resume auto``);
+  timed regions synchronise the accelerator first;
+- checkpoints every ``save_every`` steps and at the end, resumed exactly (``--resume auto``); a
+  resume that would change the run (model, data, split, order, schedule) is refused;
   SIGTERM/SIGUSR1 stop all ranks at the same step boundary with a checkpoint (exit 0);
   collectives time out, so a dead rank ends the job instead of hanging it;
-- the run ends with an HF-format SpeLLM export in ``output_dir/model``.
-
-- shared trunk (default): the student's layers below the trainable ones are frozen copies of
-  the teacher's, so they run once, in the teacher, and the student starts from the teacher's
-  hidden state there (``--no_shared_trunk`` runs them twice);
+- the run ends with an HF-format SpeLLM export in ``output_dir/model``, written by rank 0 after
+  the process group is gone (no collective waits on it, however long it takes).
 
 Limits
 - the teacher is a second full copy of the model in memory (ZeRO-3 shards it);
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from pathlib import Path
 
 import deepspeed
@@ -40,36 +39,42 @@ import psutil
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
-from transformers.integrations import HfDeepSpeedConfig
+from transformers import AutoConfig
 
 from spellm_ds import assets, checkpoint, distributed
 from spellm_ds.charset import Charset
-from spellm_ds.config import RunConfig, mixed_precision_dtype, resolve_student_config, resolve_teacher_config
+from spellm_ds.config import RunConfig, resolve_student_config, resolve_teacher_config
 from spellm_ds.data import load_texts, pack_documents, step_batch
-from spellm_ds.losses import distillation_loss, select_labels
+from spellm_ds.engines import build_student, build_teacher
+from spellm_ds.forward import synchronized_clock, teacher_and_student
+from spellm_ds.losses import distillation_loss
 from spellm_ds.metrics import match_sums, rates
-from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.model import shared_trunk_layer
 from spellm_ds.shutdown import GracefulShutdown
-from spellm_ds.spelling import SpellingTable
-from spellm_ds.teacher import teacher_signal
+from spellm_ds.spelling import SpellingTable, model_vocab_size
 
-TOP_K = 5
 PREEMPTED = "PREEMPTED"
 
 
 def run(config: RunConfig) -> Path | None:
     """Distil ``config.model`` into a SpeLLM model; returns the exported model directory, or None
-    when a signal stopped the run early (after saving a checkpoint)."""
+    when a signal or ``--stop_at`` stopped the run early (after saving a checkpoint)."""
     config.validate()
-    distributed.init(config.collective_timeout_s)
+    rank, _ = distributed.init(config.collective_timeout_s)
     distillation = None
     try:
         distillation = Distillation(config)
-        return distillation.train()
+        final = distillation.train()
     finally:
         del distillation  # the engines hold process-group handles: free them before teardown
         distributed.teardown()
+    if final is None:
+        return None
+    exported = Path(config.output_dir) / "model"
+    if rank == 0:
+        checkpoint.export(final, exported)
+        print(f"exported SpeLLM model: {exported}", flush=True)
+    return exported
 
 
 def _peak_rss_gb() -> float:
@@ -77,64 +82,36 @@ def _peak_rss_gb() -> float:
 
 
 class Distillation:
+    """Set-up (everything checked before any weights load), one step, evaluation, the loop."""
+
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.output_dir = Path(config.output_dir)
         self.model_dir = assets.resolve_model(config.model)
+        model_config = AutoConfig.from_pretrained(self.model_dir)
+        config.check_model(model_config.get_text_config().num_hidden_layers)
         self.tokenizer = assets.load_tokenizer(self.model_dir)
         self.charset = Charset.from_file(config.charset) if config.charset else Charset.default()
+        self.student_ds = resolve_student_config(config, self.world_size)
+        self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size)
         self.resume_from = checkpoint.find_resume_point(config.resume, self.output_dir)
         if self.resume_from is not None:  # refuse before anything is built or written
             checkpoint.check_compatible(checkpoint.read_state(self.resume_from), config.to_dict(), self.charset,
                                         self.world_size, self.resume_from)
-        self.table = SpellingTable.from_tokenizer(self.tokenizer, self.charset, config.k).to(self.device)
-        self.student_ds = resolve_student_config(config, self.world_size)
-        self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size)
+        self.table = SpellingTable.from_tokenizer(self.tokenizer, self.charset, config.k,
+                                                  model_vocab_size(model_config)).to(self.device)
+        self.trunk_layer = (shared_trunk_layer(model_config.get_text_config().num_hidden_layers,
+                                               config.trainable_layers) if config.shared_trunk else None)
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
                                    config.seq_len, config.eval_fraction, config.seed)
-        self.teacher = self._build_teacher()
-        self.student = self._build_student()
+        self.teacher = build_teacher(self.model_dir, self.teacher_ds)
+        self.student = build_student(self.model_dir, self.student_ds, config, self.charset, self.table)
         self.start_step = checkpoint.load(self.student, self.resume_from) if self.resume_from else 0
         if self.resume_from and self.rank == 0:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)
         self.writer = self._tensorboard()
-
-    # ----------------------------------------------------------------- set-up
-    def _load_base(self, ds_config: dict):
-        # HfDeepSpeedConfig must stay alive while from_pretrained runs so weights load partitioned.
-        keep_alive = HfDeepSpeedConfig(ds_config)
-        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=mixed_precision_dtype(ds_config))
-        del keep_alive
-        return base
-
-    def _build_teacher(self):
-        teacher = self._load_base(self.teacher_ds)
-        teacher.requires_grad_(False)
-        engine, *_ = deepspeed.initialize(model=teacher, config=self.teacher_ds)
-        engine.eval()
-        return engine
-
-    def _build_student(self):
-        base = self._load_base(self.student_ds)
-        torch.manual_seed(self.config.seed)  # identical head init on every rank
-        model = SpeLLMForCausalLM(base, SpeLLMConfig(self.config.k, self.config.trainable_layers,
-                                                     self.config.head_init, self.config.model), self.charset)
-        if self.config.head_init == "embedding":
-            embedding = base.get_output_embeddings().weight
-            with deepspeed.zero.GatheredParameters([embedding]):
-                model.char_heads.init_from_embeddings(embedding.detach().cpu(), self.table.chars.cpu(),
-                                                      self.table.spellable.cpu())
-        trainable = model.freeze_for_distillation()
-        if self.config.activation_checkpointing:
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        engine, *_ = deepspeed.initialize(model=model, config=self.student_ds,
-                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
-        if self.rank == 0:
-            total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-            print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})", flush=True)
-        return engine
 
     def _tensorboard(self):
         if self.rank != 0:
@@ -151,31 +128,9 @@ class Distillation:
         return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.start_step + 1)
 
     # ----------------------------------------------------------------- one step
-    @property
-    def trunk_layer(self) -> int | None:
-        """Index of the first trainable layer when the shared trunk is on (None: naive)."""
-        cfg = self.config
-        if not cfg.shared_trunk or cfg.trainable_layers == 0:
-            return None
-        return self.student.module.base.config.num_hidden_layers - cfg.trainable_layers
-
-    def _forward(self, input_ids: torch.Tensor, with_token_logits: bool):
-        """Teacher then student forward; the same sequence on every rank.
-
-        With the shared trunk the layers below the trainable ones run once, in the teacher, and
-        the student starts from the teacher's hidden state there.
-        """
-        input_ids = input_ids.to(self.device)
-        started = time.perf_counter()
-        signal, trunk = teacher_signal(self.teacher.module, input_ids, top_k=TOP_K, trunk_layer=self.trunk_layer)
-        teacher_s = time.perf_counter() - started
-        if trunk is None:
-            out = self.student(input_ids, with_token_logits=with_token_logits)
-        else:
-            out = self.student(trunk_hidden=trunk, with_token_logits=with_token_logits)
-        prior = signal.top_probs if self.config.label_selection == "joint" else None
-        labels = select_labels(out.char_logits, signal.top_ids, self.table.chars, self.table.spellable, prior)
-        return signal, out, labels, teacher_s
+    def _forward(self, input_ids: torch.Tensor, with_token_logits: bool, timed: bool = False):
+        return teacher_and_student(self.teacher.module, self.student, input_ids.to(self.device), self.table,
+                                   self.config.label_selection, self.trunk_layer, with_token_logits, timed)
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(sums)
@@ -197,14 +152,15 @@ class Distillation:
         for micro_step in range(cfg.grad_accum):
             batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
                                self.rank, self.world_size, cfg.seed)
-            started = time.perf_counter()
-            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.reg_weight > 0)
+            started = synchronized_clock()
+            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.reg_weight > 0, timed=True)
             loss = distillation_loss(out.char_logits, out.token_logits, labels, cfg.reg_weight)
-            backward_started = time.perf_counter()
+            backward_started = synchronized_clock()
             self.student.backward(loss.total)
             self.student.step()
-            backward_s += time.perf_counter() - backward_started
-            student_s += time.perf_counter() - started - t_s
+            finished = synchronized_clock()
+            backward_s += finished - backward_started
+            student_s += finished - started - t_s
             teacher_s += t_s
             losses += torch.stack([loss.total, loss.char, loss.token]).detach().double().cpu()  # one host sync
             for name, value in match_sums(out.char_logits.detach(), signal, labels, self.table).items():
@@ -249,27 +205,34 @@ class Distillation:
                                self.model_dir, self.config.keep_checkpoints)
 
     def train(self) -> Path | None:
+        """Train to ``max_steps``; returns the final checkpoint (None when stopped early)."""
         cfg = self.config
-        tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
+        if self.start_step >= cfg.max_steps:
+            if self.rank == 0:
+                print(f"the run already finished: {self.resume_from} is at step {self.start_step} = --max_steps; "
+                      f"nothing to train, exporting it again (to train on, pass a larger --max_steps with "
+                      f"--extend_schedule)", flush=True)
+            return self.resume_from
         if self.start_step == 0:
             self._log(self.evaluate(), 0)
         self.student.train()
         shutdown = GracefulShutdown()
         try:
-            return self._loop(tokens_per_step, shutdown)
+            return self._loop(shutdown)
         finally:
             shutdown.close()
             if self.writer is not None:
                 self.writer.close()
 
-    def _loop(self, tokens_per_step: int, shutdown: GracefulShutdown) -> Path | None:
+    def _loop(self, shutdown: GracefulShutdown) -> Path | None:
         cfg = self.config
+        tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
         bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=self.rank != 0, dynamic_ncols=True,
                    desc="distill")
         for step in range(self.start_step, cfg.max_steps):
-            started = time.perf_counter()
+            started = synchronized_clock()
             metrics = self.train_step(step)
-            elapsed = time.perf_counter() - started
+            elapsed = synchronized_clock() - started
             metrics.update({"perf/tokens_per_s": tokens_per_step / elapsed, "perf/step_s": elapsed,
                             "lr": self.student.get_lr()[0],
                             "mem/rss_gb": psutil.Process().memory_info().rss / 2**30})
@@ -291,11 +254,6 @@ class Distillation:
             if step + 1 < cfg.max_steps and cfg.save_every and (step + 1) % cfg.save_every == 0:
                 self.save(step + 1)
         bar.close()
-        final = self.save(cfg.max_steps) if self.start_step < cfg.max_steps else self.resume_from
-        exported = self.output_dir / "model"
-        if self.rank == 0:
-            checkpoint.export(final, exported)
-            print(f"exported SpeLLM model: {exported}", flush=True)
-        dist.barrier()
+        final = self.save(cfg.max_steps)
         print(f"rank {self.rank} peak RSS: {_peak_rss_gb():.2f} GB", flush=True)
-        return exported
+        return final

@@ -21,7 +21,7 @@ K = 8
 
 @pytest.fixture(scope="module")
 def table(byte_level_tokenizer):
-    return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=K)
+    return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=K, vocab_size=len(byte_level_tokenizer))
 
 
 def tok(tokenizer, text):
@@ -42,7 +42,7 @@ def make(table, tokenizer, rows, tau=0.5):
     records = Records(
         top_ids=top, top_probs=torch.full((n, 5), 0.2), teacher_entropy=torch.tensor([r[3] for r in rows]),
         raw_chars=raw, hit=looked >= 0, autocorrected=torch.where(looked >= 0, looked, top[:, 4]),
-        fallback_token=torch.tensor([tok(tokenizer, r[4]) for r in rows]), has_unk=torch.zeros(n, dtype=torch.bool),
+        fallback_token=torch.tensor([tok(tokenizer, r[4]) for r in rows]),
         student_entropy=torch.tensor([r[2] for r in rows]), label_chars=table.chars[top[:, 0]],
         label_valid=torch.ones(n, dtype=torch.bool))
     return Analysis(records, table, tau, "teacher", torch.zeros(table.vocab_size), None)
@@ -57,19 +57,26 @@ def test_exact_prefix_and_match_at_5(table, byte_level_tokenizer):
         (" internat", [" internationalization"] + CANDS[1:], 0.1, 1.0, " the"),  # prefix (cut at k=8)
         ("hello", CANDS, 0.1, 1.0, " the"),  # top-3: match@5 only
         ("zzzz", CANDS, 0.9, 1.0, " the"),  # invalid; falls back to the right token
+        # falls back; the LM head names the teacher's top-1, which is longer than k: a prefix match
+        ("zzzz", [" internationalization"] + CANDS[1:], 0.9, 1.0, " internationalization"),
     ]
     analysis = make(table, byte_level_tokenizer, rows)
     raw = correct_flags(analysis, "raw")
-    assert raw["exact"].tolist() == [True, False, False, False]
-    assert raw["prefix"].tolist() == [False, True, False, False]
-    assert raw["at5"].tolist() == [True, True, True, False]  # match@5 counts the prefix match too
+    assert raw["exact"].tolist() == [True, False, False, False, False]
+    assert raw["prefix"].tolist() == [False, True, False, False, False]
+    assert raw["at5"].tolist() == [True, True, True, False, False]  # match@5 counts the prefix match too
     with_fallback = correct_flags(analysis, "autocorrect_fallback")
-    assert with_fallback["exact"].tolist() == [True, False, False, True]
+    assert with_fallback["exact"].tolist() == [True, False, False, True, False]
+    assert with_fallback["prefix"].tolist() == [False, True, False, False, True]
+    assert with_fallback["at5"].tolist() == [True, True, True, True, True]
     result = match_rates.compute(analysis)
-    assert result["raw"]["exact_or_prefix"]["rate"] == 0.5 and result["raw"]["at5"]["count"] == 3
-    assert result["autocorrect_fallback"]["fallback_rate"]["rate"] == 0.25
-    low, high = result["raw"]["exact_or_prefix"]["ci95"]
-    assert low < 0.5 < high
+    assert result["raw"]["exact_or_prefix"]["rate"] == 0.4 and result["raw"]["at5"]["count"] == 3
+    assert result["autocorrect_fallback"]["exact_or_prefix"]["count"] == 4
+    assert result["autocorrect_fallback"]["fallback_rate"]["count"] == 2
+    # the Wilson 95% score interval of 2/5, written out
+    z = 1.96
+    centre, half = (0.4 + z * z / 10) / (1 + z * z / 5), z * (0.24 / 5 + z * z / 100) ** 0.5 / (1 + z * z / 5)
+    assert result["raw"]["exact_or_prefix"]["ci95"] == pytest.approx([centre - half, centre + half], rel=1e-9)
 
 
 def test_blend_and_non_blend(table, byte_level_tokenizer):

@@ -25,7 +25,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def table(byte_level_tokenizer):
-    return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=8)
+    return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=8, vocab_size=len(byte_level_tokenizer))
 
 
 def brute_force_autocorrect(logp, table):

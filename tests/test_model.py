@@ -70,5 +70,5 @@ def test_save_and_reload_reproduce_char_logits(tmp_path):
 
 def test_table_for_trained_tokenizer_is_mostly_spellable(tmp_path):
     tokenizer = tiny.trained_tokenizer(tiny.corpus_texts(50))
-    table = SpellingTable.from_tokenizer(tokenizer, Charset.default(), k=6)
+    table = SpellingTable.from_tokenizer(tokenizer, Charset.default(), k=6, vocab_size=len(tokenizer))
     assert table.spellable.float().mean() > 0.5

@@ -14,7 +14,7 @@ def token_id(tokenizer, text: str) -> int:
 
 @pytest.fixture(scope="module")
 def table(byte_level_tokenizer):
-    return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=10)
+    return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=10, vocab_size=len(byte_level_tokenizer))
 
 
 def spelled(table, tokenizer, text):
@@ -42,7 +42,7 @@ def test_spelling_rows_are_end_padded(table, byte_level_tokenizer):
 
 
 def test_extended_charset_spells_cyrillic(byte_level_tokenizer):
-    table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(CYRILLIC), k=10)
+    table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(CYRILLIC), k=10, vocab_size=len(byte_level_tokenizer))
     assert spelled(table, byte_level_tokenizer, " Привет") == (" Привет", True)
 
 
@@ -58,13 +58,13 @@ def test_truncation_at_k_and_deterministic_collisions(table, byte_level_tokenize
     cafe_accent, cafe = token_id(tok, " café"), token_id(tok, " cafe")
     assert cafe_accent < cafe
     assert table.lookup(table.chars[cafe].unsqueeze(0)).item() == cafe_accent
-    rebuilt = SpellingTable.from_tokenizer(tok, Charset.default(), k=10)
+    rebuilt = SpellingTable.from_tokenizer(tok, Charset.default(), k=10, vocab_size=len(tok))
     assert torch.equal(rebuilt.canonical, table.canonical)
 
 
 def test_a_token_that_fits_beats_a_truncated_one():
     tok = tiny.byte_level_tokenizer(extra_words=[" internati"])
-    table = SpellingTable.from_tokenizer(tok, Charset.default(), k=10)
+    table = SpellingTable.from_tokenizer(tok, Charset.default(), k=10, vocab_size=len(tok))
     fits = token_id(tok, " internati")
     assert table.lookup(table.chars[token_id(tok, " internationally")]).item() == fits
 
@@ -80,7 +80,7 @@ def test_special_tokens_take_reserved_symbols(table, byte_level_tokenizer):
 
 def test_sentencepiece_spellings(sentencepiece_tokenizer):
     tok = sentencepiece_tokenizer
-    table = SpellingTable.from_tokenizer(tok, Charset.default(), k=10)
+    table = SpellingTable.from_tokenizer(tok, Charset.default(), k=10, vocab_size=len(tok))
     text = {t: table.spelling_text(tok.convert_tokens_to_ids(t)) for t in ("▁the", "▁café", "12", "<0x0A>", "<0x41>")}
     assert text == {"▁the": " the", "▁café": " cafe", "12": "12", "<0x0A>": "\n", "<0x41>": "A"}
     assert not table.spellable[tok.convert_tokens_to_ids("<0xD0>")]  # lone lead byte
@@ -98,12 +98,12 @@ def test_lookup_misses_return_minus_one(table):
 
 def test_bad_k(byte_level_tokenizer):
     with pytest.raises(SpellmError, match="k=0 is out of range"):
-        SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=0)
+        SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=0, vocab_size=len(byte_level_tokenizer))
 
 
 def test_every_smollm2_token_round_trips(smollm2_tokenizer):
     """All spellable tokens, not a sample: canonical ones map to themselves, others to their twin."""
-    table = SpellingTable.from_tokenizer(smollm2_tokenizer, Charset.default(), k=10)
+    table = SpellingTable.from_tokenizer(smollm2_tokenizer, Charset.default(), k=10, vocab_size=len(smollm2_tokenizer))
     found = table.lookup(table.chars)
     ids = torch.arange(table.vocab_size)
     assert torch.equal(found[table.canonical], ids[table.canonical])

@@ -72,29 +72,56 @@ def trained_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tiny_llama_dir(directory, texts: list[str], layers: int = 4, hidden: int = 64, seed: int = 0):
-    """A random tiny Llama with a tokenizer trained on ``texts``, saved as an HF directory."""
+FAMILIES = ("llama", "gpt2", "qwen2")
+"""Tiny configs of the model families every model-facing path is tested on: Llama (rotary, tied
+head), GPT-2 (learned absolute positions added to the embeddings, ``h`` blocks) and Qwen2 (untied
+head, a vocabulary padded beyond the tokenizer, a sliding-window layer)."""
+
+
+def tiny_model_dir(directory, texts: list[str], family: str = "llama", layers: int = 4, hidden: int = 64,
+                   seed: int = 0):
+    """A random tiny model of ``family`` with a tokenizer trained on ``texts``, saved as an HF directory."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     tokenizer = trained_tokenizer(texts)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    if family == "llama":
+        model_class = LlamaForCausalLM
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, tie_word_embeddings=True, **ids)
+    elif family == "gpt2":
+        model_class = GPT2LMHeadModel
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, **ids)
+    elif family == "qwen2":
+        model_class = Qwen2ForCausalLM
+        config = Qwen2Config(vocab_size=len(tokenizer) + 37, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, tie_word_embeddings=False, use_sliding_window=True,
+                             sliding_window=16, max_window_layers=layers - 1, **ids)
+    else:
+        raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-def tiny_setup(root, n_texts: int = 150, layers: int = 4):
-    """A tiny Llama directory and a ``.txt`` corpus (one passage per paragraph) under ``root``."""
+def tiny_llama_dir(directory, texts: list[str], layers: int = 4, hidden: int = 64, seed: int = 0):
+    """A random tiny Llama with a tokenizer trained on ``texts``, saved as an HF directory."""
+    return tiny_model_dir(directory, texts, "llama", layers, hidden, seed)
+
+
+def tiny_setup(root, n_texts: int = 150, layers: int = 4, family: str = "llama"):
+    """A tiny model directory and a ``.txt`` corpus (one passage per paragraph) under ``root``."""
     from pathlib import Path
 
     root = Path(root)
     texts = corpus_texts(n_texts)
     data = root / "corpus.txt"
     data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
-    return tiny_llama_dir(root / "base", texts, layers=layers), data
+    return tiny_model_dir(root / "base", texts, family, layers=layers), data

@@ -1,0 +1,59 @@
+"""The two DeepSpeed engines of a distillation: the frozen teacher and the student.
+
+Both models are built under ``HfDeepSpeedConfig`` so ZeRO-3 loads their weights partitioned;
+the teacher gets no optimizer, the student optimises only what ``freeze_for_distillation`` leaves
+trainable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+
+from spellm_ds.charset import Charset
+from spellm_ds.config import RunConfig, mixed_precision_dtype
+from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.spelling import SpellingTable
+
+
+def load_base(model_dir: Path, ds_config: dict[str, Any]):
+    # HfDeepSpeedConfig must stay alive while from_pretrained runs so weights load partitioned.
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=mixed_precision_dtype(ds_config))
+    del keep_alive
+    return base
+
+
+def build_teacher(model_dir: Path, ds_config: dict[str, Any]):
+    teacher = load_base(model_dir, ds_config)
+    teacher.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, charset: Charset,
+                  table: SpellingTable):
+    """The student engine; prints the trainable share on rank 0."""
+    base = load_base(model_dir, ds_config)
+    torch.manual_seed(run.seed)  # identical head init on every rank
+    model = SpeLLMForCausalLM(base, SpeLLMConfig(run.k, run.trainable_layers, run.head_init, run.model,
+                                                 run.label_selection), charset)
+    if run.head_init == "embedding":
+        embedding = base.get_output_embeddings().weight
+        with deepspeed.zero.GatheredParameters([embedding]):
+            model.char_heads.init_from_embeddings(embedding.detach().cpu(), table.chars.cpu(), table.spellable.cpu())
+    trainable = model.freeze_for_distillation()
+    if run.activation_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    if torch.distributed.get_rank() == 0:
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})", flush=True)
+    return engine

@@ -1,0 +1,53 @@
+"""One teacher-and-student forward: the teacher's signal, the student's outputs and the labels.
+
+Training, held-out evaluation and the analysis modules all call :func:`teacher_and_student`, so
+they agree on the shared trunk, the label rule and the positions scored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import deepspeed
+import torch
+
+from spellm_ds.losses import Labels, choose_labels
+from spellm_ds.model import SpeLLMOutput
+from spellm_ds.spelling import SpellingTable
+from spellm_ds.teacher import TeacherSignal, teacher_signal
+
+TOP_K = 5
+
+
+def synchronized_clock() -> float:
+    """``perf_counter`` after the accelerator finished its queued work, so a timed region holds
+    the kernels it launched (a no-op wait on CPU)."""
+    deepspeed.get_accelerator().synchronize()
+    return time.perf_counter()
+
+
+class PairedForward(NamedTuple):
+    signal: TeacherSignal
+    student: SpeLLMOutput
+    labels: Labels
+    teacher_s: float  # seconds in the teacher (0.0 unless timed)
+
+
+def teacher_and_student(teacher: torch.nn.Module, student, input_ids: torch.Tensor, table: SpellingTable,
+                        label_rule: str, trunk_layer: int | None, with_token_logits: bool,
+                        timed: bool = False) -> PairedForward:
+    """Teacher then student forward; the same sequence on every rank.
+
+    ``student`` is a SpeLLM model or its DeepSpeed engine. With ``trunk_layer`` (the shared trunk)
+    the student's frozen lower layers are not run: they are the teacher's, so the student starts
+    from the teacher's hidden state entering ``trunk_layer``.
+    """
+    started = synchronized_clock() if timed else 0.0
+    signal, trunk = teacher_signal(teacher, input_ids, top_k=TOP_K, trunk_layer=trunk_layer)
+    teacher_s = synchronized_clock() - started if timed else 0.0
+    if trunk is None:
+        out = student(input_ids, with_token_logits=with_token_logits)
+    else:
+        out = student(trunk_hidden=trunk, with_token_logits=with_token_logits)
+    return PairedForward(signal, out, choose_labels(label_rule, out.char_logits, signal, table), teacher_s)
