@@ -1,6 +1,7 @@
 """Checkpoints with real ranks: exact resume, SIGTERM, kill -9, bad --resume, export."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,14 +129,32 @@ def test_bad_resume_and_export(base, tmp_path):
     step2 = out / "checkpoints" / "step2"
     before = {p.name: p.read_bytes() for p in step2.iterdir() if p.is_file()}
     assert "does not exist" in one_line_error(run_single(base, out, "--resume", str(out / "nope"), "--max_steps", "4"))
-    assert "k=6" in one_line_error(run_single(base, out, "--max_steps", "4", "--k", "5"))
+    # every flag that defines the run (model, split, data order, schedule) must match the checkpoint's
+    changed = {("--k", "5"): "--k 6, this run has 5", ("--seed", "1"): "--seed 0, this run has 1",
+               ("--eval_fraction", "0.1"): "--eval_fraction 0.02, this run has 0.1",
+               ("--micro_batch", "4"): "--micro_batch 2, this run has 4",
+               ("--lr", "0.001"): "--lr 0.003, this run has 0.001", ("--warmup", "5"): "--warmup 2, this run has 5",
+               ("--data", str(base[0] / "config.json")): "--data",
+               ("--max_steps", "4"): "--max_steps 2, this run has 4"}
+    for flags, message in changed.items():
+        line = one_line_error(run_single(base, out, "--max_steps", "2", *flags))
+        assert message in line and str(step2) in line, line
+    # resuming a finished run says so and exports the same model again
+    first_export = load_file(out / "model" / "char_heads.safetensors")
+    again = ok(run_single(base, out, "--max_steps", "2", "--save_every", "0"))
+    assert "the run already finished" in again.stdout
+    assert all(torch.equal(first_export[n], t) for n, t in load_file(out / "model" / "char_heads.safetensors").items())
     other = tiny.tiny_llama_dir(tmp_path / "other", tiny.corpus_texts(20), layers=3)
     other_args = args(base, out, "--max_steps", "4")
     other_args[1] = str(other)
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"), *other_args], capture_output=True,
                             text=True, timeout=300, cwd=ROOT,
                             env=rank_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port())))
-    assert "was made with model=" in one_line_error(result)
+    assert f"was made with --model '{base[0]}'" in one_line_error(result)
+    damaged = tmp_path / "damaged" / "step2"
+    shutil.copytree(step2, damaged)
+    (damaged / "rng_rank0.pt").unlink()
+    assert "lacks rng_rank0.pt" in one_line_error(run_single(base, out, "--resume", str(damaged), "--max_steps", "2"))
     corrupt = out / "checkpoints" / "step7"
     corrupt.mkdir()
     (corrupt / "COMPLETE").write_text("x")
@@ -156,3 +175,16 @@ def test_bad_resume_and_export(base, tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(step2),
                             "--out", str(exported)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=rank_env())
     assert "not empty" in one_line_error(again)
+
+
+def test_extend_schedule_trains_on_from_a_finished_run(base, tmp_path):
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    ok(run_single(base, out, "--max_steps", "2", "--save_every", "0"))
+    ok(run_single(base, straight, "--max_steps", "4", "--save_every", "0"))
+    short = dict(scalars(out / "tensorboard")["lr"])
+    extended = ok(run_single(base, out, "--max_steps", "4", "--save_every", "0", "--extend_schedule"))
+    assert "at step 2" in extended.stdout
+    lr, straight_lr = dict(scalars(out / "tensorboard")["lr"]), dict(scalars(straight / "tensorboard")["lr"])
+    assert sorted(lr) == [1, 2, 3, 4] and [lr[1], lr[2]] == [short[1], short[2]]
+    # from the resumed step on, the LR is the 4-step schedule's: its decay laid over the new total
+    assert [lr[3], lr[4]] == [straight_lr[3], straight_lr[4]] and lr[3] > lr[4]

@@ -1,0 +1,72 @@
+"""Every model-facing path on tiny Llama-, GPT-2- and Qwen2-style models (the last with a padded
+vocabulary, an untied LM head and a sliding-window layer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spellm_ds.assets import load_tokenizer
+from spellm_ds.charset import Charset
+from spellm_ds.losses import select_labels
+from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM, shared_trunk_layer
+from spellm_ds.spelling import SpellingTable, model_vocab_size
+from spellm_ds.teacher import teacher_signal
+from tests import tiny
+
+
+@pytest.fixture(scope="module", params=tiny.FAMILIES)
+def family_dir(request, tmp_path_factory):
+    return tiny.tiny_model_dir(tmp_path_factory.mktemp(request.param), tiny.corpus_texts(60), request.param)
+
+
+@pytest.fixture(scope="module")
+def padded_dir(tmp_path_factory):
+    return tiny.tiny_model_dir(tmp_path_factory.mktemp("padded"), tiny.corpus_texts(60), "qwen2")
+
+
+def test_shared_trunk_equals_the_full_student_forward(family_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(family_dir).eval()
+    torch.manual_seed(0)
+    student = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(family_dir), SpeLLMConfig(k=6, trainable_layers=1),
+                                Charset.default()).eval()
+    torch.nn.init.normal_(student.char_heads.proj.weight, std=0.3)
+    layer = shared_trunk_layer(teacher.config.num_hidden_layers, 1)
+    ids = torch.randint(0, len(load_tokenizer(family_dir)), (2, 40))  # longer than Qwen2's 16-token window
+    with torch.no_grad():
+        signal, trunk = teacher_signal(teacher, ids, trunk_layer=layer)
+        full = student(ids, with_token_logits=True)
+        shared = student(trunk_hidden=trunk, with_token_logits=True)
+        teacher_logits = teacher(ids).logits
+    assert torch.equal(signal.top_ids, teacher_logits.topk(5, -1).indices)
+    assert torch.allclose(shared.hidden, full.hidden, atol=1e-5)
+    assert torch.allclose(shared.char_logits, full.char_logits, atol=1e-5)
+    assert torch.allclose(shared.token_logits, teacher_logits, atol=1e-4)  # untrained student == teacher
+
+
+def test_tables_cover_the_model_vocabulary(family_dir):
+    tokenizer = load_tokenizer(family_dir)
+    model = AutoModelForCausalLM.from_pretrained(family_dir)
+    vocab = model_vocab_size(model.config)
+    table = SpellingTable.from_tokenizer(tokenizer, Charset.default(), 6, vocab)
+    assert table.vocab_size == vocab == model.get_output_embeddings().weight.shape[0] >= len(tokenizer)
+    assert not table.spellable[len(tokenizer):].any()
+    student = SpeLLMForCausalLM(model, SpeLLMConfig(k=6, trainable_layers=1), Charset.default())
+    student.char_heads.init_from_embeddings(model.get_output_embeddings().weight.detach(), table.chars, table.spellable)
+    student.attach_tokenizer(tokenizer)
+    assert student.spelling.vocab_size == vocab
+
+
+def test_a_padding_row_in_the_top_5_is_never_a_label(padded_dir):
+    tokenizer = load_tokenizer(padded_dir)
+    vocab = model_vocab_size(AutoModelForCausalLM.from_pretrained(padded_dir).config)
+    assert vocab > len(tokenizer)
+    table = SpellingTable.from_tokenizer(tokenizer, Charset.default(), 6, vocab)
+    spellable = table.spellable.nonzero().squeeze(1)[-4:]
+    top_ids = torch.cat([torch.tensor([vocab - 1]), spellable]).view(1, 1, 5)
+    char_logits = torch.zeros(1, 1, 6, len(table.charset))
+    char_logits[0, 0, :, 0] = 10.0  # all END: the padding row's (empty) spelling would score best
+    for prior in (None, torch.tensor([[[0.96, 0.01, 0.01, 0.01, 0.01]]])):
+        labels = select_labels(char_logits, top_ids, table.chars, table.spellable, prior)
+        assert labels.token_ids.item() in spellable.tolist() and labels.valid.item()
