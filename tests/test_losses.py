@@ -1,22 +1,30 @@
 import itertools
+import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 
-from spellm_ds.losses import candidate_nll, distillation_loss, select_labels
+from spellm_ds.losses import candidate_nll, choose_labels, distillation_loss, select_labels
+from spellm_ds.teacher import TeacherSignal
 
 
-def brute_force_label(char_logp, cands, spelling, spellable):
-    best, best_nll = None, float("inf")
-    for token in cands.tolist():
+def brute_force_label(char_logp, cands, spelling, spellable, prior=None):
+    """The spellable candidate with the lowest char NLL (minus log p_teacher with ``prior``)."""
+    best, best_score = None, float("inf")
+    for i, token in enumerate(cands.tolist()):
         if not spellable[token]:
             continue
-        nll = -sum(char_logp[j, spelling[token, j]].item() for j in range(spelling.shape[1]))
-        if nll < best_nll:
-            best, best_nll = token, nll
+        score = -sum(char_logp[j, spelling[token, j]].item() for j in range(spelling.shape[1]))
+        if prior is not None:
+            score -= math.log(prior[i].item())
+        if score < best_score:
+            best, best_score = token, score
     return best
 
 
-def test_label_selection_matches_brute_force():
+@pytest.mark.parametrize("rule", ["student_nll", "joint"])
+def test_label_selection_matches_brute_force(rule):
     g = torch.Generator().manual_seed(0)
     V, k, C, B, T = 50, 4, 7, 3, 5
     spelling = torch.randint(0, C, (V, k), generator=g)
@@ -25,16 +33,24 @@ def test_label_selection_matches_brute_force():
     logits = torch.randn(B, T, k, C, generator=g)
     top = torch.randint(0, V, (B, T, 5), generator=g)
     top[0, 0] = torch.tensor([0, 1, 2, 0, 1])  # no spellable candidate: masked
-    labels = select_labels(logits, top, spelling, spellable)
+    probs = torch.softmax(3 * torch.randn(B, T, 5, generator=g), -1)  # a teacher prior strong enough to matter
+    signal = TeacherSignal(top, probs, torch.zeros(B, T))
+    table = SimpleNamespace(chars=spelling, spellable=spellable)
+    labels = choose_labels(rule, logits, signal, table)
+    prior = probs if rule == "joint" else None
+    unweighted = select_labels(logits, top, spelling, spellable)
     logp = torch.log_softmax(logits, -1)
     for b, t in itertools.product(range(B), range(T)):
-        expected = brute_force_label(logp[b, t], top[b, t], spelling, spellable)
+        expected = brute_force_label(logp[b, t], top[b, t], spelling, spellable,
+                                     None if prior is None else prior[b, t])
         if expected is None:
             assert not labels.valid[b, t]
         else:
             assert labels.valid[b, t] and labels.token_ids[b, t].item() == expected
             assert torch.equal(labels.chars[b, t], spelling[expected])
     assert not labels.valid[0, 0] and labels.valid.sum() >= B * T - 3
+    differs = (labels.token_ids != unweighted.token_ids) & labels.valid
+    assert differs.any() == (rule == "joint")  # the prior changes some labels, and only under joint
 
 
 def test_candidate_nll_is_sum_of_head_nlls():

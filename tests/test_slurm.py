@@ -1,5 +1,6 @@
 """The real launch/slurm/distill.sbatch on a real 2-node SLURM cluster (this machine), and mpirun."""
 
+import json
 import os
 import re
 import subprocess
@@ -56,7 +57,8 @@ def test_two_node_job_completes(cluster, tiny_run, tmp_path):
     assert info["JobState"] == "COMPLETED", text[-3000:]
     assert re.search(r"rank 0/2 local 0 node 0 ", text) and re.search(r"rank 1/2 local 0 node 1 ", text)
     assert (out / "checkpoints" / "step6" / "COMPLETE").is_file()
-    assert (out / "model" / "spellm_config.json").is_file()
+    assert [s for s, _ in scalars(out / "tensorboard")["loss/total"]] == list(range(1, 7))
+    assert json.loads((out / "model" / "spellm_config.json").read_text())["k"] == 6
 
 
 def test_preempted_job_is_requeued_and_resumes(cluster, tiny_run, tmp_path):
@@ -91,7 +93,10 @@ def test_mpirun_two_ranks(tiny_run, tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env=rank_env(MASTER_PORT=str(free_port())))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rank 1/2" in result.stdout and (out / "model" / "spellm_config.json").is_file()
+    assert "rank 0/2" in result.stdout and "rank 1/2" in result.stdout
+    losses = scalars(out / "tensorboard")["loss/total"]
+    assert [s for s, _ in losses] == [1, 2, 3] and all(0 < v < 100 for _, v in losses)
+    assert json.loads((out / "model" / "spellm_config.json").read_text())["k"] == 6
 
 
 def test_dry_run_prints_each_node_command():
