@@ -88,7 +88,7 @@ def test_sigterm_to_one_rank_saves_and_exits_zero(base, tmp_path):
     line = next(l for l in stdout.splitlines() if l.startswith("stopped by signal after step"))
     stop_step = int(line.split("after step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step{stop_step}" / "COMPLETE").is_file() and stop_step < 400
-    resumed = ok(torchrun(args(base, out, "--max_steps", str(stop_step + 2), "--save_every", "0")))
+    resumed = ok(torchrun(args(base, out, "--max_steps", "400", "--save_every", "0", "--stop_at", str(stop_step + 2))))
     assert f"resumed from {out / 'checkpoints' / f'step{stop_step}'} at step {stop_step}" in resumed.stdout
     steps = [s for s, _ in scalars(out / "tensorboard")["loss/total"]]
     assert steps == list(range(1, stop_step + 3))
@@ -113,7 +113,8 @@ def test_killed_rank_ends_the_job_and_resume_ignores_half_written(base, tmp_path
     half = out / "checkpoints" / "step999"
     half.mkdir()
     (half / "spellm_state.json").write_text("{}")
-    resumed = ok(torchrun(args(base, out, "--max_steps", str(last + 1), "--save_every", "0")))
+    resumed = ok(torchrun(args(base, out, "--max_steps", "400", "--save_every", "0", "--collective_timeout_s", "20",
+                                "--stop_at", str(last + 1))))
     assert f"at step {last}" in resumed.stdout
 
 
