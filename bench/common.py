@@ -60,11 +60,26 @@ def interleaved_medians(variants: dict[str, Callable[[], Any]], repeats: int) ->
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def commit() -> str:
+    """The commit measured (``-dirty`` when the tree has uncommitted changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def write(name: str, settings: dict[str, Any], results: Any, out: str | None = None) -> Path:
-    path = Path(out) if out else RESULTS / f"{name}.json"
+    """The result document at ``out``, or at a new dated file under bench/results/ (never over an old one)."""
+    path = Path(out) if out else RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": name, "hardware": hardware(), "settings": settings, "results": results,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document, indent=2))
     print(f"written {path}")

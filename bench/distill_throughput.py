@@ -1,27 +1,60 @@
-"""Distillation step throughput: naive (two full forwards) against the shared trunk.
+"""Distillation throughput of the real job, against the machine's bound.
 
-    python -m bench.distill_throughput [--steps 8] [--quick] [--out FILE]
+    python -m bench.distill_throughput [--steps 8] [--repeats 1] [--variants NAME ...] [--quick] [--out FILE]
 
-Runs the real job (torchrun, 2 ranks, ds_configs/zero3.json, SmolLM2-135M on the default corpus,
-the default seq_len and micro batch) once with --no_shared_trunk and once with the shared trunk,
-and reports the median over steps after the first two of tokens/s per rank and of the teacher /
-student (forward + backward) / backward time split, from the runs' TensorBoard scalars.
+- ``bound``: one process, every core as a torch thread, no DeepSpeed: exactly one step's
+  computation of the default job (teacher forward with top-5 and entropy, the student's top
+  layers from the shared trunk with the same activation checkpointing, char heads, the fp32
+  losses, backward, AdamW on the trainable parameters) on the same model, dtype, sequence length
+  and global batch. Its tokens/s is the ceiling the job is measured against.
+- job variants: the real job (``torchrun``, ``ds_configs/zero3.json``, the embedded SmolLM2 and
+  corpus, default flags) with one setting changed each (see ``VARIANTS``); tokens/s is summed over
+  ranks, the median over the steps after the first two, from the run's TensorBoard scalars.
+
+Variants run interleaved, ``--repeats`` rounds; each reports the median and range over rounds and
+its ratio to the bound. The JSON records the commit it was measured at and goes to a new file
+under ``bench/results/`` unless ``--out`` names one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from bench.common import write
 from spellm_ds import cli
+from spellm_ds.errors import SpellmError
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = ("perf/tokens_per_s", "perf/step_s", "perf/teacher_s", "perf/student_s", "perf/backward_s")
+CORES = os.cpu_count() or 1
+ZERO3 = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+
+
+def _with_persistence(threshold: int) -> dict:
+    config = json.loads(json.dumps(ZERO3))
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    return config
+
+
+# name -> (extra flags, ranks, threads per rank, student DeepSpeed config or None for the default file)
+VARIANTS: dict[str, tuple[list[str], int, int, dict | None]] = {
+    "default": ([], 2, 1, None),
+    "persistence_0": ([], 2, 1, _with_persistence(0)),
+    "teacher_stage_0": (["--teacher_stage", "0"], 2, 1, None),
+    "micro_batch_4": (["--micro_batch", "4"], 2, 1, None),
+    "micro_batch_8": (["--micro_batch", "8"], 2, 1, None),
+    "one_rank_two_threads": (["--micro_batch", "4"], 1, 2, None),
+    "no_shared_trunk": (["--no_shared_trunk"], 2, 1, None),
+}
 
 
 def free_port() -> int:
@@ -32,50 +65,133 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(workdir: Path, name: str, extra: list[str], steps: int) -> dict[str, float]:
+def run_job(workdir: Path, name: str, extra: list[str], ranks: int, threads: int, ds_config: dict | None,
+            steps: int) -> dict[str, float]:
+    """One real job; medians over its steps after the first two, tokens/s summed over ranks."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = workdir / name
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(ROOT / "launch" / "distill.py"), "--output_dir", str(out),
-               "--max_steps", str(steps), "--save_every", "0", "--eval_every", "100000", "--eval_blocks", "2",
-               "--resume", "none", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    out = workdir / f"{name}-{time.monotonic_ns()}"
+    if ds_config is not None:
+        config_path = workdir / f"{name}.json"
+        config_path.write_text(json.dumps(ds_config))
+        extra = ["--deepspeed", str(config_path), *extra]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "launch" / "distill.py"),
+               "--output_dir", str(out), "--max_steps", str(steps), "--save_every", "0", "--eval_every", "100000",
+               "--eval_blocks", "2", "--resume", "none", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
-        raise SystemExit(f"{name} run failed:\n{result.stderr[-3000:]}")
+        raise SpellmError(f"the {name} job failed: {result.stderr.strip().splitlines()[-1:]}")
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     medians = {}
     for tag in TAGS:
         values = [e.value for e in events.Scalars(tag) if e.step > 2] or [e.value for e in events.Scalars(tag)]
         medians[tag.removeprefix("perf/")] = statistics.median(values)
+    medians["tokens_per_s"] *= ranks  # TensorBoard logs rank 0's; every rank processes as many
     return medians
+
+
+def bound(model: str, data: list[str] | None, overrides: dict[str, int], steps: int) -> dict[str, float]:
+    """The default job's step computation in one process on every core, without DeepSpeed."""
+    from transformers import AutoModelForCausalLM
+
+    from spellm_ds import assets
+    from spellm_ds.charset import Charset
+    from spellm_ds.config import DEFAULTS, RunConfig
+    from spellm_ds.data import load_texts, pack
+    from spellm_ds.forward import synchronized_clock, teacher_and_student
+    from spellm_ds.losses import distillation_loss
+    from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM, shared_trunk_layer
+    from spellm_ds.spelling import SpellingTable, model_vocab_size
+
+    torch.set_num_threads(CORES)
+    run = RunConfig(model=model, data=data, **overrides)
+    micro_batch, ranks = DEFAULTS["micro_batch"], VARIANTS["default"][1]  # the default job's global micro batch
+    model_dir = assets.resolve_model(run.model)
+    tokenizer = assets.load_tokenizer(model_dir)
+    dtype = torch.bfloat16
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().requires_grad_(False)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    charset = Charset.default()
+    table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))
+    student = SpeLLMForCausalLM(base, SpeLLMConfig(run.k, run.trainable_layers), charset)
+    student.char_heads.init_from_embeddings(base.get_output_embeddings().weight.detach(), table.chars, table.spellable)
+    student.freeze_for_distillation()
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    blocks = pack(load_texts(run.data)["text"], tokenizer, run.seq_len, max_blocks=(steps + 1) * micro_batch * ranks)
+    trunk_layer = shared_trunk_layer(base.config.num_hidden_layers, run.trainable_layers)
+    times = []
+    for step in range(steps + 1):  # the first step warms up
+        ids = blocks[step * micro_batch * ranks : (step + 1) * micro_batch * ranks]
+        started = synchronized_clock()
+        signal, out, labels, _ = teacher_and_student(teacher, student, ids, table, run.label_selection, trunk_layer,
+                                                     with_token_logits=True)
+        loss = distillation_loss(out.char_logits, out.token_logits, labels, run.reg_weight)
+        loss.total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(synchronized_clock() - started)
+    step_s = statistics.median(times[1:])
+    return {"tokens_per_s": ids.numel() / step_s, "step_s": step_s}
+
+
+def summary(samples: list[dict[str, float]]) -> dict:
+    tokens = [s["tokens_per_s"] for s in samples]
+    out = {"tokens_per_s": statistics.median(tokens), "tokens_per_s_range": [min(tokens), max(tokens)],
+           "rounds": len(samples)}
+    for key in samples[0]:
+        if key != "tokens_per_s":
+            out[key] = statistics.median(s[key] for s in samples)
+    return out
 
 
 def main() -> None:
     parser = cli.ArgumentParser(__doc__)
-    parser.add_argument("--steps", type=cli.positive_int, default=8)
-    parser.add_argument("--quick", action="store_true", help="a tiny model and 3 steps, for CI")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--steps", type=cli.positive_int, default=8, help="steps per run (default: %(default)s)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=1, help="interleaved rounds (default: %(default)s)")
+    parser.add_argument("--variants", nargs="+", choices=["bound", *VARIANTS], default=["bound", *VARIANTS],
+                        help="what to measure (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 3 steps, for CI")
+    parser.add_argument("--out", default=None, help="JSON path (default: a new file under bench/results/)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    extra: list[str] = []
+    overrides: dict[str, int] = {}
+    model, data = "smollm2-135m", None
     if args.quick:
         sys.path.insert(0, str(ROOT))
         from tests import tiny
 
-        model_dir, data = tiny.tiny_setup(workdir, n_texts=60)
-        extra = ["--model", str(model_dir), "--data", str(data),
-                 "--trainable_layers", "2", "--seq_len", "32", "--k", "6"]
+        model_dir, corpus = tiny.tiny_setup(workdir, n_texts=60)
+        model, data = str(model_dir), [str(corpus)]
+        overrides = {"trainable_layers": 2, "seq_len": 32, "k": 6}
         args.steps = 3
-    results = {"naive": run(workdir, "naive", [*extra, "--no_shared_trunk"], args.steps),
-               "shared_trunk": run(workdir, "shared", extra, args.steps)}
-    results["speedup_tokens_per_s"] = (results["shared_trunk"]["tokens_per_s"] / results["naive"]["tokens_per_s"])
+    extra = [item for flag, value in overrides.items() for item in (f"--{flag}", str(value))]
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in args.variants}
+    for _ in range(args.repeats):
+        for name in args.variants:
+            if name == "bound":
+                samples[name].append(bound(model, data, overrides, args.steps))
+            else:
+                flags, ranks, threads, ds_config = VARIANTS[name]
+                samples[name].append(run_job(workdir, name, ["--model", model, *(["--data", *data] if data else []),
+                                                             *extra, *flags], ranks, threads, ds_config, args.steps))
+            print(f"{name}: {samples[name][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    results = {name: summary(runs) for name, runs in samples.items()}
+    if "bound" in results:
+        for name, result in results.items():
+            result["ratio_to_bound"] = result["tokens_per_s"] / results["bound"]["tokens_per_s"]
     write("distill_throughput" + ("_quick" if args.quick else ""),
-          {"ranks": 2, "launcher": "torchrun", "deepspeed_config": "ds_configs/zero3.json", "steps": args.steps,
-           "model": "tiny" if args.quick else "smollm2-135m", "extra_flags": extra,
-           "omp_threads_per_rank": os.environ.get("OMP_NUM_THREADS", "1")}, results, args.out)
+          {"launcher": "torchrun", "deepspeed_config": "ds_configs/zero3.json", "steps": args.steps,
+           "repeats": args.repeats, "model": model, "extra_flags": extra, "cores": CORES,
+           "variants": {name: {"flags": VARIANTS[name][0], "ranks": VARIANTS[name][1],
+                               "threads_per_rank": VARIANTS[name][2],
+                               "persistence_threshold": (VARIANTS[name][3] or ZERO3)["zero_optimization"]
+                               .get("stage3_param_persistence_threshold")}
+                        for name in args.variants if name in VARIANTS}}, results, args.out)
 
 
 if __name__ == "__main__":

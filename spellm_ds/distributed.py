@@ -22,6 +22,7 @@ import os
 from datetime import timedelta
 
 import deepspeed
+import torch
 import torch.distributed as dist
 
 from spellm_ds.errors import SpellmError
@@ -60,14 +61,34 @@ def discover_environment(env: dict[str, str]) -> dict[str, str]:
             "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", DEFAULT_PORT)}
 
 
+_LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                         "SLURM_NTASKS_PER_NODE")
+
+
+def threads_per_rank(env: dict[str, str], cores: int) -> int | None:
+    """CPU threads for this rank so that the ranks of one node share its cores without
+    oversubscribing them: ``OMP_NUM_THREADS`` when set, else cores / ranks on this node (torchrun
+    sets the variable; the deepspeed launcher, ``mpirun`` and ``srun`` do not, and torch would give
+    every rank all the cores). None when the node's rank count is unknown."""
+    if env.get("OMP_NUM_THREADS"):
+        return int(env["OMP_NUM_THREADS"])
+    for name in _LOCAL_SIZE_VARIABLES:
+        if env.get(name, "").isdigit() and int(env[name]) > 0:
+            return max(1, cores // int(env[name]))
+    return None
+
+
 def init(timeout_s: float) -> tuple[int, int]:
     """Join (or, alone, create) the process group; returns (rank, world size)."""
     os.environ.update(discover_environment(dict(os.environ)))
+    threads = threads_per_rank(dict(os.environ), len(os.sched_getaffinity(0)))
+    if threads is not None:
+        torch.set_num_threads(threads)
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     node = os.environ.get("SLURM_NODEID", "-")
     print(f"rank {rank}/{world_size} local {os.environ['LOCAL_RANK']} node {node} "
-          f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+          f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} threads {torch.get_num_threads()}", flush=True)
     return rank, world_size
 
 

@@ -9,13 +9,15 @@ import pytest
 from tests.distributed import ROOT, rank_env
 
 
-def run_bench(name, tmp_path):
+def run_bench(name, tmp_path, *extra):
     out = tmp_path / f"{name}.json"
-    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out), *extra],
+                            capture_output=True,
                             text=True, timeout=600, cwd=ROOT, env=rank_env())
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())
     assert document["benchmark"] == f"{name}_quick" and document["hardware"]["cpu_count"] >= 1
+    assert len(document["commit"].removesuffix("-dirty")) == 40
     return document
 
 
@@ -44,7 +46,10 @@ def test_decode_speed(tmp_path):
 
 
 def test_distill_throughput(tmp_path):
-    results = run_bench("distill_throughput", tmp_path)["results"]
-    for variant in ("naive", "shared_trunk"):
+    document = run_bench("distill_throughput", tmp_path, "--variants", "bound", "default", "no_shared_trunk")
+    results = document["results"]
+    assert positive(results["bound"]["tokens_per_s"]) and results["bound"]["ratio_to_bound"] == 1.0
+    for variant in ("default", "no_shared_trunk"):
         assert all(positive(results[variant][key]) for key in ("tokens_per_s", "teacher_s", "student_s", "backward_s"))
-    assert positive(results["speedup_tokens_per_s"])
+        assert results[variant]["ratio_to_bound"] == results[variant]["tokens_per_s"] / results["bound"]["tokens_per_s"]
+    assert document["settings"]["variants"]["no_shared_trunk"]["flags"] == ["--no_shared_trunk"]

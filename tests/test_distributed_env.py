@@ -2,7 +2,7 @@
 
 import pytest
 
-from spellm_ds.distributed import discover_environment
+from spellm_ds.distributed import discover_environment, threads_per_rank
 from spellm_ds.errors import SpellmError
 
 
@@ -53,3 +53,11 @@ def test_single_process():
 def test_inconsistent_environments_are_clear_errors(env, message):
     with pytest.raises(SpellmError, match=message):
         discover_environment(env)
+
+
+def test_threads_share_the_node_cores_between_its_ranks():
+    assert threads_per_rank({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, cores=16) == 3  # the user's choice
+    assert threads_per_rank({"LOCAL_SIZE": "2"}, cores=2) == 1  # deepspeed launcher
+    assert threads_per_rank({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, cores=16) == 8  # mpirun
+    assert threads_per_rank({"SLURM_NTASKS_PER_NODE": "4"}, cores=2) == 1  # never 0
+    assert threads_per_rank({}, cores=16) is None  # unknown: torch's own default

@@ -91,9 +91,11 @@ def test_mpirun_two_ranks(tiny_run, tmp_path):
                              str(ROOT / "launch" / "distill.py"), "--output_dir", str(out),
                              *distill_flags(tiny_run, 3, 0)],
                             capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env=rank_env(MASTER_PORT=str(free_port())))
+                            env=rank_env(MASTER_PORT=str(free_port()), OMP_NUM_THREADS=""))
     assert result.returncode == 0, result.stderr[-3000:]
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # mpirun sets no thread count: the ranks share the cores
     assert "rank 0/2" in result.stdout and "rank 1/2" in result.stdout
+    assert result.stdout.count(f" threads {threads}\n") == 2, result.stdout
     losses = scalars(out / "tensorboard")["loss/total"]
     assert [s for s, _ in losses] == [1, 2, 3] and all(0 < v < 100 for _, v in losses)
     assert json.loads((out / "model" / "spellm_config.json").read_text())["k"] == 6
