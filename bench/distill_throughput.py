@@ -2,11 +2,13 @@
 
     python -m bench.distill_throughput [--steps 8] [--repeats 1] [--variants NAME ...] [--quick] [--out FILE]
 
-- ``bound``: one process, every core as a torch thread, no DeepSpeed: exactly one step's
-  computation of the default job (teacher forward with top-5 and entropy, the student's top
-  layers from the shared trunk with the same activation checkpointing, char heads, the fp32
-  losses, backward, AdamW on the trainable parameters) on the same model, dtype, sequence length
-  and global batch. Its tokens/s is the ceiling the job is measured against.
+- ``bound_1xN`` / ``bound_Nx1``: no DeepSpeed, exactly one step's computation of the default
+  job (teacher forward with top-5 and entropy, the student's top layers from the shared trunk
+  with the same activation checkpointing, char heads, the fp32 losses, backward, AdamW on the
+  trainable parameters) on the same model, dtype, sequence length and global batch, as one
+  process with every core as a thread, or as one single-thread process per core each doing its
+  share (no communication). The better of the two is the ceiling the job is measured against:
+  on a CPU, two single-thread processes do more than one process with two threads.
 - job variants: the real job (``torchrun``, ``ds_configs/zero3.json``, the embedded SmolLM2 and
   corpus, default flags) with one setting changed each (see ``VARIANTS``); tokens/s is summed over
   ranks, the median over the steps after the first two, from the run's TensorBoard scalars.
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -39,22 +42,37 @@ CORES = os.cpu_count() or 1
 ZERO3 = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
 
 
-def _with_persistence(threshold: int) -> dict:
-    config = json.loads(json.dumps(ZERO3))
+TEACHER = json.loads((ROOT / "ds_configs" / "teacher.json").read_text())
+
+
+def _with_persistence(config: dict, threshold: int) -> dict:
+    config = json.loads(json.dumps(config))
     config["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
     return config
 
 
-# name -> (extra flags, ranks, threads per rank, student DeepSpeed config or None for the default file)
-VARIANTS: dict[str, tuple[list[str], int, int, dict | None]] = {
-    "default": ([], 2, 1, None),
-    "persistence_0": ([], 2, 1, _with_persistence(0)),
-    "teacher_stage_0": (["--teacher_stage", "0"], 2, 1, None),
-    "micro_batch_4": (["--micro_batch", "4"], 2, 1, None),
-    "micro_batch_8": (["--micro_batch", "8"], 2, 1, None),
-    "one_rank_two_threads": (["--micro_batch", "4"], 1, 2, None),
-    "no_shared_trunk": (["--no_shared_trunk"], 2, 1, None),
+class Variant(NamedTuple):
+    flags: list[str]
+    ranks: int = 2
+    threads: int = 1
+    student_config: dict | None = None  # None: ds_configs/zero3.json
+    teacher_config: dict | None = None  # None: ds_configs/teacher.json
+
+
+VARIANTS: dict[str, Variant] = {
+    "default": Variant([]),
+    # the settings before persistence "auto": both engines fully sharded above 10,000 elements
+    "persistence_10000": Variant([], student_config=_with_persistence(ZERO3, 10_000),
+                                 teacher_config=_with_persistence(TEACHER, 10_000)),
+    "persistence_0": Variant([], student_config=_with_persistence(ZERO3, 0),
+                             teacher_config=_with_persistence(TEACHER, 0)),
+    "teacher_stage_0": Variant(["--teacher_stage", "0"]),
+    "micro_batch_4": Variant(["--micro_batch", "4"]),
+    "micro_batch_8": Variant(["--micro_batch", "8"]),
+    "one_rank_two_threads": Variant(["--micro_batch", "4"], ranks=1, threads=CORES),
+    "no_shared_trunk": Variant(["--no_shared_trunk"]),
 }
+BOUNDS = {f"bound_1x{CORES}": (1, CORES), f"bound_{CORES}x1": (CORES, 1)}
 
 
 def free_port() -> int:
@@ -65,21 +83,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(workdir: Path, name: str, extra: list[str], ranks: int, threads: int, ds_config: dict | None,
-            steps: int) -> dict[str, float]:
+def run_job(workdir: Path, name: str, extra: list[str], variant: Variant, steps: int) -> dict[str, float]:
     """One real job; medians over its steps after the first two, tokens/s summed over ranks."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = workdir / f"{name}-{time.monotonic_ns()}"
-    if ds_config is not None:
-        config_path = workdir / f"{name}.json"
-        config_path.write_text(json.dumps(ds_config))
-        extra = ["--deepspeed", str(config_path), *extra]
+    ranks = variant.ranks
+    extra = [*extra, *variant.flags]
+    for flag, config in (("--deepspeed", variant.student_config), ("--teacher_deepspeed", variant.teacher_config)):
+        if config is not None:
+            config_path = workdir / f"{name}{flag.replace('-', '_')}.json"
+            config_path.write_text(json.dumps(config))
+            extra = [flag, str(config_path), *extra]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "launch" / "distill.py"),
                "--output_dir", str(out), "--max_steps", str(steps), "--save_every", "0", "--eval_every", "100000",
                "--eval_blocks", "2", "--resume", "none", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(variant.threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
         raise SpellmError(f"the {name} job failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -93,8 +113,21 @@ def run_job(workdir: Path, name: str, extra: list[str], ranks: int, threads: int
     return medians
 
 
-def bound(model: str, data: list[str] | None, overrides: dict[str, int], steps: int) -> dict[str, float]:
-    """The default job's step computation in one process on every core, without DeepSpeed."""
+def bound(model: str, data: list[str] | None, overrides: dict[str, int], steps: int, processes: int,
+          threads: int) -> dict[str, float]:
+    """The default job's step computation without DeepSpeed, split over ``processes`` concurrent
+    processes of ``threads`` threads each; tokens/s summed over them."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        shares = pool.starmap(bound_share, [(model, data, overrides, steps, processes, threads)] * processes)
+    step_s = max(s for s, _ in shares)
+    return {"tokens_per_s": sum(tokens / s for s, tokens in shares), "step_s": step_s}
+
+
+def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], steps: int, processes: int,
+                threads: int) -> tuple[float, int]:
+    """One process's share of the bound: (median step seconds, tokens per step)."""
     from transformers import AutoModelForCausalLM
 
     from spellm_ds import assets
@@ -106,9 +139,9 @@ def bound(model: str, data: list[str] | None, overrides: dict[str, int], steps: 
     from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM, shared_trunk_layer
     from spellm_ds.spelling import SpellingTable, model_vocab_size
 
-    torch.set_num_threads(CORES)
+    torch.set_num_threads(threads)
     run = RunConfig(model=model, data=data, **overrides)
-    micro_batch, ranks = DEFAULTS["micro_batch"], VARIANTS["default"][1]  # the default job's global micro batch
+    share = DEFAULTS["micro_batch"] * VARIANTS["default"].ranks // processes  # of the default job's global batch
     model_dir = assets.resolve_model(run.model)
     tokenizer = assets.load_tokenizer(model_dir)
     dtype = torch.bfloat16
@@ -122,11 +155,11 @@ def bound(model: str, data: list[str] | None, overrides: dict[str, int], steps: 
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
-    blocks = pack(load_texts(run.data)["text"], tokenizer, run.seq_len, max_blocks=(steps + 1) * micro_batch * ranks)
+    blocks = pack(load_texts(run.data)["text"], tokenizer, run.seq_len, max_blocks=(steps + 1) * share)
     trunk_layer = shared_trunk_layer(base.config.num_hidden_layers, run.trainable_layers)
     times = []
     for step in range(steps + 1):  # the first step warms up
-        ids = blocks[step * micro_batch * ranks : (step + 1) * micro_batch * ranks]
+        ids = blocks[step * share : (step + 1) * share]
         started = synchronized_clock()
         signal, out, labels, _ = teacher_and_student(teacher, student, ids, table, run.label_selection, trunk_layer,
                                                      with_token_logits=True)
@@ -135,8 +168,7 @@ def bound(model: str, data: list[str] | None, overrides: dict[str, int], steps: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(synchronized_clock() - started)
-    step_s = statistics.median(times[1:])
-    return {"tokens_per_s": ids.numel() / step_s, "step_s": step_s}
+    return statistics.median(times[1:]), ids.numel()
 
 
 def summary(samples: list[dict[str, float]]) -> dict:
@@ -153,7 +185,7 @@ def main() -> None:
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--steps", type=cli.positive_int, default=8, help="steps per run (default: %(default)s)")
     parser.add_argument("--repeats", type=cli.positive_int, default=1, help="interleaved rounds (default: %(default)s)")
-    parser.add_argument("--variants", nargs="+", choices=["bound", *VARIANTS], default=["bound", *VARIANTS],
+    parser.add_argument("--variants", nargs="+", choices=[*BOUNDS, *VARIANTS], default=[*BOUNDS, *VARIANTS],
                         help="what to measure (default: all)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 3 steps, for CI")
     parser.add_argument("--out", default=None, help="JSON path (default: a new file under bench/results/)")
@@ -173,25 +205,27 @@ def main() -> None:
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in args.variants}
     for _ in range(args.repeats):
         for name in args.variants:
-            if name == "bound":
-                samples[name].append(bound(model, data, overrides, args.steps))
+            if name in BOUNDS:
+                samples[name].append(bound(model, data, overrides, args.steps, *BOUNDS[name]))
             else:
-                flags, ranks, threads, ds_config = VARIANTS[name]
                 samples[name].append(run_job(workdir, name, ["--model", model, *(["--data", *data] if data else []),
-                                                             *extra, *flags], ranks, threads, ds_config, args.steps))
+                                                             *extra], VARIANTS[name], args.steps))
             print(f"{name}: {samples[name][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
     results = {name: summary(runs) for name, runs in samples.items()}
-    if "bound" in results:
-        for name, result in results.items():
-            result["ratio_to_bound"] = result["tokens_per_s"] / results["bound"]["tokens_per_s"]
+    ceiling = max((results[name]["tokens_per_s"] for name in BOUNDS if name in results), default=None)
+    if ceiling is not None:
+        for result in results.values():
+            result["ratio_to_bound"] = result["tokens_per_s"] / ceiling
     write("distill_throughput" + ("_quick" if args.quick else ""),
           {"launcher": "torchrun", "deepspeed_config": "ds_configs/zero3.json", "steps": args.steps,
            "repeats": args.repeats, "model": model, "extra_flags": extra, "cores": CORES,
-           "variants": {name: {"flags": VARIANTS[name][0], "ranks": VARIANTS[name][1],
-                               "threads_per_rank": VARIANTS[name][2],
-                               "persistence_threshold": (VARIANTS[name][3] or ZERO3)["zero_optimization"]
+           "variants": {name: {"flags": VARIANTS[name].flags, "ranks": VARIANTS[name].ranks,
+                               "threads_per_rank": VARIANTS[name].threads,
+                               "persistence_threshold": (VARIANTS[name].student_config or ZERO3)["zero_optimization"]
                                .get("stage3_param_persistence_threshold")}
-                        for name in args.variants if name in VARIANTS}}, results, args.out)
+                        for name in args.variants if name in VARIANTS},
+           "bounds": {name: {"processes": p, "threads": t} for name, (p, t) in BOUNDS.items() if name in args.variants}},
+          results, args.out)
 
 
 if __name__ == "__main__":

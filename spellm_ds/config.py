@@ -18,6 +18,11 @@ from spellm_ds.heads import HEAD_INITS
 from spellm_ds.losses import LABEL_RULES
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 1e-3}
+FULL_SHARDING_PERSISTENCE = 100_000
+"""DeepSpeed's own default ``stage3_param_persistence_threshold``: only small tensors (norms,
+biases) stay whole; every weight matrix is sharded and gathered when used."""
+RESIDENT_SHARE = 0.25
+"""``"auto"`` keeps whole models resident when teacher + student take at most this share of a rank's memory."""
 
 
 @dataclass
@@ -129,10 +134,57 @@ def _reject_auto(config: Any, source: str, path: str = "") -> None:
         raise SpellmError(f"{source} leaves {path}=\"auto\" that spellm-ds cannot fill; set a value")
 
 
-def resolve_student_config(run: RunConfig, world_size: int) -> dict[str, Any]:
-    """The student's DeepSpeed config with batch sizes, lr and schedule filled from ``run``."""
+def parameter_sizes(model_dir: str | Path) -> tuple[int, int]:
+    """(total, largest) parameter count of a model directory, from its safetensors headers
+    (nothing is loaded); (0, 0) when it has none."""
+    from safetensors import safe_open
+
+    total = largest = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as weights:
+            for name in weights.keys():
+                numel = 1
+                for size in weights.get_slice(name).get_shape():
+                    numel *= size
+                total, largest = total + numel, max(largest, numel)
+    return total, largest
+
+
+def auto_persistence_threshold(total: int, largest: int, memory_per_rank: float) -> int:
+    """What ``"stage3_param_persistence_threshold": "auto"`` becomes.
+
+    A model whose teacher and student copies fit in ``RESIDENT_SHARE`` of one rank's memory keeps
+    every parameter whole on every rank (threshold above its largest tensor): ZeRO-3 then never
+    all-gathers it, where re-gathering a 135M model each step costs more than holding it. Anything
+    larger gets DeepSpeed's default and is fully sharded, from the same command and config.
+    """
+    if 0 < largest and 2 * total * 4 <= RESIDENT_SHARE * memory_per_rank:  # fp32 size: an upper bound
+        return largest + 1
+    return FULL_SHARDING_PERSISTENCE
+
+
+def memory_per_rank(world_size: int) -> float:
+    """Bytes of the accelerator one rank has; on CPU the ranks of a node share its memory."""
+    import deepspeed
+
+    accelerator = deepspeed.get_accelerator()
+    ranks = world_size if accelerator.device_name() == "cpu" else 1
+    return accelerator.total_memory() / ranks
+
+
+def _fill_persistence(config: dict[str, Any], auto_persistence: int) -> None:
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        zero["stage3_param_persistence_threshold"] = auto_persistence
+
+
+def resolve_student_config(run: RunConfig, world_size: int,
+                           auto_persistence: int = FULL_SHARDING_PERSISTENCE) -> dict[str, Any]:
+    """The student's DeepSpeed config with batch sizes, lr and schedule filled from ``run`` and an
+    ``"auto"`` persistence threshold with ``auto_persistence`` (:func:`auto_persistence_threshold`)."""
     config = load_json_config(run.deepspeed, "--deepspeed")
     source = f"DeepSpeed config {run.deepspeed}"
+    _fill_persistence(config, auto_persistence)
     micro = _settle(config, "train_micro_batch_size_per_gpu", run.micro_batch, "--micro_batch", source)
     accum = _settle(config, "gradient_accumulation_steps", run.grad_accum, "--grad_accum", source)
     micro = DEFAULTS["micro_batch"] if micro is None else micro
@@ -154,9 +206,11 @@ def resolve_student_config(run: RunConfig, world_size: int) -> dict[str, Any]:
     return config
 
 
-def resolve_teacher_config(run: RunConfig, student: dict[str, Any], world_size: int) -> dict[str, Any]:
+def resolve_teacher_config(run: RunConfig, student: dict[str, Any], world_size: int,
+                           auto_persistence: int = FULL_SHARDING_PERSISTENCE) -> dict[str, Any]:
     """The frozen teacher's config: no optimizer, the student's precision and micro batch."""
     config = load_json_config(run.teacher_deepspeed, "--teacher_deepspeed")
+    _fill_persistence(config, auto_persistence)
     config.pop("optimizer", None)
     config.pop("scheduler", None)
     config["train_micro_batch_size_per_gpu"] = student["train_micro_batch_size_per_gpu"]

@@ -43,7 +43,8 @@ from transformers import AutoConfig
 
 from spellm_ds import assets, checkpoint, distributed
 from spellm_ds.charset import Charset
-from spellm_ds.config import RunConfig, resolve_student_config, resolve_teacher_config
+from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, parameter_sizes,
+                              resolve_student_config, resolve_teacher_config)
 from spellm_ds.data import load_texts, pack_documents, step_batch
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.forward import synchronized_clock, teacher_and_student
@@ -94,8 +95,9 @@ class Distillation:
         config.check_model(model_config.get_text_config().num_hidden_layers)
         self.tokenizer = assets.load_tokenizer(self.model_dir)
         self.charset = Charset.from_file(config.charset) if config.charset else Charset.default()
-        self.student_ds = resolve_student_config(config, self.world_size)
-        self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size)
+        persistence = auto_persistence_threshold(*parameter_sizes(self.model_dir), memory_per_rank(self.world_size))
+        self.student_ds = resolve_student_config(config, self.world_size, persistence)
+        self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size, persistence)
         self.resume_from = checkpoint.find_resume_point(config.resume, self.output_dir)
         if self.resume_from is not None:  # refuse before anything is built or written
             checkpoint.check_compatible(checkpoint.read_state(self.resume_from), config.to_dict(), self.charset,

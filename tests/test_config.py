@@ -65,3 +65,23 @@ def test_teacher_stage_and_offload():
 def test_bad_values():
     with pytest.raises(SpellmError, match="--k 0"):
         RunConfig(k=0).validate()
+
+
+def test_auto_persistence_keeps_small_models_whole_and_shards_large_ones(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    from spellm_ds.config import FULL_SHARDING_PERSISTENCE, auto_persistence_threshold, parameter_sizes
+
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(10)}, str(tmp_path / "model-1.safetensors"))
+    save_file({"c": torch.zeros(2, 2, 5)}, str(tmp_path / "model-2.safetensors"))
+    assert parameter_sizes(tmp_path) == (42, 20)
+    gib = 2**30
+    assert auto_persistence_threshold(135_000_000, 28_000_000, 12 * gib) == 28_000_001  # SmolLM2 on this CPU
+    assert auto_persistence_threshold(70_000_000_000, 1_000_000_000, 80 * gib) == FULL_SHARDING_PERSISTENCE  # 70B
+    assert auto_persistence_threshold(0, 0, 80 * gib) == FULL_SHARDING_PERSISTENCE  # sizes unknown
+    run = RunConfig(deepspeed="ds_configs/zero3.json")
+    student = resolve_student_config(run, 2, auto_persistence=28_000_001)
+    teacher = resolve_teacher_config(run, student, 2, auto_persistence=28_000_001)
+    for config in (student, teacher):
+        assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 28_000_001

@@ -40,6 +40,7 @@ def tiny_distillation(root, family: str = "llama", **overrides) -> Distillation:
     model_dir, data = tiny.tiny_setup(root, n_texts=120, family=family)
     ds = json.loads(open("ds_configs/zero3.json").read())
     ds["bf16"] = {"enabled": False}  # fp32 so the export can be compared exactly
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # fully sharded: partitioning is tested
     (root / "zero3_fp32.json").write_text(json.dumps(ds))
     settings = dict(model=str(model_dir), data=[str(data)], output_dir=str(root / "out"),
                     deepspeed=str(root / "zero3_fp32.json"), k=6, trainable_layers=2, seq_len=32,
