@@ -88,7 +88,7 @@ def plot(result: dict, path: Path) -> None:
     curve = result["tradeoff"]
     right.plot([100 * p["fallback_rate"] for p in curve], [100 * p["accuracy"] for p in curve], "-")
     right.plot([100 * result["at_tau"]["fallback_rate"]], [100 * result["at_tau"]["accuracy"]], "ro",
-               label=f"tau={result['at_tau']['tau']:g}")
+               label=f"tau={result['at_tau']['tau']}")
     right.set_xlabel("fallback rate (%)")
     right.set_ylabel("accuracy with fallback (%)")
     right.set_title("Accuracy / fallback trade-off")

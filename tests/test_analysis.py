@@ -139,3 +139,7 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
         module(name, "--out", str(tmp_path / f"{name}.json"))
         assert json.loads((tmp_path / f"{name}.json").read_text()) == report[name], name
     assert "| raw |" in (tmp_path / "report" / "report.md").read_text()
+    module("report", "--tau", "none", "--out", str(tmp_path / "never"))  # never fall back
+    never = json.loads((tmp_path / "never" / "report.json").read_text())["match_rates"]
+    assert never["tau"] is None and never["autocorrect_fallback"]["fallback_rate"]["count"] == 0
+    assert never["autocorrect_fallback"]["exact_or_prefix"] == never["autocorrect"]["exact_or_prefix"]
