@@ -22,7 +22,7 @@ from spellm_ds.decoding import CharDecoder
 from spellm_ds.errors import SpellmError
 from spellm_ds.forward import teacher_and_student
 from spellm_ds.model import SpeLLMForCausalLM, shared_trunk_layer
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.spelling import SpellingTable, read_string
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Records:
     top_ids: torch.Tensor  # [N, 5] teacher top-5
     top_probs: torch.Tensor  # [N, 5]
     teacher_entropy: torch.Tensor  # [N]
-    raw_chars: torch.Tensor  # [N, k] argmax char of each head
+    raw_chars: torch.Tensor  # [N, k] the predicted string (argmax chars ended at the first END)
     hit: torch.Tensor  # [N] bool: raw string is a valid spelling
     autocorrected: torch.Tensor  # [N] token from lookup or AutoCorrect
     fallback_token: torch.Tensor  # [N] the student's LM head argmax
@@ -73,10 +73,14 @@ class Analysis:
     tokenizer: object
 
 
+def held_out_texts(data: list[str] | None, text_field: str) -> list[str]:
+    """``data``'s documents, or by default the BoolQ dev passages (never in a default training run)."""
+    return load_texts(data, text_field)["text"] if data else assets.held_out_texts()
+
+
 def held_out_blocks(tokenizer, data: list[str] | None, text_field: str, seq_len: int, max_tokens: int) -> torch.Tensor:
     """``max_tokens`` positions (rounded up to whole blocks) of ``data`` or the BoolQ dev passages."""
-    texts = load_texts(data, text_field)["text"] if data else assets.held_out_texts()
-    blocks = pack(texts, tokenizer, seq_len, max_blocks=-(-max_tokens // seq_len))
+    blocks = pack(held_out_texts(data, text_field), tokenizer, seq_len, max_blocks=-(-max_tokens // seq_len))
     if len(blocks) == 0:
         raise SpellmError(f"the text to analyse is shorter than one {seq_len}-token block; "
                           "lower --seq_len or add text")
@@ -100,13 +104,13 @@ def collect(args: argparse.Namespace) -> Analysis:
     parts = []
     for start in tqdm(range(0, len(blocks), args.batch_size), desc="analyse", disable=len(blocks) <= args.batch_size):
         signal, out, labels, _ = teacher_and_student(teacher, student, blocks[start : start + args.batch_size], table,
-                                                     student.config.label_selection, trunk_layer,
+                                                     student.config.label_rule(), trunk_layer,
                                                      with_token_logits=True)
         char_logits = out.char_logits.flatten(0, 1)
         proposal = decoder.propose(char_logits)
         parts.append(Records(
             top_ids=signal.top_ids.flatten(0, 1), top_probs=signal.top_probs.flatten(0, 1),
-            teacher_entropy=signal.entropy.flatten(), raw_chars=char_logits.argmax(-1), hit=proposal.hit,
+            teacher_entropy=signal.entropy.flatten(), raw_chars=read_string(char_logits), hit=proposal.hit,
             autocorrected=proposal.token_ids, fallback_token=out.token_logits.flatten(0, 1).argmax(-1),
             student_entropy=proposal.entropy, label_chars=labels.chars.flatten(0, 1),
             label_valid=labels.valid.flatten()))

@@ -1,4 +1,6 @@
-"""Exact, prefix and match@5 with the teacher, raw / with AutoCorrect / with AutoCorrect + fallback.
+"""Exact, prefix and match@5 with the teacher, raw / with AutoCorrect / with AutoCorrect + fallback,
+and the fallback ceiling: every position through the student's LM head (what fallback can reach
+at best, and how far the trained FFNs moved the hidden state from the teacher's).
 
     python -m analysis.match_rates --model DIR [--data FILE] [--max_tokens N] [--tau 0.22] --out report.json
 """
@@ -18,11 +20,14 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     for variant in VARIANTS:
         result[variant] = {name: rate(flags) for name, flags in correct_flags(analysis, variant).items()}
     result["autocorrect_fallback"]["fallback_rate"] = rate(fallback_mask(analysis, analysis.tau))
+    result["fallback_ceiling"] = {name: rate(flags)
+                                  for name, flags in correct_flags(analysis, "autocorrect_fallback", 0.0).items()}
     result["raw"]["valid_string"] = rate(r.hit)
     valid = r.label_valid
     result["per_head_accuracy"] = [rate((r.raw_chars[:, j] == r.label_chars[:, j])[valid])["rate"]
                                    for j in range(analysis.table.k)]
-    result["summary"] = {v: result[v]["exact_or_prefix"]["rate"] for v in VARIANTS}
+    result["summary"] = {v: {"top1": result[v]["exact_or_prefix"]["rate"], "top5": result[v]["at5"]["rate"]}
+                         for v in (*VARIANTS, "fallback_ceiling")}
     result["summary"]["fallback_rate"] = result["autocorrect_fallback"]["fallback_rate"]["rate"]
     return result
 

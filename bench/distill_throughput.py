@@ -161,9 +161,9 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     for step in range(steps + 1):  # the first step warms up
         ids = blocks[step * share : (step + 1) * share]
         started = synchronized_clock()
-        signal, out, labels, _ = teacher_and_student(teacher, student, ids, table, run.label_selection, trunk_layer,
+        signal, out, labels, _ = teacher_and_student(teacher, student, ids, table, run.label_rule(), trunk_layer,
                                                      with_token_logits=True)
-        loss = distillation_loss(out.char_logits, out.token_logits, labels, run.reg_weight)
+        loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, table, run.loss_recipe())
         loss.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

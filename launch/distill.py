@@ -13,6 +13,7 @@ import argparse
 
 from spellm_ds import cli
 from spellm_ds.config import RunConfig
+from spellm_ds.losses import LABEL_RULES, REG_TARGETS
 from spellm_ds.train import run
 
 DEFAULTS = RunConfig()
@@ -39,13 +40,28 @@ def parse_args() -> RunConfig:
     p.add_argument("--micro_batch", type=int, default=None, help="blocks per rank per micro step (default: config or 2)")
     p.add_argument("--grad_accum", type=int, default=None, help="micro steps per optimizer step (default: config or 1)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: config or 1e-3)")
+    p.add_argument("--ffn_lr", type=float, default=None,
+                   help="peak learning rate of the pretrained FFN blocks (default: --lr); the char heads use --lr")
     p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warm-up steps (default: %(default)s)")
     p.add_argument("--max_steps", type=int, default=DEFAULTS.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--reg_weight", type=float, default=DEFAULTS.reg_weight,
                    help="weight of the token-level regularisation loss (default: %(default)s)")
-    p.add_argument("--label_selection", choices=("student_nll", "joint"), default=DEFAULTS.label_selection,
+    p.add_argument("--reg_target", choices=REG_TARGETS, default=DEFAULTS.reg_target,
+                   help="what the token regulariser pulls the LM-head distribution of the student's hidden state "
+                        "towards: the selected label (CE) or the teacher (KL over its top-5 plus the rest) "
+                        "(default: %(default)s)")
+    p.add_argument("--soft_char_weight", type=float, default=DEFAULTS.soft_char_weight,
+                   help="weight of an auxiliary per-head CE with the teacher's top-5 characters, weighted by its "
+                        "probabilities (default: %(default)s)")
+    p.add_argument("--label_selection", choices=LABEL_RULES, default=DEFAULTS.label_selection,
                    help="label among the teacher's top-5: the one the student spells best (student_nll, the paper's "
-                        "rule) or best by char NLL - log p_teacher (joint) (default: %(default)s)")
+                        "rule), best by char NLL - w x log p_teacher (joint), or the teacher's first spellable "
+                        "candidate (teacher_top1) (default: %(default)s)")
+    p.add_argument("--label_prior_weight", type=float, default=DEFAULTS.label_prior_weight,
+                   help="w, the weight of the teacher's log-probability in the joint rule (default: %(default)s)")
+    p.add_argument("--ignore_after_end", action=argparse.BooleanOptionalAction, default=DEFAULTS.ignore_after_end,
+                   help="leave the characters after a label's first <end> out of the char loss and the label score "
+                        "(decoding always ignores them) (default: %(default)s)")
     p.add_argument("--eval_every", type=int, default=DEFAULTS.eval_every, help="steps between held-out evaluations")
     p.add_argument("--eval_fraction", type=float, default=DEFAULTS.eval_fraction,
                    help="share of documents held out (default: %(default)s)")

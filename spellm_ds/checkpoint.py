@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from spellm_ds.charset import Charset
+from spellm_ds.config import RunConfig
 from spellm_ds.errors import SpellmError
 from spellm_ds.model import SpeLLMConfig, write_directory
 
@@ -37,8 +38,9 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "spellm_state.json"
 BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
 RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "head_init", "seq_len", "micro_batch",
-                      "grad_accum", "lr", "warmup", "max_steps", "reg_weight", "label_selection", "eval_fraction",
-                      "seed")
+                      "grad_accum", "lr", "ffn_lr", "warmup", "max_steps", "reg_weight", "reg_target",
+                      "soft_char_weight", "label_selection", "label_prior_weight", "ignore_after_end",
+                      "eval_fraction", "seed")
 """Flags a resumed run must share with its checkpoint: they fix the model, the held-out split, the
 data order and the schedule. The rest (evaluation, saving, speed settings) may change."""
 _TAG = re.compile(r"^step(\d+)$")
@@ -94,9 +96,9 @@ def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charse
     schedule's linear decay is then laid over the new total from the resumed step on (the LR
     rises to where the longer schedule would be at that step).
     """
-    saved = state["run"]
+    saved = {**RunConfig().to_dict(), **state["run"]}  # a flag newer than the checkpoint had its default
     for key in RUN_DEFINING_FLAGS:
-        old, new = saved.get(key), run[key]
+        old, new = saved[key], run[key]
         if old == new or (key == "max_steps" and run["extend_schedule"] and new > old):
             continue
         hint = "; to train on, pass a larger --max_steps with --extend_schedule" if key == "max_steps" else ""
@@ -216,7 +218,9 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     heads = {n.removeprefix(HEADS_PREFIX): t.float() for n, t in trained.items() if n.startswith(HEADS_PREFIX)}
     run = state["run"]
     config = SpeLLMConfig(k=run["k"], trainable_layers=run["trainable_layers"], head_init=run["head_init"],
-                          teacher=run["model"], label_selection=run["label_selection"])
+                          teacher=run["model"], label_selection=run["label_selection"],
+                          label_prior_weight=run.get("label_prior_weight", 1.0),
+                          ignore_after_end=run.get("ignore_after_end", False))
     # Written beside out_dir and renamed into place: a crash mid-export leaves no half-written model.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))

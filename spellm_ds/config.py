@@ -15,7 +15,7 @@ from typing import Any
 from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
 from spellm_ds.heads import HEAD_INITS
-from spellm_ds.losses import LABEL_RULES
+from spellm_ds.losses import LABEL_RULES, REG_TARGETS, LabelRule, LossRecipe
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 1e-3}
 FULL_SHARDING_PERSISTENCE = 100_000
@@ -43,10 +43,15 @@ class RunConfig:
     micro_batch: int | None = None
     grad_accum: int | None = None
     lr: float | None = None
+    ffn_lr: float | None = None
     warmup: int = 20
     max_steps: int = 300
     reg_weight: float = 0.1
+    reg_target: str = "label"
+    soft_char_weight: float = 0.0
     label_selection: str = "joint"
+    label_prior_weight: float = 1.0
+    ignore_after_end: bool = False
     eval_every: int = 50
     eval_fraction: float = 0.02
     eval_blocks: int = 32
@@ -76,6 +81,12 @@ class RunConfig:
             (self.grad_accum is None or self.grad_accum >= 1,
              f"--grad_accum {self.grad_accum} must be at least 1"),
             (self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive"),
+            (self.ffn_lr is None or self.ffn_lr > 0, f"--ffn_lr {self.ffn_lr} must be positive"),
+            (self.ffn_lr is None or self.trainable_layers > 0,
+             f"--ffn_lr {self.ffn_lr} needs FFN blocks to train; pass --trainable_layers > 0 or drop --ffn_lr"),
+            (self.reg_target in REG_TARGETS, f"--reg_target {self.reg_target!r}: use one of {', '.join(REG_TARGETS)}"),
+            (self.soft_char_weight >= 0, f"--soft_char_weight {self.soft_char_weight} must be >= 0"),
+            (self.label_prior_weight >= 0, f"--label_prior_weight {self.label_prior_weight} must be >= 0"),
             (self.warmup >= 0, f"--warmup {self.warmup} must be >= 0"),
             (self.save_every >= 0, f"--save_every {self.save_every} must be >= 0 (0: only at the end)"),
             (self.stop_at is None or 1 <= self.stop_at <= self.max_steps,
@@ -99,6 +110,12 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def label_rule(self) -> LabelRule:
+        return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)
+
+    def loss_recipe(self) -> LossRecipe:
+        return LossRecipe(self.reg_weight, self.reg_target, self.soft_char_weight, self.ignore_after_end)
 
 
 def load_json_config(path: str | Path, flag: str) -> dict[str, Any]:
@@ -197,7 +214,9 @@ def resolve_student_config(run: RunConfig, world_size: int,
     lr = _settle(params, "lr", run.lr, "--lr", source)
     params["lr"] = DEFAULTS["lr"] if lr is None else lr
     scheduler = config.get("scheduler", {}).get("params", {})
-    for key, value in (("warmup_max_lr", params["lr"]), ("warmup_num_steps", run.warmup),
+    # with --ffn_lr the student has two parameter groups (heads, FFNs), each with its own peak
+    peak = params["lr"] if run.ffn_lr is None else [params["lr"], run.ffn_lr]
+    for key, value in (("warmup_max_lr", peak), ("warmup_num_steps", run.warmup),
                        ("total_num_steps", run.max_steps)):
         if scheduler.get(key) == "auto":
             scheduler[key] = value

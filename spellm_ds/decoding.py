@@ -2,9 +2,9 @@
 
 Everything here is batched on the model's device. Per decode step:
 
-1. each head's argmax char -> a k-char string -> token id by the spelling table's hash lookup;
+1. each head's argmax char, ended at the first END -> a k-char string -> token id by the spelling table's hash lookup;
 2. **AutoCorrect** for strings that are no token's spelling: the valid token whose spelling has
-   the highest summed per-head log-probability, an argmax over the vocabulary under the
+   the highest summed per-head log-probability (over its characters up to its first END), an argmax over the vocabulary under the
    factorised heads (a gather-sum over the ``[N, k]`` table of valid spellings: O(N k), against
    the LM head's O(V d));
 3. **fallback** to the original LM head, for rows whose mean per-head entropy is at or above
@@ -12,7 +12,7 @@ Everything here is batched on the model's device. Per decode step:
 
 Valid tokens are the canonical token of each spelling (:class:`SpellingTable`): the ones a
 prediction can name. The char heads also define a proper token distribution,
-``log p(v) = sum_j log p_j(spelling(v)_j)`` normalised over valid tokens, used for sampling and
+``log p(v) = sum_j log p_j(spelling(v)_j)`` over j up to v's first END, normalised over valid tokens, used for sampling and
 for scoring continuations.
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from spellm_ds.charset import UNK_ID
 from spellm_ds.metrics import mean_head_entropy
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.spelling import SpellingTable, after_first_end, read_string
 
 
 class Provenance(IntEnum):
@@ -57,23 +57,28 @@ class CharDecoder:
         self.table = table
         self.tau = tau
         self.valid_ids = table.canonical.nonzero().squeeze(1)  # [N]
-        self.valid_chars = table.chars[self.valid_ids]  # [N, k]
+        valid_chars = table.chars[self.valid_ids]  # [N, k]
+        # valid spellings with the characters after their first END pointing at an extra zero
+        # log-prob column (index C): a spelling scores only the characters it reads
+        self.scored_chars = valid_chars.masked_fill(after_first_end(valid_chars), len(table.charset))
 
     def to(self, device: torch.device | str) -> CharDecoder:
         moved = CharDecoder.__new__(CharDecoder)
         moved.table, moved.tau = self.table.to(device), self.tau
-        moved.valid_ids, moved.valid_chars = self.valid_ids.to(device), self.valid_chars.to(device)
+        moved.valid_ids, moved.scored_chars = self.valid_ids.to(device), self.scored_chars.to(device)
         return moved
 
     def spelling_scores(self, char_logp: torch.Tensor) -> torch.Tensor:
-        """Summed per-head log-prob of every valid spelling: ``[B, k, C]`` -> ``[B, N]``.
+        """Summed per-head log-prob of every valid spelling, over its characters up to its first
+        END: ``[B, k, C]`` -> ``[B, N]``.
 
         One ``index_select`` per head: reads B x N values k times and never builds a
         ``[B, k, N]`` index.
         """
-        scores = char_logp[:, 0].index_select(1, self.valid_chars[:, 0])
-        for j in range(1, self.valid_chars.shape[1]):
-            scores = scores + char_logp[:, j].index_select(1, self.valid_chars[:, j])
+        padded = torch.nn.functional.pad(char_logp, (0, 1))  # [B, k, C + 1], the last column 0
+        scores = padded[:, 0].index_select(1, self.scored_chars[:, 0])
+        for j in range(1, self.scored_chars.shape[1]):
+            scores = scores + padded[:, j].index_select(1, self.scored_chars[:, j])
         return scores
 
     def token_log_probs(self, char_logits: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,8 @@ class CharDecoder:
         char_logp = torch.log_softmax(char_logits.float(), -1)
         normaliser = torch.logsumexp(self.spelling_scores(char_logp), -1)
         chars = self.table.chars[token_ids]
-        scores = char_logp.gather(-1, chars.unsqueeze(-1)).squeeze(-1).sum(-1) - normaliser
+        read = char_logp.gather(-1, chars.unsqueeze(-1)).squeeze(-1).masked_fill(after_first_end(chars), 0.0)
+        scores = read.sum(-1) - normaliser
         return scores.masked_fill(~self.table.spellable[token_ids], float("-inf"))
 
     def autocorrect(self, char_logits: torch.Tensor) -> torch.Tensor:
@@ -109,7 +115,7 @@ class CharDecoder:
         it knows (after its one host transfer per token) to have missed, since AutoCorrect over the
         whole vocabulary costs more than the rest of the char path together.
         """
-        predicted = char_logits.argmax(-1)
+        predicted = read_string(char_logits)
         looked_up = self.table.lookup(predicted)
         hit = looked_up >= 0
         token_ids = torch.where(hit, looked_up, self.autocorrect(char_logits)) if autocorrect else looked_up

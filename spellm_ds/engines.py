@@ -37,13 +37,25 @@ def build_teacher(model_dir: Path, ds_config: dict[str, Any]):
     return engine
 
 
+def parameter_groups(model: SpeLLMForCausalLM, run: RunConfig) -> list:
+    """The trainable parameters: one group, or with ``--ffn_lr`` the char heads (at ``--lr``) and
+    the pretrained FFN blocks (at ``--ffn_lr``), in the order of the scheduler's peak list."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if run.ffn_lr is None:
+        return trainable
+    heads = list(model.char_heads.parameters())
+    ffn = [p for p in trainable if all(p is not h for h in heads)]
+    return [{"params": heads, "lr": run.lr}, {"params": ffn, "lr": run.ffn_lr}]
+
+
 def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, charset: Charset,
                   table: SpellingTable):
     """The student engine; prints the trainable share on rank 0."""
     base = load_base(model_dir, ds_config)
     torch.manual_seed(run.seed)  # identical head init on every rank
     model = SpeLLMForCausalLM(base, SpeLLMConfig(run.k, run.trainable_layers, run.head_init, run.model,
-                                                 run.label_selection), charset)
+                                                 run.label_selection, run.label_prior_weight, run.ignore_after_end),
+                              charset)
     if run.head_init == "embedding":
         embedding = base.get_output_embeddings().weight
         with deepspeed.zero.GatheredParameters([embedding]):
@@ -51,8 +63,7 @@ def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, ch
     trainable = model.freeze_for_distillation()
     if run.activation_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
-                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=parameter_groups(model, run))
     if torch.distributed.get_rank() == 0:
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})", flush=True)

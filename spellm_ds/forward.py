@@ -12,7 +12,7 @@ from typing import NamedTuple
 import deepspeed
 import torch
 
-from spellm_ds.losses import Labels, choose_labels
+from spellm_ds.losses import LabelRule, Labels, choose_labels
 from spellm_ds.model import SpeLLMOutput
 from spellm_ds.spelling import SpellingTable
 from spellm_ds.teacher import TeacherSignal, teacher_signal
@@ -35,7 +35,7 @@ class PairedForward(NamedTuple):
 
 
 def teacher_and_student(teacher: torch.nn.Module, student, input_ids: torch.Tensor, table: SpellingTable,
-                        label_rule: str, trunk_layer: int | None, with_token_logits: bool,
+                        label_rule: LabelRule, trunk_layer: int | None, with_token_logits: bool,
                         timed: bool = False) -> PairedForward:
     """Teacher then student forward; the same sequence on every rank.
 

@@ -1,26 +1,52 @@
 """Distillation losses, all in fp32 whatever the model's dtype.
 
 Label selection (the paper's anti-blending rule): of the teacher's top-5 candidates, the label is
-the one whose spelling has the lowest character NLL under the current student (the default adds
-``-log p_teacher`` to that score, see ``select_labels``). Training towards a
-single spelling stops heads from mixing characters of two candidates ("Dizza" from "Donuts" and
-"Pizza"). The choice is made without gradient; unspellable candidates are skipped and a position
-with no spellable candidate is masked out.
+the one whose spelling has the lowest character NLL under the current student; the default adds
+``-log p_teacher`` to that score (:class:`LabelRule`). Training towards a single spelling stops
+heads from mixing characters of two candidates ("Dizza" from "Donuts" and "Pizza"). The choice
+is made without gradient; unspellable candidates are skipped and a position with no spellable
+candidate is masked out.
+
+A string ends at its first END: with ``ignore_after_end`` the characters after it are left out of
+the label score and the char loss (decoding always ignores them, see
+:func:`spellm_ds.spelling.read_string`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+from spellm_ds.spelling import after_first_end
 
 if TYPE_CHECKING:
     from spellm_ds.spelling import SpellingTable
     from spellm_ds.teacher import TeacherSignal
 
-LABEL_RULES = ("joint", "student_nll")
-"""``joint``: lowest char NLL - log p_teacher (the default); ``student_nll``: lowest char NLL (the paper's)."""
+LABEL_RULES = ("joint", "student_nll", "teacher_top1")
+"""``joint``: lowest char NLL - prior_weight x log p_teacher (the default); ``student_nll``: lowest
+char NLL (the paper's); ``teacher_top1``: the teacher's first spellable candidate."""
+REG_TARGETS = ("label", "teacher")
+"""What the token regulariser pulls the student's LM-head distribution towards: ``label``, cross-
+entropy with the selected label; ``teacher``, KL from the teacher's top-5 probabilities plus the
+mass of all other tokens as one bucket (no full-vocabulary teacher logits needed)."""
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    name: str = "joint"
+    prior_weight: float = 1.0  # the weight of -log p_teacher in the joint score
+    ignore_after_end: bool = False
+
+
+@dataclass(frozen=True)
+class LossRecipe:
+    reg_weight: float = 0.1
+    reg_target: str = "label"
+    soft_char_weight: float = 0.0  # auxiliary per-head CE with the teacher's top-5 characters
+    ignore_after_end: bool = False
 
 
 class Labels(NamedTuple):
@@ -33,55 +59,105 @@ class LossParts(NamedTuple):
     total: torch.Tensor
     char: torch.Tensor
     token: torch.Tensor
+    soft_char: torch.Tensor
 
 
-def candidate_nll(char_logp: torch.Tensor, candidate_chars: torch.Tensor) -> torch.Tensor:
-    """Char NLL of each candidate spelling: ``[B,T,k,C]`` log-probs, ``[B,T,n,k]`` -> ``[B,T,n]``."""
+def candidate_char_nll(char_logp: torch.Tensor, candidate_chars: torch.Tensor) -> torch.Tensor:
+    """Per-character NLL of each candidate spelling: ``[B,T,k,C]`` log-probs, ``[B,T,n,k]`` -> ``[B,T,n,k]``."""
     n = candidate_chars.shape[2]
     expanded = char_logp.unsqueeze(2).expand(-1, -1, n, -1, -1)
-    return -expanded.gather(-1, candidate_chars.unsqueeze(-1)).squeeze(-1).sum(-1)
+    return -expanded.gather(-1, candidate_chars.unsqueeze(-1)).squeeze(-1)
+
+
+def scored_chars(chars: torch.Tensor, ignore_after_end: bool) -> torch.Tensor:
+    """``[..., k]`` float mask of the characters a loss or score counts."""
+    return (~after_first_end(chars) if ignore_after_end else torch.ones_like(chars, dtype=torch.bool)).float()
+
+
+def candidate_nll(char_logp: torch.Tensor, candidate_chars: torch.Tensor, ignore_after_end: bool = False) -> torch.Tensor:
+    """Char NLL of each candidate spelling: ``[B,T,k,C]`` log-probs, ``[B,T,n,k]`` -> ``[B,T,n]``."""
+    per_char = candidate_char_nll(char_logp, candidate_chars)
+    return (per_char * scored_chars(candidate_chars, ignore_after_end)).sum(-1)
 
 
 @torch.no_grad()
 def select_labels(char_logits: torch.Tensor, top_ids: torch.Tensor, spelling_chars: torch.Tensor,
-                  spellable: torch.Tensor, teacher_probs: torch.Tensor | None = None) -> Labels:
+                  spellable: torch.Tensor, teacher_probs: torch.Tensor | None = None, prior_weight: float = 1.0,
+                  ignore_after_end: bool = False) -> Labels:
     """The min-NLL spellable candidate per position (``spelling_chars``/``spellable`` index by token id).
 
-    With ``teacher_probs`` (``[B, T, n]``) the score is the joint ``char NLL - log p_teacher``:
+    With ``teacher_probs`` (``[B, T, n]``) the score is the joint ``char NLL - prior_weight x log p_teacher``:
     the candidate the student spells best *and* the teacher finds likely (``--label_selection joint``).
     """
     candidate_chars = spelling_chars[top_ids]  # [B, T, n, k]
-    nll = candidate_nll(torch.log_softmax(char_logits.float(), -1), candidate_chars)
+    nll = candidate_nll(torch.log_softmax(char_logits.float(), -1), candidate_chars, ignore_after_end)
     if teacher_probs is not None:
-        nll = nll - torch.log(teacher_probs.float().clamp(min=1e-30))
-    nll = nll.masked_fill(~spellable[top_ids], float("inf"))
-    best = nll.argmin(-1, keepdim=True)
+        nll = nll - prior_weight * torch.log(teacher_probs.float().clamp(min=1e-30))
+    return _pick(nll, top_ids, candidate_chars, spellable)
+
+
+def _pick(score: torch.Tensor, top_ids: torch.Tensor, candidate_chars: torch.Tensor, spellable: torch.Tensor) -> Labels:
+    """The spellable candidate with the lowest ``score`` ``[B, T, n]``."""
+    score = score.masked_fill(~spellable[top_ids], float("inf"))
+    best = score.argmin(-1, keepdim=True)
     token_ids = top_ids.gather(-1, best).squeeze(-1)
     chars = candidate_chars.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, candidate_chars.shape[-1])).squeeze(2)
     return Labels(token_ids, chars, spellable[top_ids].any(-1))
 
 
-def choose_labels(rule: str, char_logits: torch.Tensor, signal: TeacherSignal, table: SpellingTable) -> Labels:
-    """The labels under one of :data:`LABEL_RULES` (the rule a model was trained with is recorded
-    in its ``spellm_config.json``)."""
-    prior = signal.top_probs if rule == "joint" else None
-    return select_labels(char_logits, signal.top_ids, table.chars, table.spellable, prior)
+def choose_labels(rule: LabelRule, char_logits: torch.Tensor, signal: TeacherSignal, table: SpellingTable) -> Labels:
+    """The labels under ``rule`` (the rule a model was trained with is recorded in its ``spellm_config.json``)."""
+    if rule.name == "teacher_top1":
+        rank = torch.arange(signal.top_ids.shape[-1], device=signal.top_ids.device, dtype=torch.float32)
+        return _pick(rank.expand(signal.top_ids.shape), signal.top_ids, table.chars[signal.top_ids], table.spellable)
+    prior = signal.top_probs if rule.name == "joint" else None
+    return select_labels(char_logits, signal.top_ids, table.chars, table.spellable, prior, rule.prior_weight,
+                         rule.ignore_after_end)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def token_regulariser(token_logits: torch.Tensor, labels: Labels, signal: TeacherSignal, target: str) -> torch.Tensor:
+    """The student's LM-head distribution against the selected label (CE) or the teacher (top-5 + rest KL)."""
+    logq = torch.log_softmax(token_logits.float(), -1)  # [B, T, V]
+    if target == "label":
+        mask = labels.valid.float()
+        return masked_mean(-logq.gather(-1, labels.token_ids.unsqueeze(-1)).squeeze(-1), mask)
+    p = signal.top_probs.float()
+    logq_top = logq.gather(-1, signal.top_ids)
+    p_rest = (1 - p.sum(-1)).clamp(min=1e-6)
+    q_rest = (1 - logq_top.exp().sum(-1)).clamp(min=1e-6)
+    kl = (p * (p.clamp(min=1e-30).log() - logq_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return kl.mean()
+
+
+def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: SpellingTable, ignore_after_end: bool,
+                   valid: torch.Tensor) -> torch.Tensor:
+    """Per-head CE with the teacher's top-5 characters, each candidate weighted by its
+    renormalised teacher probability: the heads see the teacher's uncertainty, not one label."""
+    candidate_chars = table.chars[signal.top_ids]  # [B, T, n, k]
+    keep = scored_chars(candidate_chars, ignore_after_end)
+    per_candidate = (candidate_char_nll(char_logp, candidate_chars) * keep).sum(-1) / keep.sum(-1)
+    weights = signal.top_probs.float() * table.spellable[signal.top_ids]
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-30)
+    return masked_mean((weights * per_candidate).sum(-1), valid.float())
+
+
 def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | None, labels: Labels,
-                      reg_weight: float) -> LossParts:
-    """Char CE averaged over the k heads (END positions included) and valid positions, plus
-    ``reg_weight`` x token CE of the frozen LM head against the selected token."""
-    mask = labels.valid.float()
-    char_ce = F.cross_entropy(char_logits.float().flatten(0, 2), labels.chars.flatten(), reduction="none")
-    char_loss = masked_mean(char_ce.view_as(labels.chars).mean(-1), mask)
-    if token_logits is None or reg_weight == 0:
-        token_loss = torch.zeros((), device=char_logits.device)
-    else:
-        token_ce = F.cross_entropy(token_logits.float().flatten(0, 1), labels.token_ids.flatten(), reduction="none")
-        token_loss = masked_mean(token_ce.view_as(mask), mask)
-    return LossParts(char_loss + reg_weight * token_loss, char_loss, token_loss)
+                      signal: TeacherSignal, table: SpellingTable, recipe: LossRecipe) -> LossParts:
+    """Char CE over the valid positions' counted characters (all k, or up to the label's first END),
+    plus ``reg_weight`` x the token regulariser through the frozen LM head, plus ``soft_char_weight``
+    x the soft per-head loss."""
+    char_logp = torch.log_softmax(char_logits.float(), -1)
+    char_ce = -char_logp.gather(-1, labels.chars.unsqueeze(-1)).squeeze(-1)  # [B, T, k]
+    counted = scored_chars(labels.chars, recipe.ignore_after_end) * labels.valid.unsqueeze(-1).float()
+    char_loss = masked_mean(char_ce, counted)
+    zero = torch.zeros((), device=char_logits.device)
+    token_loss = (token_regulariser(token_logits, labels, signal, recipe.reg_target)
+                  if token_logits is not None and recipe.reg_weight > 0 else zero)
+    soft = (soft_char_loss(char_logp, signal, table, recipe.ignore_after_end, labels.valid)
+            if recipe.soft_char_weight > 0 else zero)
+    total = char_loss + recipe.reg_weight * token_loss + recipe.soft_char_weight * soft
+    return LossParts(total, char_loss, token_loss, soft)

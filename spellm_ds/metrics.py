@@ -1,8 +1,10 @@
 """Per-step match metrics, defined as in the README and used everywhere (training logs, analysis).
 
-- exact match: the argmax string equals spelling(teacher top-1) and that token fits in k chars;
+The predicted string is each head's argmax ended at its first END (:func:`read_string`).
+
+- exact match: the predicted string equals spelling(teacher top-1) and that token fits in k chars;
 - prefix match: the teacher top-1 is longer than k and the argmax string equals its first k chars;
-- match@5: the argmax string equals the spelling of any spellable teacher top-5 candidate;
+- match@5: the predicted string equals the spelling of any spellable teacher top-5 candidate;
 - head j accuracy: head j's argmax equals the selected label's j-th char (valid positions).
 
 Functions return *sums* so ranks can all-reduce them before dividing.
@@ -16,14 +18,17 @@ from typing import NamedTuple
 import torch
 
 from spellm_ds.losses import Labels
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.spelling import SpellingTable, after_first_end, read_string
 from spellm_ds.teacher import TeacherSignal
 
 
 def mean_head_entropy(char_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the k heads of each head's entropy (nats), fp32: ``[..., k, C]`` -> ``[...]``."""
+    """Mean entropy (nats, fp32) of the heads the predicted string reads, up to and including its
+    first END: ``[..., k, C]`` -> ``[...]``. Heads past the END name nothing, so their (possibly
+    untrained) uncertainty does not count."""
     logp = torch.log_softmax(char_logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1).mean(-1)
+    read = (~after_first_end(char_logits.argmax(-1))).float()
+    return -((logp.exp() * logp).sum(-1) * read).sum(-1) / read.sum(-1)
 
 
 class MatchFlags(NamedTuple):
@@ -44,7 +49,7 @@ def match_flags(predicted: torch.Tensor, top_ids: torch.Tensor, table: SpellingT
 @torch.no_grad()
 def match_sums(char_logits: torch.Tensor, signal: TeacherSignal, labels: Labels,
                table: SpellingTable) -> dict[str, torch.Tensor]:
-    predicted = char_logits.argmax(-1)  # [B, T, k]
+    predicted = read_string(char_logits)  # [B, T, k]
     flags = match_flags(predicted, signal.top_ids, table)
     head_correct = ((predicted == labels.chars) & labels.valid.unsqueeze(-1)).sum((0, 1))
     return {

@@ -26,6 +26,7 @@ from spellm_ds.charset import Charset
 from spellm_ds.decoding import CharDecoder, GenerationOutput, generate
 from spellm_ds.errors import SpellmError
 from spellm_ds.heads import CharHeads
+from spellm_ds.losses import LabelRule
 from spellm_ds.spelling import SpellingTable, model_vocab_size
 
 SPELLM_CONFIG_FILE = "spellm_config.json"
@@ -42,6 +43,12 @@ class SpeLLMConfig:
     """The model this student was distilled from: the embedded name or a directory path."""
     label_selection: str = "joint"
     """The label rule it was trained with (:data:`spellm_ds.losses.LABEL_RULES`); analysis uses the same."""
+    label_prior_weight: float = 1.0
+    ignore_after_end: bool = False
+    """Whether training ignored the characters after a label's first END."""
+
+    def label_rule(self) -> LabelRule:
+        return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)
 
     def save(self, directory: Path) -> None:
         (directory / SPELLM_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

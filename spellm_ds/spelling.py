@@ -36,6 +36,20 @@ MAX_K = 64
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
+def after_first_end(chars: torch.Tensor) -> torch.Tensor:
+    """``[..., k]`` bool: the positions after a string's first END. A string ends at its first END,
+    so these characters carry no information (``'a<end>b'`` names the same token as ``'a'``)."""
+    is_end = (chars == END_ID).long()
+    return (is_end.cumsum(-1) - is_end) > 0
+
+
+def read_string(char_logits: torch.Tensor) -> torch.Tensor:
+    """The string the heads name, ``[..., k, C]`` -> ``[..., k]``: each head's argmax, ended at the
+    first END (END after it)."""
+    predicted = char_logits.argmax(-1)
+    return predicted.masked_fill(after_first_end(predicted), END_ID)
+
+
 def _byte_level_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> byte value."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(

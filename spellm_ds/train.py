@@ -48,7 +48,7 @@ from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_
 from spellm_ds.data import load_texts, pack_documents, step_batch
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.forward import synchronized_clock, teacher_and_student
-from spellm_ds.losses import distillation_loss
+from spellm_ds.losses import LossParts, distillation_loss
 from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import shared_trunk_layer
 from spellm_ds.shutdown import GracefulShutdown
@@ -102,6 +102,7 @@ class Distillation:
         if self.resume_from is not None:  # refuse before anything is built or written
             checkpoint.check_compatible(checkpoint.read_state(self.resume_from), config.to_dict(), self.charset,
                                         self.world_size, self.resume_from)
+        self.recipe = config.loss_recipe()
         self.table = SpellingTable.from_tokenizer(self.tokenizer, self.charset, config.k,
                                                   model_vocab_size(model_config)).to(self.device)
         self.trunk_layer = (shared_trunk_layer(model_config.get_text_config().num_hidden_layers,
@@ -132,7 +133,7 @@ class Distillation:
     # ----------------------------------------------------------------- one step
     def _forward(self, input_ids: torch.Tensor, with_token_logits: bool, timed: bool = False):
         return teacher_and_student(self.teacher.module, self.student, input_ids.to(self.device), self.table,
-                                   self.config.label_selection, self.trunk_layer, with_token_logits, timed)
+                                   self.config.label_rule(), self.trunk_layer, with_token_logits, timed)
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(sums)
@@ -150,13 +151,13 @@ class Distillation:
         cfg = self.config
         teacher_s = student_s = backward_s = 0.0
         sums: dict[str, torch.Tensor] = {}
-        losses = torch.zeros(3, dtype=torch.float64)
+        losses = torch.zeros(4, dtype=torch.float64)
         for micro_step in range(cfg.grad_accum):
             batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
                                self.rank, self.world_size, cfg.seed)
             started = synchronized_clock()
             signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.reg_weight > 0, timed=True)
-            loss = distillation_loss(out.char_logits, out.token_logits, labels, cfg.reg_weight)
+            loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe)
             backward_started = synchronized_clock()
             self.student.backward(loss.total)
             self.student.step()
@@ -164,15 +165,14 @@ class Distillation:
             backward_s += finished - backward_started
             student_s += finished - started - t_s
             teacher_s += t_s
-            losses += torch.stack([loss.total, loss.char, loss.token]).detach().double().cpu()  # one host sync
+            losses += torch.stack(list(loss)).detach().double().cpu()  # one host sync
             for name, value in match_sums(out.char_logits.detach(), signal, labels, self.table).items():
                 sums[name] = sums.get(name, 0) + value.cpu()
         losses = (losses / cfg.grad_accum).to(self.device)
         dist.all_reduce(losses)
         metrics = self._reduce(sums)
-        metrics.update({"loss/total": losses[0].item() / self.world_size, "loss/char": losses[1].item() / self.world_size,
-                        "loss/token": losses[2].item() / self.world_size,
-                        "perf/teacher_s": teacher_s, "perf/student_s": student_s, "perf/backward_s": backward_s})
+        metrics.update({f"loss/{name}": value / self.world_size for name, value in zip(LossParts._fields, losses.tolist())})
+        metrics.update({"perf/teacher_s": teacher_s, "perf/student_s": student_s, "perf/backward_s": backward_s})
         return metrics
 
     @torch.no_grad()

@@ -73,6 +73,11 @@ def test_exact_prefix_and_match_at_5(table, byte_level_tokenizer):
     assert result["raw"]["exact_or_prefix"]["rate"] == 0.4 and result["raw"]["at5"]["count"] == 3
     assert result["autocorrect_fallback"]["exact_or_prefix"]["count"] == 4
     assert result["autocorrect_fallback"]["fallback_rate"]["count"] == 2
+    # the ceiling: every row through the LM head, which names " the" for rows 1-4 and the long top-1 for row 5
+    assert result["fallback_ceiling"]["exact"]["count"] == 3  # rows 1, 3, 4
+    assert result["fallback_ceiling"]["prefix"]["count"] == 1  # row 5
+    assert result["fallback_ceiling"]["at5"]["count"] == 4  # row 2's top-5 holds no " the"
+    assert result["summary"]["fallback_ceiling"] == {"top1": 0.8, "top5": 0.8}
     # the Wilson 95% score interval of 2/5, written out
     z = 1.96
     centre, half = (0.4 + z * z / 10) / (1 + z * z / 5), z * (0.24 / 5 + z * z / 100) ** 0.5 / (1 + z * z / 5)

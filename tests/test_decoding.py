@@ -3,10 +3,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spellm_ds.assets import load_tokenizer
-from spellm_ds.charset import Charset
+from spellm_ds.charset import END_ID, UNK_ID, Charset
 from spellm_ds.decoding import CharDecoder, Provenance, sample
+from spellm_ds.metrics import mean_head_entropy
 from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.spelling import SpellingTable, read_string
 from tests import tiny
 
 K = 6
@@ -28,12 +29,18 @@ def table(byte_level_tokenizer):
     return SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=8, vocab_size=len(byte_level_tokenizer))
 
 
+def read_length(chars: list[int]) -> int:
+    return chars.index(END_ID) + 1 if END_ID in chars else len(chars)
+
+
 def brute_force_autocorrect(logp, table):
+    """The canonical token whose characters up to its first END score highest."""
     best, best_score = None, -float("inf")
     for v in range(table.vocab_size):
         if not table.canonical[v]:
             continue
-        score = sum(logp[j, table.chars[v, j]].item() for j in range(table.k))
+        chars = table.chars[v].tolist()
+        score = sum(logp[j, chars[j]].item() for j in range(read_length(chars)))
         if score > best_score:
             best, best_score = v, score
     return best
@@ -56,6 +63,22 @@ def test_autocorrect_is_the_vocabulary_argmax(table):
     assert proposal.hit.all() and torch.equal(proposal.token_ids, valid)
 
 
+def test_a_string_ends_at_its_first_end(table):
+    """'<tok><end>junk' names <tok>, and its entropy counts only the heads up to that END."""
+    token = int((table.exact & (table.lengths == 2)).nonzero()[0])
+    logits = torch.full((1, table.k, len(table.charset)), -4.0)
+    logits[0, torch.arange(table.k), table.chars[token]] = 4.0
+    logits[0, 3:, :] = torch.randn(table.k - 3, len(table.charset))  # untrained heads after the END
+    logits[0, 3, UNK_ID] = 9.0  # even an UNK there is ignored
+    assert read_string(logits)[0].tolist() == table.chars[token].tolist()
+    proposal = CharDecoder(table, tau=0.5).propose(logits)
+    assert proposal.hit.item() and proposal.token_ids.item() == token
+    logp = torch.log_softmax(logits[0], -1)
+    per_head = -(logp.exp() * logp).sum(-1)
+    assert torch.allclose(mean_head_entropy(logits), per_head[:3].mean().view(1))
+    assert not proposal.fallback.item()
+
+
 def test_token_distribution_is_normalised_over_valid_tokens(table):
     decoder = CharDecoder(table)
     logits = torch.randn(4, table.k, len(table.charset))
@@ -71,7 +94,7 @@ def test_fallback_rows_are_exactly_those_at_or_above_tau(table):
     entropy = CharDecoder(table, tau=None).propose(logits).entropy
     tau = entropy.median().item()
     proposal = CharDecoder(table, tau=tau).propose(logits)
-    has_unk = (logits.argmax(-1) == 1).any(-1)
+    has_unk = (read_string(logits) == UNK_ID).any(-1)
     assert torch.equal(proposal.fallback, (entropy >= tau) | has_unk)
     assert not CharDecoder(table, tau=None).propose(logits).fallback.any()
     assert CharDecoder(table, tau=0.0).propose(logits).fallback.all()
@@ -159,7 +182,8 @@ def test_spelling_log_probs_score_every_spellable_token_by_its_spelling(table):
         owner = (canonical & (table.chars == table.chars[v]).all(-1)).nonzero().item()
         logp = torch.log_softmax(logits[v], -1)
         normaliser = decoder.spelling_scores(logp[None]).logsumexp(-1)
-        own = sum(logp[j, table.chars[v, j]] for j in range(table.k)) - normaliser
+        chars = table.chars[v].tolist()
+        own = sum(logp[j, chars[j]] for j in range(read_length(chars))) - normaliser
         assert torch.allclose(scores[v], own[0], atol=1e-5)
         assert owner != v
 

@@ -5,29 +5,44 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spellm_ds.losses import candidate_nll, choose_labels, distillation_loss, select_labels
+from spellm_ds.charset import END_ID
+from spellm_ds.losses import (LabelRule, LossRecipe, candidate_nll, choose_labels, distillation_loss, select_labels,
+                              token_regulariser)
 from spellm_ds.teacher import TeacherSignal
 
 
-def brute_force_label(char_logp, cands, spelling, spellable, prior=None):
-    """The spellable candidate with the lowest char NLL (minus log p_teacher with ``prior``)."""
+def read_length(chars: list[int]) -> int:
+    """Characters up to and including the first END (all of them when there is none)."""
+    return chars.index(END_ID) + 1 if END_ID in chars else len(chars)
+
+
+def brute_force_label(char_logp, cands, spelling, spellable, prior=None, weight=1.0, ignore_after_end=False,
+                      top1=False):
+    """The spellable candidate with the lowest char NLL (minus weight x log p_teacher with ``prior``),
+    or with ``top1`` the first spellable one."""
     best, best_score = None, float("inf")
     for i, token in enumerate(cands.tolist()):
         if not spellable[token]:
             continue
-        score = -sum(char_logp[j, spelling[token, j]].item() for j in range(spelling.shape[1]))
-        if prior is not None:
-            score -= math.log(prior[i].item())
+        chars = spelling[token].tolist()
+        counted = read_length(chars) if ignore_after_end else len(chars)
+        score = i if top1 else -sum(char_logp[j, chars[j]].item() for j in range(counted))
+        if prior is not None and not top1:
+            score -= weight * math.log(prior[i].item())
         if score < best_score:
             best, best_score = token, score
     return best
 
 
-@pytest.mark.parametrize("rule", ["student_nll", "joint"])
+RULES = [LabelRule("student_nll"), LabelRule("joint"), LabelRule("joint", 0.3), LabelRule("joint", 1.0, True),
+         LabelRule("student_nll", 1.0, True), LabelRule("teacher_top1")]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.prior_weight}-{r.ignore_after_end}")
 def test_label_selection_matches_brute_force(rule):
     g = torch.Generator().manual_seed(0)
     V, k, C, B, T = 50, 4, 7, 3, 5
-    spelling = torch.randint(0, C, (V, k), generator=g)
+    spelling = torch.randint(0, C, (V, k), generator=g)  # END (0) anywhere: junk after it to ignore
     spellable = torch.rand(V, generator=g) > 0.3
     spellable[:3] = False
     logits = torch.randn(B, T, k, C, generator=g)
@@ -37,12 +52,13 @@ def test_label_selection_matches_brute_force(rule):
     signal = TeacherSignal(top, probs, torch.zeros(B, T))
     table = SimpleNamespace(chars=spelling, spellable=spellable)
     labels = choose_labels(rule, logits, signal, table)
-    prior = probs if rule == "joint" else None
+    prior = probs if rule.name == "joint" else None
     unweighted = select_labels(logits, top, spelling, spellable)
     logp = torch.log_softmax(logits, -1)
     for b, t in itertools.product(range(B), range(T)):
         expected = brute_force_label(logp[b, t], top[b, t], spelling, spellable,
-                                     None if prior is None else prior[b, t])
+                                     None if prior is None else prior[b, t], rule.prior_weight,
+                                     rule.ignore_after_end, rule.name == "teacher_top1")
         if expected is None:
             assert not labels.valid[b, t]
         else:
@@ -50,7 +66,7 @@ def test_label_selection_matches_brute_force(rule):
             assert torch.equal(labels.chars[b, t], spelling[expected])
     assert not labels.valid[0, 0] and labels.valid.sum() >= B * T - 3
     differs = (labels.token_ids != unweighted.token_ids) & labels.valid
-    assert differs.any() == (rule == "joint")  # the prior changes some labels, and only under joint
+    assert differs.any() == (rule != LabelRule("student_nll"))  # each variation changes some labels
 
 
 def test_candidate_nll_is_sum_of_head_nlls():
@@ -70,13 +86,16 @@ def test_losses_are_fp32_under_bf16_and_match_fp32_math():
     token_logits = torch.randn(2, 4, V, generator=g).bfloat16()
     top = torch.randint(0, V, (2, 4, 5), generator=g)
     labels = select_labels(char_logits, top, spelling, spellable)
-    parts = distillation_loss(char_logits, token_logits, labels, reg_weight=0.5)
-    assert parts.total.dtype == parts.char.dtype == parts.token.dtype == torch.float32
-    ref = distillation_loss(char_logits.float(), token_logits.float(), labels, reg_weight=0.5)
+    signal = TeacherSignal(top, torch.full((2, 4, 5), 0.1), torch.zeros(2, 4))
+    table = SimpleNamespace(chars=spelling, spellable=spellable)
+    recipe = LossRecipe(reg_weight=0.5, soft_char_weight=0.2)
+    parts = distillation_loss(char_logits, token_logits, labels, signal, table, recipe)
+    assert all(part.dtype == torch.float32 for part in parts)
+    ref = distillation_loss(char_logits.float(), token_logits.float(), labels, signal, table, recipe)
     assert torch.equal(parts.total, ref.total)
     manual_char = torch.nn.functional.cross_entropy(char_logits.float().reshape(-1, C), labels.chars.reshape(-1))
     assert torch.allclose(parts.char, manual_char)
-    assert torch.allclose(parts.total, parts.char + 0.5 * parts.token)
+    assert torch.allclose(parts.total, parts.char + 0.5 * parts.token + 0.2 * parts.soft_char)
 
 
 def test_masked_positions_do_not_count():
@@ -86,7 +105,9 @@ def test_masked_positions_do_not_count():
     logits = torch.randn(1, 2, k, C)
     top = torch.tensor([[[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]])
     labels = select_labels(logits, top, spelling, spellable)
-    parts = distillation_loss(logits, None, labels, reg_weight=0.0)
+    signal = TeacherSignal(top, torch.full((1, 2, 5), 0.2), torch.zeros(1, 2))
+    parts = distillation_loss(logits, None, labels, signal, SimpleNamespace(chars=spelling, spellable=spellable),
+                              LossRecipe(reg_weight=0.0))
     only_first = torch.nn.functional.cross_entropy(logits[0, 0], spelling[0])
     assert torch.allclose(parts.char, only_first)
 
@@ -100,3 +121,69 @@ def test_joint_selection_adds_the_teacher_log_prior():
     assert select_labels(logits, top, spelling, spellable).token_ids.item() == 0
     teacher = torch.tensor([[[1e-6, 0.99, 0.0, 0.0, 0.0]]])  # but the teacher is sure of token 1
     assert select_labels(logits, top, spelling, spellable, teacher).token_ids.item() == 1
+
+
+def test_ignore_after_end_counts_each_label_up_to_its_first_end():
+    g = torch.Generator().manual_seed(3)
+    C, k = 6, 4
+    spelling = torch.tensor([[2, 0, 3, 4], [2, 3, 4, 5], [5, 0, 0, 0]])  # junk after END in token 0
+    spellable = torch.ones(3, dtype=torch.bool)
+    logits = torch.randn(1, 3, k, C, generator=g)
+    top = torch.tensor([[[0] * 5, [1] * 5, [2] * 5]])
+    signal = TeacherSignal(top, torch.full((1, 3, 5), 0.2), torch.zeros(1, 3))
+    table = SimpleNamespace(chars=spelling, spellable=spellable)
+    labels = select_labels(logits, top, spelling, spellable)
+    parts = distillation_loss(logits, None, labels, signal, table, LossRecipe(reg_weight=0.0, ignore_after_end=True))
+    logp = torch.log_softmax(logits[0], -1)
+    terms = [-logp[t, j, spelling[t, j]] for t in range(3) for j in range(read_length(spelling[t].tolist()))]
+    assert len(terms) == 2 + 4 + 2
+    assert torch.allclose(parts.char, torch.stack(terms).mean())
+
+
+def test_teacher_regulariser_is_the_top5_plus_rest_kl():
+    g = torch.Generator().manual_seed(4)
+    V = 12
+    token_logits = torch.randn(2, 3, V, generator=g)
+    teacher_logp = torch.log_softmax(torch.randn(2, 3, V, generator=g), -1)
+    top_logp, top = teacher_logp.topk(5, -1)
+    signal = TeacherSignal(top, top_logp.exp(), torch.zeros(2, 3))
+    labels = SimpleNamespace(valid=torch.ones(2, 3, dtype=torch.bool), token_ids=top[..., 0])
+    kl = token_regulariser(token_logits, labels, signal, "teacher")
+    q = torch.softmax(token_logits, -1)
+    expected = []
+    for b, t in itertools.product(range(2), range(3)):
+        p_top, q_top = top_logp[b, t].exp(), q[b, t, top[b, t]]
+        buckets_p = torch.cat([p_top, (1 - p_top.sum()).view(1)])
+        buckets_q = torch.cat([q_top, (1 - q_top.sum()).view(1)])
+        expected.append((buckets_p * (buckets_p / buckets_q).log()).sum())
+    assert torch.allclose(kl, torch.stack(expected).mean(), atol=1e-6)
+    # the student's own distribution as the teacher's: no divergence
+    same = TeacherSignal(*torch.log_softmax(token_logits, -1).topk(5, -1)[::-1], torch.zeros(2, 3))
+    same = same._replace(top_probs=same.top_probs.exp())
+    assert token_regulariser(token_logits, labels, same, "teacher").abs() < 1e-6
+    ce = token_regulariser(token_logits, labels, signal, "label")
+    assert torch.allclose(ce, -torch.log_softmax(token_logits, -1).gather(-1, top[..., :1]).mean())
+
+
+def test_soft_char_loss_is_the_probability_weighted_candidate_nll():
+    g = torch.Generator().manual_seed(5)
+    C, k, V = 6, 3, 8
+    spelling = torch.randint(0, C, (V, k), generator=g)
+    spellable = torch.ones(V, dtype=torch.bool)
+    spellable[7] = False
+    logits = torch.randn(1, 2, k, C, generator=g)
+    top = torch.tensor([[[1, 2, 3, 7, 4], [5, 6, 1, 2, 3]]])
+    probs = torch.tensor([[[0.5, 0.2, 0.1, 0.1, 0.05], [0.3, 0.3, 0.2, 0.1, 0.05]]])
+    signal = TeacherSignal(top, probs, torch.zeros(1, 2))
+    table = SimpleNamespace(chars=spelling, spellable=spellable)
+    labels = select_labels(logits, top, spelling, spellable)
+    parts = distillation_loss(logits, None, labels, signal, table, LossRecipe(reg_weight=0.0, soft_char_weight=1.0))
+    logp = torch.log_softmax(logits[0], -1)
+    per_position = []
+    for t in range(2):
+        ids = [i for i in range(5) if spellable[top[0, t, i]]]
+        weights = probs[0, t, ids] / probs[0, t, ids].sum()
+        nll = [-logp[t, torch.arange(k), spelling[top[0, t, i]]].mean() for i in ids]
+        per_position.append((weights * torch.stack(nll)).sum())
+    assert torch.allclose(parts.soft_char, torch.stack(per_position).mean())
+    assert torch.allclose(parts.total, parts.char + parts.soft_char)

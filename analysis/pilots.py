@@ -1,0 +1,159 @@
+"""Recipe pilots: distillation runs of one token budget that differ in one setting, scored on the
+same held-out positions, each against the first pilot (the baseline).
+
+    python -m analysis.pilots --out runs/pilots --steps 100 \\
+        --pilot baseline= --pilot end=--ignore_after_end --pilot kl="--reg_target teacher --reg_weight 1"
+
+Each pilot is ``NAME=FLAGS`` (flags of ``launch/distill.py``). A pilot whose exported model exists
+in ``--out/NAME/model`` is not run again, so an interrupted batch resumes with the next pilot.
+Every model is then scored on the same ``--max_tokens`` held-out positions (BoolQ dev passages
+unless ``--data``): agreement with the teacher's top-1 and top-5, raw / AutoCorrect /
+AutoCorrect + fallback / fallback ceiling, each with a 95% interval and its paired difference from
+the baseline, plus the free-running agreement of greedy continuations. Paired intervals treat
+positions as independent; positions of one document are not, so read them as a lower bound on
+the uncertainty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from analysis import free_running, match_rates
+from analysis.collect import collect, held_out_texts
+from analysis.common import VARIANTS, correct_flags
+from spellm_ds import cli
+from spellm_ds.errors import SpellmError
+
+DISTILL = Path(__file__).resolve().parents[1] / "launch" / "distill.py"
+READINGS = {"top1": "exact_or_prefix", "top5": "at5"}
+
+
+def parse_pilot(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name or "/" in name:
+        raise SpellmError(f"--pilot {text!r} must be NAME=FLAGS (NAME without '/'; FLAGS may be empty)")
+    return name, shlex.split(flags)
+
+
+def run_pilot(out: Path, name: str, flags: list[str], steps: int, ranks: int) -> Path:
+    """Distil one pilot (skipped when its model exists); returns the exported model directory."""
+    model = out / name / "model"
+    if (model / "spellm_config.json").is_file():
+        return model
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), str(DISTILL),
+               "--output_dir", str(out / name), "--max_steps", str(steps), "--eval_every", str(steps),
+               "--save_every", "0", *flags]
+    print("pilot", name, ":", shlex.join(command), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(out / f"{name}.log", "w") as log:
+        if subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise SpellmError(f"pilot {name} failed; see {out / f'{name}.log'}, fix it and rerun (finished pilots "
+                              "are kept)")
+    return model
+
+
+def paired_difference(flags: torch.Tensor, baseline: torch.Tensor) -> dict:
+    """Mean of per-position differences of two 0/1 columns with a 95% normal interval."""
+    diff = flags.double() - baseline.double()
+    mean, n = float(diff.mean()), len(diff)
+    half = 1.96 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
+    return {"diff": mean, "ci95": [mean - half, mean + half]}
+
+
+def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Match rates and free-running agreement of one pilot, plus its per-position flags."""
+    analysis = collect(argparse.Namespace(model=str(model), data=args.data, text_field=args.text_field, teacher=None,
+                                          max_tokens=args.max_tokens, seq_len=256, batch_size=4, tau=args.tau))
+    rates = match_rates.compute(analysis)
+    flags = {}
+    for variant, tau in [(v, None) for v in VARIANTS] + [("fallback_ceiling", 0.0)]:
+        decoded = correct_flags(analysis, "autocorrect_fallback" if tau == 0.0 else variant, tau)
+        for reading, key in READINGS.items():
+            flags[f"{variant}/{reading}"] = decoded[key]
+    from transformers import AutoModelForCausalLM
+
+    from spellm_ds import assets
+    from spellm_ds.model import SpeLLMForCausalLM
+
+    student = SpeLLMForCausalLM.from_pretrained(model)
+    teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(student.config.teacher)).eval()
+    prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
+    free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau)
+    return {"match_rates": rates["summary"], "fallback_rate": rates["summary"]["fallback_rate"],
+            "free_running": free_running.summary(free)}, flags
+
+
+def markdown(results: dict) -> str:
+    lines = ["| pilot | flags | raw top-1 | raw top-5 | AC+fallback top-1 (fallback rate) | fallback ceiling top-1 "
+             "| free-running agreed tokens (AC+fallback) | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["pilots"].items():
+        def cell(key: str) -> str:
+            rate = r["rates"][key]
+            diff = r.get("vs_baseline", {}).get(key)
+            return f"{100 * rate:.1f}%" + (f" ({100 * diff['diff']:+.1f}, [{100 * diff['ci95'][0]:+.1f}, "
+                                           f"{100 * diff['ci95'][1]:+.1f}])" if diff else "")
+        free = r["free_running"]["autocorrect_fallback"]
+        lines.append(f"| {name} | `{r['flags']}` | {cell('raw/top1')} | {cell('raw/top5')} | "
+                     f"{cell('autocorrect_fallback/top1')} ({100 * r['fallback_rate']:.1f}%) | "
+                     f"{cell('fallback_ceiling/top1')} | {free['mean_agreed_tokens']:.1f} | "
+                     f"{r['tokens_per_s'] or float('nan'):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def tokens_per_s(run_dir: Path) -> float | None:
+    """The run's median tokens/s from its TensorBoard log."""
+    from analysis.training_curves import read_scalars
+
+    values = [v for _, v in read_scalars(run_dir / "tensorboard").get("perf/tokens_per_s", [])]
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def main() -> None:
+    parser = cli.ArgumentParser(__doc__)
+    parser.add_argument("--pilot", action="append", required=True, type=parse_pilot, metavar="NAME=FLAGS",
+                        help="one pilot; the first is the baseline the others are compared with")
+    parser.add_argument("--out", required=True, help="folder of the pilot runs and pilots.json/pilots.md")
+    parser.add_argument("--steps", type=cli.positive_int, default=100, help="optimizer steps per pilot "
+                        "(the token budget is steps x global batch x seq_len; default: %(default)s)")
+    parser.add_argument("--ranks", type=cli.positive_int, default=2, help="processes per pilot (default: %(default)s)")
+    parser.add_argument("--data", nargs="*", default=None, metavar="FILE", help="held-out text (default: BoolQ dev)")
+    parser.add_argument("--text_field", default="text")
+    parser.add_argument("--max_tokens", type=cli.positive_int, default=8192, help="held-out positions scored")
+    parser.add_argument("--prompts", type=cli.positive_int, default=50, help="free-running prompts")
+    parser.add_argument("--new_tokens", type=cli.positive_int, default=64, help="free-running tokens per prompt")
+    cli.add_tau_arg(parser)
+    args = parser.parse_args()
+    names = [name for name, _ in args.pilot]
+    if len(set(names)) != len(names):
+        raise SpellmError(f"pilot names must differ: {names}")
+    out = cli.check_output_dir(args.out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"steps": args.steps, "held_out": args.data or "BoolQ dev passages", "positions": args.max_tokens,
+                     "tau": args.tau, "pilots": {}}
+    baseline_flags = None
+    for name, flags in args.pilot:
+        model = run_pilot(out, name, flags, args.steps, args.ranks)
+        summary, position_flags = score(model, args)
+        entry = {"flags": shlex.join(flags), "rates": {k: float(v.double().mean()) for k, v in position_flags.items()},
+                 **summary, "tokens_per_s": tokens_per_s(out / name)}
+        if baseline_flags is None:
+            baseline_flags = position_flags
+        else:
+            entry["vs_baseline"] = {k: paired_difference(v, baseline_flags[k]) for k, v in position_flags.items()}
+        results["pilots"][name] = entry
+        (out / "pilots.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "pilots.md").write_text(markdown(results))
+    print((out / "pilots.md").read_text())
+
+
+if __name__ == "__main__":
+    cli.run(main)
