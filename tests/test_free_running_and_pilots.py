@@ -1,0 +1,98 @@
+"""The free-running metric and the pilot harness, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from analysis import free_running, pilots
+from spellm_ds.assets import load_tokenizer
+from spellm_ds.charset import Charset
+from spellm_ds.errors import SpellmError
+from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from tests import tiny
+from tests.distributed import ROOT, rank_env
+
+
+def test_agreed_tokens_count_the_shared_prefix():
+    reference = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    candidate = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [7, 2, 3, 4]])
+    assert free_running.agreed_tokens(reference, candidate).tolist() == [4, 1, 0]
+    result = free_running.agreement(reference, candidate)
+    assert result["identical"] == pytest.approx(1 / 3) and result["mean_agreed_tokens"] == pytest.approx(5 / 3)
+    half = 1.96 * torch.tensor([4.0, 1.0, 0.0]).std().item() / 3 ** 0.5
+    assert result["mean_agreed_ci95"] == pytest.approx([5 / 3 - half, 5 / 3 + half])
+
+
+@pytest.fixture(scope="module")
+def student_and_teacher(tmp_path_factory):
+    base_dir = tiny.tiny_llama_dir(tmp_path_factory.mktemp("free") / "base", tiny.corpus_texts(60))
+    teacher = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    student = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=6), Charset.default())
+    torch.manual_seed(0)
+    torch.nn.init.normal_(student.char_heads.proj.weight, std=0.3)
+    student.attach_tokenizer(load_tokenizer(base_dir))
+    return student.eval(), teacher
+
+
+def test_a_student_that_always_falls_back_to_the_teachers_head_agrees_everywhere(student_and_teacher):
+    student, teacher = student_and_teacher
+    prompt_ids = free_running.prompts(student.tokenizer, tiny.corpus_texts(200)[150:], 6, 12)
+    assert prompt_ids.shape == (6, 12)
+    result = free_running.compute(student, teacher, prompt_ids, 10, tau=0.0)  # every token falls back
+    assert result["autocorrect_fallback"]["identical"] == 1.0
+    assert result["autocorrect_fallback"]["agreed_tokens"] == [10] * 6
+    assert result["autocorrect_fallback"]["provenance"]["fallback"] > 0
+    # random char heads: the raw continuation leaves the teacher's at once
+    expected = free_running.agreed_tokens(
+        free_running.decode_loop(teacher, free_running.lm_head_picker(teacher), prompt_ids, None, 10,
+                                 student.tokenizer.eos_token_id).sequences,
+        student.generate(prompt_ids, max_new_tokens=10, tau=None).sequences)
+    assert result["raw"]["agreed_tokens"] == expected.tolist()
+    assert result["raw"]["mean_agreed_tokens"] < 10
+
+
+def test_too_few_prompts_is_a_clear_error(student_and_teacher):
+    with pytest.raises(SpellmError, match="lower --prompts"):
+        free_running.prompts(student_and_teacher[0].tokenizer, ["one two"], 2, 50)
+
+
+def test_paired_difference_and_pilot_names():
+    a, b = torch.tensor([1, 1, 0, 1]), torch.tensor([0, 1, 0, 0])
+    result = pilots.paired_difference(a, b)
+    half = 1.96 * torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item() / 2
+    assert result["diff"] == 0.5 and result["ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert pilots.parse_pilot('kl=--reg_target teacher --reg_weight "1.0"') == (
+        "kl", ["--reg_target", "teacher", "--reg_weight", "1.0"])
+    assert pilots.parse_pilot("baseline=") == ("baseline", [])
+    with pytest.raises(SpellmError, match="NAME=FLAGS"):
+        pilots.parse_pilot("--ignore_after_end")
+
+
+def test_pilots_run_score_and_resume(tmp_path):
+    """Two 3-step pilots on a tiny model: both trained and scored on the same positions; a rerun
+    trains nothing and scores the same."""
+    model_dir, data = tiny.tiny_setup(tmp_path, 150)
+    common = f"--model {model_dir} --data {data} --k 6 --trainable_layers 2 --seq_len 64 --warmup 1"
+    command = [sys.executable, "-m", "analysis.pilots", "--out", str(tmp_path / "pilots"), "--steps", "3",
+               "--data", str(data), "--max_tokens", "512", "--prompts", "4", "--new_tokens", "8",
+               "--pilot", f"base={common}", "--pilot", f"end={common} --ignore_after_end --reg_target teacher"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=rank_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "pilots" / "pilots.json").read_text())
+    base, end = results["pilots"]["base"], results["pilots"]["end"]
+    assert "vs_baseline" not in base and set(end["vs_baseline"]) == set(end["rates"])
+    for key, diff in end["vs_baseline"].items():
+        assert diff["diff"] == pytest.approx(end["rates"][key] - base["rates"][key])
+    config = json.loads((tmp_path / "pilots" / "end" / "model" / "spellm_config.json").read_text())
+    assert config["ignore_after_end"] is True
+    run = json.loads((tmp_path / "pilots" / "end" / "run_config.json").read_text())["run"]
+    assert run["max_steps"] == 3 and run["reg_target"] == "teacher"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=rank_env())
+    assert again.returncode == 0 and "pilot base :" not in again.stdout  # nothing retrained
+    assert json.loads((tmp_path / "pilots" / "pilots.json").read_text())["pilots"]["end"]["rates"] == end["rates"]
