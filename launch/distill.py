@@ -34,6 +34,8 @@ def parse_args() -> RunConfig:
     p.add_argument("--charset", default=None, help="charset.json or a text file of extra characters")
     p.add_argument("--trainable_layers", type=int, default=DEFAULTS.trainable_layers,
                    help="train the FFN blocks of this many last decoder layers (default: %(default)s)")
+    p.add_argument("--train_attention", action="store_true",
+                   help="beyond the paper: train the attention blocks of those layers too")
     p.add_argument("--head_init", choices=("embedding", "random"), default=DEFAULTS.head_init,
                    help="char head start: mean token embeddings per (position, char), or random (default: %(default)s)")
     p.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="tokens per packed block (default: %(default)s)")
@@ -41,7 +43,8 @@ def parse_args() -> RunConfig:
     p.add_argument("--grad_accum", type=int, default=None, help="micro steps per optimizer step (default: config or 1)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: config or 1e-3)")
     p.add_argument("--ffn_lr", type=float, default=None,
-                   help="peak learning rate of the pretrained FFN blocks (default: --lr); the char heads use --lr")
+                   help="peak learning rate of the pretrained blocks that train (FFNs, and attention with "
+                        "--train_attention) (default: --lr); the char heads use --lr")
     p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warm-up steps (default: %(default)s)")
     p.add_argument("--max_steps", type=int, default=DEFAULTS.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--reg_weight", type=float, default=DEFAULTS.reg_weight,

@@ -32,12 +32,12 @@ from safetensors.torch import load_file
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import SpeLLMConfig, write_directory
+from spellm_ds.model import write_directory
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "spellm_state.json"
 BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
-RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "head_init", "seq_len", "micro_batch",
+RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "train_attention", "head_init", "seq_len", "micro_batch",
                       "grad_accum", "lr", "ffn_lr", "warmup", "max_steps", "reg_weight", "reg_target",
                       "soft_char_weight", "label_selection", "label_prior_weight", "ignore_after_end",
                       "eval_fraction", "seed")
@@ -217,10 +217,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
             base_state[key] = tensor  # the fp32 master weight, whatever the base dtype
     heads = {n.removeprefix(HEADS_PREFIX): t.float() for n, t in trained.items() if n.startswith(HEADS_PREFIX)}
     run = state["run"]
-    config = SpeLLMConfig(k=run["k"], trainable_layers=run["trainable_layers"], head_init=run["head_init"],
-                          teacher=run["model"], label_selection=run["label_selection"],
-                          label_prior_weight=run.get("label_prior_weight", 1.0),
-                          ignore_after_end=run.get("ignore_after_end", False))
+    config = RunConfig(**{**RunConfig().to_dict(), **run}).spellm_config()
     # Written beside out_dir and renamed into place: a crash mid-export leaves no half-written model.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))

@@ -38,6 +38,7 @@ class RunConfig:
     k: int = 10
     charset: str | None = None
     trainable_layers: int = 5
+    train_attention: bool = False
     head_init: str = "embedding"
     seq_len: int = 256
     micro_batch: int | None = None
@@ -110,6 +111,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def spellm_config(self):
+        """The :class:`~spellm_ds.model.SpeLLMConfig` a model trained by this run records."""
+        from spellm_ds.model import SpeLLMConfig
+
+        return SpeLLMConfig(k=self.k, trainable_layers=self.trainable_layers, train_attention=self.train_attention,
+                            head_init=self.head_init, teacher=self.model, label_selection=self.label_selection,
+                            label_prior_weight=self.label_prior_weight, ignore_after_end=self.ignore_after_end)
 
     def label_rule(self) -> LabelRule:
         return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)

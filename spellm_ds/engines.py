@@ -17,7 +17,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig, mixed_precision_dtype
-from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.model import SpeLLMForCausalLM
 from spellm_ds.spelling import SpellingTable
 
 
@@ -39,7 +39,7 @@ def build_teacher(model_dir: Path, ds_config: dict[str, Any]):
 
 def parameter_groups(model: SpeLLMForCausalLM, run: RunConfig) -> list:
     """The trainable parameters: one group, or with ``--ffn_lr`` the char heads (at ``--lr``) and
-    the pretrained FFN blocks (at ``--ffn_lr``), in the order of the scheduler's peak list."""
+    the pretrained blocks that train (at ``--ffn_lr``), in the order of the scheduler's peak list."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if run.ffn_lr is None:
         return trainable
@@ -53,9 +53,7 @@ def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, ch
     """The student engine; prints the trainable share on rank 0."""
     base = load_base(model_dir, ds_config)
     torch.manual_seed(run.seed)  # identical head init on every rank
-    model = SpeLLMForCausalLM(base, SpeLLMConfig(run.k, run.trainable_layers, run.head_init, run.model,
-                                                 run.label_selection, run.label_prior_weight, run.ignore_after_end),
-                              charset)
+    model = SpeLLMForCausalLM(base, run.spellm_config(), charset)
     if run.head_init == "embedding":
         embedding = base.get_output_embeddings().weight
         with deepspeed.zero.GatheredParameters([embedding]):

@@ -38,6 +38,8 @@ BASE_WEIGHTS_FILE = "model.safetensors"
 class SpeLLMConfig:
     k: int = 10
     trainable_layers: int = 5
+    train_attention: bool = False
+    """Beyond the paper: the attention blocks of the trainable layers train too."""
     head_init: str = "embedding"
     teacher: str = ""
     """The model this student was distilled from: the embedded name or a directory path."""
@@ -88,6 +90,10 @@ def decoder_layers_of(decoder: nn.Module) -> nn.ModuleList:
 
 def feed_forward(layer: nn.Module) -> nn.Module:
     return _child(layer, ("mlp", "feed_forward", "ffn"), nn.Module, "FFN block")
+
+
+def attention(layer: nn.Module) -> nn.Module:
+    return _child(layer, ("self_attn", "attn", "attention"), nn.Module, "attention block")
 
 
 def shared_trunk_layer(num_layers: int, trainable_layers: int) -> int | None:
@@ -143,7 +149,8 @@ class SpeLLMForCausalLM(nn.Module):
 
     # ----------------------------------------------------------------- training set-up
     def freeze_for_distillation(self) -> int:
-        """Train only the char heads and the FFN blocks of the last ``trainable_layers`` layers.
+        """Train only the char heads and the FFN blocks (and with ``train_attention`` the attention
+        blocks) of the last ``trainable_layers`` layers.
 
         Returns the number of trainable parameters.
         """
@@ -155,6 +162,8 @@ class SpeLLMForCausalLM(nn.Module):
         self.char_heads.requires_grad_(True)
         for layer in list(layers)[len(layers) - n:]:
             feed_forward(layer).requires_grad_(True)
+            if self.config.train_attention:
+                attention(layer).requires_grad_(True)
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                    for p in self.parameters() if p.requires_grad)
 

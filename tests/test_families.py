@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.charset import Charset
 from spellm_ds.losses import select_labels
-from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM, shared_trunk_layer
+from spellm_ds.model import (SpeLLMConfig, SpeLLMForCausalLM, attention, decoder_layers, feed_forward,
+                            shared_trunk_layer)
 from spellm_ds.spelling import SpellingTable, model_vocab_size
 from spellm_ds.teacher import teacher_signal
 from tests import tiny
@@ -70,3 +71,19 @@ def test_a_padding_row_in_the_top_5_is_never_a_label(padded_dir):
     for prior in (None, torch.tensor([[[0.96, 0.01, 0.01, 0.01, 0.01]]])):
         labels = select_labels(char_logits, top_ids, table.chars, table.spellable, prior)
         assert labels.token_ids.item() in spellable.tolist() and labels.valid.item()
+
+
+def test_train_attention_adds_exactly_the_top_layers_attention(family_dir):
+    """--train_attention: the heads, and the FFN and attention blocks of the top layers, nothing else."""
+    base = AutoModelForCausalLM.from_pretrained(family_dir)
+    model = SpeLLMForCausalLM(base, SpeLLMConfig(k=6, trainable_layers=2, train_attention=True), Charset.default())
+    model.freeze_for_distillation()
+    layers = decoder_layers(base)
+    expected = {id(p) for p in model.char_heads.parameters()}
+    for layer in list(layers)[-2:]:
+        expected |= {id(p) for p in feed_forward(layer).parameters()} | {id(p) for p in attention(layer).parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+    assert all(not p.requires_grad for layer in list(layers)[:-2] for p in layer.parameters())
+    out = model(torch.randint(0, 50, (1, 8)))
+    out.char_logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attention(layers[-1]).parameters())
