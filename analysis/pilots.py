@@ -33,7 +33,8 @@ from analysis.common import VARIANTS, correct_flags
 from spellm_ds import cli
 from spellm_ds.errors import SpellmError
 
-DISTILL = Path(__file__).resolve().parents[1] / "launch" / "distill.py"
+ROOT = Path(__file__).resolve().parents[1]
+DISTILL = ROOT / "launch" / "distill.py"
 READINGS = {"top1": "exact_or_prefix", "top5": "at5"}
 
 
@@ -53,7 +54,10 @@ def run_pilot(out: Path, name: str, flags: list[str], steps: int, ranks: int) ->
                "--output_dir", str(out / name), "--max_steps", str(steps), "--eval_every", str(steps),
                "--save_every", "0", *flags]
     print("pilot", name, ":", shlex.join(command), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # the ranks import this tree's spellm_ds, not whichever one is installed (an editable install
+    # of another checkout would otherwise train with that checkout's code)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(out / f"{name}.log", "w") as log:
         if subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
             raise SpellmError(f"pilot {name} failed; see {out / f'{name}.log'}, fix it and rerun (finished pilots "
@@ -137,7 +141,9 @@ def main() -> None:
         raise SpellmError(f"pilot names must differ: {names}")
     out = cli.check_output_dir(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"steps": args.steps, "held_out": args.data or "BoolQ dev passages", "positions": args.max_tokens,
+    from bench.common import commit
+
+    results: dict = {"commit": commit(), "steps": args.steps, "held_out": args.data or "BoolQ dev passages", "positions": args.max_tokens,
                      "tau": args.tau, "pilots": {}}
     baseline_flags = None
     for name, flags in args.pilot:
