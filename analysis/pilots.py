@@ -47,6 +47,7 @@ def parse_pilot(text: str) -> tuple[str, list[str]]:
 
 def run_pilot(out: Path, name: str, flags: list[str], steps: int, ranks: int) -> Path:
     """Distil one pilot (skipped when its model exists); returns the exported model directory."""
+    out = out.resolve()
     model = out / name / "model"
     if (model / "spellm_config.json").is_file():
         return model
@@ -54,12 +55,12 @@ def run_pilot(out: Path, name: str, flags: list[str], steps: int, ranks: int) ->
                "--output_dir", str(out / name), "--max_steps", str(steps), "--eval_every", str(steps),
                "--save_every", "0", *flags]
     print("pilot", name, ":", shlex.join(command), flush=True)
-    # the ranks import this tree's spellm_ds, not whichever one is installed (an editable install
-    # of another checkout would otherwise train with that checkout's code)
+    # the ranks run in and import this tree (its default DeepSpeed configs, its spellm_ds), not
+    # whichever checkout is installed or current
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(out / f"{name}.log", "w") as log:
-        if subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+        if subprocess.run(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
             raise SpellmError(f"pilot {name} failed; see {out / f'{name}.log'}, fix it and rerun (finished pilots "
                               "are kept)")
     return model
