@@ -43,6 +43,9 @@ RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "t
                       "eval_fraction", "seed")
 """Flags a resumed run must share with its checkpoint: they fix the model, the held-out split, the
 data order and the schedule. The rest (evaluation, saving, speed settings) may change."""
+BEFORE_THE_FLAG = {"train_attention": False, "ffn_lr": None, "reg_target": "label", "soft_char_weight": 0.0,
+                   "label_prior_weight": 1.0, "ignore_after_end": False}
+"""What a checkpoint written before a flag existed did, which is not always today's default."""
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -88,6 +91,11 @@ def find_resume_point(resume: str, output_dir: str | Path) -> Path | None:
     return Path(resume)
 
 
+def saved_run(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's resolved flags; a flag newer than the checkpoint gets what the run did without it."""
+    return {**RunConfig().to_dict(), **BEFORE_THE_FLAG, **state["run"]}
+
+
 def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charset, world_size: int,
                      checkpoint: Path) -> None:
     """Refuse a resume that would silently change the run (``run`` holds the resolved flags).
@@ -96,7 +104,7 @@ def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charse
     schedule's linear decay is then laid over the new total from the resumed step on (the LR
     rises to where the longer schedule would be at that step).
     """
-    saved = {**RunConfig().to_dict(), **state["run"]}  # a flag newer than the checkpoint had its default
+    saved = saved_run(state)
     for key in RUN_DEFINING_FLAGS:
         old, new = saved[key], run[key]
         if old == new or (key == "max_steps" and run["extend_schedule"] and new > old):
@@ -216,8 +224,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
                                   "export with the base model it was trained from")
             base_state[key] = tensor  # the fp32 master weight, whatever the base dtype
     heads = {n.removeprefix(HEADS_PREFIX): t.float() for n, t in trained.items() if n.startswith(HEADS_PREFIX)}
-    run = state["run"]
-    config = RunConfig(**{**RunConfig().to_dict(), **run}).spellm_config()
+    config = RunConfig(**saved_run(state)).spellm_config()
     # Written beside out_dir and renamed into place: a crash mid-export leaves no half-written model.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spellm_ds.checkpoint import BEFORE_THE_FLAG, saved_run
+from spellm_ds.config import RunConfig
 from spellm_ds.model import SpeLLMForCausalLM
 from tests import tiny
 from tests.distributed import ROOT, free_port, scalars, rank_env, torchrun
@@ -191,3 +193,12 @@ def test_extend_schedule_trains_on_from_a_finished_run(base, tmp_path):
     assert sorted(lr) == [1, 2, 3, 4] and [lr[1], lr[2]] == [short[1], short[2]]
     # from the resumed step on, the LR is the 4-step schedule's: its decay laid over the new total
     assert [lr[3], lr[4]] == [straight_lr[3], straight_lr[4]] and lr[3] > lr[4]
+
+
+def test_a_checkpoint_older_than_a_flag_reads_as_the_run_it_was():
+    """Flags added after a checkpoint was written take what that run did, not today's default."""
+    current = RunConfig().to_dict()
+    old_state = {"run": {key: value for key, value in current.items() if key not in BEFORE_THE_FLAG}}
+    assert {key: saved_run(old_state)[key] for key in BEFORE_THE_FLAG} == BEFORE_THE_FLAG
+    new_state = {"run": {**current, "ignore_after_end": True, "reg_target": "teacher"}}
+    assert saved_run(new_state)["ignore_after_end"] is True and saved_run(new_state)["reg_target"] == "teacher"
