@@ -1,11 +1,16 @@
 """TensorBoard curves of a distillation run as one PNG (losses, held-out match, speed) plus a JSON summary.
 
     python -m analysis.training_curves --logdir OUTPUT_DIR/tensorboard --out docs/curves.png
+
+The summary also fits the held-out exact+prefix match against log2(tokens trained) and says how
+many tokens the fit puts at given match levels. Match curves bend over as they approach their
+ceiling, so a straight line in log tokens is an optimistic guide: a lower bound on the tokens needed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -24,7 +29,7 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def summary(scalars: dict[str, list[tuple[int, float]]]) -> dict:
+def summary(scalars: dict[str, list[tuple[int, float]]], step_tokens: int | None) -> dict:
     def median(tag: str, skip: int = 2) -> float | None:
         values = [v for s, v in scalars.get(tag, []) if s > skip]
         return statistics.median(values) if values else None
@@ -38,7 +43,31 @@ def summary(scalars: dict[str, list[tuple[int, float]]]) -> dict:
         "median_teacher_s": median("perf/teacher_s"), "median_student_s": median("perf/student_s"),
         "max_rss_gb_rank0": max((v for _, v in scalars.get("mem/rss_gb", [])), default=None),
         "final_loss": scalars["loss/total"][-1][1] if scalars.get("loss/total") else None,
+        "tokens_per_step": step_tokens,
+        "held_out_vs_log2_tokens": log_token_fit(held_out, step_tokens) if step_tokens else None,
     }
+
+
+def tokens_per_step(logdir: Path) -> int | None:
+    """Global tokens per optimizer step from the run_config.json beside the run's tensorboard/."""
+    config_path = logdir.parent / "run_config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())
+    run = config["run"]
+    return run["seq_len"] * run["micro_batch"] * run["grad_accum"] * config["world_size"]
+
+
+def log_token_fit(held_out: list[tuple[int, float]], step_tokens: int,
+                  levels: tuple[float, ...] = (0.8, 0.95)) -> dict | None:
+    """Least-squares line of match against log2(tokens) over the evaluations after step 0, and the
+    tokens at which the line reaches each level (None where it does not rise)."""
+    points = [(math.log2(step * step_tokens), value) for step, value in held_out if step > 0]
+    if len(points) < 3:
+        return None
+    slope, intercept = statistics.linear_regression(*zip(*points))
+    reach = {f"{level:.2f}": (2 ** ((level - intercept) / slope) if slope > 0 else None) for level in levels}
+    return {"points": len(points), "per_doubling": slope, "tokens_to_reach": reach}
 
 
 def plot(scalars: dict[str, list[tuple[int, float]]], path: Path) -> None:
@@ -73,11 +102,12 @@ def main() -> None:
     parser.add_argument("--logdir", required=True)
     parser.add_argument("--out", required=True, help="PNG path (a JSON summary is written beside it)")
     args = parser.parse_args()
-    scalars = read_scalars(Path(args.logdir))
+    logdir = Path(args.logdir)
+    scalars = read_scalars(logdir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(scalars, out)
-    result = summary(scalars)
+    result = summary(scalars, tokens_per_step(logdir))
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -47,12 +47,12 @@ class RunConfig:
     ffn_lr: float | None = None
     warmup: int = 20
     max_steps: int = 300
-    reg_weight: float = 0.1
-    reg_target: str = "label"
-    soft_char_weight: float = 0.0
+    reg_weight: float = 3.0
+    reg_target: str = "teacher"
+    soft_char_weight: float = 0.5
     label_selection: str = "joint"
     label_prior_weight: float = 1.0
-    ignore_after_end: bool = False
+    ignore_after_end: bool = True
     eval_every: int = 50
     eval_fraction: float = 0.02
     eval_blocks: int = 32

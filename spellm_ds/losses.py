@@ -43,6 +43,9 @@ class LabelRule:
 
 @dataclass(frozen=True)
 class LossRecipe:
+    """The loss's knobs. The field defaults are the plain recipe the unit tests build on; a run's
+    defaults are :class:`spellm_ds.config.RunConfig`'s."""
+
     reg_weight: float = 0.1
     reg_target: str = "label"
     soft_char_weight: float = 0.0  # auxiliary per-head CE with the teacher's top-5 characters

@@ -137,8 +137,8 @@ def test_bad_resume_and_export(base, tmp_path):
                ("--eval_fraction", "0.1"): "--eval_fraction 0.02, this run has 0.1",
                ("--micro_batch", "4"): "--micro_batch 2, this run has 4",
                ("--lr", "0.001"): "--lr 0.003, this run has 0.001", ("--warmup", "5"): "--warmup 2, this run has 5",
-               ("--ignore_after_end",): "--ignore_after_end False, this run has True",
-               ("--reg_target", "teacher"): "--reg_target 'label', this run has 'teacher'",
+               ("--no-ignore_after_end",): "--ignore_after_end True, this run has False",
+               ("--reg_target", "label"): "--reg_target 'teacher', this run has 'label'",
                ("--data", str(base[0] / "config.json")): "--data",
                ("--max_steps", "4"): "--max_steps 2, this run has 4"}
     for flags, message in changed.items():

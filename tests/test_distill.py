@@ -1,5 +1,6 @@
 """A real 2-rank ZeRO-3 distillation (torchrun, gloo) of a tiny Llama on real text."""
 
+import math
 import statistics
 
 import pytest
@@ -80,6 +81,22 @@ def test_training_curves_plot_and_summary(run, tmp_path):
     held_out = dict(scalars(out / "tensorboard")["eval/match/exact_or_prefix"])
     assert summary["steps"] == STEPS and summary["held_out_exact_or_prefix"]["0"] == held_out[0]
     assert png.stat().st_size > 10000
+    # match against log2(tokens): 2 ranks x 4 blocks x 64 tokens per step, a line through steps 10, 20, 30
+    assert summary["tokens_per_step"] == 2 * 4 * 64
+    xs = [math.log2(step * 512) for step in (10, 20, 30)]
+    ys = [held_out[step] for step in (10, 20, 30)]
+    slope = statistics.linear_regression(xs, ys).slope
+    assert summary["held_out_vs_log2_tokens"]["per_doubling"] == pytest.approx(slope, rel=1e-9)
+
+
+def test_log_token_fit_finds_the_tokens_of_a_level_on_an_exact_line():
+    from analysis.training_curves import log_token_fit
+
+    held_out = [(0, 0.0)] + [(step, 0.1 + 0.05 * math.log2(step * 1000)) for step in (100, 200, 400, 800)]
+    fit = log_token_fit(held_out, 1000)
+    assert fit["points"] == 4 and fit["per_doubling"] == pytest.approx(0.05)
+    assert fit["tokens_to_reach"]["0.80"] == pytest.approx(2 ** 14) and fit["tokens_to_reach"]["0.95"] == pytest.approx(2 ** 17)
+    assert log_token_fit([(100, 0.5), (200, 0.4), (400, 0.3)], 1000)["tokens_to_reach"]["0.80"] is None
 
 
 def test_two_ranks_equal_one_rank_on_the_same_global_batch(tmp_path):
