@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -37,27 +38,52 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def add_threads_arg(parser) -> None:
+    from spellm_ds.cli import positive_int
+
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count(),
+                        help="torch threads for every timed variant (default: the cores, %(default)s)")
+
+
 def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
-    """Median wall time of ``fn`` (torch.utils.benchmark handles warm-up and repetition)."""
+    """Median wall time of ``fn`` at the process's torch thread count (torch.utils.benchmark handles
+    warm-up and repetition; its Timer would otherwise run on 1 thread)."""
     from torch.utils import benchmark
 
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def interleaved_medians(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Run every variant once per round, ``repeats`` rounds, after one warm-up round; medians.
+def interleaved_times(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Wall times of every variant, run once per round for ``rounds`` rounds after one warm-up round.
 
     Interleaving spreads slow drifts of the machine (other load, thermal) over all variants.
     """
     for fn in variants.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in variants.items():
             started = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """The median and a distribution-free interval for it: the order statistics x(j), x(n+1-j) with
+    the largest j whose coverage, 1 - 2 P(Binomial(n, 1/2) < j), is at least ``confidence``.
+    Below 6 values no pair reaches 95%: the interval is then the full range, its coverage recorded."""
+    ordered, n = sorted(values), len(values)
+
+    def coverage(j: int) -> float:  # of [ordered[j], ordered[n - 1 - j]]
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j + 1)) / 2 ** n
+
+    j = 0
+    while j + 1 < n - 1 - (j + 1) and coverage(j + 1) >= confidence:
+        j += 1
+    return {"median": statistics.median(ordered), "low": ordered[j], "high": ordered[n - 1 - j],
+            "coverage": coverage(j)}
 
 
 def commit() -> str:

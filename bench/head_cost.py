@@ -1,6 +1,6 @@
 """Output-head cost per position: the LM head against SpeLLM's char-head path.
 
-    python -m bench.head_cost [--quick] [--out FILE]
+    python -m bench.head_cost [--threads N] [--quick] [--out FILE]
 
 Variants (all on the same hidden states, SmolLM2-135M dimensions: d=576, |V|=49152, k=10,
 |C|=105, the real SmolLM2 spelling table):
@@ -11,7 +11,8 @@ Variants (all on the same hidden states, SmolLM2-135M dimensions: d=576, |V|=491
                      repairs only the rows whose string missed)
   (e) + entropy      mean head entropy and the fallback mask too = CharDecoder.propose
   (f) decode path    (c) + entropy and fallback mask, no AutoCorrect: a step where every row hit
-Batch sizes 1, 8, 64; fp32 and bf16; time per position and ratio to (a).
+Batch sizes 1, 8, 64; fp32 and bf16; time per position and ratio to (a); every variant at the
+same stated thread count (``--threads``, default the cores).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import median_seconds, write
+from bench.common import add_threads_arg, median_seconds, write
 from spellm_ds import cli
 from spellm_ds.charset import Charset
 from spellm_ds.decoding import CharDecoder
@@ -44,7 +45,9 @@ def main() -> None:
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", default=None)
+    add_threads_arg(parser)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     k = 10
     table = spelling_table(args.quick, k)
     d = 64 if args.quick else 576
@@ -76,7 +79,7 @@ def main() -> None:
             print(f"{dtype} batch {batch}: " + ", ".join(f"{n} {base / t:.1f}x" for n, t in per_position.items()))
     write("head_cost" + ("_quick" if args.quick else ""),
           {"hidden": d, "vocab": vocab, "k": k, "charset": num_chars, "valid_spellings": int(table.canonical.sum()),
-           "quick": args.quick}, results, args.out)
+           "threads": torch.get_num_threads(), "quick": args.quick}, results, args.out)
 
 
 if __name__ == "__main__":

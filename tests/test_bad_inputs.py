@@ -115,6 +115,7 @@ CASES = [
     (lambda f: analysis("match_rates", f, "--out", str(f["root"] / "no_checkpoints")), f"{R}/no_checkpoints"),
     # benchmarks
     (lambda f: ["-m", "bench.decode_speed", "--repeats", "0"], "--repeats"),
+    (lambda f: ["-m", "bench.decode_speed", "--model", str(f["root"]), "--repeats", "3"], "--repeats 3: at least 6"),
     (lambda f: ["-m", "bench.decode_speed"], "--model"),
     (lambda f: ["-m", "bench.distill_throughput", "--steps", "0"], "--steps"),
     # launch/spelling_report.py

@@ -27,7 +27,9 @@ def positive(value):
 
 
 def test_head_cost(tmp_path):
-    results = run_bench("head_cost", tmp_path)["results"]
+    document = run_bench("head_cost", tmp_path)
+    assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == os.cpu_count()
+    results = document["results"]
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8, 64)}
     for row in results:
         assert set(row["seconds_per_position"]) == {"a_lm_head", "b_char_heads", "c_lookup", "d_autocorrect",
@@ -38,12 +40,39 @@ def test_head_cost(tmp_path):
 
 
 def test_decode_speed(tmp_path):
-    results = run_bench("decode_speed", tmp_path)["results"]
+    document = run_bench("decode_speed", tmp_path, "--threads", "1")
+    assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == 1
+    results = document["results"]
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8)}
     for row in results:
         assert set(row["tokens_per_s"]) == {"hf_generate", "loop_lm_head", "spellm", "spellm_fallback", "loop_no_head"}
         assert all(positive(v) for v in row["tokens_per_s"].values())
+        for name, interval in row["tokens_per_s_interval"].items():
+            assert interval["low"] <= interval["median"] == row["tokens_per_s"][name] <= interval["high"]
         assert 0.0 <= row["fallback_rate"] <= 1.0
+
+
+def test_median_interval_uses_the_order_statistics_of_the_binomial():
+    from bench.common import median_interval
+
+    # textbook 95% intervals for the median: n=10 -> x(2), x(9); n=20 -> x(6), x(15) (1-based)
+    ten = median_interval([float(v) for v in reversed(range(10))])
+    assert (ten["low"], ten["median"], ten["high"]) == (1.0, 4.5, 8.0) and ten["coverage"] == pytest.approx(1 - 22 / 1024)
+    twenty = median_interval(list(range(20)))
+    assert (twenty["low"], twenty["high"]) == (5, 14) and twenty["coverage"] >= 0.95
+    five = median_interval([3, 1, 2, 5, 4])  # too few for 95%: the full range, with what it covers
+    assert (five["low"], five["high"], five["coverage"]) == (1, 5, 1 - 2 / 32)
+
+
+def test_decode_speed_refuses_a_head_faster_than_no_head():
+    from bench.decode_speed import refuse_beating_the_bound
+    from spellm_ds.errors import SpellmError
+
+    bound = {"median": 100.0, "low": 98.0, "high": 102.0}
+    refuse_beating_the_bound({"loop_no_head": bound, "spellm": {"median": 101.0, "low": 99.0, "high": 103.0}}, "x")
+    with pytest.raises(SpellmError, match="spellm .* beats the no-head bound"):
+        refuse_beating_the_bound({"loop_no_head": bound, "spellm": {"median": 105.0, "low": 103.0, "high": 107.0}},
+                                 "fp32 batch 1")
 
 
 def test_distill_throughput(tmp_path):
