@@ -67,11 +67,11 @@ def log_token_fit(held_out: list[tuple[int, float]], step_tokens: int,
         return None
     slope, intercept = statistics.linear_regression(*zip(*points))
     reach = {f"{level:.2f}": (2 ** ((level - intercept) / slope) if slope > 0 else None) for level in levels}
-    return {"points": len(points), "per_doubling": slope, "tokens_to_reach": reach}
+    return {"points": len(points), "per_doubling": slope, "intercept": intercept, "tokens_to_reach": reach}
 
 
-def plot(scalars: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    fig, axes = new_figure(3)
+def plot(scalars: dict[str, list[tuple[int, float]]], path: Path, result: dict) -> None:
+    fig, axes = new_figure(4 if result["held_out_vs_log2_tokens"] else 3)
     for tag in ("loss/total", "loss/char", "loss/token"):
         if tag in scalars:
             axes[0].plot(*zip(*scalars[tag]), label=tag.split("/")[1], linewidth=0.8)
@@ -94,7 +94,29 @@ def plot(scalars: dict[str, list[tuple[int, float]]], path: Path) -> None:
     axes[2].set_title("time per step (s)")
     axes[2].set_xlabel("step")
     axes[2].legend()
+    if result["held_out_vs_log2_tokens"]:
+        plot_log_token_fit(axes[3], scalars, result["tokens_per_step"], result["held_out_vs_log2_tokens"])
     save_figure(fig, path)
+
+
+def plot_log_token_fit(axis, scalars: dict[str, list[tuple[int, float]]], step_tokens: int, fit: dict) -> None:
+    """Held-out match against tokens trained (log scale) with the fitted line carried to 80%
+    (at most 64x the tokens trained)."""
+    for tag, label in (("eval/match/exact_or_prefix", "held-out exact+prefix"), ("eval/match/at5", "held-out match@5")):
+        points = [(step * step_tokens, 100 * value) for step, value in scalars.get(tag, []) if step > 0]
+        if points:
+            axis.plot(*zip(*points), "o", label=label, markersize=3)
+    trained = max(step for step, _ in scalars["eval/match/exact_or_prefix"]) * step_tokens
+    first = min(step for step, _ in scalars["eval/match/exact_or_prefix"] if step > 0) * step_tokens
+    reach = fit["tokens_to_reach"]["0.80"]
+    last = min(reach, 64 * trained) if reach else trained
+    slope, at_one = fit["per_doubling"], fit["intercept"]
+    axis.plot([first, last], [100 * (at_one + slope * math.log2(t)) for t in (first, last)], "--",
+              label=f"fit: {100 * slope:+.1f} points per doubling", linewidth=0.8)
+    axis.set_xscale("log", base=2)
+    axis.set_title("held-out match vs tokens trained (%)")
+    axis.set_xlabel("tokens")
+    axis.legend()
 
 
 def main() -> None:
@@ -106,8 +128,8 @@ def main() -> None:
     scalars = read_scalars(logdir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(scalars, out)
     result = summary(scalars, tokens_per_step(logdir))
+    plot(scalars, out, result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
