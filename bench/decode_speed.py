@@ -119,12 +119,13 @@ def main() -> None:
                                                args.new_tokens, args.tau, record), args.repeats)
             intervals = {name: median_interval([batch * args.new_tokens / t for t in ts]) for name, ts in times.items()}
             tps = {name: interval["median"] for name, interval in intervals.items()}
-            setting = f"{str(dtype).removeprefix('torch.')} batch {batch}"
+            dtype_name = str(dtype).removeprefix("torch.")
+            setting = f"{dtype_name} batch {batch}"
             if not args.quick:
                 refuse_beating_the_bound(intervals, setting)
             bound_gain = tps["loop_no_head"] - tps["loop_lm_head"]
             results.append({
-                "dtype": str(dtype).removeprefix("torch."), "batch": batch, "tokens_per_s": tps,
+                "dtype": dtype_name, "batch": batch, "tokens_per_s": tps,
                 "tokens_per_s_interval": intervals,
                 "vs_hf_generate": {n: t / tps["hf_generate"] for n, t in tps.items()},
                 "vs_loop_lm_head": {n: t / tps["loop_lm_head"] for n, t in tps.items()},
