@@ -14,6 +14,7 @@ the label score and the char loss (decoding always ignores them, see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -118,16 +119,20 @@ def choose_labels(rule: LabelRule, char_logits: torch.Tensor, signal: TeacherSig
                          rule.ignore_after_end)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of the masked values over ``count``: the mask's own count unless given (the mean count
+    over the ranks, which makes the ranks' averaged gradient the global batch's mean)."""
+    count = mask.sum() if count is None else count
+    return (values * mask).sum() / count.clamp(min=1e-6)
 
 
-def token_regulariser(token_logits: torch.Tensor, labels: Labels, signal: TeacherSignal, target: str) -> torch.Tensor:
+def token_regulariser(token_logits: torch.Tensor, labels: Labels, signal: TeacherSignal, target: str,
+                      valid_count: torch.Tensor | None = None) -> torch.Tensor:
     """The student's LM-head distribution against the selected label (CE) or the teacher (top-5 + rest KL)."""
     logq = torch.log_softmax(token_logits.float(), -1)  # [B, T, V]
     if target == "label":
         mask = labels.valid.float()
-        return masked_mean(-logq.gather(-1, labels.token_ids.unsqueeze(-1)).squeeze(-1), mask)
+        return masked_mean(-logq.gather(-1, labels.token_ids.unsqueeze(-1)).squeeze(-1), mask, valid_count)
     p = signal.top_probs.float()
     logq_top = logq.gather(-1, signal.top_ids)
     p_rest = (1 - p.sum(-1)).clamp(min=1e-6)
@@ -137,7 +142,7 @@ def token_regulariser(token_logits: torch.Tensor, labels: Labels, signal: Teache
 
 
 def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: SpellingTable, ignore_after_end: bool,
-                   valid: torch.Tensor) -> torch.Tensor:
+                   valid: torch.Tensor, valid_count: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head CE with the teacher's top-5 characters, each candidate weighted by its
     renormalised teacher probability: the heads see the teacher's uncertainty, not one label."""
     candidate_chars = table.chars[signal.top_ids]  # [B, T, n, k]
@@ -145,22 +150,30 @@ def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: Spelli
     per_candidate = (candidate_char_nll(char_logp, candidate_chars) * keep).sum(-1) / keep.sum(-1)
     weights = signal.top_probs.float() * table.spellable[signal.top_ids]
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-30)
-    return masked_mean((weights * per_candidate).sum(-1), valid.float())
+    return masked_mean((weights * per_candidate).sum(-1), valid.float(), valid_count)
 
 
 def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | None, labels: Labels,
-                      signal: TeacherSignal, table: SpellingTable, recipe: LossRecipe) -> LossParts:
+                      signal: TeacherSignal, table: SpellingTable, recipe: LossRecipe,
+                      mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts) -> LossParts:
     """Char CE over the valid positions' counted characters (all k, or up to the label's first END),
     plus ``reg_weight`` x the token regulariser through the frozen LM head, plus ``soft_char_weight``
-    x the soft per-head loss."""
+    x the soft per-head loss.
+
+    Each mean divides by ``mean_over_ranks`` of this rank's count (of counted characters, of valid
+    positions): their number varies per rank, and DeepSpeed averages the ranks' gradients, so a
+    per-rank mean would weight a character by 1 / its rank's count; this way N ranks give the
+    gradient of one rank holding the whole batch. Identity (the default) on one process."""
     char_logp = torch.log_softmax(char_logits.float(), -1)
     char_ce = -char_logp.gather(-1, labels.chars.unsqueeze(-1)).squeeze(-1)  # [B, T, k]
-    counted = scored_chars(labels.chars, recipe.ignore_after_end) * labels.valid.unsqueeze(-1).float()
-    char_loss = masked_mean(char_ce, counted)
+    valid = labels.valid.float()
+    counted = scored_chars(labels.chars, recipe.ignore_after_end) * valid.unsqueeze(-1)
+    counted_count, valid_count = mean_over_ranks(torch.stack([counted.sum(), valid.sum()]).detach()).unbind()
+    char_loss = masked_mean(char_ce, counted, counted_count)
     zero = torch.zeros((), device=char_logits.device)
-    token_loss = (token_regulariser(token_logits, labels, signal, recipe.reg_target)
+    token_loss = (token_regulariser(token_logits, labels, signal, recipe.reg_target, valid_count)
                   if token_logits is not None and recipe.reg_weight > 0 else zero)
-    soft = (soft_char_loss(char_logp, signal, table, recipe.ignore_after_end, labels.valid)
+    soft = (soft_char_loss(char_logp, signal, table, recipe.ignore_after_end, labels.valid, valid_count)
             if recipe.soft_char_weight > 0 else zero)
     total = char_loss + recipe.reg_weight * token_loss + recipe.soft_char_weight * soft
     return LossParts(total, char_loss, token_loss, soft)

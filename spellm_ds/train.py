@@ -135,6 +135,11 @@ class Distillation:
         return teacher_and_student(self.teacher.module, self.student, input_ids.to(self.device), self.table,
                                    self.config.label_rule(), self.trunk_layer, with_token_logits, timed)
 
+    def _mean_over_ranks(self, counts: torch.Tensor) -> torch.Tensor:
+        counts = counts.clone()
+        dist.all_reduce(counts)
+        return counts / self.world_size
+
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(sums)
         flat = torch.cat([sums[n].reshape(-1).double().cpu() for n in names]).to(self.device)
@@ -157,7 +162,8 @@ class Distillation:
                                self.rank, self.world_size, cfg.seed)
             started = synchronized_clock()
             signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.reg_weight > 0, timed=True)
-            loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe)
+            loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
+                                     self._mean_over_ranks)
             backward_started = synchronized_clock()
             self.student.backward(loss.total)
             self.student.step()

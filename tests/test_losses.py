@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spellm_ds.charset import END_ID
-from spellm_ds.losses import (LabelRule, LossRecipe, candidate_nll, choose_labels, distillation_loss, select_labels,
-                              token_regulariser)
+from spellm_ds.losses import (LabelRule, Labels, LossRecipe, candidate_nll, choose_labels, distillation_loss,
+                              select_labels, token_regulariser)
 from spellm_ds.teacher import TeacherSignal
 
 
@@ -187,3 +187,36 @@ def test_soft_char_loss_is_the_probability_weighted_candidate_nll():
         per_position.append((weights * torch.stack(nll)).sum())
     assert torch.allclose(parts.soft_char, torch.stack(per_position).mean())
     assert torch.allclose(parts.total, parts.char + parts.soft_char)
+
+
+def test_mean_over_ranks_makes_the_ranks_average_the_global_batch_mean():
+    """Two 'ranks' holding one sequence each, with different numbers of counted characters and valid
+    positions: averaging their losses (as DeepSpeed averages gradients) gives the loss of the whole
+    batch on one rank only when each divides by the mean count over the ranks."""
+    g = torch.Generator().manual_seed(5)
+    C, k, V = 6, 4, 4
+    spelling = torch.tensor([[2, 0, 3, 4], [2, 3, 4, 5], [5, 0, 0, 0], [1, 2, 0, 0]])
+    spellable = torch.tensor([True, True, True, False])
+    table = SimpleNamespace(chars=spelling, spellable=spellable)
+    top = torch.tensor([[[0] * 5, [1] * 5, [3] * 5], [[2] * 5, [2] * 5, [1] * 5]])
+    signal = TeacherSignal(top, torch.full((2, 3, 5), 0.2), torch.zeros(2, 3))
+    char_logits, token_logits = torch.randn(2, 3, k, C, generator=g), torch.randn(2, 3, V, generator=g)
+    labels = select_labels(char_logits, top, spelling, spellable, ignore_after_end=True)
+    recipe = LossRecipe(reg_weight=0.5, reg_target="label", soft_char_weight=0.3, ignore_after_end=True)
+
+    def rank_loss(rank: int, mean_over_ranks=lambda counts: counts):
+        rows = slice(rank, rank + 1)
+        return distillation_loss(char_logits[rows], token_logits[rows], Labels(*(x[rows] for x in labels)),
+                                 TeacherSignal(*(x[rows] for x in signal)), table, recipe, mean_over_ranks)
+
+    counts = []
+    for rank in (0, 1):
+        rank_loss(rank, lambda c: counts.append(c) or c)
+    assert not torch.equal(counts[0], counts[1])  # the case that needs the global count
+    mean_counts = (counts[0] + counts[1]) / 2
+    whole = distillation_loss(char_logits, token_logits, labels, signal, table, recipe)
+    averaged = [torch.stack(parts).mean() for parts in zip(rank_loss(0, lambda c: mean_counts),
+                                                             rank_loss(1, lambda c: mean_counts))]
+    assert torch.allclose(torch.stack(averaged), torch.stack(list(whole)), rtol=1e-6)
+    per_rank_means = torch.stack([torch.stack(parts).mean() for parts in zip(rank_loss(0), rank_loss(1))])
+    assert not torch.allclose(per_rank_means[:3], torch.stack(list(whole))[:3], rtol=1e-3)
