@@ -12,6 +12,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -34,7 +35,26 @@ def build_teacher(model_dir: Path, ds_config: dict[str, Any]):
     teacher.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
     engine.eval()
+    keep_whole_without_hooks(engine)
     return engine
+
+
+def keep_whole_without_hooks(engine) -> bool:
+    """Gather a frozen ZeRO-3 engine's parameters once and remove its per-module hooks, when every
+    parameter persists (the ``"auto"`` persistence threshold on a model that fits, see
+    :func:`spellm_ds.config.auto_persistence_threshold`).
+
+    Such an engine never needs another gather, yet DeepSpeed's hooks still run around every module
+    call: measured on SmolLM2-135M, the ZeRO-3 teacher took 2.10 s per step and the same teacher at
+    stage 0 1.23 s. A model too large to persist keeps its hooks and its sharding. Returns whether
+    the hooks were removed."""
+    params = list(engine.module.parameters())
+    offload = engine.optimizer
+    if not params or not isinstance(offload, DeepSpeedZeRoOffload) or not all(p.ds_persist for p in params):
+        return False
+    params[0].all_gather(param_list=params)
+    offload.destroy()  # removes the module hooks; persistent parameters are never released
+    return True
 
 
 def parameter_groups(model: SpeLLMForCausalLM, run: RunConfig) -> list:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import deepspeed
 import torch
 import torch.nn.functional as F
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 
@@ -33,6 +34,14 @@ def lm_head_log_probs(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(F.linear(hidden, lm_head.weight, lm_head.bias).float(), dim=-1)
 
 
+def gathered_if_partitioned(params: list[nn.Parameter]) -> deepspeed.zero.GatheredParameters:
+    """Gather ZeRO-3 parameters for a block, unless they are whole already (persistent ones, or a
+    teacher without hooks): leaving the block would free them. Their status is the same on every
+    rank, so every rank takes the same collectives."""
+    partitioned = any(getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE for p in params)
+    return deepspeed.zero.GatheredParameters(params, enabled=partitioned)
+
+
 @torch.no_grad()
 def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int = 5,
                            chunk: int = 64) -> TeacherSignal:
@@ -41,7 +50,7 @@ def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int 
     rows = hidden.reshape(batch * length, -1)
     step = batch * chunk
     ids, probs, entropies = [], [], []
-    with deepspeed.zero.GatheredParameters(list(lm_head.parameters())):
+    with gathered_if_partitioned(list(lm_head.parameters())):
         for start in range(0, len(rows), step):
             logp = lm_head_log_probs(lm_head, rows[start : start + step])
             entropies.append(-(logp.exp() * logp).sum(-1))

@@ -36,14 +36,15 @@ def process_group():
     os.environ.update(saved_env)
 
 
-def tiny_distillation(root, family: str = "llama", **overrides) -> Distillation:
+def tiny_distillation(root, family: str = "llama", persistence: int | str = 0, **overrides) -> Distillation:
+    """A tiny fp32 run; persistence 0 (fully sharded) by default, so partitioning is tested."""
     model_dir, data = tiny.tiny_setup(root, n_texts=120, family=family)
     ds = json.loads(open("ds_configs/zero3.json").read())
     ds["bf16"] = {"enabled": False}  # fp32 so the export can be compared exactly
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # fully sharded: partitioning is tested
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
     (root / "zero3_fp32.json").write_text(json.dumps(ds))
     settings = dict(model=str(model_dir), data=[str(data)], output_dir=str(root / "out"),
-                    deepspeed=str(root / "zero3_fp32.json"), k=6, trainable_layers=2, seq_len=32,
+                    deepspeed=str(root / "zero3_fp32.json"), teacher_deepspeed=str(root / "zero3_fp32.json"), k=6, trainable_layers=2, seq_len=32,
                     micro_batch=2, max_steps=4, lr=1e-2, warmup=1, eval_blocks=4, save_every=0)
     config = RunConfig(**{**settings, **overrides})
     config.validate()
@@ -142,3 +143,27 @@ def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path)
     assert max(lrs) == pytest.approx((1e-2, 1e-3))  # both reach their peaks, then decay together
     assert lrs[-1][0] < 0.5e-2
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+
+
+def test_a_teacher_that_fits_runs_whole_without_zero3_hooks(distillation, tmp_path):
+    """With persistence "auto" a tiny teacher persists entirely: its hooks are removed, its
+    parameters stay whole across steps (the LM head's gather block must not free them), and its
+    signal equals the fully sharded, hooked teacher's on the same ids."""
+    from spellm_ds.engines import keep_whole_without_hooks
+
+    whole = tiny_distillation(tmp_path, persistence="auto")
+    assert not keep_whole_without_hooks(distillation.teacher)  # fully sharded: keeps its hooks
+    def hooked(engine) -> int:  # submodules with forward hooks (the engine's own sit on the root, never called)
+        return sum(bool(m._forward_pre_hooks or m._forward_hooks) for m in list(engine.module.modules())[1:])
+
+    assert hooked(distillation.teacher) > 0 and hooked(whole.teacher) == 0
+    ids = distillation.data.held_out[:2]
+    with torch.no_grad():
+        for _ in range(2):  # the second call finds the parameters still whole
+            signal, _ = teacher_signal(whole.teacher.module, ids)
+            assert all(p.numel() == p.ds_numel for p in whole.teacher.module.parameters())
+        sharded, _ = teacher_signal(distillation.teacher.module, ids)
+    assert torch.equal(signal.top_ids, sharded.top_ids)
+    assert torch.allclose(signal.top_probs, sharded.top_probs, atol=1e-6)
+    losses = [whole.train_step(step)["loss/total"] for step in range(2)]
+    assert all(math.isfinite(loss) for loss in losses)
