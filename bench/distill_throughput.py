@@ -66,6 +66,8 @@ VARIANTS: dict[str, Variant] = {
                                  teacher_config=_with_persistence(TEACHER, 10_000)),
     "persistence_0": Variant([], student_config=_with_persistence(ZERO3, 0),
                              teacher_config=_with_persistence(TEACHER, 0)),
+    # the teacher whole ("auto"), the student sharded at DeepSpeed's default threshold
+    "student_sharded": Variant([], student_config=_with_persistence(ZERO3, 100_000)),
     "teacher_stage_0": Variant(["--teacher_stage", "0"]),
     "micro_batch_4": Variant(["--micro_batch", "4"]),
     "micro_batch_8": Variant(["--micro_batch", "8"]),
