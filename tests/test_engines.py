@@ -37,15 +37,17 @@ def process_group():
 
 
 def tiny_distillation(root, family: str = "llama", persistence: int | str = 0, **overrides) -> Distillation:
-    """A tiny fp32 run; persistence 0 (fully sharded) by default, so partitioning is tested."""
+    """A tiny fp32 run whose teacher and student share one config; persistence 0 (fully sharded)
+    by default, so partitioning is tested."""
     model_dir, data = tiny.tiny_setup(root, n_texts=120, family=family)
     ds = json.loads(open("ds_configs/zero3.json").read())
     ds["bf16"] = {"enabled": False}  # fp32 so the export can be compared exactly
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
     (root / "zero3_fp32.json").write_text(json.dumps(ds))
     settings = dict(model=str(model_dir), data=[str(data)], output_dir=str(root / "out"),
-                    deepspeed=str(root / "zero3_fp32.json"), teacher_deepspeed=str(root / "zero3_fp32.json"), k=6, trainable_layers=2, seq_len=32,
-                    micro_batch=2, max_steps=4, lr=1e-2, warmup=1, eval_blocks=4, save_every=0)
+                    deepspeed=str(root / "zero3_fp32.json"), teacher_deepspeed=str(root / "zero3_fp32.json"),
+                    k=6, trainable_layers=2, seq_len=32, micro_batch=2, max_steps=4, lr=1e-2, warmup=1,
+                    eval_blocks=4, save_every=0)
     config = RunConfig(**{**settings, **overrides})
     config.validate()
     return Distillation(config)
@@ -153,6 +155,7 @@ def test_a_teacher_that_fits_runs_whole_without_zero3_hooks(distillation, tmp_pa
 
     whole = tiny_distillation(tmp_path, persistence="auto")
     assert not keep_whole_without_hooks(distillation.teacher)  # fully sharded: keeps its hooks
+
     def hooked(engine) -> int:  # submodules with forward hooks (the engine's own sit on the root, never called)
         return sum(bool(m._forward_pre_hooks or m._forward_hooks) for m in list(engine.module.modules())[1:])
 
