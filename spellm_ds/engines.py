@@ -69,8 +69,9 @@ def parameter_groups(model: SpeLLMForCausalLM, run: RunConfig) -> list:
 
 
 def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, charset: Charset,
-                  table: SpellingTable):
-    """The student engine; prints the trainable share on rank 0."""
+                  table: SpellingTable, trunk_layer: int | None):
+    """The student engine; prints the trainable share on rank 0. With ``trunk_layer`` (the shared
+    trunk) it holds no layers below it: the teacher runs them."""
     base = load_base(model_dir, ds_config)
     torch.manual_seed(run.seed)  # identical head init on every rank
     model = SpeLLMForCausalLM(base, run.spellm_config(), charset)
@@ -79,10 +80,12 @@ def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, ch
         with deepspeed.zero.GatheredParameters([embedding]):
             model.char_heads.init_from_embeddings(embedding.detach().cpu(), table.chars.cpu(), table.spellable.cpu())
     trainable = model.freeze_for_distillation()
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    if trunk_layer is not None:
+        model.drop_layers_below(trunk_layer)
     if run.activation_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=parameter_groups(model, run))
     if torch.distributed.get_rank() == 0:
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})", flush=True)
     return engine

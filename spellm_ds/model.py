@@ -103,6 +103,11 @@ def shared_trunk_layer(num_layers: int, trainable_layers: int) -> int | None:
     return first_trainable if 0 < first_trainable < num_layers else None
 
 
+def _check_trunk_layer(first_layer: int | None, num_layers: int) -> None:
+    if first_layer is None or not 0 < first_layer < num_layers:
+        raise SpellmError(f"a shared trunk starts at a layer in 1..{num_layers - 1}, got {first_layer}")
+
+
 class _TrunkOutput(nn.Module):
     """Stands in for a frozen lower layer: whatever it is given, it returns the hidden state the
     teacher computed entering the first trainable layer."""
@@ -115,6 +120,14 @@ class _TrunkOutput(nn.Module):
         return self.hidden
 
 
+class _RunsInTheTeacher(nn.Module):
+    """Holds the place of a lower layer the student let go of (:meth:`SpeLLMForCausalLM.drop_layers_below`)."""
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        raise SpellmError("this student's lower layers were dropped (shared trunk: the teacher runs them); "
+                          "call it with trunk_hidden, or build it without drop_layers_below")
+
+
 @contextmanager
 def starting_from_trunk(decoder: nn.Module, first_layer: int | None, trunk_hidden: torch.Tensor):
     """Run ``decoder`` from ``trunk_hidden`` at ``first_layer``: the layers below return it unchanged.
@@ -124,8 +137,7 @@ def starting_from_trunk(decoder: nn.Module, first_layer: int | None, trunk_hidde
     by the true layer number; only the stand-ins' output reaches the layers that run.
     """
     layers = decoder_layers_of(decoder)
-    if first_layer is None or not 0 < first_layer < len(layers):
-        raise SpellmError(f"a shared trunk starts at a layer in 1..{len(layers) - 1}, got {first_layer}")
+    _check_trunk_layer(first_layer, len(layers))
     name = next(key for key, value in decoder.named_children() if value is layers)
     stand_in = _TrunkOutput(trunk_hidden)
     setattr(decoder, name, nn.ModuleList([stand_in] * first_layer + list(layers)[first_layer:]))
@@ -166,6 +178,22 @@ class SpeLLMForCausalLM(nn.Module):
                 attention(layer).requires_grad_(True)
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                    for p in self.parameters() if p.requires_grad)
+
+    def drop_layers_below(self, first_layer: int) -> None:
+        """Let go of the frozen layers below ``first_layer`` when the teacher runs them (the shared
+        trunk): the student then holds only what it runs. Under ZeRO-3 this matters every step, as
+        the optimizer step releases and re-gathers every persistent parameter of the engine, used
+        or not (on SmolLM2 the lower layers are 64% of them); on a large model they are most of the
+        student's memory. The model then runs only from ``trunk_hidden``; checkpoints never stored
+        frozen parameters and export copies them from the base model's files."""
+        layers = decoder_layers(self.base)
+        if not 0 < first_layer < len(layers):
+            raise SpellmError(f"a shared trunk starts at a layer in 1..{len(layers) - 1}, got {first_layer}")
+        if any(p.requires_grad for layer in list(layers)[:first_layer] for p in layer.parameters()):
+            raise SpellmError(f"layers below {first_layer} train, so the teacher cannot run them; "
+                              "call freeze_for_distillation first")
+        for index in range(first_layer):
+            layers[index] = _RunsInTheTeacher()
 
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, p in self.named_parameters() if p.requires_grad]

@@ -12,7 +12,8 @@ Features
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 from the DeepSpeed config, non-reentrant activation checkpointing;
 - shared trunk (default): the student's layers below the trainable ones are frozen copies of the
-  teacher's, so they run once, in the teacher (:func:`spellm_ds.forward.teacher_and_student`);
+  teacher's, so they run once, in the teacher (:func:`spellm_ds.forward.teacher_and_student`), and
+  the student engine does not hold them;
 - every rank runs the same forward sequence (same batch counts in training and evaluation);
 - rank 0 logs a progress bar and TensorBoard scalars and writes the resolved run config;
   timed regions synchronise the accelerator first;
@@ -110,7 +111,8 @@ class Distillation:
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
                                    config.seq_len, config.eval_fraction, config.seed)
         self.teacher = build_teacher(self.model_dir, self.teacher_ds)
-        self.student = build_student(self.model_dir, self.student_ds, config, self.charset, self.table)
+        self.student = build_student(self.model_dir, self.student_ds, config, self.charset, self.table,
+                                     self.trunk_layer)
         self.start_step = checkpoint.load(self.student, self.resume_from) if self.resume_from else 0
         if self.resume_from and self.rank == 0:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)

@@ -8,10 +8,12 @@ import deepspeed
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from spellm_ds import checkpoint, distributed
 from spellm_ds.config import RunConfig
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.errors import SpellmError
+from spellm_ds.model import SpeLLMForCausalLM, decoder_layers
 from spellm_ds.teacher import teacher_signal
 from spellm_ds.train import Distillation
 from tests import tiny
@@ -22,6 +24,16 @@ def gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):
         return {name: p.detach().clone() for name, p in params.items()}
+
+
+def whole_student(run: Distillation) -> SpeLLMForCausalLM:
+    """The student as one unsharded model that runs from ``input_ids``: the base model with the
+    engine's weights on top (the lower layers the engine let go of are the base model's)."""
+    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32),
+                              run.config.spellm_config(), run.charset)
+    _, unexpected = model.load_state_dict(gathered(run.student.module), strict=False)
+    assert not unexpected
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +79,7 @@ def test_every_family_distils_under_zero3_with_a_shared_trunk(process_group, tmp
     ids = run.data.held_out[:2]
     run.student.eval()
     with torch.no_grad():
-        naive = run.student(ids)
+        naive = whole_student(run)(ids)
         _, trunk = teacher_signal(run.teacher.module, ids, trunk_layer=run.trunk_layer)
         shared = run.student(trunk_hidden=trunk)
     run.student.train()
@@ -90,13 +102,26 @@ def test_shared_trunk_equals_the_naive_two_model_computation(distillation):
     distillation.student.eval()
     with torch.no_grad():
         naive_signal, _ = teacher_signal(distillation.teacher.module, ids)
-        naive = distillation.student(ids, with_token_logits=True)
+        naive = whole_student(distillation)(ids, with_token_logits=True)
         signal, trunk = teacher_signal(distillation.teacher.module, ids, trunk_layer=distillation.trunk_layer)
         shared = distillation.student(trunk_hidden=trunk, with_token_logits=True)
     distillation.student.train()
     assert torch.equal(signal.top_ids, naive_signal.top_ids)
     assert torch.allclose(shared.char_logits, naive.char_logits, atol=1e-5)
     assert torch.allclose(shared.token_logits, naive.token_logits, atol=1e-5)
+
+
+def test_the_student_holds_no_layer_the_teacher_runs(distillation):
+    """With the shared trunk the student engine lets go of the frozen layers below it (ZeRO-3 would
+    re-gather them every step for nothing); run without the trunk it says so."""
+    student, teacher = distillation.student.module, distillation.teacher.module
+    layers = decoder_layers(student.base)
+    assert [sum(1 for _ in layer.parameters()) > 0 for layer in layers] == [False, False, True, True]
+    held = sum(p.ds_numel for p in student.base.parameters())
+    below = sum(p.ds_numel for layer in list(decoder_layers(teacher))[:2] for p in layer.parameters())
+    assert held == sum(p.ds_numel for p in teacher.parameters()) - below
+    with pytest.raises(SpellmError, match="lower layers were dropped"), torch.no_grad():
+        distillation.student(distillation.data.train[:1])
 
 
 def test_teacher_never_changes_and_export_reproduces_the_student(distillation, tmp_path):
@@ -123,7 +148,8 @@ def test_teacher_never_changes_and_export_reproduces_the_student(distillation, t
     ids = distillation.data.held_out[:2, :16]
     distillation.student.eval()
     with torch.no_grad():
-        expected = distillation.student(ids).char_logits
+        _, trunk = teacher_signal(distillation.teacher.module, ids, trunk_layer=distillation.trunk_layer)
+        expected = distillation.student(trunk_hidden=trunk).char_logits
     reloaded = SpeLLMForCausalLM.from_pretrained(exported)
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).char_logits, expected, atol=1e-5)
