@@ -32,7 +32,9 @@ def hardware() -> dict[str, Any]:
         import deepspeed
         import transformers
 
-        info.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__)
+        from spellm_ds.config import native_bf16
+
+        info.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__, native_bf16=native_bf16())
     except ImportError:
         pass
     return info

@@ -10,7 +10,8 @@ Features
   token CE through the frozen LM head, all in fp32;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
-- bf16 from the DeepSpeed config, non-reentrant activation checkpointing;
+- bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
+  non-reentrant activation checkpointing;
 - shared trunk (default): the student's layers below the trainable ones are frozen copies of the
   teacher's, so they run once, in the teacher (:func:`spellm_ds.forward.teacher_and_student`), and
   the student engine does not hold them;
@@ -44,8 +45,8 @@ from transformers import AutoConfig
 
 from spellm_ds import assets, checkpoint, distributed
 from spellm_ds.charset import Charset
-from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, parameter_sizes,
-                              resolve_student_config, resolve_teacher_config)
+from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
+                              native_bf16, parameter_sizes, resolve_student_config, resolve_teacher_config)
 from spellm_ds.data import load_texts, pack_documents, step_batch
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.forward import synchronized_clock, teacher_and_student
@@ -97,8 +98,12 @@ class Distillation:
         self.tokenizer = assets.load_tokenizer(self.model_dir)
         self.charset = Charset.from_file(config.charset) if config.charset else Charset.default()
         persistence = auto_persistence_threshold(*parameter_sizes(self.model_dir), memory_per_rank(self.world_size))
-        self.student_ds = resolve_student_config(config, self.world_size, persistence)
+        bf16_is_native = native_bf16()
+        self.student_ds = resolve_student_config(config, self.world_size, persistence, bf16_is_native)
         self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size, persistence)
+        if self.rank == 0:
+            print(f"precision: {mixed_precision_dtype(self.student_ds)} (bf16 native here: {bf16_is_native})",
+                  flush=True)
         self.resume_from = checkpoint.find_resume_point(config.resume, self.output_dir)
         if self.resume_from is not None:  # refuse before anything is built or written
             checkpoint.check_compatible(checkpoint.read_state(self.resume_from), config.to_dict(), self.charset,

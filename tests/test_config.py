@@ -1,8 +1,9 @@
 import json
 
 import pytest
+import torch
 
-from spellm_ds.config import RunConfig, resolve_student_config, resolve_teacher_config
+from spellm_ds.config import RunConfig, mixed_precision_dtype, resolve_student_config, resolve_teacher_config
 from spellm_ds.errors import SpellmError
 
 
@@ -23,6 +24,19 @@ def test_auto_values_are_filled_from_the_run(tmp_path):
     teacher = resolve_teacher_config(run, ds, world_size=2)
     assert "optimizer" not in teacher and teacher["bf16"] == {"enabled": True}
     assert teacher["zero_optimization"]["stage"] == 3 and teacher["train_batch_size"] == 6
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_what_the_accelerator_computes_natively(tmp_path, native):
+    """The shipped configs leave bf16 "auto": on, unless the accelerator emulates it (an AVX2 CPU);
+    the teacher follows the student; a concrete setting is kept."""
+    run = RunConfig(deepspeed="ds_configs/zero3.json")
+    student = resolve_student_config(run, world_size=2, bf16_is_native=native)
+    teacher = resolve_teacher_config(run, student, world_size=2)
+    assert student["bf16"] == teacher["bf16"] == {"enabled": native}
+    assert mixed_precision_dtype(student) == (torch.bfloat16 if native else torch.float32)
+    forced = RunConfig(deepspeed=write(tmp_path, {"bf16": {"enabled": True}}))
+    assert resolve_student_config(forced, world_size=1, bf16_is_native=False)["bf16"] == {"enabled": True}
 
 
 def test_concrete_values_are_used_when_flags_are_absent(tmp_path):
