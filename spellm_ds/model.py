@@ -183,12 +183,11 @@ class SpeLLMForCausalLM(nn.Module):
         """Let go of the frozen layers below ``first_layer`` when the teacher runs them (the shared
         trunk): the student then holds only what it runs. Under ZeRO-3 this matters every step, as
         the optimizer step releases and re-gathers every persistent parameter of the engine, used
-        or not (on SmolLM2 the lower layers are 64% of them); on a large model they are most of the
-        student's memory. The model then runs only from ``trunk_hidden``; checkpoints never stored
+        or not (on SmolLM2 the 25 lower layers are 65% of them); on a large model they are most of
+        the student's memory. The model then runs only from ``trunk_hidden``; checkpoints never stored
         frozen parameters and export copies them from the base model's files."""
         layers = decoder_layers(self.base)
-        if not 0 < first_layer < len(layers):
-            raise SpellmError(f"a shared trunk starts at a layer in 1..{len(layers) - 1}, got {first_layer}")
+        _check_trunk_layer(first_layer, len(layers))
         if any(p.requires_grad for layer in list(layers)[:first_layer] for p in layer.parameters()):
             raise SpellmError(f"layers below {first_layer} train, so the teacher cannot run them; "
                               "call freeze_for_distillation first")
