@@ -6,8 +6,9 @@ Features
 - the student is the same model plus k char heads; only the heads and the FFN blocks of the last
   ``trainable_layers`` decoder layers train; the label of each position is the teacher candidate
   with the lowest char NLL - log p_teacher (``--label_selection student_nll``: char NLL alone, the
-  paper's rule; either way one spelling, no blending), the loss is char CE + ``reg_weight`` x
-  token CE through the frozen LM head, all in fp32;
+  paper's rule; either way one spelling, no blending), the loss is char CE (characters after
+  the label's first END ignored) + ``reg_weight`` x KL to the teacher's distribution (top-5 and
+  the rest) through the frozen LM head + ``soft_char_weight`` x soft per-head targets, in fp32;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
