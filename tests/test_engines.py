@@ -124,6 +124,19 @@ def test_the_student_holds_no_layer_the_teacher_runs(distillation):
         distillation.student(distillation.data.train[:1])
 
 
+def test_without_the_shared_trunk_the_student_keeps_and_runs_every_layer(process_group, tmp_path):
+    """--no_shared_trunk: the student holds all its layers, runs from input_ids and trains."""
+    run = tiny_distillation(tmp_path, shared_trunk=False, max_steps=2)
+    assert run.trunk_layer is None
+    assert all(sum(1 for _ in layer.parameters()) > 0 for layer in decoder_layers(run.student.module.base))
+    ids = run.data.held_out[:2]
+    run.student.eval()
+    with torch.no_grad():
+        assert torch.allclose(run.student(ids).char_logits, whole_student(run)(ids).char_logits, atol=1e-5)
+    run.student.train()
+    assert all(math.isfinite(run.train_step(step)["loss/total"]) for step in range(2))
+
+
 def test_teacher_never_changes_and_export_reproduces_the_student(distillation, tmp_path):
     before = gathered(distillation.teacher.module)
     student_before = gathered(distillation.student.module)
