@@ -14,7 +14,8 @@
   ranks, the median over the steps after the first two, from the run's TensorBoard scalars.
 
 Variants run interleaved, ``--repeats`` rounds; each reports the median and range over rounds and
-its ratio to the bound. The JSON records the commit it was measured at and goes to a new file
+its ratio to the bound: of the medians, and within each round (median and range over rounds), which
+cancels the machine's drift between rounds. The JSON records the commit it was measured at and goes to a new file
 under ``bench/results/`` unless ``--out`` names one.
 """
 
@@ -45,9 +46,9 @@ ZERO3 = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
 TEACHER = json.loads((ROOT / "ds_configs" / "teacher.json").read_text())
 
 
-def _with_persistence(config: dict, threshold: int) -> dict:
+def _with_zero(config: dict, **settings) -> dict:
     config = json.loads(json.dumps(config))
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    config["zero_optimization"].update(settings)
     return config
 
 
@@ -62,18 +63,30 @@ class Variant(NamedTuple):
 VARIANTS: dict[str, Variant] = {
     "default": Variant([]),
     # the settings before persistence "auto": both engines fully sharded above 10,000 elements
-    "persistence_10000": Variant([], student_config=_with_persistence(ZERO3, 10_000),
-                                 teacher_config=_with_persistence(TEACHER, 10_000)),
-    "persistence_0": Variant([], student_config=_with_persistence(ZERO3, 0),
-                             teacher_config=_with_persistence(TEACHER, 0)),
+    "persistence_10000": Variant([], student_config=_with_zero(ZERO3, stage3_param_persistence_threshold=10_000),
+                                 teacher_config=_with_zero(TEACHER, stage3_param_persistence_threshold=10_000)),
+    "persistence_0": Variant([], student_config=_with_zero(ZERO3, stage3_param_persistence_threshold=0),
+                             teacher_config=_with_zero(TEACHER, stage3_param_persistence_threshold=0)),
+    # torch's own F.linear, not the "memory-efficient" one ZeRO-3 installs process-wide (no gain measured)
+    "torch_linear": Variant([], student_config=_with_zero(ZERO3, memory_efficient_linear=False),
+                            teacher_config=_with_zero(TEACHER, memory_efficient_linear=False)),
     # the teacher whole ("auto"), the student sharded at DeepSpeed's default threshold
-    "student_sharded": Variant([], student_config=_with_persistence(ZERO3, 100_000)),
+    "student_sharded": Variant([], student_config=_with_zero(ZERO3, stage3_param_persistence_threshold=100_000)),
     "teacher_stage_0": Variant(["--teacher_stage", "0"]),
     "micro_batch_4": Variant(["--micro_batch", "4"]),
     "micro_batch_8": Variant(["--micro_batch", "8"]),
     "one_rank_two_threads": Variant(["--micro_batch", "4"], ranks=1, threads=CORES),
     "no_shared_trunk": Variant(["--no_shared_trunk"]),
 }
+
+
+def variant_settings(variant: Variant) -> dict:
+    zero = (variant.student_config or ZERO3)["zero_optimization"]
+    return {"flags": variant.flags, "ranks": variant.ranks, "threads_per_rank": variant.threads,
+            "persistence_threshold": zero.get("stage3_param_persistence_threshold"),
+            "memory_efficient_linear": zero.get("memory_efficient_linear")}
+
+
 BOUNDS = {f"bound_1x{CORES}": (1, CORES), f"bound_{CORES}x1": (CORES, 1)}
 
 
@@ -176,7 +189,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
 def summary(samples: list[dict[str, float]]) -> dict:
     tokens = [s["tokens_per_s"] for s in samples]
     out = {"tokens_per_s": statistics.median(tokens), "tokens_per_s_range": [min(tokens), max(tokens)],
-           "rounds": len(samples)}
+           "tokens_per_s_by_round": tokens, "rounds": len(samples)}
     for key in samples[0]:
         if key != "tokens_per_s":
             out[key] = statistics.median(s[key] for s in samples)
@@ -214,18 +227,20 @@ def main() -> None:
                                                              *extra], VARIANTS[name], args.steps))
             print(f"{name}: {samples[name][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
     results = {name: summary(runs) for name, runs in samples.items()}
-    ceiling = max((results[name]["tokens_per_s"] for name in BOUNDS if name in results), default=None)
-    if ceiling is not None:
-        for result in results.values():
+    bounds = [name for name in BOUNDS if name in results]
+    if bounds:
+        ceiling = max(results[name]["tokens_per_s"] for name in bounds)
+        # the VM's speed drifts between rounds; a ratio within one round cancels the drift
+        round_ceilings = [max(samples[name][i]["tokens_per_s"] for name in bounds) for i in range(args.repeats)]
+        for name, result in results.items():
             result["ratio_to_bound"] = result["tokens_per_s"] / ceiling
+            paired = [s["tokens_per_s"] / c for s, c in zip(samples[name], round_ceilings)]
+            result["ratio_to_bound_within_round"] = {"median": statistics.median(paired), "range": [min(paired),
+                                                                                                 max(paired)]}
     write("distill_throughput" + ("_quick" if args.quick else ""),
           {"launcher": "torchrun", "deepspeed_config": "ds_configs/zero3.json", "steps": args.steps,
            "repeats": args.repeats, "model": model, "extra_flags": extra, "cores": CORES,
-           "variants": {name: {"flags": VARIANTS[name].flags, "ranks": VARIANTS[name].ranks,
-                               "threads_per_rank": VARIANTS[name].threads,
-                               "persistence_threshold": (VARIANTS[name].student_config or ZERO3)["zero_optimization"]
-                               .get("stage3_param_persistence_threshold")}
-                        for name in args.variants if name in VARIANTS},
+           "variants": {name: variant_settings(VARIANTS[name]) for name in args.variants if name in VARIANTS},
            "bounds": {name: {"processes": p, "threads": t} for name, (p, t) in BOUNDS.items() if name in args.variants}},
           results, args.out)
 

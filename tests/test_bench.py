@@ -86,5 +86,8 @@ def test_distill_throughput(tmp_path):
     variant = results["default"]
     assert all(positive(variant[key]) for key in ("tokens_per_s", "teacher_s", "student_s", "backward_s"))
     assert variant["ratio_to_bound"] == variant["tokens_per_s"] / max(b["tokens_per_s"] for b in bounds)
+    within_round = variant["tokens_per_s_by_round"][0] / max(b["tokens_per_s_by_round"][0] for b in bounds)
+    assert variant["ratio_to_bound_within_round"] == {"median": within_round, "range": [within_round, within_round]}
     assert document["settings"]["variants"]["default"] == {"flags": [], "ranks": 2, "threads_per_rank": 1,
-                                                           "persistence_threshold": "auto"}
+                                                           "persistence_threshold": "auto",
+                                                           "memory_efficient_linear": None}
