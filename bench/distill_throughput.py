@@ -15,8 +15,8 @@
 
 Variants run interleaved, ``--repeats`` rounds; each reports the median and range over rounds and
 its ratio to the bound: of the medians, and within each round (median and range over rounds), which
-cancels the machine's drift between rounds. The JSON records the commit it was measured at and goes to a new file
-under ``bench/results/`` unless ``--out`` names one.
+cancels the machine's drift between rounds. The JSON records the commit it was measured at and
+goes to a new file under ``bench/results/`` unless ``--out`` names one.
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def _with_zero(config: dict, **settings) -> dict:
     return config
 
 
+def _both_engines(**settings) -> dict[str, dict]:
+    """The same ZeRO settings in the student's and the teacher's config."""
+    return {"student_config": _with_zero(ZERO3, **settings), "teacher_config": _with_zero(TEACHER, **settings)}
+
+
 class Variant(NamedTuple):
     flags: list[str]
     ranks: int = 2
@@ -63,13 +68,10 @@ class Variant(NamedTuple):
 VARIANTS: dict[str, Variant] = {
     "default": Variant([]),
     # the settings before persistence "auto": both engines fully sharded above 10,000 elements
-    "persistence_10000": Variant([], student_config=_with_zero(ZERO3, stage3_param_persistence_threshold=10_000),
-                                 teacher_config=_with_zero(TEACHER, stage3_param_persistence_threshold=10_000)),
-    "persistence_0": Variant([], student_config=_with_zero(ZERO3, stage3_param_persistence_threshold=0),
-                             teacher_config=_with_zero(TEACHER, stage3_param_persistence_threshold=0)),
+    "persistence_10000": Variant([], **_both_engines(stage3_param_persistence_threshold=10_000)),
+    "persistence_0": Variant([], **_both_engines(stage3_param_persistence_threshold=0)),
     # torch's own F.linear, not the "memory-efficient" one ZeRO-3 installs process-wide (no gain measured)
-    "torch_linear": Variant([], student_config=_with_zero(ZERO3, memory_efficient_linear=False),
-                            teacher_config=_with_zero(TEACHER, memory_efficient_linear=False)),
+    "torch_linear": Variant([], **_both_engines(memory_efficient_linear=False)),
     # the teacher whole ("auto"), the student sharded at DeepSpeed's default threshold
     "student_sharded": Variant([], student_config=_with_zero(ZERO3, stage3_param_persistence_threshold=100_000)),
     "teacher_stage_0": Variant(["--teacher_stage", "0"]),
