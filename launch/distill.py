@@ -41,10 +41,10 @@ def parse_args() -> RunConfig:
     p.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="tokens per packed block (default: %(default)s)")
     p.add_argument("--micro_batch", type=int, default=None, help="blocks per rank per micro step (default: config or 2)")
     p.add_argument("--grad_accum", type=int, default=None, help="micro steps per optimizer step (default: config or 1)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: config or 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the char heads (default: config or 3e-3)")
     p.add_argument("--ffn_lr", type=float, default=None,
                    help="peak learning rate of the pretrained blocks that train (FFNs, and attention with "
-                        "--train_attention) (default: --lr); the char heads use --lr")
+                        "--train_attention) (default: 1e-3)")
     p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warm-up steps (default: %(default)s)")
     p.add_argument("--max_steps", type=int, default=DEFAULTS.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--reg_weight", type=float, default=DEFAULTS.reg_weight,

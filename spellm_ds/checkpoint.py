@@ -109,6 +109,10 @@ def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charse
         old, new = saved[key], run[key]
         if old == new or (key == "max_steps" and run["extend_schedule"] and new > old):
             continue
+        if key == "ffn_lr" and old is None and saved["trainable_layers"] > 0:
+            raise SpellmError(f"checkpoint {checkpoint} trained its pretrained blocks at --lr in one parameter "
+                              "group (made before --ffn_lr had a default), which this version cannot resume: "
+                              "export it with launch/export.py, or start anew with --resume none")
         hint = "; to train on, pass a larger --max_steps with --extend_schedule" if key == "max_steps" else ""
         raise SpellmError(f"checkpoint {checkpoint} was made with --{key} {old!r}, this run has {new!r}: resume "
                           f"with the same --{key}{hint}, or start anew with another --output_dir or --resume none")

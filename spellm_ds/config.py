@@ -17,7 +17,10 @@ from spellm_ds.errors import SpellmError
 from spellm_ds.heads import HEAD_INITS
 from spellm_ds.losses import LABEL_RULES, REG_TARGETS, LabelRule, LossRecipe
 
-DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 1e-3}
+DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 3e-3, "ffn_lr": 1e-3}
+"""Used where neither a flag nor the DeepSpeed config gives a value. ``lr`` is the char heads' peak,
+``ffn_lr`` the pretrained blocks': new heads learn faster than the blocks can move without losing the
+teacher (docs/fidelity-pilots.md, "Label rule, batch size and learning rates")."""
 FULL_SHARDING_PERSISTENCE = 100_000
 """DeepSpeed's own default ``stage3_param_persistence_threshold``: only small tensors (norms,
 biases) stay whole; every weight matrix is sharded and gathered when used."""
@@ -239,7 +242,9 @@ def resolve_student_config(run: RunConfig, world_size: int, auto_persistence: in
     lr = _settle(params, "lr", run.lr, "--lr", source)
     params["lr"] = DEFAULTS["lr"] if lr is None else lr
     scheduler = config.get("scheduler", {}).get("params", {})
-    # with --ffn_lr the student has two parameter groups (heads, FFNs), each with its own peak
+    # two parameter groups (heads, pretrained blocks), each with its own peak; one with no blocks to train
+    if run.ffn_lr is None and run.trainable_layers > 0:
+        run.ffn_lr = DEFAULTS["ffn_lr"]
     peak = params["lr"] if run.ffn_lr is None else [params["lr"], run.ffn_lr]
     for key, value in (("warmup_max_lr", peak), ("warmup_num_steps", run.warmup),
                        ("total_num_steps", run.max_steps)):

@@ -58,8 +58,8 @@ def keep_whole_without_hooks(engine) -> bool:
 
 
 def parameter_groups(model: SpeLLMForCausalLM, run: RunConfig) -> list:
-    """The trainable parameters: one group, or with ``--ffn_lr`` the char heads (at ``--lr``) and
-    the pretrained blocks that train (at ``--ffn_lr``), in the order of the scheduler's peak list."""
+    """The trainable parameters: the char heads (at ``--lr``) and the pretrained blocks that train
+    (at ``--ffn_lr``), in the order of the scheduler's peak list; one group when no blocks train."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if run.ffn_lr is None:
         return trainable

@@ -9,6 +9,8 @@ Features
   paper's rule; either way one spelling, no blending), the loss is char CE (characters after
   the label's first END ignored) + ``reg_weight`` x KL to the teacher's distribution (top-5 and
   the rest) through the frozen LM head + ``soft_char_weight`` x soft per-head targets, in fp32;
+- two learning rates: the new char heads at ``lr`` (3e-3), the pretrained blocks at ``ffn_lr``
+  (1e-3), one warm-up and linear decay;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
@@ -250,8 +252,8 @@ class Distillation:
             metrics = self.train_step(step)
             elapsed = synchronized_clock() - started
             metrics.update({"perf/tokens_per_s": tokens_per_step / elapsed, "perf/step_s": elapsed,
-                            "lr": self.student.get_lr()[0],
                             "mem/rss_gb": psutil.Process().memory_info().rss / 2**30})
+            metrics.update(zip(("lr", "lr/ffn"), self.student.get_lr()))  # the heads', the blocks'
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
                 metrics.update(self.evaluate())
             self._log(metrics, step + 1)

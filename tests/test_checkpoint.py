@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spellm_ds.checkpoint import BEFORE_THE_FLAG, saved_run
-from spellm_ds.config import RunConfig
+from spellm_ds.checkpoint import BEFORE_THE_FLAG, check_compatible, saved_run
+from spellm_ds.config import RunConfig, resolve_student_config
+from spellm_ds.errors import SpellmError
 from spellm_ds.model import SpeLLMForCausalLM
 from tests import tiny
 from tests.distributed import ROOT, free_port, scalars, rank_env, torchrun
@@ -202,3 +203,13 @@ def test_a_checkpoint_older_than_a_flag_reads_as_the_run_it_was():
     assert {key: saved_run(old_state)[key] for key in BEFORE_THE_FLAG} == BEFORE_THE_FLAG
     new_state = {"run": {**current, "ignore_after_end": True, "reg_target": "teacher"}}
     assert saved_run(new_state)["ignore_after_end"] is True and saved_run(new_state)["reg_target"] == "teacher"
+
+
+def test_a_checkpoint_that_trained_the_blocks_at_the_heads_lr_is_refused_with_the_way_out(tmp_path):
+    """Before --ffn_lr had a default, None meant one parameter group at --lr; the optimizer state
+    of such a checkpoint cannot load into today's two groups."""
+    run = RunConfig()
+    resolve_student_config(run, world_size=1)
+    state = {"run": {**run.to_dict(), "ffn_lr": None}}
+    with pytest.raises(SpellmError, match="one parameter group .* cannot resume: export it"):
+        check_compatible(state, run.to_dict(), charset=None, world_size=1, checkpoint=tmp_path)

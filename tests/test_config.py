@@ -18,7 +18,8 @@ def test_auto_values_are_filled_from_the_run(tmp_path):
     ds = resolve_student_config(run, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 12 and ds["optimizer"]["params"]["lr"] == 5e-4
-    assert ds["scheduler"]["params"] == {**ds["scheduler"]["params"], "warmup_max_lr": 5e-4,
+    # the heads at --lr, the pretrained blocks at the default --ffn_lr
+    assert ds["scheduler"]["params"] == {**ds["scheduler"]["params"], "warmup_max_lr": [5e-4, 1e-3],
                                          "warmup_num_steps": 4, "total_num_steps": 40}
     assert "auto" not in json.dumps(ds)
     teacher = resolve_teacher_config(run, ds, world_size=2)
@@ -37,6 +38,17 @@ def test_bf16_auto_follows_what_the_accelerator_computes_natively(tmp_path, nati
     assert mixed_precision_dtype(student) == (torch.bfloat16 if native else torch.float32)
     forced = RunConfig(deepspeed=write(tmp_path, {"bf16": {"enabled": True}}))
     assert resolve_student_config(forced, world_size=1, bf16_is_native=False)["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize("trainable_layers, ffn_lr, peak", [(5, None, [3e-3, 1e-3]), (5, 2e-4, [3e-3, 2e-4]),
+                                                             (0, None, 3e-3)])
+def test_learning_rates_default_to_the_piloted_recipe(trainable_layers, ffn_lr, peak):
+    """Heads at 3e-3, pretrained blocks at 1e-3; a single peak when no blocks train."""
+    run = RunConfig(trainable_layers=trainable_layers, ffn_lr=ffn_lr)
+    ds = resolve_student_config(run, world_size=1)
+    assert ds["optimizer"]["params"]["lr"] == run.lr == 3e-3
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == peak
+    assert run.ffn_lr == (None if trainable_layers == 0 else peak[1])
 
 
 def test_concrete_values_are_used_when_flags_are_absent(tmp_path):

@@ -36,7 +36,7 @@ def test_logs_every_documented_tag(run):
     tags = scalars(out / "tensorboard")
     expected = {"loss/total", "loss/char", "loss/token", "match/exact", "match/prefix", "match/at5",
                 "entropy/student", "entropy/teacher", "perf/tokens_per_s", "perf/teacher_s", "perf/student_s",
-                "lr", "mem/rss_gb", "eval/match/exact", "eval/match/prefix", "eval/match/at5"}
+                "lr", "lr/ffn", "mem/rss_gb", "eval/match/exact", "eval/match/prefix", "eval/match/at5"}
     expected |= {f"acc/head_{j}" for j in range(1, K + 1)}
     assert expected <= set(tags)
     assert [s for s, _ in tags["loss/total"]] == list(range(1, STEPS + 1))
