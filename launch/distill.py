@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from spellm_ds import cli
-from spellm_ds.config import RunConfig
+from spellm_ds.config import DEFAULTS as BUILT_IN, RunConfig
 from spellm_ds.losses import LABEL_RULES, REG_TARGETS
 from spellm_ds.train import run
 
@@ -39,12 +39,15 @@ def parse_args() -> RunConfig:
     p.add_argument("--head_init", choices=("embedding", "random"), default=DEFAULTS.head_init,
                    help="char head start: mean token embeddings per (position, char), or random (default: %(default)s)")
     p.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="tokens per packed block (default: %(default)s)")
-    p.add_argument("--micro_batch", type=int, default=None, help="blocks per rank per micro step (default: config or 2)")
-    p.add_argument("--grad_accum", type=int, default=None, help="micro steps per optimizer step (default: config or 1)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the char heads (default: config or 3e-3)")
+    p.add_argument("--micro_batch", type=int, default=None,
+                   help=f"blocks per rank per micro step (default: config or {BUILT_IN['micro_batch']})")
+    p.add_argument("--grad_accum", type=int, default=None,
+                   help=f"micro steps per optimizer step (default: config or {BUILT_IN['grad_accum']})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate of the char heads (default: config or {BUILT_IN['lr']:g})")
     p.add_argument("--ffn_lr", type=float, default=None,
                    help="peak learning rate of the pretrained blocks that train (FFNs, and attention with "
-                        "--train_attention) (default: 1e-3)")
+                        f"--train_attention) (default: {BUILT_IN['ffn_lr']:g})")
     p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warm-up steps (default: %(default)s)")
     p.add_argument("--max_steps", type=int, default=DEFAULTS.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--reg_weight", type=float, default=DEFAULTS.reg_weight,
