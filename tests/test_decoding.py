@@ -46,7 +46,10 @@ def brute_force_autocorrect(logp, table):
     return best
 
 
-def test_autocorrect_is_the_vocabulary_argmax(table):
+@pytest.mark.parametrize("k", [8, 7])  # the heads are read in pairs: an odd k leaves one on its own
+def test_autocorrect_is_the_vocabulary_argmax(byte_level_tokenizer, k):
+    table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=k,
+                                         vocab_size=len(byte_level_tokenizer))
     decoder = CharDecoder(table, tau=None)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(300, table.k, len(table.charset), generator=g) * 3
