@@ -2,7 +2,9 @@
 that reaches a target accuracy or a fallback budget, and teacher/student entropy correlation.
 
 Accuracy is exact+prefix match with the teacher's top-1 (AutoCorrect on); with fallback at
-threshold t, positions with entropy >= t (or an UNK char) take the LM head's token.
+threshold t, positions with entropy >= t (or an UNK char) take the LM head's token. Beside each
+point: the best accuracy any rule could reach at the same fallback rate (an oracle that knows
+which rows the char heads miss), which says whether a better signal or better heads are needed.
 
     python -m analysis.entropy --model DIR [--data FILE] [--target_accuracy 0.95]
         [--max_fallback_rate 0.1] --out entropy.json
@@ -40,11 +42,28 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
     return rank
 
 
+def best_possible_accuracy(char_ok: torch.Tensor, lm_ok: torch.Tensor, fallback_rate: float) -> float:
+    """The accuracy of an oracle that falls back the same share of rows, picking first those the
+    LM head gets right and the char heads wrong: the ceiling of any fallback signal at that rate."""
+    n = len(char_ok)
+    budget = round(fallback_rate * n)
+    gains = int((~char_ok & lm_ok).sum())
+    forced_losses = max(0, budget - (n - int((char_ok & ~lm_ok).sum())))
+    return (int(char_ok.sum()) + min(budget, gains) - forced_losses) / n
+
+
 def tradeoff(analysis: Analysis, thresholds: list[float]) -> list[dict]:
-    """Exact+prefix match with AutoCorrect + fallback, and the fallback rate, at each threshold."""
-    return [{"tau": t,
-             "accuracy": correct_flags(analysis, "autocorrect_fallback", t)["exact_or_prefix"].double().mean().item(),
-             "fallback_rate": fallback_mask(analysis, t).double().mean().item()} for t in thresholds]
+    """Exact+prefix match with AutoCorrect + fallback, the fallback rate, and the best any signal
+    could reach at that rate (:func:`best_possible_accuracy`), at each threshold."""
+    char_ok = correct_flags(analysis, "autocorrect")["exact_or_prefix"]
+    lm_ok = correct_flags(analysis, "autocorrect_fallback", 0.0)["exact_or_prefix"]
+    points = []
+    for t in thresholds:
+        rate = fallback_mask(analysis, t).double().mean().item()
+        points.append({"tau": t, "fallback_rate": rate,
+                       "accuracy": correct_flags(analysis, "autocorrect_fallback", t)["exact_or_prefix"].double().mean().item(),
+                       "best_possible_accuracy": best_possible_accuracy(char_ok, lm_ok, rate)})
+    return points
 
 
 def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
@@ -86,7 +105,10 @@ def plot(result: dict, path: Path) -> None:
     left.set_ylabel("exact+prefix match (%)")
     left.set_title("Accuracy vs entropy")
     curve = result["tradeoff"]
-    right.plot([100 * p["fallback_rate"] for p in curve], [100 * p["accuracy"] for p in curve], "-")
+    right.plot([100 * p["fallback_rate"] for p in curve], [100 * p["accuracy"] for p in curve], "-",
+               label="entropy threshold")
+    right.plot([100 * p["fallback_rate"] for p in curve], [100 * p["best_possible_accuracy"] for p in curve], "--",
+               label="best possible rule")
     right.plot([100 * result["at_tau"]["fallback_rate"]], [100 * result["at_tau"]["accuracy"]], "ro",
                label=f"tau={result['at_tau']['tau']}")
     right.set_xlabel("fallback rate (%)")

@@ -51,7 +51,8 @@ def markdown(report: dict, model: str) -> str:
                   f"tau = {target['tau']:.4f} (accuracy {pct(target['accuracy'])}, fallback {pct(target['fallback_rate'])})"
                   if target else "not reachable"),
               f"- fallback budget {e['max_fallback_rate']}: " + (
-                  f"tau = {budget['tau']:.4f} (accuracy {pct(budget['accuracy'])}, fallback {pct(budget['fallback_rate'])})"
+                  f"tau = {budget['tau']:.4f} (accuracy {pct(budget['accuracy'])}, fallback {pct(budget['fallback_rate'])}; "
+                  f"the best any rule could do at that rate: {pct(budget['best_possible_accuracy'])})"
                   if budget else "none"), ""]
     t = report["token_length"]
     lines += ["## Token length", "", "| teacher token length | n | raw | AutoCorrect |", "|---|---|---|---|"]

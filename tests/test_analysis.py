@@ -105,12 +105,22 @@ def test_entropy_bins_threshold_and_correlation(table, byte_level_tokenizer):
     args = argparse.Namespace(target_accuracy=1.0, max_fallback_rate=0.3)
     result = entropy.compute(analysis, args)
     assert [b["accuracy"] for b in result["bins"]] == [1.0] * 5 + [0.0] * 5
-    assert result["at_tau"] == {"tau": 0.5, "accuracy": 1.0, "fallback_rate": 0.5}
+    assert result["at_tau"] == {"tau": 0.5, "accuracy": 1.0, "fallback_rate": 0.5, "best_possible_accuracy": 1.0}
     assert result["threshold_for_target_accuracy"]["tau"] == pytest.approx(0.5)
     budget = result["threshold_for_fallback_budget"]
     assert budget["fallback_rate"] == pytest.approx(0.3) and budget["accuracy"] == pytest.approx(0.8)
     assert result["pearson_teacher_student"] == pytest.approx(1.0)
     assert result["spearman_teacher_student"] == pytest.approx(1.0)
+    assert budget["best_possible_accuracy"] == pytest.approx(0.8)  # entropy here is the perfect signal
+
+
+def test_best_possible_fallback_beats_a_misleading_signal(table, byte_level_tokenizer):
+    # The char heads are right exactly where they are unsure, the LM head everywhere but row 0.
+    rows = [("zzzz" if e < 0.5 else " the", CANDS, e, e, " x" if e == 0 else " the") for e in [i / 10 for i in range(10)]]
+    point = entropy.tradeoff(make(table, byte_level_tokenizer, rows, tau=0.5), [0.5])[0]
+    assert point["fallback_rate"] == pytest.approx(0.5) and point["accuracy"] == pytest.approx(0.5)
+    # an oracle falls back rows 1-4 (heads wrong, LM head right) and one row both get right
+    assert point["best_possible_accuracy"] == pytest.approx(0.9)
 
 
 def test_report_writes_every_file_and_matches_single_modules(tmp_path):
