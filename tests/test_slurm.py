@@ -67,9 +67,9 @@ def test_preempted_job_is_requeued_and_resumes(cluster, tiny_run, tmp_path):
     job = cluster.submit(["--nodes=2", f"--output={log}", f"--chdir={ROOT}", SBATCH, *distill_flags(tiny_run, 60, 2)],
                          job_env(out))
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "step2" / "COMPLETE").exists():
+    while not any((out / "checkpoints").glob("step*/COMPLETE")):  # step2 is pruned a few steps after it lands
         assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "no job output"
-        time.sleep(0.3)
+        time.sleep(0.1)
     subprocess.run(["scancel", "--signal=TERM", job], env=cluster.env, check=True, timeout=30)
     info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout=500)
     text = log.read_text()
