@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 launch/distill.py --deepspeed ds_configs/zero3.json [flags]
     torchrun --nproc_per_node 2 launch/distill.py ...      mpirun -np 2 python launch/distill.py ...
 
-With no --model/--data it distils the embedded SmolLM2-135M-Instruct on the embedded BoolQ corpus.
+With no --model/--data it distils the embedded SmolLM2-135M-Instruct on the built-in five-source corpus.
 Values left "auto" in the DeepSpeed config (batch sizes, lr, schedule) are filled from the flags.
 """
 

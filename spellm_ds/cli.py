@@ -77,7 +77,7 @@ def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--data", nargs="*", default=None, metavar="PATH",
                         help=".txt/.jsonl/.json/.parquet files or datasets.save_to_disk directories "
-                             "(default: the embedded BoolQ passages)")
+                             "(default: the built-in five-source English corpus, spellm_ds/corpus.py)")
     parser.add_argument("--text_field", default="text",
                         help="field holding the text in .jsonl/.json/.parquet/dataset inputs (default: %(default)s)")
 
