@@ -49,7 +49,13 @@ def test_decode_speed(tmp_path):
         assert all(positive(v) for v in row["tokens_per_s"].values())
         for name, interval in row["tokens_per_s_interval"].items():
             assert interval["low"] <= interval["median"] == row["tokens_per_s"][name] <= interval["high"]
-        assert 0.0 <= row["fallback_rate"] <= 1.0
+        assert 0.0 <= row["fallback_rate"] <= 1.0 and 0.0 <= row["autocorrected_rate"] <= 1.0
+        loops = {"loop_lm_head", "spellm", "spellm_fallback", "loop_no_head"}
+        assert set(row["head_ms_per_step"]) == set(row["share_of_head_time_saved"]) == loops
+        assert all(positive(interval["median"]) for interval in row["head_ms_per_step"].values())
+        saved = row["share_of_head_time_saved"]
+        assert saved["loop_lm_head"]["median"] == 0.0 and saved["loop_no_head"]["median"] == 1.0
+        assert row["share_of_no_head_gain"]["loop_no_head"]["median"] == 1.0
 
 
 def test_median_interval_uses_the_order_statistics_of_the_binomial():
@@ -73,6 +79,18 @@ def test_decode_speed_refuses_a_head_faster_than_no_head():
     with pytest.raises(SpellmError, match="spellm .* beats the no-head bound"):
         refuse_beating_the_bound({"loop_no_head": bound, "spellm": {"median": 105.0, "low": 103.0, "high": 107.0}},
                                  "fp32 batch 1")
+
+
+def test_decode_speed_pairs_the_gain_share_by_round():
+    from bench.decode_speed import paired_share
+
+    # the machine twice as slow in round 2: each round alone says 90%, whatever the drift
+    times = {"loop_lm_head": [10.0, 20.0, 10.0], "loop_no_head": [8.0, 16.0, 8.0], "spellm": [8.2, 16.4, 8.2]}
+    shares = paired_share(times)
+    assert shares["spellm"]["median"] == pytest.approx(0.9) and shares["spellm"]["low"] == pytest.approx(0.9)
+    assert shares["loop_lm_head"]["median"] == 0.0 and shares["loop_no_head"]["median"] == 1.0
+    speeds = {name: [1 / t for t in values] for name, values in times.items()}
+    assert paired_share(speeds)["spellm"]["median"] == pytest.approx(0.9 * 8.0 / 8.2)  # in speed: x t5 / t3
 
 
 def test_distill_throughput(tmp_path):
