@@ -22,14 +22,13 @@ Speed depends on training only through the miss and fallback rates of (3) and (4
 from __future__ import annotations
 
 
-import time
-
 import torch
 
 from bench.common import add_threads_arg, interleaved_times, median_interval, write
 from spellm_ds import cli
 from spellm_ds.errors import SpellmError
 from spellm_ds.decoding import Provenance, TokenPicker, decode_loop, lm_head_picker, spellm_picker
+from spellm_ds.forward import synchronized_clock
 from spellm_ds.model import SpeLLMForCausalLM
 
 
@@ -60,19 +59,12 @@ def tiny_model(directory) -> str:
 def timed(pick: TokenPicker, spent: list[float]) -> TokenPicker:
     """``pick`` adding its wall time (device work included) to ``spent[-1]``."""
     def timed_pick(hidden: torch.Tensor, finished: torch.Tensor):
-        synchronize(hidden.device)
-        started = time.perf_counter()
+        started = synchronized_clock()
         picked = pick(hidden, finished)
-        synchronize(hidden.device)
-        spent[-1] += time.perf_counter() - started
+        spent[-1] += synchronized_clock() - started
         return picked
 
     return timed_pick
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, record: dict,

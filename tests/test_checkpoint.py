@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spellm_ds.checkpoint import BEFORE_THE_FLAG, check_compatible, saved_run
+from spellm_ds.checkpoint import BEFORE_THE_FLAG, check_compatible, complete_checkpoints, saved_run, step_of
 from spellm_ds.config import RunConfig, resolve_student_config
 from spellm_ds.errors import SpellmError
 from spellm_ds.model import SpeLLMForCausalLM
@@ -72,7 +72,7 @@ def worker_pids(launcher: subprocess.Popen, count: int, timeout: float = 120) ->
 def wait_for_checkpoint(out, process, timeout=240):
     """Any complete checkpoint: older ones are pruned a few steps later, so polling for one step can miss it."""
     deadline = time.time() + timeout
-    while not any((out / "checkpoints").glob("step*/COMPLETE")):
+    while not complete_checkpoints(out):
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.time() < deadline, f"no complete checkpoint in {out} after {timeout} s"
         time.sleep(0.1)
@@ -113,7 +113,7 @@ def test_killed_rank_ends_the_job_and_resume_ignores_half_written(base, tmp_path
     ranks[0].communicate(timeout=180)
     ranks[1].communicate()
     assert ranks[0].returncode != 0 and time.time() - started < 180
-    last = max(int(p.name[4:]) for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    last = step_of(complete_checkpoints(out)[-1])
     half = out / "checkpoints" / "step999"
     half.mkdir()
     (half / "spellm_state.json").write_text("{}")
