@@ -33,9 +33,13 @@ def parse_args() -> RunConfig:
     p.add_argument("--k", type=int, default=DEFAULTS.k, help="characters per token = number of heads (default: %(default)s)")
     p.add_argument("--charset", default=None, help="charset.json or a text file of extra characters")
     p.add_argument("--trainable_layers", type=int, default=DEFAULTS.trainable_layers,
-                   help="train the FFN blocks of this many last decoder layers (default: %(default)s)")
+                   help="train the FFN blocks of this many last decoder layers; 0 trains only the heads on the "
+                        "teacher's own final hidden state, so the fallback path is the teacher (default: %(default)s)")
     p.add_argument("--train_attention", action="store_true",
                    help="beyond the paper: train the attention blocks of those layers too")
+    p.add_argument("--readout_width", type=int, default=DEFAULTS.readout_width,
+                   help="beyond the paper: a residual MLP read-out of this width before the char heads, trained "
+                        "with them at --lr; 0 = the paper's linear heads (default: %(default)s)")
     p.add_argument("--head_init", choices=("embedding", "random"), default=DEFAULTS.head_init,
                    help="char head start: mean token embeddings per (position, char), or random (default: %(default)s)")
     p.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="tokens per packed block (default: %(default)s)")
@@ -51,7 +55,8 @@ def parse_args() -> RunConfig:
     p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warm-up steps (default: %(default)s)")
     p.add_argument("--max_steps", type=int, default=DEFAULTS.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--reg_weight", type=float, default=DEFAULTS.reg_weight,
-                   help="weight of the token-level regularisation loss (default: %(default)s)")
+                   help="weight of the token-level regularisation loss; unused with --trainable_layers 0, where "
+                        "the LM head reads the teacher's own state (default: %(default)s)")
     p.add_argument("--reg_target", choices=REG_TARGETS, default=DEFAULTS.reg_target,
                    help="what the token regulariser pulls the LM-head distribution of the student's hidden state "
                         "towards: the selected label (CE) or the teacher (KL over its top-5 plus the rest) "

@@ -37,7 +37,7 @@ from spellm_ds.model import write_directory
 COMPLETE = "COMPLETE"
 STATE_FILE = "spellm_state.json"
 BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
-RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "train_attention", "head_init", "seq_len", "micro_batch",
+RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "train_attention", "head_init", "readout_width", "seq_len", "micro_batch",
                       "grad_accum", "lr", "ffn_lr", "warmup", "max_steps", "reg_weight", "reg_target",
                       "soft_char_weight", "label_selection", "label_prior_weight", "ignore_after_end",
                       "eval_fraction", "seed")

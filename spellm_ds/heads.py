@@ -1,7 +1,13 @@
-"""The k character heads, computed as one fused ``Linear(d, k * |C|)``.
+"""The k character heads, computed as one fused ``Linear(d, k * |C|)``, optionally behind a
+residual MLP read-out.
 
 One GEMM with k*|C| outputs is exactly k separate ``Linear(d, |C|)`` heads side by side (the
 output is reshaped to ``[..., k, |C|]``), and much cheaper to launch than k small ones.
+
+The read-out (``readout_width`` > 0, beyond the paper) is one residual block
+``h + W2 gelu(W1 h)`` shared by the heads. It lets the heads spell well from a hidden state the
+student does not change (``trainable_layers`` 0: the fallback path is then exactly the teacher);
+its output layer starts at zero, so an untrained read-out is the identity.
 """
 
 from __future__ import annotations
@@ -13,13 +19,21 @@ HEAD_INITS = ("embedding", "random")
 
 
 class CharHeads(nn.Module):
-    def __init__(self, hidden_size: int, k: int, num_chars: int) -> None:
+    def __init__(self, hidden_size: int, k: int, num_chars: int, readout_width: int = 0) -> None:
         super().__init__()
         self.k, self.num_chars = k, num_chars
+        self.readout = None
+        if readout_width > 0:
+            self.readout = nn.Sequential(nn.Linear(hidden_size, readout_width), nn.GELU(),
+                                         nn.Linear(readout_width, hidden_size))
+            nn.init.zeros_(self.readout[2].weight)
+            nn.init.zeros_(self.readout[2].bias)
         self.proj = nn.Linear(hidden_size, k * num_chars)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., d]`` -> char logits ``[..., k, |C|]``."""
+        if self.readout is not None:
+            hidden = hidden + self.readout(hidden)
         return self.proj(hidden).unflatten(-1, (self.k, self.num_chars))
 
     @torch.no_grad()

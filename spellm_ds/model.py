@@ -41,6 +41,8 @@ class SpeLLMConfig:
     train_attention: bool = False
     """Beyond the paper: the attention blocks of the trainable layers train too."""
     head_init: str = "embedding"
+    readout_width: int = 0
+    """Beyond the paper: the width of a residual MLP read-out before the heads (0: none)."""
     teacher: str = ""
     """The model this student was distilled from: the embedded name or a directory path."""
     label_selection: str = "joint"
@@ -98,14 +100,15 @@ def attention(layer: nn.Module) -> nn.Module:
 
 def shared_trunk_layer(num_layers: int, trainable_layers: int) -> int | None:
     """The layer a student can start from the teacher's hidden state at, or None when there is
-    no frozen lower layer to share (``trainable_layers`` 0, or all of them)."""
+    no frozen lower layer to share (all layers train). ``num_layers`` (``trainable_layers`` 0)
+    means the whole decoder is shared: the student reads the teacher's final normed hidden state."""
     first_trainable = num_layers - trainable_layers
-    return first_trainable if 0 < first_trainable < num_layers else None
+    return first_trainable if 0 < first_trainable <= num_layers else None
 
 
 def _check_trunk_layer(first_layer: int | None, num_layers: int) -> None:
-    if first_layer is None or not 0 < first_layer < num_layers:
-        raise SpellmError(f"a shared trunk starts at a layer in 1..{num_layers - 1}, got {first_layer}")
+    if first_layer is None or not 0 < first_layer <= num_layers:
+        raise SpellmError(f"a shared trunk starts at a layer in 1..{num_layers}, got {first_layer}")
 
 
 class _TrunkOutput(nn.Module):
@@ -137,7 +140,7 @@ def starting_from_trunk(decoder: nn.Module, first_layer: int | None, trunk_hidde
     by the true layer number; only the stand-ins' output reaches the layers that run.
     """
     layers = decoder_layers_of(decoder)
-    _check_trunk_layer(first_layer, len(layers))
+    _check_trunk_layer(first_layer, len(layers) - 1)  # from the last layer on, the stand-ins would skip the norm
     name = next(key for key, value in decoder.named_children() if value is layers)
     stand_in = _TrunkOutput(trunk_hidden)
     setattr(decoder, name, nn.ModuleList([stand_in] * first_layer + list(layers)[first_layer:]))
@@ -155,7 +158,7 @@ class SpeLLMForCausalLM(nn.Module):
         self.base = base
         self.config = config
         self.charset = charset
-        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(charset)).to(base.dtype)
+        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(charset), config.readout_width).to(base.dtype)
         self.tokenizer = None
         self.spelling: SpellingTable | None = None
 
@@ -202,10 +205,13 @@ class SpeLLMForCausalLM(nn.Module):
                 with_token_logits: bool = False, trunk_hidden: torch.Tensor | None = None) -> SpeLLMOutput:
         """Char logits (and token logits) for ``input_ids``, or, with ``trunk_hidden``, from the
         hidden state entering the first trainable layer: the lower layers are frozen copies of the
-        teacher's, so the teacher's hidden state there is exactly what they would compute."""
+        teacher's, so the teacher's hidden state there is exactly what they would compute. With no
+        trainable layers ``trunk_hidden`` is the teacher's final normed hidden state: only the heads run."""
         decoder = self.base.get_decoder()
         if trunk_hidden is None:
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        elif self.config.trainable_layers == 0:  # the whole decoder is the teacher's: its final state
+            hidden = trunk_hidden
         else:
             first = shared_trunk_layer(len(decoder_layers_of(decoder)), self.config.trainable_layers)
             with starting_from_trunk(decoder, first, trunk_hidden):

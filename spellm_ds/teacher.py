@@ -68,9 +68,13 @@ def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: 
     """Run the frozen causal LM's decoder, then its LM head in chunks.
 
     With ``trunk_layer`` it also returns the hidden state entering that layer (the shared trunk
-    a student whose layers below it are frozen copies can start from).
+    a student whose layers below it are frozen copies can start from); at the number of layers,
+    the final normed hidden state (a student with no trainable layers).
     """
+    whole_decoder = trunk_layer == teacher.config.get_text_config().num_hidden_layers
     out = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                output_hidden_states=trunk_layer is not None)
+                                output_hidden_states=trunk_layer is not None and not whole_decoder)
     signal = top_tokens_from_hidden(out.last_hidden_state, teacher.get_output_embeddings(), top_k, chunk)
-    return signal, (out.hidden_states[trunk_layer] if trunk_layer is not None else None)
+    if trunk_layer is None:
+        return signal, None
+    return signal, out.last_hidden_state if whole_decoder else out.hidden_states[trunk_layer]

@@ -171,7 +171,9 @@ class Distillation:
             batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
                                self.rank, self.world_size, cfg.seed)
             started = synchronized_clock()
-            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.reg_weight > 0, timed=True)
+            # with no trainable layers the student's LM head reads the teacher's own state: nothing to regularise
+            with_token_logits = cfg.reg_weight > 0 and cfg.trainable_layers > 0
+            signal, out, labels, t_s = self._forward(batch, with_token_logits=with_token_logits, timed=True)
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
                                      self._mean_over_ranks)
             backward_started = synchronized_clock()

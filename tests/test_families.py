@@ -27,13 +27,17 @@ def padded_dir(tmp_path_factory):
     return tiny.tiny_model_dir(tmp_path_factory.mktemp("padded"), tiny.corpus_texts(60), "qwen2")
 
 
-def test_shared_trunk_equals_the_full_student_forward(family_dir):
+@pytest.mark.parametrize("trainable_layers, readout_width", [(1, 0), (0, 24)])
+def test_shared_trunk_equals_the_full_student_forward(family_dir, trainable_layers, readout_width):
+    """From the teacher's state entering the first trainable layer, or (no trainable layers) its
+    final state with an MLP read-out, the student computes what it computes from the tokens."""
     teacher = AutoModelForCausalLM.from_pretrained(family_dir).eval()
     torch.manual_seed(0)
-    student = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(family_dir), SpeLLMConfig(k=6, trainable_layers=1),
-                                Charset.default()).eval()
-    torch.nn.init.normal_(student.char_heads.proj.weight, std=0.3)
-    layer = shared_trunk_layer(teacher.config.num_hidden_layers, 1)
+    config = SpeLLMConfig(k=6, trainable_layers=trainable_layers, readout_width=readout_width)
+    student = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(family_dir), config, Charset.default()).eval()
+    for weight in student.char_heads.parameters():  # the read-out's output layer starts at zero
+        torch.nn.init.normal_(weight, std=0.3)
+    layer = shared_trunk_layer(teacher.config.num_hidden_layers, trainable_layers)
     ids = torch.randint(0, len(load_tokenizer(family_dir)), (2, 40))  # longer than Qwen2's 16-token window
     with torch.no_grad():
         signal, trunk = teacher_signal(teacher, ids, trunk_layer=layer)
