@@ -79,6 +79,8 @@ VARIANTS: dict[str, Variant] = {
     "micro_batch_8": Variant(["--micro_batch", "8"]),
     "one_rank_two_threads": Variant(["--micro_batch", "4"], ranks=1, threads=CORES),
     "no_shared_trunk": Variant(["--no_shared_trunk"]),
+    # beyond the paper: only the heads and a residual MLP read-out train, on the teacher's final state
+    "frozen_trunk_readout": Variant(["--trainable_layers", "0", "--readout_width", "2304"]),
 }
 
 

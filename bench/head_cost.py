@@ -11,6 +11,8 @@ Variants (all on the same hidden states, SmolLM2-135M dimensions: d=576, |V|=491
                      repairs only the rows whose string missed)
   (e) + entropy      mean head entropy and the fallback mask too = CharDecoder.propose
   (f) decode path    (c) + entropy and fallback mask, no AutoCorrect: a step where every row hit
+  (g) + read-out     (f) behind a residual MLP read-out of ``--readout_width`` (default 4d; beyond
+                     the paper, see ``--readout_width`` of distill)
 Batch sizes 1, 8, 64; fp32 and bf16; time per position and ratio to (a); every variant at the
 same stated thread count (``--threads``, default the cores).
 """
@@ -45,6 +47,8 @@ def main() -> None:
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--readout_width", type=cli.positive_int, default=None,
+                        help="width of the read-out timed in (g) (default: 4 x the hidden size)")
     add_threads_arg(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,6 +56,7 @@ def main() -> None:
     table = spelling_table(args.quick, k)
     d = 64 if args.quick else 576
     vocab, num_chars = table.vocab_size, len(table.charset)
+    readout_width = args.readout_width or 4 * d
     decoder = CharDecoder(table, tau=0.22)
     min_time = 0.05 if args.quick else 1.0
     results = []
@@ -59,6 +64,7 @@ def main() -> None:
         torch.manual_seed(0)
         lm_head = torch.nn.Linear(d, vocab, bias=False).to(dtype)
         heads = CharHeads(d, k, num_chars).to(dtype)
+        with_readout = CharHeads(d, k, num_chars, readout_width).to(dtype)
         for batch in (1, 8, 64):
             hidden = torch.randn(batch, d, dtype=dtype)
             with torch.no_grad():
@@ -70,6 +76,7 @@ def main() -> None:
                                                               decoder.autocorrect(logits)))(heads(hidden)),
                     "e_entropy": lambda: decoder.propose(heads(hidden)),
                     "f_decode_path": lambda: decoder.propose(heads(hidden), autocorrect=False),
+                    "g_readout_decode_path": lambda: decoder.propose(with_readout(hidden), autocorrect=False),
                 }
                 per_position = {name: median_seconds(fn, min_time) / batch for name, fn in variants.items()}
             base = per_position["a_lm_head"]
@@ -79,6 +86,7 @@ def main() -> None:
             print(f"{dtype} batch {batch}: " + ", ".join(f"{n} {base / t:.1f}x" for n, t in per_position.items()))
     write("head_cost" + ("_quick" if args.quick else ""),
           {"hidden": d, "vocab": vocab, "k": k, "charset": num_chars, "valid_spellings": int(table.canonical.sum()),
+           "readout_width": readout_width,
            "threads": torch.get_num_threads(), "quick": args.quick}, results, args.out)
 
 

@@ -28,12 +28,13 @@ def positive(value):
 
 def test_head_cost(tmp_path):
     document = run_bench("head_cost", tmp_path)
+    assert document["settings"]["readout_width"] == 4 * document["settings"]["hidden"]
     assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == os.cpu_count()
     results = document["results"]
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8, 64)}
     for row in results:
         assert set(row["seconds_per_position"]) == {"a_lm_head", "b_char_heads", "c_lookup", "d_autocorrect",
-                                                    "e_entropy", "f_decode_path"}
+                                                    "e_entropy", "f_decode_path", "g_readout_decode_path"}
         assert all(positive(v) for v in row["seconds_per_position"].values())
         seconds = row["seconds_per_position"]
         assert row["speedup_vs_lm_head"] == pytest.approx({n: seconds["a_lm_head"] / s for n, s in seconds.items()})

@@ -168,6 +168,32 @@ def test_teacher_never_changes_and_export_reproduces_the_student(distillation, t
         assert torch.allclose(reloaded(ids).char_logits, expected, atol=1e-5)
 
 
+def test_no_trainable_layers_trains_a_readout_on_the_teachers_final_state(process_group, tmp_path):
+    """--trainable_layers 0 --readout_width: the student holds no decoder layer, its heads and
+    read-out (only they) train on the teacher's final normed state, no token regulariser is
+    computed, and the export reproduces it from the tokens."""
+    run = tiny_distillation(tmp_path, trainable_layers=0, readout_width=16, max_steps=12)
+    student = run.student.module
+    assert run.trunk_layer == len(decoder_layers(student.base)) == 4
+    assert not any(sum(1 for _ in layer.parameters()) for layer in decoder_layers(student.base))
+    assert set(student.trainable_parameter_names()) == {"char_heads." + n for n, _ in student.char_heads.named_parameters()}
+    steps = [run.train_step(step) for step in range(12)]
+    losses = [m["loss/total"] for m in steps]
+    assert all(m["loss/token"] == 0.0 for m in steps)
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+    assert gathered(student.char_heads)["readout.2.weight"].abs().sum() > 0  # the read-out left the identity
+
+    ids = run.data.held_out[:2, :16]
+    run.student.eval()
+    with torch.no_grad():
+        _, final = teacher_signal(run.teacher.module, ids, trunk_layer=run.trunk_layer)
+        expected = run.student(trunk_hidden=final).char_logits
+        assert torch.allclose(whole_student(run)(ids).char_logits, expected, atol=1e-5)
+    exported = checkpoint.export(run.save(12), tmp_path / "model")
+    with torch.no_grad():
+        assert torch.allclose(SpeLLMForCausalLM.from_pretrained(exported)(ids).char_logits, expected, atol=1e-5)
+
+
 def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path):
     """--ffn_lr: the heads train at --lr and the FFNs at --ffn_lr, both under the same warm-up and
     decay; with every fidelity lever on, the loss still falls."""
