@@ -77,7 +77,8 @@ class RunConfig:
             (self.seq_len >= 2, f"--seq_len {self.seq_len} must be at least 2"),
             (self.max_steps >= 1, f"--max_steps {self.max_steps} must be at least 1"),
             (self.trainable_layers >= 0, f"--trainable_layers {self.trainable_layers} must be >= 0"),
-            (self.readout_width >= 0, f"--readout_width {self.readout_width} must be >= 0 (0: the paper's linear heads)"),
+            (self.readout_width >= 0,
+             f"--readout_width {self.readout_width} must be >= 0 (0: the paper's linear heads)"),
             (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
             (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
             (self.eval_every >= 1, f"--eval_every {self.eval_every} must be at least 1"),
@@ -122,8 +123,9 @@ class RunConfig:
         from spellm_ds.model import SpeLLMConfig
 
         return SpeLLMConfig(k=self.k, trainable_layers=self.trainable_layers, train_attention=self.train_attention,
-                            head_init=self.head_init, readout_width=self.readout_width, teacher=self.model, label_selection=self.label_selection,
-                            label_prior_weight=self.label_prior_weight, ignore_after_end=self.ignore_after_end)
+                            head_init=self.head_init, readout_width=self.readout_width, teacher=self.model,
+                            label_selection=self.label_selection, label_prior_weight=self.label_prior_weight,
+                            ignore_after_end=self.ignore_after_end)
 
     def label_rule(self) -> LabelRule:
         return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)

@@ -158,7 +158,8 @@ class SpeLLMForCausalLM(nn.Module):
         self.base = base
         self.config = config
         self.charset = charset
-        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(charset), config.readout_width).to(base.dtype)
+        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(charset),
+                                    config.readout_width).to(base.dtype)
         self.tokenizer = None
         self.spelling: SpellingTable | None = None
 
