@@ -68,6 +68,7 @@ CASES = [
     (lambda f: distill(f, "--collective_timeout_s", "0"), "--collective_timeout_s 0"),
     (lambda f: distill(f, "--trainable_layers", "9"), "--trainable_layers 9"),
     (lambda f: distill(f, "--k", "0"), "--k 0"),
+    (lambda f: distill(f, "--readout_width", "-1"), "--readout_width -1"),
     (lambda f: distill(f, "--seq_len", "1"), "--seq_len 1"),
     (lambda f: distill(f, "--eval_fraction", "1.5"), "--eval_fraction 1.5"),
     (lambda f: distill(f, "--keep_checkpoints", "0"), "--keep_checkpoints 0"),
