@@ -18,6 +18,18 @@ def test_fused_heads_equal_k_separate_heads():
         assert torch.allclose(fused[..., j, :], torch.nn.functional.linear(hidden, w[j], b[j]), atol=1e-6)
 
 
+def test_the_readout_starts_as_the_identity_and_is_a_residual_mlp():
+    torch.manual_seed(0)
+    plain, behind = CharHeads(16, k=3, num_chars=5), CharHeads(16, k=3, num_chars=5, readout_width=32)
+    behind.proj.load_state_dict(plain.proj.state_dict())
+    hidden = torch.randn(2, 4, 16)
+    assert torch.equal(behind(hidden), plain(hidden))  # its output layer starts at zero
+    torch.nn.init.normal_(behind.readout[2].weight)
+    w1, b1 = behind.readout[0].weight, behind.readout[0].bias
+    mixed = hidden + torch.nn.functional.gelu(hidden @ w1.T + b1) @ behind.readout[2].weight.T
+    assert torch.allclose(behind(hidden), plain(mixed), atol=1e-5)
+
+
 def test_embedding_init_is_the_mean_embedding_per_position_and_char():
     heads = CharHeads(hidden_size=2, k=2, num_chars=3)
     emb = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
