@@ -3,9 +3,9 @@
     python -m bench.distill_throughput [--steps 8] [--repeats 1] [--variants NAME ...] [--quick] [--out FILE]
 
 - ``bound_1xN`` / ``bound_Nx1``: no DeepSpeed, exactly one step's computation of the default
-  job (teacher forward with top-5 and entropy, the student's top layers from the shared trunk
-  with the same activation checkpointing, char heads, the fp32 losses, backward, AdamW on the
-  trainable parameters) on the same model, dtype, sequence length and global batch, as one
+  job (teacher forward with top-5 and entropy, the student's trainable part from the shared
+  trunk (the read-out and heads; in the paper's recipe the top layers, with the same activation
+  checkpointing), the fp32 losses, backward, AdamW on the trainable parameters) on the same model, dtype, sequence length and global batch, as one
   process with every core as a thread, or as one single-thread process per core each doing its
   share (no communication). The better of the two is the ceiling the job is measured against:
   on a CPU, two single-thread processes do more than one process with two threads.
@@ -79,8 +79,8 @@ VARIANTS: dict[str, Variant] = {
     "micro_batch_8": Variant(["--micro_batch", "8"]),
     "one_rank_two_threads": Variant(["--micro_batch", "4"], ranks=1, threads=CORES),
     "no_shared_trunk": Variant(["--no_shared_trunk"]),
-    # beyond the paper: only the heads and a residual MLP read-out train, on the teacher's final state
-    "frozen_trunk_readout": Variant(["--trainable_layers", "0", "--readout_width", "2304"]),
+    # the paper's recipe: linear heads and the FFNs of the last 5 layers train
+    "paper_recipe": Variant(["--trainable_layers", "5", "--readout_width", "0"]),
 }
 
 
@@ -155,7 +155,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     from spellm_ds.data import load_texts, pack
     from spellm_ds.forward import synchronized_clock, teacher_and_student
     from spellm_ds.losses import distillation_loss
-    from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM, shared_trunk_layer
+    from spellm_ds.model import SpeLLMForCausalLM, shared_trunk_layer
     from spellm_ds.spelling import SpellingTable, model_vocab_size
 
     torch.set_num_threads(threads)
@@ -168,7 +168,8 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     charset = Charset.default()
     table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))
-    student = SpeLLMForCausalLM(base, SpeLLMConfig(run.k, run.trainable_layers), charset)
+    run.fit_to_model(base.config.num_hidden_layers, base.config.hidden_size)
+    student = SpeLLMForCausalLM(base, run.spellm_config(), charset)
     student.char_heads.init_from_embeddings(base.get_output_embeddings().weight.detach(), table.chars, table.spellable)
     student.freeze_for_distillation()
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -181,7 +182,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
         ids = blocks[step * share : (step + 1) * share]
         started = synchronized_clock()
         signal, out, labels, _ = teacher_and_student(teacher, student, ids, table, run.label_rule(), trunk_layer,
-                                                     with_token_logits=True)
+                                                     with_token_logits=run.needs_token_logits)
         loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, table, run.loss_recipe())
         loss.total.backward()
         optimizer.step()

@@ -25,6 +25,7 @@ import torch
 from bench.common import add_threads_arg, median_seconds, write
 from spellm_ds import cli
 from spellm_ds.charset import Charset
+from spellm_ds.config import READOUT_PER_HIDDEN
 from spellm_ds.decoding import CharDecoder
 from spellm_ds.heads import CharHeads
 
@@ -56,7 +57,7 @@ def main() -> None:
     table = spelling_table(args.quick, k)
     d = 64 if args.quick else 576
     vocab, num_chars = table.vocab_size, len(table.charset)
-    readout_width = args.readout_width or 4 * d
+    readout_width = args.readout_width or READOUT_PER_HIDDEN * d
     decoder = CharDecoder(table, tau=0.22)
     min_time = 0.05 if args.quick else 1.0
     results = []

@@ -4,6 +4,9 @@
     torchrun --nproc_per_node 2 launch/distill.py ...      mpirun -np 2 python launch/distill.py ...
 
 With no --model/--data it distils the embedded SmolLM2-135M-Instruct on the built-in five-source corpus.
+The default recipe trains the char heads behind a residual MLP read-out on the teacher's own final
+hidden state (the fallback path is then exactly the teacher); --trainable_layers 5 --readout_width 0
+is the paper's (heads + the FFNs of the last 5 layers). docs/fidelity-pilots.md measures both.
 Values left "auto" in the DeepSpeed config (batch sizes, lr, schedule) are filled from the flags.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from spellm_ds import cli
-from spellm_ds.config import DEFAULTS as BUILT_IN, RunConfig
+from spellm_ds.config import DEFAULTS as BUILT_IN, READOUT_PER_HIDDEN, RunConfig
 from spellm_ds.losses import LABEL_RULES, REG_TARGETS
 from spellm_ds.train import run
 
@@ -33,13 +36,15 @@ def parse_args() -> RunConfig:
     p.add_argument("--k", type=int, default=DEFAULTS.k, help="characters per token = number of heads (default: %(default)s)")
     p.add_argument("--charset", default=None, help="charset.json or a text file of extra characters")
     p.add_argument("--trainable_layers", type=int, default=DEFAULTS.trainable_layers,
-                   help="train the FFN blocks of this many last decoder layers; 0 trains only the heads on the "
-                        "teacher's own final hidden state, so the fallback path is the teacher (default: %(default)s)")
+                   help="train the FFN blocks of this many last decoder layers (the paper: 5); 0 trains only the "
+                        "heads and read-out on the teacher's own final hidden state, so the fallback path is the "
+                        "teacher (default: %(default)s)")
     p.add_argument("--train_attention", action="store_true",
                    help="beyond the paper: train the attention blocks of those layers too")
-    p.add_argument("--readout_width", type=int, default=DEFAULTS.readout_width,
+    p.add_argument("--readout_width", type=int, default=None,
                    help="beyond the paper: a residual MLP read-out of this width before the char heads, trained "
-                        "with them at --lr; 0 = the paper's linear heads (default: %(default)s)")
+                        f"with them at --lr; 0 = the paper's linear heads (default: {READOUT_PER_HIDDEN} x the "
+                        "model's hidden size)")
     p.add_argument("--head_init", choices=("embedding", "random"), default=DEFAULTS.head_init,
                    help="char head start: mean token embeddings per (position, char), or random (default: %(default)s)")
     p.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="tokens per packed block (default: %(default)s)")
@@ -55,8 +60,8 @@ def parse_args() -> RunConfig:
     p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warm-up steps (default: %(default)s)")
     p.add_argument("--max_steps", type=int, default=DEFAULTS.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--reg_weight", type=float, default=DEFAULTS.reg_weight,
-                   help="weight of the token-level regularisation loss; unused with --trainable_layers 0, where "
-                        "the LM head reads the teacher's own state (default: %(default)s)")
+                   help="weight of the token-level regularisation loss when FFNs train; unused with --trainable_layers "
+                        "0, where the LM head reads the teacher's own state (default: %(default)s)")
     p.add_argument("--reg_target", choices=REG_TARGETS, default=DEFAULTS.reg_target,
                    help="what the token regulariser pulls the LM-head distribution of the student's hidden state "
                         "towards: the selected label (CE) or the teacher (KL over its top-5 plus the rest) "

@@ -24,6 +24,8 @@ teacher (docs/fidelity-pilots.md, "Label rule, batch size and learning rates")."
 FULL_SHARDING_PERSISTENCE = 100_000
 """DeepSpeed's own default ``stage3_param_persistence_threshold``: only small tensors (norms,
 biases) stay whole; every weight matrix is sharded and gathered when used."""
+READOUT_PER_HIDDEN = 4
+"""The default read-out's width per unit of hidden size: a transformer FFN's ratio (2304 for SmolLM2-135M)."""
 RESIDENT_SHARE = 0.25
 """``"auto"`` keeps whole models resident when teacher + student take at most this share of a rank's memory."""
 
@@ -40,10 +42,10 @@ class RunConfig:
     teacher_offload: bool = False
     k: int = 10
     charset: str | None = None
-    trainable_layers: int = 5
+    trainable_layers: int = 0
     train_attention: bool = False
     head_init: str = "embedding"
-    readout_width: int = 0
+    readout_width: int | None = None  # None: READOUT_PER_HIDDEN x the model's hidden size
     seq_len: int = 256
     micro_batch: int | None = None
     grad_accum: int | None = None
@@ -77,7 +79,7 @@ class RunConfig:
             (self.seq_len >= 2, f"--seq_len {self.seq_len} must be at least 2"),
             (self.max_steps >= 1, f"--max_steps {self.max_steps} must be at least 1"),
             (self.trainable_layers >= 0, f"--trainable_layers {self.trainable_layers} must be >= 0"),
-            (self.readout_width >= 0,
+            (self.readout_width is None or self.readout_width >= 0,
              f"--readout_width {self.readout_width} must be >= 0 (0: the paper's linear heads)"),
             (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
             (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
@@ -109,11 +111,19 @@ class RunConfig:
             if not ok:
                 raise SpellmError(message)
 
-    def check_model(self, num_layers: int) -> None:
-        """Checks that need the model's config (read from config.json, before any weights load)."""
+    def fit_to_model(self, num_layers: int, hidden_size: int) -> None:
+        """Checks and defaults that need the model's config (read before any weights load)."""
         if not 0 <= self.trainable_layers <= num_layers:
             raise SpellmError(f"--trainable_layers {self.trainable_layers} is out of range; the model has "
                               f"{num_layers} layers")
+        if self.readout_width is None:
+            self.readout_width = READOUT_PER_HIDDEN * hidden_size
+
+    @property
+    def needs_token_logits(self) -> bool:
+        """The token regulariser needs the student's LM-head logits; with no trainable layer that
+        head reads the teacher's own state, so there is nothing to regularise."""
+        return self.reg_weight > 0 and self.trainable_layers > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +132,8 @@ class RunConfig:
         """The :class:`~spellm_ds.model.SpeLLMConfig` a model trained by this run records."""
         from spellm_ds.model import SpeLLMConfig
 
+        if self.readout_width is None:
+            raise ValueError("readout_width is unresolved: call fit_to_model() first")
         return SpeLLMConfig(k=self.k, trainable_layers=self.trainable_layers, train_attention=self.train_attention,
                             head_init=self.head_init, readout_width=self.readout_width, teacher=self.model,
                             label_selection=self.label_selection, label_prior_weight=self.label_prior_weight,

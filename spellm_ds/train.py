@@ -97,7 +97,8 @@ class Distillation:
         self.output_dir = Path(config.output_dir)
         self.model_dir = assets.resolve_model(config.model)
         model_config = AutoConfig.from_pretrained(self.model_dir)
-        config.check_model(model_config.get_text_config().num_hidden_layers)
+        text_config = model_config.get_text_config()
+        config.fit_to_model(text_config.num_hidden_layers, text_config.hidden_size)
         self.tokenizer = assets.load_tokenizer(self.model_dir)
         self.charset = Charset.from_file(config.charset) if config.charset else Charset.default()
         persistence = auto_persistence_threshold(*parameter_sizes(self.model_dir), memory_per_rank(self.world_size))
@@ -114,7 +115,7 @@ class Distillation:
         self.recipe = config.loss_recipe()
         self.table = SpellingTable.from_tokenizer(self.tokenizer, self.charset, config.k,
                                                   model_vocab_size(model_config)).to(self.device)
-        self.trunk_layer = (shared_trunk_layer(model_config.get_text_config().num_hidden_layers,
+        self.trunk_layer = (shared_trunk_layer(text_config.num_hidden_layers,
                                                config.trainable_layers) if config.shared_trunk else None)
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
                                    config.seq_len, config.eval_fraction, config.seed)
@@ -171,9 +172,7 @@ class Distillation:
             batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
                                self.rank, self.world_size, cfg.seed)
             started = synchronized_clock()
-            # with no trainable layers the student's LM head reads the teacher's own state: nothing to regularise
-            with_token_logits = cfg.reg_weight > 0 and cfg.trainable_layers > 0
-            signal, out, labels, t_s = self._forward(batch, with_token_logits=with_token_logits, timed=True)
+            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.needs_token_logits, timed=True)
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
                                      self._mean_over_ranks)
             backward_started = synchronized_clock()

@@ -209,7 +209,7 @@ def test_a_checkpoint_older_than_a_flag_reads_as_the_run_it_was():
 def test_a_checkpoint_that_trained_the_blocks_at_the_heads_lr_is_refused_with_the_way_out(tmp_path):
     """Before --ffn_lr had a default, None meant one parameter group at --lr; the optimizer state
     of such a checkpoint cannot load into today's two groups."""
-    run = RunConfig()
+    run = RunConfig(trainable_layers=5)
     resolve_student_config(run, world_size=1)
     state = {"run": {**run.to_dict(), "ffn_lr": None}}
     with pytest.raises(SpellmError, match="one parameter group .* cannot resume: export it"):

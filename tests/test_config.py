@@ -14,7 +14,8 @@ def write(tmp_path, config, name="ds.json"):
 
 
 def test_auto_values_are_filled_from_the_run(tmp_path):
-    run = RunConfig(deepspeed="ds_configs/zero3.json", micro_batch=3, grad_accum=2, lr=5e-4, max_steps=40, warmup=4)
+    run = RunConfig(deepspeed="ds_configs/zero3.json", micro_batch=3, grad_accum=2, lr=5e-4, max_steps=40, warmup=4,
+                    trainable_layers=5)
     ds = resolve_student_config(run, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 12 and ds["optimizer"]["params"]["lr"] == 5e-4
@@ -49,6 +50,20 @@ def test_learning_rates_default_to_the_piloted_recipe(trainable_layers, ffn_lr, 
     assert ds["optimizer"]["params"]["lr"] == run.lr == 3e-3
     assert ds["scheduler"]["params"]["warmup_max_lr"] == peak
     assert run.ffn_lr == (None if trainable_layers == 0 else peak[1])
+
+
+@pytest.mark.parametrize("flag, hidden, width", [(None, 576, 2304), (None, 64, 256), (0, 576, 0), (100, 576, 100)])
+def test_the_default_recipe_is_a_read_out_four_times_the_hidden_size_on_the_teachers_state(flag, hidden, width):
+    """The default trains no decoder layer and sizes its read-out by the model; 0 is the paper's heads."""
+    run = RunConfig(readout_width=flag)
+    assert run.trainable_layers == 0 and not run.needs_token_logits
+    if flag is None:
+        with pytest.raises(ValueError, match="fit_to_model"):
+            run.spellm_config()
+    run.fit_to_model(num_layers=30, hidden_size=hidden)
+    assert run.readout_width == run.spellm_config().readout_width == width
+    assert RunConfig(trainable_layers=5).needs_token_logits and not RunConfig(trainable_layers=5,
+                                                                               reg_weight=0).needs_token_logits
 
 
 def test_concrete_values_are_used_when_flags_are_absent(tmp_path):

@@ -58,8 +58,8 @@ def tiny_distillation(root, family: str = "llama", persistence: int | str = 0, *
     (root / "zero3_fp32.json").write_text(json.dumps(ds))
     settings = dict(model=str(model_dir), data=[str(data)], output_dir=str(root / "out"),
                     deepspeed=str(root / "zero3_fp32.json"), teacher_deepspeed=str(root / "zero3_fp32.json"),
-                    k=6, trainable_layers=2, seq_len=32, micro_batch=2, max_steps=4, lr=1e-2, warmup=1,
-                    eval_blocks=4, save_every=0)
+                    k=6, trainable_layers=2, readout_width=0, seq_len=32, micro_batch=2, max_steps=4, lr=1e-2,
+                    warmup=1, eval_blocks=4, save_every=0)  # the paper's recipe; the default's is tested below
     config = RunConfig(**{**settings, **overrides})
     config.validate()
     return Distillation(config)
@@ -168,12 +168,13 @@ def test_teacher_never_changes_and_export_reproduces_the_student(distillation, t
         assert torch.allclose(reloaded(ids).char_logits, expected, atol=1e-5)
 
 
-def test_no_trainable_layers_trains_a_readout_on_the_teachers_final_state(process_group, tmp_path):
-    """--trainable_layers 0 --readout_width: the student holds no decoder layer, its heads and
-    read-out (only they) train on the teacher's final normed state, no token regulariser is
-    computed, and the export reproduces it from the tokens."""
-    run = tiny_distillation(tmp_path, trainable_layers=0, readout_width=16, max_steps=12)
+def test_the_default_recipe_trains_a_readout_on_the_teachers_final_state(process_group, tmp_path):
+    """--trainable_layers 0 with the default read-out (4x the hidden size): the student holds no
+    decoder layer, its heads and read-out (only they) train on the teacher's final normed state,
+    no token regulariser is computed, and the export reproduces it from the tokens."""
+    run = tiny_distillation(tmp_path, trainable_layers=0, readout_width=None, max_steps=12)
     student = run.student.module
+    assert student.config.readout_width == 4 * student.base.config.hidden_size
     assert run.trunk_layer == len(decoder_layers(student.base)) == 4
     assert not any(sum(1 for _ in layer.parameters()) for layer in decoder_layers(student.base))
     assert set(student.trainable_parameter_names()) == {"char_heads." + n for n, _ in student.char_heads.named_parameters()}
