@@ -3,12 +3,13 @@
     python -m bench.distill_throughput [--steps 8] [--repeats 1] [--variants NAME ...] [--quick] [--out FILE]
 
 - ``bound_1xN`` / ``bound_Nx1``: no DeepSpeed, exactly one step's computation of the default
-  job (teacher forward with top-5 and entropy, the student's trainable part from the shared
-  trunk (the read-out and heads; in the paper's recipe the top layers, with the same activation
-  checkpointing), the fp32 losses, backward, AdamW on the trainable parameters) on the same model, dtype, sequence length and global batch, as one
-  process with every core as a thread, or as one single-thread process per core each doing its
-  share (no communication). The better of the two is the ceiling the job is measured against:
-  on a CPU, two single-thread processes do more than one process with two threads.
+  job (teacher forward with top-5 and entropy; the student's trainable part from the shared
+  trunk: the read-out and heads, in the paper's recipe also the top layers with the same
+  activation checkpointing; the fp32 losses, backward, AdamW on the trainable parameters) on the
+  same model, dtype, sequence length and global batch, as one process with every core as a
+  thread, or as one single-thread process per core each doing its share (no communication).
+  The better of the two is the ceiling the job is measured against: on a CPU, two
+  single-thread processes do more than one process with two threads.
 - job variants: the real job (``torchrun``, ``ds_configs/zero3.json``, the embedded SmolLM2 and
   corpus, default flags) with one setting changed each (see ``VARIANTS``); tokens/s is summed over
   ranks, the median over the steps after the first two, from the run's TensorBoard scalars.
