@@ -3,12 +3,15 @@
 Features
 - online self-distillation: the frozen original model is the teacher; its top-5 next tokens,
   their probabilities and its entropy are computed on the fly (LM head chunked along the sequence);
-- the student is the same model plus k char heads; only the heads and the FFN blocks of the last
-  ``trainable_layers`` decoder layers train; the label of each position is the teacher candidate
-  with the lowest char NLL - log p_teacher (``--label_selection student_nll``: char NLL alone, the
-  paper's rule; either way one spelling, no blending), the loss is char CE (characters after
-  the label's first END ignored) + ``reg_weight`` x KL to the teacher's distribution (top-5 and
-  the rest) through the frozen LM head + ``soft_char_weight`` x soft per-head targets, in fp32;
+- the student is the same model plus k char heads. By default only the heads and a residual MLP
+  read-out before them train, on the teacher's own final hidden state (``trainable_layers`` 0:
+  the fallback path is the teacher); the paper's recipe trains the heads and the FFN blocks of
+  the last ``trainable_layers`` (5) decoder layers (``readout_width`` 0). The label of each
+  position is the teacher candidate with the lowest char NLL - log p_teacher
+  (``--label_selection student_nll``: char NLL alone, the paper's rule; either way one spelling,
+  no blending); the loss is char CE (characters after the label's first END ignored) +
+  ``soft_char_weight`` x soft per-head targets, and, where FFNs train, ``reg_weight`` x KL to the
+  teacher's distribution (top-5 and the rest) through the frozen LM head, in fp32;
 - two learning rates: the new char heads at ``lr`` (3e-3), the pretrained blocks at ``ffn_lr``
   (1e-3), one warm-up and linear decay;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
