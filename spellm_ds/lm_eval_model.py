@@ -9,8 +9,9 @@
   decoding would fall back (entropy >= tau, or an UNK char) is scored by the LM head instead.
   ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there.
 - ``generate_until``: the project's :meth:`~spellm_ds.model.SpeLLMForCausalLM.generate` (greedy or
-  sampled; ``autocorrect=false`` ends a row at a string that is no token). Token provenance counts
-  (exact / AutoCorrect / fallback) are kept in :attr:`SpeLLMEvalModel.provenance` and logged.
+  sampled; ``autocorrect=false`` ends a row at a string that is no token), ``batch_size`` left-padded
+  prompts at a time. Token provenance counts (exact / AutoCorrect / fallback) are kept in
+  :attr:`SpeLLMEvalModel.provenance` and logged.
 
 The teacher is evaluated with ``lm_eval``'s own ``hf`` model on the same tasks.
 """
@@ -143,15 +144,29 @@ class SpeLLMEvalModel(TemplateLM):
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        outputs = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="spellm generate"):
-            context, gen_kwargs = request.args
-            outputs.append(self.generate_one(context, dict(gen_kwargs)))
+        """Every request's continuation. Requests with the same generation settings are decoded
+        ``batch_size`` at a time, left-padded, longest prompt first (so a batch pads little)."""
+        prompts = [(self.tok_encode(context), dict(gen_kwargs)) for context, gen_kwargs in (r.args for r in requests)]
+        by_settings: dict[str, list[int]] = {}
+        for i, (_, gen_kwargs) in enumerate(prompts):
+            by_settings.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
+        outputs = [""] * len(requests)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="spellm generate") as progress:
+            for indices in by_settings.values():
+                indices.sort(key=lambda i: -len(prompts[i][0]))
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start : start + self.batch_size]
+                    texts = self.generate_batch([prompts[i][0] for i in batch], dict(prompts[batch[0]][1]))
+                    for i, text in zip(batch, texts):
+                        outputs[i] = text
+                    progress.update(len(batch))
         logger.info("spellm provenance: %s", self.provenance)
         return outputs
 
-    def generate_one(self, context: str, gen_kwargs: dict) -> str:
-        """One continuation, cut at the first stop sequence (``until``)."""
+    def generate_batch(self, contexts: list[list[int]], gen_kwargs: dict) -> list[str]:
+        """Continuations of token-id contexts under one set of lm_eval generation settings, each
+        cut at its first stop sequence (``until``); contexts are cut from the left so that context
+        and continuation fit ``max_length``."""
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_new_tokens = int(gen_kwargs.pop("max_gen_toks", 256))
@@ -160,17 +175,27 @@ class SpeLLMEvalModel(TemplateLM):
             sampling.update({key: gen_kwargs.pop(key) for key in ("temperature", "top_k", "top_p") if key in gen_kwargs})
         elif float(gen_kwargs.pop("temperature", 0.0) or 0.0) > 0:
             sampling["do_sample"] = True  # lm_eval's convention: a temperature asks for sampling
-        ids = self.tok_encode(context)[-self.max_length:]
-        input_ids = torch.tensor([ids], device=self.model.base.device)
-        out = self.model.generate(input_ids, max_new_tokens=max_new_tokens, tau=self.tau,
-                                  autocorrect=self.autocorrect, **sampling)
+        keep = max(self.max_length - max_new_tokens, 1)
+        rows = [(ids or [self.prefix_token_id])[-keep:] for ids in contexts]
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, ids in enumerate(rows):
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            mask[r, width - len(ids) :] = 1
+        device = self.model.base.device
+        out = self.model.generate(input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                  tau=self.tau, autocorrect=self.autocorrect, **sampling)
         for code, count in out.counts().items():
             self.provenance[code] += count
-        text = self.tok_decode(out.sequences[0].tolist())
-        for stop in until:
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-        return text
+        texts = []
+        for sequence in out.sequences:
+            text = self.tok_decode(sequence.tolist())
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            texts.append(text)
+        return texts
 
     def take_fallback_rate(self) -> float | None:
         """Share of the positions scored or tokens generated since the last call that the LM head

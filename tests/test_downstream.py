@@ -167,20 +167,25 @@ def test_loglikelihood_rolling_is_the_whole_texts_likelihood(exported):
 
 
 def test_generate_until_is_generate_cut_at_the_stop_sequence(exported):
-    lm = SpeLLMEvalModel(str(exported), tau="0.5")
-    prompts = ["The river flows", "In 1998 the national team"]
-    outputs = lm.generate_until([SimpleNamespace(args=(p, {"until": ["."], "max_gen_toks": 12})) for p in prompts])
+    """Batched (left-padded, grouped by settings, longest first) = one unpadded prompt at a time, in request order."""
+    lm = SpeLLMEvalModel(str(exported), tau="0.5", batch_size=2)
+    requests = [("The river flows", {"until": ["."], "max_gen_toks": 12}),
+                ("In 1998 the national team of the country", {"until": ["."], "max_gen_toks": 12}),
+                ("Fish", {"until": [], "max_gen_toks": 7}),
+                ("The town and the residents of the river valley left the old", {"until": ["."], "max_gen_toks": 12})]
+    outputs = lm.generate_until([SimpleNamespace(args=(p, dict(k))) for p, k in requests])
     total = 0
-    for prompt, output in zip(prompts, outputs):
+    for (prompt, settings), output in zip(requests, outputs):
         ids = torch.tensor([lm.tok_encode(prompt)])
-        out = lm.model.generate(ids, max_new_tokens=12, tau=0.5)
+        out = lm.model.generate(ids, max_new_tokens=settings["max_gen_toks"], tau=0.5)
         text = lm.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
-        assert output == text.split(".")[0]
+        assert output == (text.split(".")[0] if settings["until"] else text), prompt
         total += sum(out.counts().values())
     assert sum(lm.provenance.values()) == total
     raw = SpeLLMEvalModel(str(exported), fallback="false", autocorrect="false")
-    out = raw.model.generate(torch.tensor([raw.tok_encode(prompts[0])]), max_new_tokens=12, tau=None, autocorrect=False)
-    assert raw.generate_until([SimpleNamespace(args=(prompts[0], {"until": [], "max_gen_toks": 12}))]) == [
+    out = raw.model.generate(torch.tensor([raw.tok_encode(requests[0][0])]), max_new_tokens=12, tau=None,
+                             autocorrect=False)
+    assert raw.generate_until([SimpleNamespace(args=(requests[0][0], {"until": [], "max_gen_toks": 12}))]) == [
         raw.tokenizer.decode(out.sequences[0], skip_special_tokens=True)]
     assert raw.provenance["fallback"] == 0
 
