@@ -71,7 +71,8 @@ def parameter_groups(model: SpeLLMForCausalLM, run: RunConfig) -> list:
 def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, charset: Charset,
                   table: SpellingTable, trunk_layer: int | None):
     """The student engine; prints the trainable share on rank 0. With ``trunk_layer`` (the shared
-    trunk) it holds no layers below it: the teacher runs them."""
+    trunk) it holds no layers below it (the teacher runs them), no token embedding, and no LM head
+    unless the loss needs token logits."""
     base = load_base(model_dir, ds_config)
     torch.manual_seed(run.seed)  # identical head init on every rank
     model = SpeLLMForCausalLM(base, run.spellm_config(), charset)
@@ -83,6 +84,7 @@ def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, ch
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if trunk_layer is not None:
         model.drop_layers_below(trunk_layer)
+        model.drop_token_embeddings(keep_lm_head=run.needs_token_logits)
     if run.activation_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=parameter_groups(model, run))

@@ -84,6 +84,8 @@ def test_every_family_distils_under_zero3_with_a_shared_trunk(process_group, tmp
         shared = run.student(trunk_hidden=trunk)
     run.student.train()
     assert torch.allclose(shared.char_logits, naive.char_logits, atol=1e-5)
+    student = run.student.module.base  # no token embedding; the LM head for the token regulariser (tied or not)
+    assert not list(student.get_input_embeddings().parameters()) and list(student.get_output_embeddings().parameters())
     losses = [run.train_step(step)["loss/total"] for step in range(12)]
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
 
@@ -112,15 +114,17 @@ def test_shared_trunk_equals_the_naive_two_model_computation(distillation):
 
 
 def test_the_student_holds_no_layer_the_teacher_runs(distillation):
-    """With the shared trunk the student engine lets go of the frozen layers below it (ZeRO-3 would
-    re-gather them every step for nothing); run without the trunk it says so."""
+    """With the shared trunk the student engine lets go of the frozen layers below it and of the
+    token embedding (ZeRO-3 would manage them every step for nothing); the tied LM head stays for
+    the token regulariser. Run without the trunk it says so."""
     student, teacher = distillation.student.module, distillation.teacher.module
     layers = decoder_layers(student.base)
     assert [sum(1 for _ in layer.parameters()) > 0 for layer in layers] == [False, False, True, True]
+    assert not list(student.base.get_input_embeddings().parameters())
     held = sum(p.ds_numel for p in student.base.parameters())
     below = sum(p.ds_numel for layer in list(decoder_layers(teacher))[:2] for p in layer.parameters())
-    assert held == sum(p.ds_numel for p in teacher.parameters()) - below
-    with pytest.raises(SpellmError, match="lower layers were dropped"), torch.no_grad():
+    assert held == sum(p.ds_numel for p in teacher.parameters()) - below  # the tied embedding is the LM head
+    with pytest.raises(SpellmError, match="part of the student was dropped"), torch.no_grad():
         distillation.student(distillation.data.train[:1])
 
 
@@ -177,6 +181,8 @@ def test_the_default_recipe_trains_a_readout_on_the_teachers_final_state(process
     assert student.config.readout_width == 4 * student.base.config.hidden_size
     assert run.trunk_layer == len(decoder_layers(student.base)) == 4
     assert not any(sum(1 for _ in layer.parameters()) for layer in decoder_layers(student.base))
+    # neither token embedding nor LM head (no token regulariser): of the base model only the final norm
+    assert sum(p.ds_numel for p in student.base.parameters()) == student.base.config.hidden_size
     assert set(student.trainable_parameter_names()) == {"char_heads." + n for n, _ in student.char_heads.named_parameters()}
     steps = [run.train_step(step) for step in range(12)]
     losses = [m["loss/total"] for m in steps]
