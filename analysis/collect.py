@@ -39,6 +39,10 @@ class Records:
     student_entropy: torch.Tensor  # [N] mean per-head entropy
     label_chars: torch.Tensor  # [N, k] selected label (by the rule the model was trained with)
     label_valid: torch.Tensor  # [N] bool
+    next_ids: torch.Tensor  # [N] the text's next token (-1 at a block's last position)
+    teacher_next_logp: torch.Tensor  # [N] its log-prob under the teacher
+    heads_next_logp: torch.Tensor  # [N] under the char heads' token distribution (-inf: unspellable)
+    lm_next_logp: torch.Tensor  # [N] under the student's LM head (what fallback scores with)
 
     def __len__(self) -> int:
         return len(self.top_ids)
@@ -103,16 +107,22 @@ def collect(args: argparse.Namespace) -> Analysis:
                                                                  student.config.trainable_layers)
     parts = []
     for start in tqdm(range(0, len(blocks), args.batch_size), desc="analyse", disable=len(blocks) <= args.batch_size):
-        signal, out, labels, _ = teacher_and_student(teacher, student, blocks[start : start + args.batch_size], table,
-                                                     student.config.label_rule(), trunk_layer,
-                                                     with_token_logits=True)
+        batch = blocks[start : start + args.batch_size]
+        next_ids = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], 1)
+        targets = next_ids.clamp(min=0)  # the last position's is scored, then masked by next_ids
+        signal, out, labels, _ = teacher_and_student(teacher, student, batch, table, student.config.label_rule(),
+                                                     trunk_layer, with_token_logits=True, targets=targets)
         char_logits = out.char_logits.flatten(0, 1)
         proposal = decoder.propose(char_logits)
+        lm_logp = torch.log_softmax(out.token_logits.float(), -1)
         parts.append(Records(
             top_ids=signal.top_ids.flatten(0, 1), top_probs=signal.top_probs.flatten(0, 1),
             teacher_entropy=signal.entropy.flatten(), raw_chars=read_string(char_logits), hit=proposal.hit,
             autocorrected=proposal.token_ids, fallback_token=out.token_logits.flatten(0, 1).argmax(-1),
             student_entropy=proposal.entropy, label_chars=labels.chars.flatten(0, 1),
-            label_valid=labels.valid.flatten()))
+            label_valid=labels.valid.flatten(), next_ids=next_ids.flatten(),
+            teacher_next_logp=signal.target_logp.flatten(),
+            heads_next_logp=decoder.spelling_log_probs(char_logits, targets.flatten()),
+            lm_next_logp=lm_logp.gather(-1, targets.unsqueeze(-1)).flatten()))
     counts = torch.bincount(blocks.flatten(), minlength=table.vocab_size)
     return Analysis(Records.concat(parts), table, args.tau, teacher_name, counts, student.tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,16 @@ def rate(flags: torch.Tensor) -> dict[str, Any]:
     count, total = int(flags.sum()), int(flags.numel())
     return {"rate": count / total if total else 0.0, "count": count, "n": total,
             "ci95": list(wilson_interval(count, total))}
+
+
+def paired_difference(values: torch.Tensor, baseline: torch.Tensor) -> dict[str, Any]:
+    """Mean of per-position differences of two columns (0/1 flags or values) with a 95% normal
+    interval, over the positions where neither is NaN (NaN: not scored)."""
+    diff = values.double() - baseline.double()
+    diff = diff[~diff.isnan()]
+    mean, n = float(diff.mean()), len(diff)
+    half = 1.96 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
+    return {"diff": mean, "ci95": [mean - half, mean + half], "n": n}
 
 
 def fallback_mask(analysis: Analysis, tau: float | None) -> torch.Tensor:

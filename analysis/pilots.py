@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from analysis import free_running, match_rates
+from analysis import free_running, likelihood, match_rates
 from analysis.collect import collect, held_out_texts
-from analysis.common import VARIANTS, correct_flags
+from analysis.common import VARIANTS, correct_flags, paired_difference
 from spellm_ds import cli
 from spellm_ds.errors import SpellmError
 
@@ -66,16 +65,10 @@ def run_pilot(out: Path, name: str, flags: list[str], steps: int, ranks: int) ->
     return model
 
 
-def paired_difference(flags: torch.Tensor, baseline: torch.Tensor) -> dict:
-    """Mean of per-position differences of two 0/1 columns with a 95% normal interval."""
-    diff = flags.double() - baseline.double()
-    mean, n = float(diff.mean()), len(diff)
-    half = 1.96 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
-    return {"diff": mean, "ci95": [mean - half, mean + half]}
-
-
 def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Match rates and free-running agreement of one pilot, plus its per-position flags."""
+    """Match rates, next-token likelihood and free-running agreement of one pilot, plus its
+    per-position columns (0/1 match flags; the next token's NLL under SpeLLM + fallback, NaN where
+    not scored)."""
     analysis = collect(argparse.Namespace(model=str(model), data=args.data, text_field=args.text_field, teacher=None,
                                           max_tokens=args.max_tokens, seq_len=256, batch_size=4, tau=args.tau))
     rates = match_rates.compute(analysis)
@@ -84,6 +77,8 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
         decoded = correct_flags(analysis, "autocorrect_fallback" if tau == 0.0 else variant, tau)
         for reading, key in READINGS.items():
             flags[f"{variant}/{reading}"] = decoded[key]
+    flags["likelihood/nll"] = likelihood.spellm_nll(analysis, args.tau)
+    next_token = likelihood.compute(analysis)
     from transformers import AutoModelForCausalLM
 
     from spellm_ds import assets
@@ -94,22 +89,26 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
     free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau)
     return {"match_rates": rates["summary"], "fallback_rate": rates["summary"]["fallback_rate"],
+            "likelihood": {"teacher_nll": next_token["teacher_nll"], "spellm": next_token["spellm"]},
             "free_running": free_running.summary(free)}, flags
 
 
 def markdown(results: dict) -> str:
     lines = ["| pilot | flags | raw top-1 | raw top-5 | AC+fallback top-1 (fallback rate) | fallback ceiling top-1 "
-             "| free-running agreed tokens (AC+fallback) | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             "| next-token NLL above the teacher's, AC+fallback (nats) | free-running agreed tokens (AC+fallback) | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["pilots"].items():
-        def cell(key: str) -> str:
-            rate = r["rates"][key]
+        def cell(key: str, value: str | None = None, scale: float = 100, digits: int = 1) -> str:
             diff = r.get("vs_baseline", {}).get(key)
-            return f"{100 * rate:.1f}%" + (f" ({100 * diff['diff']:+.1f}, [{100 * diff['ci95'][0]:+.1f}, "
-                                           f"{100 * diff['ci95'][1]:+.1f}])" if diff else "")
+            value = value or f"{scale * r['rates'][key]:.{digits}f}%"
+            return value + (f" ({scale * diff['diff']:+.{digits}f}, [{scale * diff['ci95'][0]:+.{digits}f}, "
+                            f"{scale * diff['ci95'][1]:+.{digits}f}])" if diff else "")
         free = r["free_running"]["autocorrect_fallback"]
+        gap = r["likelihood"]["spellm"]["vs_teacher"]["diff"]
         lines.append(f"| {name} | `{r['flags']}` | {cell('raw/top1')} | {cell('raw/top5')} | "
                      f"{cell('autocorrect_fallback/top1')} ({100 * r['fallback_rate']:.1f}%) | "
-                     f"{cell('fallback_ceiling/top1')} | {free['mean_agreed_tokens']:.1f} | "
+                     f"{cell('fallback_ceiling/top1')} | "
+                     f"{cell('likelihood/nll', f'{gap:+.3f}', 1, 3)} | {free['mean_agreed_tokens']:.1f} | "
                      f"{r['tokens_per_s'] or float('nan'):.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -150,7 +149,7 @@ def main() -> None:
     for name, flags in args.pilot:
         model = run_pilot(out, name, flags, args.steps, args.ranks)
         summary, position_flags = score(model, args)
-        entry = {"flags": shlex.join(flags), "rates": {k: float(v.double().mean()) for k, v in position_flags.items()},
+        entry = {"flags": shlex.join(flags), "rates": {k: float(v.double().nanmean()) for k, v in position_flags.items()},
                  **summary, "tokens_per_s": tokens_per_s(out / name)}
         if baseline_flags is None:
             baseline_flags = position_flags

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 
-from analysis import blending, entropy, match_rates, token_length
+from analysis import blending, entropy, likelihood, match_rates, token_length
 from analysis.collect import add_args, collect
 from analysis.common import VARIANTS
 from spellm_ds import cli
 
 MODULES = {"match_rates": (match_rates.compute, None), "blending": (blending.compute, blending.plot),
-           "entropy": (entropy.compute, entropy.plot), "token_length": (token_length.compute, token_length.plot)}
+           "entropy": (entropy.compute, entropy.plot), "token_length": (token_length.compute, token_length.plot),
+           "likelihood": (likelihood.compute, None)}
 
 
 def pct(x: float) -> str:
@@ -61,8 +62,32 @@ def markdown(report: dict, model: str) -> str:
     lines += ["", "| k | vocabulary exactly spellable | text tokens exactly spellable |", "|---|---|---|"]
     lines += [f"| {c['k']} | {pct(c['vocab_exactly_spellable'])} | {pct(c['text_tokens_exactly_spellable'])} |"
               for c in t["coverage"]]
+    lines += likelihood_section(report["likelihood"])
     lines += ["", "Plots: `entropy.png`, `blending.png`, `token_length.png`.", ""]
     return "\n".join(lines)
+
+
+def likelihood_section(result: dict) -> list[str]:
+    def row(name: str, entry: dict, fallback: str = "") -> str:
+        diff = entry["vs_teacher"]
+        return (f"| {name} | {fallback} | {entry['nll']:.3f} | {diff['diff']:+.3f} "
+                f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] |")
+
+    decide = result["heads_decide"]
+    lines = ["", "## Next-token likelihood", "",
+             f"NLL (nats) of the text's next token at {result['scored']} positions ({result['unspellable_next']} "
+             f"more have a next token no spelling names); the teacher's: {result['teacher_nll']:.3f}.", "",
+             "| scored by | fallback | NLL | vs teacher (95% CI) |", "|---|---|---|---|",
+             row("char heads everywhere", result["heads_everywhere"], "0%"),
+             row("LM head everywhere (ceiling)", result["lm_head_everywhere"], "100%")]
+    lines += [row(f"SpeLLM, tau = {p['tau']}", p, pct(p["fallback_rate"])) for p in result["tau_sweep"]]
+    if decide["positions"]:
+        lines += ["", f"Where the heads decide (tau = {result['spellm']['tau']}, {decide['positions']} positions) the "
+                  f"next token is their own token at {pct(decide['next_is_heads_token'])}; NLL heads "
+                  f"{decide['heads_nll']:.3f} vs teacher {decide['teacher_nll']:.3f}"
+                  + (f"; elsewhere the heads' NLL is a median {decide['median_gap_elsewhere']:.1f} nats above the "
+                     "teacher's." if decide["median_gap_elsewhere"] is not None else ".")]
+    return lines
 
 
 def main() -> None:

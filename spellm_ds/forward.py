@@ -36,7 +36,7 @@ class PairedForward(NamedTuple):
 
 def teacher_and_student(teacher: torch.nn.Module, student, input_ids: torch.Tensor, table: SpellingTable,
                         label_rule: LabelRule, trunk_layer: int | None, with_token_logits: bool,
-                        timed: bool = False) -> PairedForward:
+                        timed: bool = False, targets: torch.Tensor | None = None) -> PairedForward:
     """Teacher then student forward; the same sequence on every rank.
 
     ``student`` is a SpeLLM model or its DeepSpeed engine. With ``trunk_layer`` (the shared trunk)
@@ -44,7 +44,7 @@ def teacher_and_student(teacher: torch.nn.Module, student, input_ids: torch.Tens
     from the teacher's hidden state entering ``trunk_layer``.
     """
     started = synchronized_clock() if timed else 0.0
-    signal, trunk = teacher_signal(teacher, input_ids, top_k=TOP_K, trunk_layer=trunk_layer)
+    signal, trunk = teacher_signal(teacher, input_ids, top_k=TOP_K, trunk_layer=trunk_layer, targets=targets)
     teacher_s = synchronized_clock() - started if timed else 0.0
     if trunk is None:
         out = student(input_ids, with_token_logits=with_token_logits)

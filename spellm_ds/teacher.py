@@ -26,6 +26,7 @@ class TeacherSignal(NamedTuple):
     top_ids: torch.Tensor  # [B, T, top_k] int64
     top_probs: torch.Tensor  # [B, T, top_k] fp32
     entropy: torch.Tensor  # [B, T] fp32, in nats
+    target_logp: torch.Tensor | None = None  # [B, T] fp32 log-prob of given targets (analysis only)
 
 
 def lm_head_log_probs(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -43,13 +44,15 @@ def gathered_if_partitioned(params: list[nn.Parameter]) -> deepspeed.zero.Gather
 
 
 @torch.no_grad()
-def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int = 5,
-                           chunk: int = 64) -> TeacherSignal:
-    """Top-k of ``lm_head(hidden)`` ``[B, T, d]``, ``chunk`` positions per sequence at a time."""
+def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int = 5, chunk: int = 64,
+                           targets: torch.Tensor | None = None) -> TeacherSignal:
+    """Top-k of ``lm_head(hidden)`` ``[B, T, d]``, ``chunk`` positions per sequence at a time; with
+    ``targets`` (``[B, T]`` token ids) also their log-probs."""
     batch, length, _ = hidden.shape
     rows = hidden.reshape(batch * length, -1)
+    target_rows = None if targets is None else targets.reshape(batch * length, 1)
     step = batch * chunk
-    ids, probs, entropies = [], [], []
+    ids, probs, entropies, target_logps = [], [], [], []
     with gathered_if_partitioned(list(lm_head.parameters())):
         for start in range(0, len(rows), step):
             logp = lm_head_log_probs(lm_head, rows[start : start + step])
@@ -57,15 +60,19 @@ def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int 
             top_logp, top_ids = logp.topk(top_k, dim=-1)
             ids.append(top_ids)
             probs.append(top_logp.exp())
+            if target_rows is not None:
+                target_logps.append(logp.gather(-1, target_rows[start : start + step]).squeeze(-1))
     return TeacherSignal(torch.cat(ids).view(batch, length, top_k), torch.cat(probs).view(batch, length, top_k),
-                         torch.cat(entropies).view(batch, length))
+                         torch.cat(entropies).view(batch, length),
+                         torch.cat(target_logps).view(batch, length) if target_logps else None)
 
 
 @torch.no_grad()
 def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   top_k: int = 5, chunk: int = 64,
-                   trunk_layer: int | None = None) -> tuple[TeacherSignal, torch.Tensor | None]:
-    """Run the frozen causal LM's decoder, then its LM head in chunks.
+                   top_k: int = 5, chunk: int = 64, trunk_layer: int | None = None,
+                   targets: torch.Tensor | None = None) -> tuple[TeacherSignal, torch.Tensor | None]:
+    """Run the frozen causal LM's decoder, then its LM head in chunks (``targets``: see
+    :func:`top_tokens_from_hidden`).
 
     With ``trunk_layer`` it also returns the hidden state entering that layer (the shared trunk
     a student whose layers below it are frozen copies can start from); at the number of layers,
@@ -74,7 +81,7 @@ def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: 
     whole_decoder = trunk_layer == teacher.config.get_text_config().num_hidden_layers
     out = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                 output_hidden_states=trunk_layer is not None and not whole_decoder)
-    signal = top_tokens_from_hidden(out.last_hidden_state, teacher.get_output_embeddings(), top_k, chunk)
+    signal = top_tokens_from_hidden(out.last_hidden_state, teacher.get_output_embeddings(), top_k, chunk, targets)
     if trunk_layer is None:
         return signal, None
     return signal, out.last_hidden_state if whole_decoder else out.hidden_states[trunk_layer]

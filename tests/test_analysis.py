@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from analysis import blending, entropy, match_rates
+from analysis import blending, entropy, likelihood, match_rates
 from analysis.collect import Analysis, Records
 from analysis.common import correct_flags
 from spellm_ds.charset import Charset
@@ -33,9 +33,11 @@ def chars(table, text):
     return ids + [0] * (K - len(ids))
 
 
-def make(table, tokenizer, rows, tau=0.5):
-    """rows: (predicted text, [top-5 texts], student entropy, teacher entropy, fallback token text)."""
+def make(table, tokenizer, rows, tau=0.5, next_token=None):
+    """rows: (predicted text, [top-5 texts], student entropy, teacher entropy, fallback token text);
+    next_token: the next token's (id, teacher, heads, LM-head log-prob) columns (default: none)."""
     n = len(rows)
+    next_ids, teacher_logp, heads_logp, lm_logp = next_token or (torch.full((n,), -1), *torch.zeros(3, n))
     top = torch.tensor([[tok(tokenizer, t) for t in cands] for _, cands, *_ in rows])
     raw = torch.tensor([chars(table, p) for p, *_ in rows])
     looked = table.lookup(raw)
@@ -44,7 +46,9 @@ def make(table, tokenizer, rows, tau=0.5):
         raw_chars=raw, hit=looked >= 0, autocorrected=torch.where(looked >= 0, looked, top[:, 4]),
         fallback_token=torch.tensor([tok(tokenizer, r[4]) for r in rows]),
         student_entropy=torch.tensor([r[2] for r in rows]), label_chars=table.chars[top[:, 0]],
-        label_valid=torch.ones(n, dtype=torch.bool))
+        label_valid=torch.ones(n, dtype=torch.bool), next_ids=torch.as_tensor(next_ids),
+        teacher_next_logp=torch.as_tensor(teacher_logp), heads_next_logp=torch.as_tensor(heads_logp),
+        lm_next_logp=torch.as_tensor(lm_logp))
     return Analysis(records, table, tau, "teacher", torch.zeros(table.vocab_size), None)
 
 
@@ -123,6 +127,35 @@ def test_best_possible_fallback_beats_a_misleading_signal(table, byte_level_toke
     assert point["best_possible_accuracy"] == pytest.approx(0.9)
 
 
+def test_next_token_likelihood_against_the_teacher(table, byte_level_tokenizer):
+    # rows 0-1: the heads decide (entropy 0.1 < tau), rows 2-3 fall back; row 1's next token has no
+    # spelling; row 4 is a block's last position (no next token)
+    the, cafe = tok(byte_level_tokenizer, " the"), tok(byte_level_tokenizer, " cafe")
+    rows = [(" the", CANDS, 0.1, 1.0, " the"), (" the", CANDS, 0.1, 1.0, " the"), ("zzzz", CANDS, 0.9, 1.0, " the"),
+            ("zzzz", CANDS, 0.9, 1.0, " the"), (" the", CANDS, 0.1, 1.0, " the")]
+    next_token = (torch.tensor([cafe, the, the, cafe, -1]), torch.tensor([-1.0, -1.0, -2.0, -3.0, -1.0]),
+                  torch.tensor([-9.0, float("-inf"), -0.5, -4.0, -1.0]), torch.tensor([-2.0, -1.0, -1.5, -3.5, -1.0]))
+    analysis = make(table, byte_level_tokenizer, rows, tau=0.5, next_token=next_token)
+    nll = likelihood.spellm_nll(analysis, 0.5)
+    assert nll[[0, 2, 3]].tolist() == [9.0, 1.5, 3.5] and nll[[1, 4]].isnan().all()
+    result = likelihood.compute(analysis)
+    assert (result["positions"], result["scored"], result["unspellable_next"]) == (4, 3, 1)
+    assert result["teacher_nll"] == pytest.approx(2.0)
+    assert result["spellm"]["nll"] == pytest.approx(14 / 3) and result["spellm"]["fallback_rate"] == pytest.approx(2 / 3)
+    diffs = torch.tensor([8.0, -0.5, 0.5])
+    half = 1.96 * diffs.std().item() / 3 ** 0.5
+    versus = result["spellm"]["vs_teacher"]
+    assert versus["diff"] == pytest.approx(8 / 3) and versus["ci95"] == pytest.approx([8 / 3 - half, 8 / 3 + half])
+    assert versus["n"] == 3
+    assert result["heads_everywhere"]["nll"] == pytest.approx(13.5 / 3)
+    assert result["lm_head_everywhere"]["vs_teacher"]["diff"] == pytest.approx(1 / 3)
+    # where the heads decide (row 0), the next token " cafe" is not the heads' " the": 8 nats above the teacher
+    assert result["heads_decide"] == {"positions": 1, "next_is_heads_token": 0.0, "teacher_nll": 1.0,
+                                      "heads_nll": 9.0, "median_gap_elsewhere": 8.0}
+    sweep = {point["tau"]: point for point in result["tau_sweep"]}
+    assert sweep[0.03]["fallback_rate"] == 1.0 and sweep[0.03]["nll"] == pytest.approx(7 / 3)  # the LM head's
+
+
 def test_report_writes_every_file_and_matches_single_modules(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -150,7 +183,7 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
         assert (tmp_path / "report" / name).stat().st_size > 0, name
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["match_rates"]["positions"] == 640
-    for name in ("match_rates", "blending", "token_length"):
+    for name in ("match_rates", "blending", "token_length", "likelihood"):
         module(name, "--out", str(tmp_path / f"{name}.json"))
         assert json.loads((tmp_path / f"{name}.json").read_text()) == report[name], name
     assert "| raw |" in (tmp_path / "report" / "report.md").read_text()
@@ -158,3 +191,19 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
     never = json.loads((tmp_path / "never" / "report.json").read_text())["match_rates"]
     assert never["tau"] is None and never["autocorrect_fallback"]["fallback_rate"]["count"] == 0
     assert never["autocorrect_fallback"]["exact_or_prefix"] == never["autocorrect"]["exact_or_prefix"]
+    # the next token's likelihood, against one independent teacher forward over the same blocks
+    from analysis.collect import held_out_blocks
+
+    blocks = held_out_blocks(load_tokenizer(base_dir), [str(data)], "text", 64, 600)
+    with torch.no_grad():
+        logp = torch.log_softmax(AutoModelForCausalLM.from_pretrained(base_dir)(blocks).logits[:, :-1].float(), -1)
+    nexts = blocks[:, 1:]
+    teacher_nll = -logp.gather(-1, nexts.unsqueeze(-1)).squeeze(-1)[SpeLLMForCausalLM.from_pretrained(tmp_path / "spellm").spelling.spellable[nexts]]
+    lik = report["likelihood"]
+    assert lik["positions"] == 10 * 63 and lik["scored"] == len(teacher_nll)
+    assert lik["teacher_nll"] == pytest.approx(teacher_nll.mean().item(), rel=1e-4)
+    # the converted model's trainable layers are still the teacher's: its LM head is the teacher's
+    assert abs(lik["lm_head_everywhere"]["vs_teacher"]["diff"]) < 1e-4
+    assert lik["heads_everywhere"]["vs_teacher"]["diff"] > 1  # random char heads
+    never_lik = json.loads((tmp_path / "never" / "report.json").read_text())["likelihood"]
+    assert never_lik["spellm"]["nll"] == pytest.approx(never_lik["heads_everywhere"]["nll"])

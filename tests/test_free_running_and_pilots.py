@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from analysis import free_running, pilots
+from analysis.common import paired_difference
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.charset import Charset
 from spellm_ds.errors import SpellmError
@@ -64,9 +65,12 @@ def test_too_few_prompts_is_a_clear_error(student_and_teacher):
 
 def test_paired_difference_and_pilot_names():
     a, b = torch.tensor([1, 1, 0, 1]), torch.tensor([0, 1, 0, 0])
-    result = pilots.paired_difference(a, b)
+    result = paired_difference(a, b)
     half = 1.96 * torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item() / 2
-    assert result["diff"] == 0.5 and result["ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert result["diff"] == 0.5 and result["ci95"] == pytest.approx([0.5 - half, 0.5 + half]) and result["n"] == 4
+    nan = float("nan")  # positions not scored in either column are left out
+    values = paired_difference(torch.tensor([2.0, nan, 5.0, 1.0]), torch.tensor([1.0, 3.0, nan, 0.0]))
+    assert values["diff"] == 1.0 and values["ci95"] == [1.0, 1.0] and values["n"] == 2
     assert pilots.parse_pilot('kl=--reg_target teacher --reg_weight "1.0"') == (
         "kl", ["--reg_target", "teacher", "--reg_weight", "1.0"])
     assert pilots.parse_pilot("baseline=") == ("baseline", [])
@@ -89,6 +93,8 @@ def test_pilots_run_score_and_resume(tmp_path):
     assert "vs_baseline" not in base and set(end["vs_baseline"]) == set(end["rates"])
     for key, diff in end["vs_baseline"].items():
         assert diff["diff"] == pytest.approx(end["rates"][key] - base["rates"][key])
+    assert "likelihood/nll" in end["rates"] and base["likelihood"]["teacher_nll"] == end["likelihood"]["teacher_nll"]
+    assert end["likelihood"]["spellm"]["nll"] == pytest.approx(end["rates"]["likelihood/nll"], rel=1e-6)
     config = json.loads((tmp_path / "pilots" / "end" / "model" / "spellm_config.json").read_text())
     assert config["ignore_after_end"] is True
     run = json.loads((tmp_path / "pilots" / "end" / "run_config.json").read_text())["run"]
