@@ -69,6 +69,10 @@ def parse_args() -> RunConfig:
     p.add_argument("--soft_char_weight", type=float, default=DEFAULTS.soft_char_weight,
                    help="weight of an auxiliary per-head CE with the teacher's top-5 characters, weighted by its "
                         "probabilities (default: %(default)s)")
+    p.add_argument("--spelling_kl_weight", type=float, default=DEFAULTS.spelling_kl_weight,
+                   help="weight of the KL from the teacher's top-5 to the char heads' token distribution (normalised "
+                        "over every valid spelling: what likelihood scoring reads); costs a [positions x valid "
+                        "tokens] score per micro step (default: %(default)s)")
     p.add_argument("--label_selection", choices=LABEL_RULES, default=DEFAULTS.label_selection,
                    help="label among the teacher's top-5: the one the student spells best (student_nll, the paper's "
                         "rule), best by char NLL - w x log p_teacher (joint), or the teacher's first spellable "

@@ -56,6 +56,7 @@ class RunConfig:
     reg_weight: float = 3.0
     reg_target: str = "teacher"
     soft_char_weight: float = 0.5
+    spelling_kl_weight: float = 0.0
     label_selection: str = "joint"
     label_prior_weight: float = 1.0
     ignore_after_end: bool = True
@@ -95,6 +96,7 @@ class RunConfig:
              f"--ffn_lr {self.ffn_lr} needs FFN blocks to train; pass --trainable_layers > 0 or drop --ffn_lr"),
             (self.reg_target in REG_TARGETS, f"--reg_target {self.reg_target!r}: use one of {', '.join(REG_TARGETS)}"),
             (self.soft_char_weight >= 0, f"--soft_char_weight {self.soft_char_weight} must be >= 0"),
+            (self.spelling_kl_weight >= 0, f"--spelling_kl_weight {self.spelling_kl_weight} must be >= 0"),
             (self.label_prior_weight >= 0, f"--label_prior_weight {self.label_prior_weight} must be >= 0"),
             (self.warmup >= 0, f"--warmup {self.warmup} must be >= 0"),
             (self.save_every >= 0, f"--save_every {self.save_every} must be >= 0 (0: only at the end)"),
@@ -143,7 +145,8 @@ class RunConfig:
         return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)
 
     def loss_recipe(self) -> LossRecipe:
-        return LossRecipe(self.reg_weight, self.reg_target, self.soft_char_weight, self.ignore_after_end)
+        return LossRecipe(self.reg_weight, self.reg_target, self.soft_char_weight, self.ignore_after_end,
+                          self.spelling_kl_weight)
 
 
 def load_json_config(path: str | Path, flag: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class LossRecipe:
     reg_target: str = "label"
     soft_char_weight: float = 0.0  # auxiliary per-head CE with the teacher's top-5 characters
     ignore_after_end: bool = False
+    spelling_kl_weight: float = 0.0  # KL from the teacher's top-5 to the char heads' token distribution
 
 
 class Labels(NamedTuple):
@@ -64,6 +65,7 @@ class LossParts(NamedTuple):
     char: torch.Tensor
     token: torch.Tensor
     soft_char: torch.Tensor
+    spelling_kl: torch.Tensor
 
 
 def candidate_char_nll(char_logp: torch.Tensor, candidate_chars: torch.Tensor) -> torch.Tensor:
@@ -141,6 +143,12 @@ def token_regulariser(token_logits: torch.Tensor, labels: Labels, signal: Teache
     return kl.mean()
 
 
+def candidate_weights(signal: TeacherSignal, table: SpellingTable) -> torch.Tensor:
+    """The teacher's top-5 probabilities renormalised over the spellable candidates ``[B, T, n]``."""
+    weights = signal.top_probs.float() * table.spellable[signal.top_ids]
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
 def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: SpellingTable, ignore_after_end: bool,
                    valid: torch.Tensor, valid_count: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head CE with the teacher's top-5 characters, each candidate weighted by its
@@ -148,9 +156,25 @@ def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: Spelli
     candidate_chars = table.chars[signal.top_ids]  # [B, T, n, k]
     keep = scored_chars(candidate_chars, ignore_after_end)
     per_candidate = (candidate_char_nll(char_logp, candidate_chars) * keep).sum(-1) / keep.sum(-1)
-    weights = signal.top_probs.float() * table.spellable[signal.top_ids]
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-30)
-    return masked_mean((weights * per_candidate).sum(-1), valid.float(), valid_count)
+    return masked_mean((candidate_weights(signal, table) * per_candidate).sum(-1), valid.float(), valid_count)
+
+
+def spelling_kl_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: SpellingTable, valid: torch.Tensor,
+                     valid_count: torch.Tensor | None = None) -> torch.Tensor:
+    """KL from the teacher's top-5 (renormalised over the spellable ones) to the char heads' token
+    distribution, the one likelihood scoring reads (:meth:`CharDecoder.spelling_log_probs`: summed
+    log-probs up to the first END, normalised over every valid spelling). Unlike the per-head
+    losses it sees the normaliser, so it is the loss that calibrates the probability the heads give
+    tokens other than their argmax."""
+    from spellm_ds.decoding import CharDecoder
+
+    batch, length, k, charset_size = char_logp.shape
+    scores = CharDecoder(table, tau=None).spelling_scores(char_logp.reshape(batch * length, k, charset_size))
+    normaliser = torch.logsumexp(scores, -1).view(batch, length, 1)
+    log_q = -candidate_nll(char_logp, table.chars[signal.top_ids], ignore_after_end=True) - normaliser
+    weights = candidate_weights(signal, table)
+    kl = (weights * (weights.clamp(min=1e-30).log() - log_q)).sum(-1)
+    return masked_mean(kl, valid.float(), valid_count)
 
 
 def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | None, labels: Labels,
@@ -158,7 +182,7 @@ def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | No
                       mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts) -> LossParts:
     """Char CE over the valid positions' counted characters (all k, or up to the label's first END),
     plus ``reg_weight`` x the token regulariser through the frozen LM head, plus ``soft_char_weight``
-    x the soft per-head loss.
+    x the soft per-head loss, plus ``spelling_kl_weight`` x the KL to the heads' token distribution.
 
     Each mean divides by ``mean_over_ranks`` of this rank's count (of counted characters, of valid
     positions): their number varies per rank, and DeepSpeed averages the ranks' gradients, so a
@@ -175,5 +199,8 @@ def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | No
                   if token_logits is not None and recipe.reg_weight > 0 else zero)
     soft = (soft_char_loss(char_logp, signal, table, recipe.ignore_after_end, labels.valid, valid_count)
             if recipe.soft_char_weight > 0 else zero)
-    total = char_loss + recipe.reg_weight * token_loss + recipe.soft_char_weight * soft
-    return LossParts(total, char_loss, token_loss, soft)
+    spelling_kl = (spelling_kl_loss(char_logp, signal, table, labels.valid, valid_count)
+                   if recipe.spelling_kl_weight > 0 else zero)
+    total = (char_loss + recipe.reg_weight * token_loss + recipe.soft_char_weight * soft
+             + recipe.spelling_kl_weight * spelling_kl)
+    return LossParts(total, char_loss, token_loss, soft, spelling_kl)

@@ -10,7 +10,8 @@ Features
   position is the teacher candidate with the lowest char NLL - log p_teacher
   (``--label_selection student_nll``: char NLL alone, the paper's rule; either way one spelling,
   no blending); the loss is char CE (characters after the label's first END ignored) +
-  ``soft_char_weight`` x soft per-head targets, and, where FFNs train, ``reg_weight`` x KL to the
+  ``soft_char_weight`` x soft per-head targets (+ ``spelling_kl_weight`` x KL from the teacher's
+  top-5 to the heads' token distribution, off by default), and, where FFNs train, ``reg_weight`` x KL to the
   teacher's distribution (top-5 and the rest) through the frozen LM head, in fp32;
 - two learning rates: the new char heads at ``lr`` (3e-3), the pretrained blocks at ``ffn_lr``
   (1e-3), one warm-up and linear decay;
@@ -170,7 +171,7 @@ class Distillation:
         cfg = self.config
         teacher_s = student_s = backward_s = 0.0
         sums: dict[str, torch.Tensor] = {}
-        losses = torch.zeros(4, dtype=torch.float64)
+        losses = torch.zeros(len(LossParts._fields), dtype=torch.float64)
         for micro_step in range(cfg.grad_accum):
             batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
                                self.rank, self.world_size, cfg.seed)

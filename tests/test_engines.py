@@ -205,13 +205,16 @@ def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path)
     """--ffn_lr: the heads train at --lr and the FFNs at --ffn_lr, both under the same warm-up and
     decay; with every fidelity lever on, the loss still falls."""
     run = tiny_distillation(tmp_path, max_steps=12, lr=1e-2, ffn_lr=1e-3, warmup=2, ignore_after_end=True,
-                            reg_target="teacher", reg_weight=1.0, soft_char_weight=0.5, label_prior_weight=0.5)
+                            reg_target="teacher", reg_weight=1.0, soft_char_weight=0.5, label_prior_weight=0.5,
+                            spelling_kl_weight=0.5)
     groups = run.student.optimizer.optimizer.param_groups if hasattr(run.student.optimizer, "optimizer") \
         else run.student.optimizer.param_groups
     assert len(groups) == 2
     losses, lrs = [], []
     for step in range(12):
-        losses.append(run.train_step(step)["loss/total"])
+        metrics = run.train_step(step)
+        assert metrics["loss/spelling_kl"] > 0 and metrics["loss/soft_char"] > 0
+        losses.append(metrics["loss/total"])
         lrs.append(run.student.get_lr())
     assert all(ffn == pytest.approx(heads / 10) for heads, ffn in lrs)
     assert max(lrs) == pytest.approx((1e-2, 1e-3))  # both reach their peaks, then decay together

@@ -189,6 +189,46 @@ def test_soft_char_loss_is_the_probability_weighted_candidate_nll():
     assert torch.allclose(parts.total, parts.char + parts.soft_char)
 
 
+def test_spelling_kl_is_the_kl_to_the_heads_normalised_token_distribution(byte_level_tokenizer):
+    """Against an explicit sum over every valid spelling; and descending it raises the probability
+    the heads give a second candidate (what likelihood scoring reads)."""
+    from spellm_ds.charset import Charset
+    from spellm_ds.decoding import CharDecoder
+    from spellm_ds.spelling import SpellingTable, after_first_end
+
+    table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=6, vocab_size=len(byte_level_tokenizer))
+    g = torch.Generator().manual_seed(3)
+    valid_ids = table.canonical.nonzero().squeeze(1)
+    top = valid_ids[torch.randint(0, len(valid_ids), (1, 2, 5), generator=g)]
+    probs = torch.tensor([[[0.6, 0.2, 0.1, 0.05, 0.05], [0.4, 0.3, 0.1, 0.1, 0.05]]])
+    signal = TeacherSignal(top, probs, torch.zeros(1, 2))
+    logits = (2 * torch.randn(1, 2, 6, len(table.charset), generator=g)).requires_grad_()
+    labels = select_labels(logits, top, table.chars, table.spellable)
+    parts = distillation_loss(logits, None, labels, signal, table, LossRecipe(reg_weight=0.0, spelling_kl_weight=2.0))
+    logp = torch.log_softmax(logits[0].detach(), -1)
+    expected = []
+    for t in range(2):
+        def score(token):
+            chars = table.chars[token]
+            return sum(logp[t, j, c] for j, c in enumerate(chars.tolist()) if not after_first_end(chars)[j])
+        normaliser = torch.logsumexp(torch.stack([score(v) for v in valid_ids.tolist()]), 0)
+        p = probs[0, t] / probs[0, t].sum()
+        expected.append(sum(p[i] * (p[i].log() - (score(top[0, t, i].item()) - normaliser)) for i in range(5)))
+    assert torch.allclose(parts.spelling_kl, torch.stack(expected).mean(), atol=1e-5)
+    assert torch.allclose(parts.total, parts.char + 2.0 * parts.spelling_kl)
+    decoder = CharDecoder(table)
+    before = decoder.spelling_log_probs(logits[0].detach(), top[0, :, 1])
+    optimizer = torch.optim.SGD([logits], lr=0.5)
+    for _ in range(20):
+        optimizer.zero_grad()
+        distillation_loss(logits, None, labels, signal, table, LossRecipe(reg_weight=0.0, spelling_kl_weight=1.0)
+                          ).spelling_kl.backward()
+        optimizer.step()
+    after = decoder.spelling_log_probs(logits[0].detach(), top[0, :, 1])
+    target = (probs[0, :, 1] / probs[0].sum(-1)).log()  # the teacher's
+    assert (after > before + 0.5).all() and ((after - target).abs() < (before - target).abs()).all()
+
+
 def test_mean_over_ranks_makes_the_ranks_average_the_global_batch_mean():
     """Two 'ranks' holding one sequence each, with different numbers of counted characters and valid
     positions: averaging their losses (as DeepSpeed averages gradients) gives the loss of the whole
