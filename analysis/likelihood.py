@@ -10,7 +10,7 @@ teacher gives, not only agree on the argmax. Per position, the NLL (nats) of the
 - the char heads everywhere, and the LM head everywhere (the fallback ceiling).
 
 Each is compared with the teacher as a paired mean difference with a 95% interval, also over a
-sweep of ``tau``. At the positions the heads decide: how often the next token is the heads' own
+sweep of ``tau`` and at the taus that send 80/90/95% of the positions to the LM head. At the positions the heads decide: how often the next token is the heads' own
 token, and the median gap to the teacher where it is not (a confident factorised spelling leaves
 little mass for any other token). Positions whose next token has no spelling (probability 0 under
 the heads) are counted and left out of every mean.
@@ -29,12 +29,21 @@ from analysis.common import fallback_mask, paired_difference, run_cli
 from spellm_ds import cli
 
 SWEEP_TAUS = (0.5, 0.22, 0.1, 0.07, 0.05, 0.03)
+MATCHED_FALLBACK_RATES = (0.8, 0.9, 0.95)
+"""Models (pilots) fall back at different rates at one tau, and the gap shrinks as the rate grows:
+compare them at the same rate too."""
 
 
 def scored_positions(analysis: Analysis) -> torch.Tensor:
     """Positions with a next token in their block that the char heads can spell."""
     r = analysis.records
     return (r.next_ids >= 0) & r.heads_next_logp.isfinite()
+
+
+def tau_for_fallback_rate(analysis: Analysis, rate: float) -> float:
+    """The threshold at which about ``rate`` of the scored positions fall back (an entropy quantile)."""
+    entropy = analysis.records.student_entropy[scored_positions(analysis)]
+    return float(torch.quantile(entropy.double(), 1 - rate))
 
 
 def spellm_nll(analysis: Analysis, tau: float | None) -> torch.Tensor:
@@ -78,6 +87,8 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
             "heads_nll": mean(-r.heads_next_logp[decided]),
             "median_gap_elsewhere": float(gap.median()) if len(gap) else None},
         "tau_sweep": [at_tau(tau) for tau in sorted({*SWEEP_TAUS, analysis.tau} - {None}, reverse=True)],
+        "at_fallback_rates": [{"target": rate, **at_tau(tau_for_fallback_rate(analysis, rate))}
+                              for rate in MATCHED_FALLBACK_RATES],
     }
 
 

@@ -9,7 +9,9 @@ in ``--out/NAME/model`` is not run again, so an interrupted batch resumes with t
 Every model is then scored on the same ``--max_tokens`` held-out positions (BoolQ dev passages
 unless ``--data``): agreement with the teacher's top-1 and top-5, raw / AutoCorrect /
 AutoCorrect + fallback / fallback ceiling, each with a 95% interval and its paired difference from
-the baseline, plus the free-running agreement of greedy continuations. Paired intervals treat
+the baseline; the next-token NLL above the teacher's (:mod:`analysis.likelihood`) at ``--tau``
+and at the tau that sends 90% of positions to the LM head (pilots fall back at different rates at
+one tau); and the free-running agreement of greedy continuations. Paired intervals treat
 positions as independent; positions of one document are not, so read them as a lower bound on
 the uncertainty.
 """
@@ -35,6 +37,7 @@ from spellm_ds.errors import SpellmError
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "launch" / "distill.py"
 READINGS = {"top1": "exact_or_prefix", "top5": "at5"}
+MATCHED_RATE = 0.9  # the pilots' likelihood is also compared at this fallback rate (see analysis.likelihood)
 
 
 def parse_pilot(text: str) -> tuple[str, list[str]]:
@@ -77,8 +80,10 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
         decoded = correct_flags(analysis, "autocorrect_fallback" if tau == 0.0 else variant, tau)
         for reading, key in READINGS.items():
             flags[f"{variant}/{reading}"] = decoded[key]
-    flags["likelihood/nll"] = likelihood.spellm_nll(analysis, args.tau)
     next_token = likelihood.compute(analysis)
+    flags["likelihood/nll"] = likelihood.spellm_nll(analysis, args.tau)
+    matched = next(p for p in next_token["at_fallback_rates"] if p["target"] == MATCHED_RATE)
+    flags["likelihood/nll_matched"] = likelihood.spellm_nll(analysis, matched["tau"])
     from transformers import AutoModelForCausalLM
 
     from spellm_ds import assets
@@ -89,14 +94,15 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
     free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau)
     return {"match_rates": rates["summary"], "fallback_rate": rates["summary"]["fallback_rate"],
-            "likelihood": {"teacher_nll": next_token["teacher_nll"], "spellm": next_token["spellm"]},
+            "likelihood": {"teacher_nll": next_token["teacher_nll"], "spellm": next_token["spellm"], "matched": matched},
             "free_running": free_running.summary(free)}, flags
 
 
 def markdown(results: dict) -> str:
     lines = ["| pilot | flags | raw top-1 | raw top-5 | AC+fallback top-1 (fallback rate) | fallback ceiling top-1 "
-             "| next-token NLL above the teacher's, AC+fallback (nats) | free-running agreed tokens (AC+fallback) | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| next-token NLL above the teacher's, AC+fallback (nats) | the same at {MATCHED_RATE:.0%} fallback "
+             "| free-running agreed tokens (AC+fallback) | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["pilots"].items():
         def cell(key: str, value: str | None = None, scale: float = 100, digits: int = 1) -> str:
             diff = r.get("vs_baseline", {}).get(key)
@@ -105,10 +111,12 @@ def markdown(results: dict) -> str:
                             f"{scale * diff['ci95'][1]:+.{digits}f}])" if diff else "")
         free = r["free_running"]["autocorrect_fallback"]
         gap = r["likelihood"]["spellm"]["vs_teacher"]["diff"]
+        matched_gap = r["likelihood"]["matched"]["vs_teacher"]["diff"]
         lines.append(f"| {name} | `{r['flags']}` | {cell('raw/top1')} | {cell('raw/top5')} | "
                      f"{cell('autocorrect_fallback/top1')} ({100 * r['fallback_rate']:.1f}%) | "
                      f"{cell('fallback_ceiling/top1')} | "
-                     f"{cell('likelihood/nll', f'{gap:+.3f}', 1, 3)} | {free['mean_agreed_tokens']:.1f} | "
+                     f"{cell('likelihood/nll', f'{gap:+.3f}', 1, 3)} | "
+                     f"{cell('likelihood/nll_matched', f'{matched_gap:+.3f}', 1, 3)} | {free['mean_agreed_tokens']:.1f} | "
                      f"{r['tokens_per_s'] or float('nan'):.0f} |")
     return "\n".join(lines) + "\n"
 

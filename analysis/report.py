@@ -81,6 +81,8 @@ def likelihood_section(result: dict) -> list[str]:
              row("char heads everywhere", result["heads_everywhere"], "0%"),
              row("LM head everywhere (ceiling)", result["lm_head_everywhere"], "100%")]
     lines += [row(f"SpeLLM, tau = {p['tau']}", p, pct(p["fallback_rate"])) for p in result["tau_sweep"]]
+    lines += [row(f"SpeLLM at {pct(p['target'])} fallback (tau = {p['tau']:.4f})", p, pct(p["fallback_rate"]))
+              for p in result["at_fallback_rates"]]
     if decide["positions"]:
         lines += ["", f"Where the heads decide (tau = {result['spellm']['tau']}, {decide['positions']} positions) the "
                   f"next token is their own token at {pct(decide['next_is_heads_token'])}; NLL heads "

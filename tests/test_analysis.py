@@ -153,6 +153,11 @@ def test_next_token_likelihood_against_the_teacher(table, byte_level_tokenizer):
     assert result["heads_decide"] == {"positions": 1, "next_is_heads_token": 0.0, "teacher_nll": 1.0,
                                       "heads_nll": 9.0, "median_gap_elsewhere": 8.0}
     sweep = {point["tau"]: point for point in result["tau_sweep"]}
+    # the scored rows' entropies are 0.1, 0.9, 0.9: the 80/90/95% thresholds are their 20/10/5% quantiles
+    matched = result["at_fallback_rates"]
+    assert [p["target"] for p in matched] == [0.8, 0.9, 0.95]
+    assert [p["tau"] for p in matched] == pytest.approx([0.42, 0.26, 0.18])
+    assert all(p["fallback_rate"] == pytest.approx(2 / 3) for p in matched)
     assert sweep[0.03]["fallback_rate"] == 1.0 and sweep[0.03]["nll"] == pytest.approx(7 / 3)  # the LM head's
 
 

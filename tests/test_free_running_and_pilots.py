@@ -93,7 +93,9 @@ def test_pilots_run_score_and_resume(tmp_path):
     assert "vs_baseline" not in base and set(end["vs_baseline"]) == set(end["rates"])
     for key, diff in end["vs_baseline"].items():
         assert diff["diff"] == pytest.approx(end["rates"][key] - base["rates"][key])
-    assert "likelihood/nll" in end["rates"] and base["likelihood"]["teacher_nll"] == end["likelihood"]["teacher_nll"]
+    assert {"likelihood/nll", "likelihood/nll_matched"} <= set(end["rates"])
+    assert end["likelihood"]["matched"]["target"] == pilots.MATCHED_RATE
+    assert base["likelihood"]["teacher_nll"] == end["likelihood"]["teacher_nll"]
     assert end["likelihood"]["spellm"]["nll"] == pytest.approx(end["rates"]["likelihood/nll"], rel=1e-6)
     config = json.loads((tmp_path / "pilots" / "end" / "model" / "spellm_config.json").read_text())
     assert config["ignore_after_end"] is True
