@@ -13,8 +13,8 @@ Each is compared with the teacher as a paired mean difference with a 95% interva
 sweep of ``tau`` and at the taus that send 80/90/95% of the positions to the LM head. At the
 positions the heads decide: how often the next token is the heads' own token, and the median gap
 to the teacher where it is not (a confident factorised spelling leaves little mass for any other
-token). Positions whose next token has no spelling (probability 0 under
-the heads) are counted and left out of every mean.
+token). Positions whose next token has no spelling (probability 0 under the heads) are counted and
+left out of every mean.
 
     python -m analysis.likelihood --model DIR [--data FILE] [--max_tokens N] [--tau 0.22] --out likelihood.json
 """

@@ -68,7 +68,7 @@ def markdown(report: dict, model: str) -> str:
 
 
 def likelihood_section(result: dict) -> list[str]:
-    def row(name: str, entry: dict, fallback: str = "") -> str:
+    def row(name: str, entry: dict, fallback: str) -> str:
         diff = entry["vs_teacher"]
         return (f"| {name} | {fallback} | {entry['nll']:.3f} | {diff['diff']:+.3f} "
                 f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] |")
