@@ -59,10 +59,18 @@ def test_resume_is_the_same_run(base, tmp_path):
     assert kept == ["step3", "step6"]
 
 
+def command_line(process: psutil.Process) -> str:
+    """A process's command line; empty for one that exited (or is a zombie) while being listed."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return ""
+
+
 def worker_pids(launcher: subprocess.Popen, count: int, timeout: float = 120) -> list[int]:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        workers = [c for c in psutil.Process(launcher.pid).children(recursive=True) if "distill.py" in " ".join(c.cmdline())]
+        workers = [c for c in psutil.Process(launcher.pid).children(recursive=True) if "distill.py" in command_line(c)]
         if len(workers) == count:
             return [w.pid for w in sorted(workers, key=lambda w: w.pid)]
         time.sleep(0.5)
