@@ -113,7 +113,7 @@ def collect(args: argparse.Namespace) -> Analysis:
         signal, out, labels, _ = teacher_and_student(teacher, student, batch, table, student.config.label_rule(),
                                                      trunk_layer, with_token_logits=True, targets=targets)
         char_logits = out.char_logits.flatten(0, 1)
-        proposal = decoder.propose(char_logits)
+        proposal, heads_next_logp = decoder.propose_and_score(char_logits, targets.flatten())
         lm_logp = torch.log_softmax(out.token_logits.float(), -1)
         parts.append(Records(
             top_ids=signal.top_ids.flatten(0, 1), top_probs=signal.top_probs.flatten(0, 1),
@@ -122,7 +122,7 @@ def collect(args: argparse.Namespace) -> Analysis:
             student_entropy=proposal.entropy, label_chars=labels.chars.flatten(0, 1),
             label_valid=labels.valid.flatten(), next_ids=next_ids.flatten(),
             teacher_next_logp=signal.target_logp.flatten(),
-            heads_next_logp=decoder.spelling_log_probs(char_logits, targets.flatten()),
+            heads_next_logp=heads_next_logp,
             lm_next_logp=lm_logp.gather(-1, targets.unsqueeze(-1)).flatten()))
     counts = torch.bincount(blocks.flatten(), minlength=table.vocab_size)
     return Analysis(Records.concat(parts), table, args.tau, teacher_name, counts, student.tokenizer)

@@ -154,6 +154,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     from spellm_ds.charset import Charset
     from spellm_ds.config import DEFAULTS, RunConfig, native_bf16
     from spellm_ds.data import load_texts, pack
+    from spellm_ds.decoding import CharDecoder
     from spellm_ds.forward import synchronized_clock, teacher_and_student
     from spellm_ds.losses import distillation_loss
     from spellm_ds.model import SpeLLMForCausalLM, shared_trunk_layer
@@ -169,6 +170,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     charset = Charset.default()
     table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))
+    decoder = CharDecoder(table, tau=None)
     run.fit_to_model(base.config.num_hidden_layers, base.config.hidden_size)
     student = SpeLLMForCausalLM(base, run.spellm_config(), charset)
     student.char_heads.init_from_embeddings(base.get_output_embeddings().weight.detach(), table.chars, table.spellable)
@@ -184,7 +186,8 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
         started = synchronized_clock()
         signal, out, labels, _ = teacher_and_student(teacher, student, ids, table, run.label_rule(), trunk_layer,
                                                      with_token_logits=run.needs_token_logits)
-        loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, table, run.loss_recipe())
+        loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, table, run.loss_recipe(),
+                                 decoder=decoder)
         loss.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -107,11 +107,13 @@ class CharDecoder:
         k characters). Unspellable tokens get -inf.
         """
         char_logp = torch.log_softmax(char_logits.float(), -1)
-        normaliser = torch.logsumexp(self.spelling_scores(char_logp), -1)
+        return self._log_probs_of(char_logp, self.spelling_scores(char_logp), token_ids)
+
+    def _log_probs_of(self, char_logp: torch.Tensor, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         chars = self.table.chars[token_ids]
         read = char_logp.gather(-1, chars.unsqueeze(-1)).squeeze(-1).masked_fill(after_first_end(chars), 0.0)
-        scores = read.sum(-1) - normaliser
-        return scores.masked_fill(~self.table.spellable[token_ids], float("-inf"))
+        log_probs = read.sum(-1) - torch.logsumexp(scores, -1)
+        return log_probs.masked_fill(~self.table.spellable[token_ids], float("-inf"))
 
     def autocorrect(self, char_logits: torch.Tensor) -> torch.Tensor:
         """The valid token with the highest summed per-head log-probability, per row."""
@@ -125,10 +127,21 @@ class CharDecoder:
         it knows (after its one host transfer per token) to have missed, since AutoCorrect over the
         whole vocabulary costs more than the rest of the char path together.
         """
+        scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1)) if autocorrect else None
+        return self._propose(char_logits, scores)
+
+    def propose_and_score(self, char_logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[Proposal, torch.Tensor]:
+        """:meth:`propose` (with AutoCorrect) and :meth:`spelling_log_probs` of ``token_ids`` from one
+        pass over the valid spellings, the costly part of both (scoring a position reads both)."""
+        char_logp = torch.log_softmax(char_logits.float(), -1)
+        scores = self.spelling_scores(char_logp)
+        return self._propose(char_logits, scores), self._log_probs_of(char_logp, scores, token_ids)
+
+    def _propose(self, char_logits: torch.Tensor, scores: torch.Tensor | None) -> Proposal:
         predicted = read_string(char_logits)
         looked_up = self.table.lookup(predicted)
         hit = looked_up >= 0
-        token_ids = torch.where(hit, looked_up, self.autocorrect(char_logits)) if autocorrect else looked_up
+        token_ids = looked_up if scores is None else torch.where(hit, looked_up, self.valid_ids[scores.argmax(-1)])
         entropy = mean_head_entropy(char_logits)
         return Proposal(token_ids, hit, falls_back(entropy, predicted, self.tau), entropy)
 

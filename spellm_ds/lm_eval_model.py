@@ -110,8 +110,7 @@ class SpeLLMEvalModel(TemplateLM):
         targets = torch.tensor([t for _, target in rows for t in target], device=device)
         states = hidden[row_ids, cols]
         char_logits = self.model.char_heads(states)
-        log_probs = self.decoder.spelling_log_probs(char_logits, targets)
-        proposal = self.decoder.propose(char_logits)
+        proposal, log_probs = self.decoder.propose_and_score(char_logits, targets)
         greedy = proposal.token_ids == targets
         if self.tau is not None:
             back = proposal.fallback

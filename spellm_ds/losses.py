@@ -23,6 +23,7 @@ import torch
 from spellm_ds.spelling import after_first_end
 
 if TYPE_CHECKING:
+    from spellm_ds.decoding import CharDecoder
     from spellm_ds.spelling import SpellingTable
     from spellm_ds.teacher import TeacherSignal
 
@@ -159,30 +160,30 @@ def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: Spelli
     return masked_mean((candidate_weights(signal, table) * per_candidate).sum(-1), valid.float(), valid_count)
 
 
-def spelling_kl_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: SpellingTable, valid: torch.Tensor,
+def spelling_kl_loss(char_logp: torch.Tensor, signal: TeacherSignal, decoder: CharDecoder, valid: torch.Tensor,
                      valid_count: torch.Tensor | None = None) -> torch.Tensor:
     """KL from the teacher's top-5 (renormalised over the spellable ones) to the char heads' token
     distribution, the one likelihood scoring reads (:meth:`CharDecoder.spelling_log_probs`: summed
     log-probs up to the first END, normalised over every valid spelling). Unlike the per-head
     losses it sees the normaliser, so it is the loss that calibrates the probability the heads give
     tokens other than their argmax."""
-    from spellm_ds.decoding import CharDecoder
-
     batch, length, k, charset_size = char_logp.shape
-    scores = CharDecoder(table, tau=None).spelling_scores(char_logp.reshape(batch * length, k, charset_size))
+    scores = decoder.spelling_scores(char_logp.reshape(batch * length, k, charset_size))
     normaliser = torch.logsumexp(scores, -1).view(batch, length, 1)
-    log_q = -candidate_nll(char_logp, table.chars[signal.top_ids], ignore_after_end=True) - normaliser
-    weights = candidate_weights(signal, table)
+    log_q = -candidate_nll(char_logp, decoder.table.chars[signal.top_ids], ignore_after_end=True) - normaliser
+    weights = candidate_weights(signal, decoder.table)
     kl = (weights * (weights.clamp(min=1e-30).log() - log_q)).sum(-1)
     return masked_mean(kl, valid.float(), valid_count)
 
 
 def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | None, labels: Labels,
                       signal: TeacherSignal, table: SpellingTable, recipe: LossRecipe,
-                      mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts) -> LossParts:
+                      mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts,
+                      decoder: CharDecoder | None = None) -> LossParts:
     """Char CE over the valid positions' counted characters (all k, or up to the label's first END),
     plus ``reg_weight`` x the token regulariser through the frozen LM head, plus ``soft_char_weight``
-    x the soft per-head loss, plus ``spelling_kl_weight`` x the KL to the heads' token distribution.
+    x the soft per-head loss, plus ``spelling_kl_weight`` x the KL to the heads' token distribution
+    (which needs ``decoder``, built once per run from ``table``: it holds the valid spellings).
 
     Each mean divides by ``mean_over_ranks`` of this rank's count (of counted characters, of valid
     positions): their number varies per rank, and DeepSpeed averages the ranks' gradients, so a
@@ -199,7 +200,9 @@ def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | No
                   if token_logits is not None and recipe.reg_weight > 0 else zero)
     soft = (soft_char_loss(char_logp, signal, table, recipe.ignore_after_end, labels.valid, valid_count)
             if recipe.soft_char_weight > 0 else zero)
-    spelling_kl = (spelling_kl_loss(char_logp, signal, table, labels.valid, valid_count)
+    if recipe.spelling_kl_weight > 0 and decoder is None:
+        raise ValueError("spelling_kl_weight > 0 needs the run's CharDecoder (decoder=)")
+    spelling_kl = (spelling_kl_loss(char_logp, signal, decoder, labels.valid, valid_count)
                    if recipe.spelling_kl_weight > 0 else zero)
     total = (char_loss + recipe.reg_weight * token_loss + recipe.soft_char_weight * soft
              + recipe.spelling_kl_weight * spelling_kl)

@@ -55,6 +55,7 @@ from spellm_ds.charset import Charset
 from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
                               native_bf16, parameter_sizes, resolve_student_config, resolve_teacher_config)
 from spellm_ds.data import load_texts, pack_documents, step_batch
+from spellm_ds.decoding import CharDecoder
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.forward import synchronized_clock, teacher_and_student
 from spellm_ds.losses import LossParts, distillation_loss
@@ -119,6 +120,7 @@ class Distillation:
         self.recipe = config.loss_recipe()
         self.table = SpellingTable.from_tokenizer(self.tokenizer, self.charset, config.k,
                                                   model_vocab_size(model_config)).to(self.device)
+        self.decoder = CharDecoder(self.table, tau=None)  # the valid spellings, for the spelling KL
         self.trunk_layer = (shared_trunk_layer(text_config.num_hidden_layers,
                                                config.trainable_layers) if config.shared_trunk else None)
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
@@ -178,7 +180,7 @@ class Distillation:
             started = synchronized_clock()
             signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.needs_token_logits, timed=True)
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
-                                     self._mean_over_ranks)
+                                     self._mean_over_ranks, self.decoder)
             backward_started = synchronized_clock()
             self.student.backward(loss.total)
             self.student.step()

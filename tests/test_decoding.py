@@ -191,6 +191,23 @@ def test_spelling_log_probs_score_every_spellable_token_by_its_spelling(table):
         assert owner != v
 
 
+def test_propose_and_score_is_propose_plus_spelling_log_probs(table):
+    """The one-pass path the analysis and downstream scoring use gives what the two calls give."""
+    decoder = CharDecoder(table, tau=1.0)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, table.k, len(table.charset), generator=g) * torch.linspace(0.1, 8, 64).view(64, 1, 1)
+    valid = table.canonical.nonzero().squeeze(1)[:16]
+    logits[:16].scatter_(2, table.chars[valid].unsqueeze(-1), 40.0)  # 16 rows spell a valid token
+    token_ids = torch.randint(0, table.vocab_size, (64,), generator=g)
+    proposal, log_probs = decoder.propose_and_score(logits, token_ids)
+    expected = decoder.propose(logits)
+    missed = ~expected.hit
+    assert expected.hit[:16].all() and (missed & ~expected.fallback).any() and expected.fallback.any()  # every branch
+    for got, want in zip(proposal, expected):
+        assert torch.equal(got, want)
+    assert torch.equal(log_probs, decoder.spelling_log_probs(logits, token_ids))
+
+
 def test_decoding_without_autocorrect_stops_at_the_first_miss(model):
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"

@@ -204,7 +204,9 @@ def test_spelling_kl_is_the_kl_to_the_heads_normalised_token_distribution(byte_l
     signal = TeacherSignal(top, probs, torch.zeros(1, 2))
     logits = (2 * torch.randn(1, 2, 6, len(table.charset), generator=g)).requires_grad_()
     labels = select_labels(logits, top, table.chars, table.spellable)
-    parts = distillation_loss(logits, None, labels, signal, table, LossRecipe(reg_weight=0.0, spelling_kl_weight=2.0))
+    decoder = CharDecoder(table)
+    parts = distillation_loss(logits, None, labels, signal, table, LossRecipe(reg_weight=0.0, spelling_kl_weight=2.0),
+                              decoder=decoder)
     logp = torch.log_softmax(logits[0].detach(), -1)
     expected = []
     for t in range(2):
@@ -216,13 +218,14 @@ def test_spelling_kl_is_the_kl_to_the_heads_normalised_token_distribution(byte_l
         expected.append(sum(p[i] * (p[i].log() - (score(top[0, t, i].item()) - normaliser)) for i in range(5)))
     assert torch.allclose(parts.spelling_kl, torch.stack(expected).mean(), atol=1e-5)
     assert torch.allclose(parts.total, parts.char + 2.0 * parts.spelling_kl)
-    decoder = CharDecoder(table)
+    with pytest.raises(ValueError, match="CharDecoder"):
+        distillation_loss(logits, None, labels, signal, table, LossRecipe(spelling_kl_weight=1.0))
     before = decoder.spelling_log_probs(logits[0].detach(), top[0, :, 1])
     optimizer = torch.optim.SGD([logits], lr=0.5)
     for _ in range(20):
         optimizer.zero_grad()
-        distillation_loss(logits, None, labels, signal, table, LossRecipe(reg_weight=0.0, spelling_kl_weight=1.0)
-                          ).spelling_kl.backward()
+        distillation_loss(logits, None, labels, signal, table, LossRecipe(reg_weight=0.0, spelling_kl_weight=1.0),
+                          decoder=decoder).spelling_kl.backward()
         optimizer.step()
     after = decoder.spelling_log_probs(logits[0].detach(), top[0, :, 1])
     target = (probs[0, :, 1] / probs[0].sum(-1)).log()  # the teacher's
@@ -247,7 +250,7 @@ def test_mean_over_ranks_makes_the_ranks_average_the_global_batch_mean():
     def rank_loss(rank: int, mean_over_ranks=lambda counts: counts):
         rows = slice(rank, rank + 1)
         return distillation_loss(char_logits[rows], token_logits[rows], Labels(*(x[rows] for x in labels)),
-                                 TeacherSignal(*(x[rows] for x in signal[:3])), table, recipe, mean_over_ranks)
+                                 TeacherSignal(*(None if x is None else x[rows] for x in signal)), table, recipe, mean_over_ranks)
 
     counts = []
     for rank in (0, 1):
