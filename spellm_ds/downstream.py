@@ -52,19 +52,55 @@ def per_sample_scores(samples: list[dict]) -> dict[str, list[float]]:
     return {metric: [float(s[metric]) for s in ordered] for metric in METRICS if ordered and metric in ordered[0]}
 
 
-def paired(samples: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, Any]]:
-    """``samples[system][task]`` (lm_eval sample logs; ``teacher`` among the systems) -> per task
-    and metric, :func:`summarise` over the systems. Every system must have scored the same examples."""
-    results: dict[str, dict[str, Any]] = {}
+def scores_by_task(samples: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``samples[system][task]`` (lm_eval sample logs) -> ``[task][metric][system]`` per-sample
+    scores in ``doc_id`` order. Every system must have scored the same examples."""
+    by_task: dict[str, dict[str, dict[str, list[float]]]] = {}
     for task in samples["teacher"]:
-        scores = {system: per_sample_scores(logs[task]) for system, logs in samples.items()}
         ids = {system: sorted(s["doc_id"] for s in logs[task]) for system, logs in samples.items()}
         if any(system_ids != ids["teacher"] for system_ids in ids.values()):
             raise ValueError(f"{task}: the systems scored different examples; run them with the same --limit")
-        results[task] = {"n": len(ids["teacher"])}
-        for metric in scores["teacher"]:
-            results[task][metric] = summarise({s: scores[s][metric] for s in scores}, binary=metric != "rougeL")
+        scores = {system: per_sample_scores(logs[task]) for system, logs in samples.items()}
+        by_task[task] = {metric: {system: scores[system][metric] for system in scores} for metric in scores["teacher"]}
+    return by_task
+
+
+def paired(by_task: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, Any]]:
+    """Per task and metric, :func:`summarise` over the systems of :func:`scores_by_task`."""
+    results: dict[str, dict[str, Any]] = {}
+    for task, metrics in by_task.items():
+        results[task] = {"n": len(metrics[next(iter(metrics))]["teacher"]) if metrics else 0}
+        for metric, scores in metrics.items():
+            results[task][metric] = summarise(scores, binary=metric != "rougeL")
     return results
+
+
+def compare(baseline: dict[str, Any], candidate: dict[str, Any], system: str) -> dict[str, dict[str, Any]]:
+    """Two ``downstream.json`` reports (two SpeLLM models) on the same examples -> per task and
+    metric, ``system``'s mean score in each and the paired difference candidate - baseline with a
+    95% interval: the comparison of two models' downstream deltas that their separate intervals
+    against the teacher cannot give. The teacher's per-sample scores must agree (same examples)."""
+    for report in (baseline, candidate):
+        if "per_sample" not in report:
+            raise ValueError(f"{report['settings']['model']}: the report has no per-sample scores; rerun "
+                             "launch/evaluate.py (reports before per-sample scores were kept cannot be compared)")
+    out: dict[str, dict[str, Any]] = {}
+    for task in baseline["per_sample"].keys() & candidate["per_sample"].keys():
+        for metric, base_scores in baseline["per_sample"][task].items():
+            cand_scores = candidate["per_sample"][task].get(metric)
+            if cand_scores is None or system not in base_scores or system not in cand_scores:
+                continue
+            if cand_scores["teacher"] != base_scores["teacher"]:
+                raise ValueError(f"{task} {metric}: the teacher scored the two reports differently; compare runs "
+                                 "of the same teacher, tasks, --limit and --dtype")
+            diffs = [c - b for b, c in zip(base_scores[system], cand_scores[system])]
+            n = len(diffs)
+            out.setdefault(task, {})[metric] = {
+                "n": n, "baseline": sum(base_scores[system]) / n, "candidate": sum(cand_scores[system]) / n,
+                "diff": sum(diffs) / n, "diff_ci95": list(mean_interval(diffs, -1.0, 1.0))}
+    if not out:
+        raise ValueError(f"the two reports share no task and metric scored by system {system!r}")
+    return out
 
 
 def _cell(entry: dict[str, Any], diff: bool) -> str:

