@@ -31,7 +31,8 @@ def markdown(result: dict, baseline: dict, candidate: dict, system: str) -> str:
         for metric, entry in metrics.items():
             low, high = entry["diff_ci95"]
             lines.append(f"| {task} | {metric} | {entry['n']} | {100 * entry['baseline']:.1f} | "
-                         f"{100 * entry['candidate']:.1f} | {100 * entry['diff']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |")
+                         f"{100 * entry['candidate']:.1f} | {100 * entry['diff']:+.1f} "
+                         f"[{100 * low:+.1f}, {100 * high:+.1f}] |")
     return "\n".join(lines) + "\n"
 
 

@@ -250,7 +250,8 @@ def test_mean_over_ranks_makes_the_ranks_average_the_global_batch_mean():
     def rank_loss(rank: int, mean_over_ranks=lambda counts: counts):
         rows = slice(rank, rank + 1)
         return distillation_loss(char_logits[rows], token_logits[rows], Labels(*(x[rows] for x in labels)),
-                                 TeacherSignal(*(None if x is None else x[rows] for x in signal)), table, recipe, mean_over_ranks)
+                                 TeacherSignal(*(None if x is None else x[rows] for x in signal)), table, recipe,
+                                 mean_over_ranks)
 
     counts = []
     for rank in (0, 1):
