@@ -84,6 +84,8 @@ VARIANTS: dict[str, Variant] = {
     "paper_recipe": Variant(["--trainable_layers", "5", "--readout_width", "0"]),
     # the spelling KL (off by default): scores every valid spelling at every position
     "spelling_kl": Variant(["--spelling_kl_weight", "0.3"]),
+    "spelling_kl_quarter": Variant(["--spelling_kl_weight", "0.3", "--spelling_kl_fraction", "0.25"]),
+    "spelling_kl_eighth": Variant(["--spelling_kl_weight", "0.3", "--spelling_kl_fraction", "0.125"]),
 }
 
 

@@ -73,6 +73,10 @@ def parse_args() -> RunConfig:
                    help="weight of the KL from the teacher's top-5 to the char heads' token distribution (normalised "
                         "over every valid spelling: what likelihood scoring reads); costs a [positions x valid "
                         "tokens] score per micro step (default: %(default)s)")
+    p.add_argument("--spelling_kl_fraction", type=float, default=DEFAULTS.spelling_kl_fraction,
+                   help="share of the positions the spelling KL is computed on, a fresh uniform sample each micro "
+                        "step, scaled so the loss keeps its expectation; its cost scales with it "
+                        "(default: %(default)s: every position)")
     p.add_argument("--label_selection", choices=LABEL_RULES, default=DEFAULTS.label_selection,
                    help="label among the teacher's top-5: the one the student spells best (student_nll, the paper's "
                         "rule), best by char NLL - w x log p_teacher (joint), or the teacher's first spellable "

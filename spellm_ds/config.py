@@ -57,6 +57,7 @@ class RunConfig:
     reg_target: str = "teacher"
     soft_char_weight: float = 0.5
     spelling_kl_weight: float = 0.0
+    spelling_kl_fraction: float = 1.0
     label_selection: str = "joint"
     label_prior_weight: float = 1.0
     ignore_after_end: bool = True
@@ -97,6 +98,8 @@ class RunConfig:
             (self.reg_target in REG_TARGETS, f"--reg_target {self.reg_target!r}: use one of {', '.join(REG_TARGETS)}"),
             (self.soft_char_weight >= 0, f"--soft_char_weight {self.soft_char_weight} must be >= 0"),
             (self.spelling_kl_weight >= 0, f"--spelling_kl_weight {self.spelling_kl_weight} must be >= 0"),
+            (0 < self.spelling_kl_fraction <= 1,
+             f"--spelling_kl_fraction {self.spelling_kl_fraction} must be in (0, 1] (1: every position)"),
             (self.label_prior_weight >= 0, f"--label_prior_weight {self.label_prior_weight} must be >= 0"),
             (self.warmup >= 0, f"--warmup {self.warmup} must be >= 0"),
             (self.save_every >= 0, f"--save_every {self.save_every} must be >= 0 (0: only at the end)"),
@@ -146,7 +149,7 @@ class RunConfig:
 
     def loss_recipe(self) -> LossRecipe:
         return LossRecipe(self.reg_weight, self.reg_target, self.soft_char_weight, self.ignore_after_end,
-                          self.spelling_kl_weight)
+                          self.spelling_kl_weight, self.spelling_kl_fraction)
 
 
 def load_json_config(path: str | Path, flag: str) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class LossRecipe:
     soft_char_weight: float = 0.0  # auxiliary per-head CE with the teacher's top-5 characters
     ignore_after_end: bool = False
     spelling_kl_weight: float = 0.0  # KL from the teacher's top-5 to the char heads' token distribution
+    spelling_kl_fraction: float = 1.0  # the share of positions that KL is computed on (a uniform sample)
 
 
 class Labels(NamedTuple):
@@ -161,29 +162,49 @@ def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: Spelli
 
 
 def spelling_kl_loss(char_logp: torch.Tensor, signal: TeacherSignal, decoder: CharDecoder, valid: torch.Tensor,
-                     valid_count: torch.Tensor | None = None) -> torch.Tensor:
+                     valid_count: torch.Tensor | None = None, fraction: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """KL from the teacher's top-5 (renormalised over the spellable ones) to the char heads' token
     distribution, the one likelihood scoring reads (:meth:`CharDecoder.spelling_log_probs`: summed
     log-probs up to the first END, normalised over every valid spelling). Unlike the per-head
     losses it sees the normaliser, so it is the loss that calibrates the probability the heads give
-    tokens other than their argmax."""
+    tokens other than their argmax.
+
+    Scoring every valid spelling is the cost, so with ``fraction`` < 1 the KL is computed on a
+    uniform sample of that share of the positions (drawn with ``generator``) and scaled by
+    positions / sample size: the loss and its gradient keep their expectation, at the sample's cost.
+    """
+    valid_count = valid.float().sum() if valid_count is None else valid_count
+    scale = 1.0
+    if fraction < 1:
+        positions = valid.numel()
+        size = max(1, round(fraction * positions))
+        picked = torch.randperm(positions, generator=generator)[:size].to(valid.device)
+
+        def sampled(values: torch.Tensor) -> torch.Tensor:  # [B, T, ...] -> [1, size, ...]
+            return values.flatten(0, 1)[picked].unsqueeze(0)
+
+        char_logp, valid = sampled(char_logp), sampled(valid)
+        signal = type(signal)(*(None if field is None else sampled(field) for field in signal))
+        scale = positions / size
     batch, length, k, charset_size = char_logp.shape
     scores = decoder.spelling_scores(char_logp.reshape(batch * length, k, charset_size))
     normaliser = torch.logsumexp(scores, -1).view(batch, length, 1)
     log_q = -candidate_nll(char_logp, decoder.table.chars[signal.top_ids], ignore_after_end=True) - normaliser
     weights = candidate_weights(signal, decoder.table)
     kl = (weights * (weights.clamp(min=1e-30).log() - log_q)).sum(-1)
-    return masked_mean(kl, valid.float(), valid_count)
+    return scale * masked_mean(kl, valid.float(), valid_count)
 
 
 def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | None, labels: Labels,
                       signal: TeacherSignal, table: SpellingTable, recipe: LossRecipe,
                       mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts,
-                      decoder: CharDecoder | None = None) -> LossParts:
+                      decoder: CharDecoder | None = None, generator: torch.Generator | None = None) -> LossParts:
     """Char CE over the valid positions' counted characters (all k, or up to the label's first END),
     plus ``reg_weight`` x the token regulariser through the frozen LM head, plus ``soft_char_weight``
     x the soft per-head loss, plus ``spelling_kl_weight`` x the KL to the heads' token distribution
-    (which needs ``decoder``, built once per run from ``table``: it holds the valid spellings).
+    (which needs ``decoder``, built once per run from ``table``: it holds the valid spellings; with
+    ``spelling_kl_fraction`` < 1, ``generator`` draws its sample of positions).
 
     Each mean divides by ``mean_over_ranks`` of this rank's count (of counted characters, of valid
     positions): their number varies per rank, and DeepSpeed averages the ranks' gradients, so a
@@ -202,7 +223,8 @@ def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | No
             if recipe.soft_char_weight > 0 else zero)
     if recipe.spelling_kl_weight > 0 and decoder is None:
         raise ValueError("spelling_kl_weight > 0 needs the run's CharDecoder (decoder=)")
-    spelling_kl = (spelling_kl_loss(char_logp, signal, decoder, labels.valid, valid_count)
+    spelling_kl = (spelling_kl_loss(char_logp, signal, decoder, labels.valid, valid_count,
+                                    recipe.spelling_kl_fraction, generator)
                    if recipe.spelling_kl_weight > 0 else zero)
     total = (char_loss + recipe.reg_weight * token_loss + recipe.soft_char_weight * soft
              + recipe.spelling_kl_weight * spelling_kl)

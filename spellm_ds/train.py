@@ -11,7 +11,8 @@ Features
   (``--label_selection student_nll``: char NLL alone, the paper's rule; either way one spelling,
   no blending); the loss is char CE (characters after the label's first END ignored) +
   ``soft_char_weight`` x soft per-head targets (+ ``spelling_kl_weight`` x KL from the teacher's
-  top-5 to the heads' token distribution, off by default), and, where FFNs train, ``reg_weight`` x KL to the
+  top-5 to the heads' token distribution, off by default, on a ``spelling_kl_fraction`` sample of
+  positions), and, where FFNs train, ``reg_weight`` x KL to the
   teacher's distribution (top-5 and the rest) through the frozen LM head, in fp32;
 - two learning rates: the new char heads at ``lr`` (3e-3), the pretrained blocks at ``ffn_lr``
   (1e-3), one warm-up and linear decay;
@@ -179,8 +180,10 @@ class Distillation:
                                self.rank, self.world_size, cfg.seed)
             started = synchronized_clock()
             signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.needs_token_logits, timed=True)
+            # the spelling KL's sample of positions: a pure function of the position in the run, as the batch is
+            sample = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank)))
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
-                                     self._mean_over_ranks, self.decoder)
+                                     self._mean_over_ranks, self.decoder, sample)
             backward_started = synchronized_clock()
             self.student.backward(loss.total)
             self.student.step()

@@ -232,6 +232,40 @@ def test_spelling_kl_is_the_kl_to_the_heads_normalised_token_distribution(byte_l
     assert (after > before + 0.5).all() and ((after - target).abs() < (before - target).abs()).all()
 
 
+def test_sampled_spelling_kl_keeps_the_expectation_of_the_loss_and_its_gradient(byte_level_tokenizer):
+    """--spelling_kl_fraction: averaged over many samples the loss and its gradient are the full
+    ones (an unscaled sample would be off by 1 / fraction); one sample is a function of its generator."""
+    from spellm_ds.charset import Charset
+    from spellm_ds.decoding import CharDecoder
+    from spellm_ds.spelling import SpellingTable
+
+    table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=6, vocab_size=len(byte_level_tokenizer))
+    decoder = CharDecoder(table, tau=None)
+    g = torch.Generator().manual_seed(5)
+    valid_ids = table.canonical.nonzero().squeeze(1)
+    top = valid_ids[torch.randint(0, len(valid_ids), (2, 8, 5), generator=g)]
+    probs = torch.softmax(2 * torch.randn(2, 8, 5, generator=g), -1) * 0.9
+    signal = TeacherSignal(top, probs, torch.zeros(2, 8))
+    logits = (2 * torch.randn(2, 8, 6, len(table.charset), generator=g)).requires_grad_()
+    labels = select_labels(logits, top, table.chars, table.spellable)
+    labels = labels._replace(valid=labels.valid & (torch.arange(8) != 3))  # one masked position per row
+
+    def kl_and_grad(fraction, generator=None):
+        recipe = LossRecipe(reg_weight=0.0, spelling_kl_weight=1.0, spelling_kl_fraction=fraction)
+        kl = distillation_loss(logits, None, labels, signal, table, recipe, decoder=decoder,
+                               generator=generator).spelling_kl
+        return kl.detach(), torch.autograd.grad(kl, logits)[0]
+
+    full, full_grad = kl_and_grad(1.0)
+    draws = [kl_and_grad(0.25, torch.Generator().manual_seed(seed)) for seed in range(400)]
+    values = torch.stack([kl for kl, _ in draws])
+    grads = torch.stack([grad for _, grad in draws])
+    assert (values.mean() - full).abs() < 4 * values.std() / 20 and values.std() > 0.05 * full  # 20 = sqrt(400)
+    grad_error = (grads.mean(0) - full_grad).abs()
+    assert (grad_error <= 4 * grads.std(0) / 20 + 1e-6).float().mean() > 0.99
+    assert torch.equal(kl_and_grad(0.25, torch.Generator().manual_seed(7))[0], values[7])
+
+
 def test_mean_over_ranks_makes_the_ranks_average_the_global_batch_mean():
     """Two 'ranks' holding one sequence each, with different numbers of counted characters and valid
     positions: averaging their losses (as DeepSpeed averages gradients) gives the loss of the whole
