@@ -239,7 +239,8 @@ def test_sampled_spelling_kl_keeps_the_expectation_of_the_loss_and_its_gradient(
     from spellm_ds.decoding import CharDecoder
     from spellm_ds.spelling import SpellingTable
 
-    table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=6, vocab_size=len(byte_level_tokenizer))
+    table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=6,
+                                         vocab_size=len(byte_level_tokenizer))
     decoder = CharDecoder(table, tau=None)
     g = torch.Generator().manual_seed(5)
     valid_ids = table.canonical.nonzero().squeeze(1)
