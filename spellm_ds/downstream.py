@@ -69,7 +69,7 @@ def paired(by_task: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, d
     """Per task and metric, :func:`summarise` over the systems of :func:`scores_by_task`."""
     results: dict[str, dict[str, Any]] = {}
     for task, metrics in by_task.items():
-        results[task] = {"n": len(metrics[next(iter(metrics))]["teacher"]) if metrics else 0}
+        results[task] = {"n": next((len(scores["teacher"]) for scores in metrics.values()), 0)}
         for metric, scores in metrics.items():
             results[task][metric] = summarise(scores, binary=metric != "rougeL")
     return results
