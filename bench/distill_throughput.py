@@ -86,6 +86,8 @@ VARIANTS: dict[str, Variant] = {
     "spelling_kl": Variant(["--spelling_kl_weight", "0.3"]),
     "spelling_kl_quarter": Variant(["--spelling_kl_weight", "0.3", "--spelling_kl_fraction", "0.25"]),
     "spelling_kl_eighth": Variant(["--spelling_kl_weight", "0.3", "--spelling_kl_fraction", "0.125"]),
+    # soft targets from the teacher's top-256 instead of its top-5
+    "soft_char_256": Variant(["--soft_char_candidates", "256"]),
 }
 
 
@@ -189,7 +191,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
         ids = blocks[step * share : (step + 1) * share]
         started = synchronized_clock()
         signal, out, labels, _ = teacher_and_student(teacher, student, ids, table, run.label_rule(), trunk_layer,
-                                                     with_token_logits=run.needs_token_logits)
+                                                     with_token_logits=run.needs_token_logits, wide_k=run.wide_k)
         loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, table, run.loss_recipe(),
                                  decoder=decoder)
         loss.total.backward()

@@ -67,8 +67,12 @@ def parse_args() -> RunConfig:
                         "towards: the selected label (CE) or the teacher (KL over its top-5 plus the rest) "
                         "(default: %(default)s)")
     p.add_argument("--soft_char_weight", type=float, default=DEFAULTS.soft_char_weight,
-                   help="weight of an auxiliary per-head CE with the teacher's top-5 characters, weighted by its "
-                        "probabilities (default: %(default)s)")
+                   help="weight of an auxiliary per-head CE with the characters of the teacher's top candidates, "
+                        "weighted by its probabilities (default: %(default)s)")
+    p.add_argument("--soft_char_candidates", type=int, default=DEFAULTS.soft_char_candidates,
+                   help="how many of the teacher's top candidates those soft targets read, 5..1024 (the labels keep "
+                        "its top-5; its top-256 hold 94%% of its probability on held-out BoolQ text, its top-5 67%%) "
+                        "(default: %(default)s)")
     p.add_argument("--spelling_kl_weight", type=float, default=DEFAULTS.spelling_kl_weight,
                    help="weight of the KL from the teacher's top-5 to the char heads' token distribution (normalised "
                         "over every valid spelling: what likelihood scoring reads); costs a [positions x valid "

@@ -15,7 +15,7 @@ from typing import Any
 from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
 from spellm_ds.heads import HEAD_INITS
-from spellm_ds.losses import LABEL_RULES, REG_TARGETS, LabelRule, LossRecipe
+from spellm_ds.losses import LABEL_RULES, MAX_SOFT_CHAR_CANDIDATES, REG_TARGETS, TOP_K, LabelRule, LossRecipe
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 3e-3, "ffn_lr": 1e-3}
 """Used where neither a flag nor the DeepSpeed config gives a value. ``lr`` is the char heads' peak,
@@ -56,6 +56,7 @@ class RunConfig:
     reg_weight: float = 3.0
     reg_target: str = "teacher"
     soft_char_weight: float = 0.5
+    soft_char_candidates: int = 5
     spelling_kl_weight: float = 0.0
     spelling_kl_fraction: float = 1.0
     label_selection: str = "joint"
@@ -97,6 +98,9 @@ class RunConfig:
              f"--ffn_lr {self.ffn_lr} needs FFN blocks to train; pass --trainable_layers > 0 or drop --ffn_lr"),
             (self.reg_target in REG_TARGETS, f"--reg_target {self.reg_target!r}: use one of {', '.join(REG_TARGETS)}"),
             (self.soft_char_weight >= 0, f"--soft_char_weight {self.soft_char_weight} must be >= 0"),
+            (TOP_K <= self.soft_char_candidates <= MAX_SOFT_CHAR_CANDIDATES,
+             f"--soft_char_candidates {self.soft_char_candidates} must be in {TOP_K}..{MAX_SOFT_CHAR_CANDIDATES} "
+             f"({TOP_K}: the teacher's top-{TOP_K}, the labels' candidates)"),
             (self.spelling_kl_weight >= 0, f"--spelling_kl_weight {self.spelling_kl_weight} must be >= 0"),
             (0 < self.spelling_kl_fraction <= 1,
              f"--spelling_kl_fraction {self.spelling_kl_fraction} must be in (0, 1] (1: every position)"),
@@ -123,6 +127,11 @@ class RunConfig:
                               f"{num_layers} layers")
         if self.readout_width is None:
             self.readout_width = READOUT_PER_HIDDEN * hidden_size
+
+    @property
+    def wide_k(self) -> int | None:
+        """The teacher's top-M the soft targets read, when wider than its top-5."""
+        return self.soft_char_candidates if self.soft_char_weight > 0 and self.soft_char_candidates > TOP_K else None
 
     @property
     def needs_token_logits(self) -> bool:

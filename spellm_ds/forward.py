@@ -12,13 +12,10 @@ from typing import NamedTuple
 import deepspeed
 import torch
 
-from spellm_ds.losses import LabelRule, Labels, choose_labels
+from spellm_ds.losses import TOP_K, LabelRule, Labels, choose_labels
 from spellm_ds.model import SpeLLMOutput
 from spellm_ds.spelling import SpellingTable
 from spellm_ds.teacher import TeacherSignal, teacher_signal
-
-TOP_K = 5
-
 
 def synchronized_clock() -> float:
     """``perf_counter`` after the accelerator finished its queued work, so a timed region holds
@@ -36,15 +33,18 @@ class PairedForward(NamedTuple):
 
 def teacher_and_student(teacher: torch.nn.Module, student, input_ids: torch.Tensor, table: SpellingTable,
                         label_rule: LabelRule, trunk_layer: int | None, with_token_logits: bool,
-                        timed: bool = False, targets: torch.Tensor | None = None) -> PairedForward:
-    """Teacher then student forward; the same sequence on every rank.
+                        timed: bool = False, targets: torch.Tensor | None = None,
+                        wide_k: int | None = None) -> PairedForward:
+    """Teacher then student forward; the same sequence on every rank (``wide_k``: the teacher's
+    top-M for the soft targets as well, see :func:`spellm_ds.teacher.top_tokens_from_hidden`).
 
     ``student`` is a SpeLLM model or its DeepSpeed engine. With ``trunk_layer`` (the shared trunk)
     the student's frozen lower layers are not run: they are the teacher's, so the student starts
     from the teacher's hidden state entering ``trunk_layer``.
     """
     started = synchronized_clock() if timed else 0.0
-    signal, trunk = teacher_signal(teacher, input_ids, top_k=TOP_K, trunk_layer=trunk_layer, targets=targets)
+    signal, trunk = teacher_signal(teacher, input_ids, top_k=TOP_K, trunk_layer=trunk_layer, targets=targets,
+                                   wide_k=wide_k)
     teacher_s = synchronized_clock() - started if timed else 0.0
     if trunk is None:
         out = student(input_ids, with_token_logits=with_token_logits)

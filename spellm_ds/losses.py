@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from spellm_ds.spelling import SpellingTable
     from spellm_ds.teacher import TeacherSignal
 
+TOP_K = 5
+"""The teacher's candidates per position: the labels are chosen among them, match@5 counts them."""
+MAX_SOFT_CHAR_CANDIDATES = 1024
+"""The widest top-M the soft targets read (``--soft_char_candidates``): on SmolLM2-135M's held-out
+BoolQ text it holds 97.5% of the teacher's probability on average (its top-5: 67%), and the
+targets' transient tensors grow with M."""
 LABEL_RULES = ("joint", "student_nll", "teacher_top1")
 """``joint``: lowest char NLL - prior_weight x log p_teacher (the default); ``student_nll``: lowest
 char NLL (the paper's); ``teacher_top1``: the teacher's first spellable candidate."""
@@ -50,7 +56,7 @@ class LossRecipe:
 
     reg_weight: float = 0.1
     reg_target: str = "label"
-    soft_char_weight: float = 0.0  # auxiliary per-head CE with the teacher's top-5 characters
+    soft_char_weight: float = 0.0  # auxiliary per-head CE with the characters of the teacher's candidates
     ignore_after_end: bool = False
     spelling_kl_weight: float = 0.0  # KL from the teacher's top-5 to the char heads' token distribution
     spelling_kl_fraction: float = 1.0  # the share of positions that KL is computed on (a uniform sample)
@@ -145,20 +151,35 @@ def token_regulariser(token_logits: torch.Tensor, labels: Labels, signal: Teache
     return kl.mean()
 
 
-def candidate_weights(signal: TeacherSignal, table: SpellingTable) -> torch.Tensor:
-    """The teacher's top-5 probabilities renormalised over the spellable candidates ``[B, T, n]``."""
-    weights = signal.top_probs.float() * table.spellable[signal.top_ids]
+def candidate_weights(top_ids: torch.Tensor, top_probs: torch.Tensor, table: SpellingTable) -> torch.Tensor:
+    """The teacher's candidate probabilities renormalised over the spellable candidates ``[B, T, n]``."""
+    weights = top_probs.float() * table.spellable[top_ids]
     return weights / weights.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+def soft_char_targets(top_ids: torch.Tensor, top_probs: torch.Tensor, table: SpellingTable, ignore_after_end: bool,
+                      num_chars: int) -> torch.Tensor:
+    """Per-head character targets ``[B, T, k, C]`` from the teacher's candidates ``[B, T, n]``: each
+    candidate's renormalised probability, spread evenly over its counted characters. Each position's
+    targets sum to 1 over heads and characters, so the soft loss ``-sum(targets x char log-probs)``
+    is the probability-weighted mean of the candidates' per-character NLL."""
+    chars = table.chars[top_ids]  # [B, T, n, k]
+    keep = scored_chars(chars, ignore_after_end)
+    per_char = candidate_weights(top_ids, top_probs, table).unsqueeze(-1) * keep / keep.sum(-1, keepdim=True)
+    targets = per_char.new_zeros(*chars.shape[:2], chars.shape[-1], num_chars)
+    return targets.scatter_add_(-1, chars.transpose(2, 3), per_char.transpose(2, 3))
 
 
 def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: SpellingTable, ignore_after_end: bool,
                    valid: torch.Tensor, valid_count: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-head CE with the teacher's top-5 characters, each candidate weighted by its
-    renormalised teacher probability: the heads see the teacher's uncertainty, not one label."""
-    candidate_chars = table.chars[signal.top_ids]  # [B, T, n, k]
-    keep = scored_chars(candidate_chars, ignore_after_end)
-    per_candidate = (candidate_char_nll(char_logp, candidate_chars) * keep).sum(-1) / keep.sum(-1)
-    return masked_mean((candidate_weights(signal, table) * per_candidate).sum(-1), valid.float(), valid_count)
+    """Per-head CE with the characters of the teacher's candidates (its top-M when the signal holds
+    them, else its top-5), each candidate weighted by its renormalised teacher probability: the
+    heads see the teacher's uncertainty, not one label."""
+    wide = signal.wide_ids is not None
+    targets = soft_char_targets(signal.wide_ids if wide else signal.top_ids,
+                                signal.wide_probs if wide else signal.top_probs, table, ignore_after_end,
+                                char_logp.shape[-1])
+    return masked_mean(-(targets * char_logp).sum((-2, -1)), valid.float(), valid_count)
 
 
 def spelling_kl_loss(char_logp: torch.Tensor, signal: TeacherSignal, decoder: CharDecoder, valid: torch.Tensor,
@@ -191,7 +212,7 @@ def spelling_kl_loss(char_logp: torch.Tensor, signal: TeacherSignal, decoder: Ch
     scores = decoder.spelling_scores(char_logp.reshape(batch * length, k, charset_size))
     normaliser = torch.logsumexp(scores, -1).view(batch, length, 1)
     log_q = -candidate_nll(char_logp, decoder.table.chars[signal.top_ids], ignore_after_end=True) - normaliser
-    weights = candidate_weights(signal, decoder.table)
+    weights = candidate_weights(signal.top_ids, signal.top_probs, decoder.table)
     kl = (weights * (weights.clamp(min=1e-30).log() - log_q)).sum(-1)
     return scale * masked_mean(kl, valid.float(), valid_count)
 

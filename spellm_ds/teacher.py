@@ -27,6 +27,8 @@ class TeacherSignal(NamedTuple):
     top_probs: torch.Tensor  # [B, T, top_k] fp32
     entropy: torch.Tensor  # [B, T] fp32, in nats
     target_logp: torch.Tensor | None = None  # [B, T] fp32 log-prob of given targets (analysis only)
+    wide_ids: torch.Tensor | None = None  # [B, T, M] the top-M (M > top_k) for the soft targets (training only)
+    wide_probs: torch.Tensor | None = None  # [B, T, M] fp32
 
 
 def lm_head_log_probs(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -45,33 +47,43 @@ def gathered_if_partitioned(params: list[nn.Parameter]) -> deepspeed.zero.Gather
 
 @torch.no_grad()
 def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int = 5, chunk: int = 64,
-                           targets: torch.Tensor | None = None) -> TeacherSignal:
+                           targets: torch.Tensor | None = None, wide_k: int | None = None) -> TeacherSignal:
     """Top-k of ``lm_head(hidden)`` ``[B, T, d]``, ``chunk`` positions per sequence at a time; with
-    ``targets`` (``[B, T]`` token ids) also their log-probs."""
+    ``targets`` (``[B, T]`` token ids) also their log-probs; with ``wide_k`` > ``top_k`` also the
+    top-``wide_k`` (a sort of its own, so the top-k are the same with or without it)."""
     batch, length, _ = hidden.shape
     rows = hidden.reshape(batch * length, -1)
     target_rows = None if targets is None else targets.reshape(batch * length, 1)
     step = batch * chunk
-    ids, probs, entropies, target_logps = [], [], [], []
+    wide = wide_k is not None and wide_k > top_k
+    ids, logps, entropies, target_logps, wide_ids, wide_logps = [], [], [], [], [], []
     with gathered_if_partitioned(list(lm_head.parameters())):
         for start in range(0, len(rows), step):
             logp = lm_head_log_probs(lm_head, rows[start : start + step])
             entropies.append(-(logp.exp() * logp).sum(-1))
             top_logp, top_ids = logp.topk(top_k, dim=-1)
             ids.append(top_ids)
-            probs.append(top_logp.exp())
+            logps.append(top_logp)
+            if wide:
+                top_logp, top_ids = logp.topk(wide_k, dim=-1)
+                wide_ids.append(top_ids)
+                wide_logps.append(top_logp)
             if target_rows is not None:
                 target_logps.append(logp.gather(-1, target_rows[start : start + step]).squeeze(-1))
-    return TeacherSignal(torch.cat(ids).view(batch, length, top_k), torch.cat(probs).view(batch, length, top_k),
-                         torch.cat(entropies).view(batch, length),
-                         torch.cat(target_logps).view(batch, length) if target_logps else None)
+
+    def joined(parts: list[torch.Tensor]) -> torch.Tensor | None:  # chunks -> [B, T, ...]
+        return torch.cat(parts).view(batch, length, *parts[0].shape[1:]) if parts else None
+
+    return TeacherSignal(joined(ids), joined(logps).exp(), joined(entropies), joined(target_logps),
+                         joined(wide_ids), joined(wide_logps).exp() if wide else None)
 
 
 @torch.no_grad()
 def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    top_k: int = 5, chunk: int = 64, trunk_layer: int | None = None,
-                   targets: torch.Tensor | None = None) -> tuple[TeacherSignal, torch.Tensor | None]:
-    """Run the frozen causal LM's decoder, then its LM head in chunks (``targets``: see
+                   targets: torch.Tensor | None = None,
+                   wide_k: int | None = None) -> tuple[TeacherSignal, torch.Tensor | None]:
+    """Run the frozen causal LM's decoder, then its LM head in chunks (``targets``, ``wide_k``: see
     :func:`top_tokens_from_hidden`).
 
     With ``trunk_layer`` it also returns the hidden state entering that layer (the shared trunk
@@ -81,7 +93,8 @@ def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: 
     whole_decoder = trunk_layer == teacher.config.get_text_config().num_hidden_layers
     out = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                 output_hidden_states=trunk_layer is not None and not whole_decoder)
-    signal = top_tokens_from_hidden(out.last_hidden_state, teacher.get_output_embeddings(), top_k, chunk, targets)
+    signal = top_tokens_from_hidden(out.last_hidden_state, teacher.get_output_embeddings(), top_k, chunk, targets,
+                                    wide_k)
     if trunk_layer is None:
         return signal, None
     return signal, out.last_hidden_state if whole_decoder else out.hidden_states[trunk_layer]

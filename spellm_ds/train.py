@@ -10,7 +10,8 @@ Features
   position is the teacher candidate with the lowest char NLL - log p_teacher
   (``--label_selection student_nll``: char NLL alone, the paper's rule; either way one spelling,
   no blending); the loss is char CE (characters after the label's first END ignored) +
-  ``soft_char_weight`` x soft per-head targets (+ ``spelling_kl_weight`` x KL from the teacher's
+  ``soft_char_weight`` x soft per-head targets (from the teacher's top ``soft_char_candidates``,
+  5 by default) (+ ``spelling_kl_weight`` x KL from the teacher's
   top-5 to the heads' token distribution, off by default, on a ``spelling_kl_fraction`` sample of
   positions), and, where FFNs train, ``reg_weight`` x KL to the
   teacher's distribution (top-5 and the rest) through the frozen LM head, in fp32;
@@ -149,9 +150,10 @@ class Distillation:
         return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.start_step + 1)
 
     # ----------------------------------------------------------------- one step
-    def _forward(self, input_ids: torch.Tensor, with_token_logits: bool, timed: bool = False):
+    def _forward(self, input_ids: torch.Tensor, with_token_logits: bool, timed: bool = False,
+                 wide_k: int | None = None):
         return teacher_and_student(self.teacher.module, self.student, input_ids.to(self.device), self.table,
-                                   self.config.label_rule(), self.trunk_layer, with_token_logits, timed)
+                                   self.config.label_rule(), self.trunk_layer, with_token_logits, timed, wide_k=wide_k)
 
     def _mean_over_ranks(self, counts: torch.Tensor) -> torch.Tensor:
         counts = counts.clone()
@@ -179,7 +181,8 @@ class Distillation:
             batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
                                self.rank, self.world_size, cfg.seed)
             started = synchronized_clock()
-            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.needs_token_logits, timed=True)
+            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.needs_token_logits, timed=True,
+                                                     wide_k=cfg.wide_k)
             # the spelling KL's sample of positions: a pure function of the position in the run, as the batch is
             sample = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank)))
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,

@@ -44,14 +44,15 @@ def losses(out):
 
 
 def test_resume_is_the_same_run(base, tmp_path):
-    """Bit for bit, with a sampled spelling KL (its sample, like the batch, is fixed by the step)."""
-    sampled_kl = ["--spelling_kl_weight", "0.5", "--spelling_kl_fraction", "0.5"]
-    ok(torchrun(args(base, tmp_path / "straight", "--max_steps", "6", "--save_every", "0", *sampled_kl)))
+    """Bit for bit, with a sampled spelling KL (its sample, like the batch, is fixed by the step) and
+    soft targets from the teacher's top-16."""
+    levers = ["--spelling_kl_weight", "0.5", "--spelling_kl_fraction", "0.5", "--soft_char_candidates", "16"]
+    ok(torchrun(args(base, tmp_path / "straight", "--max_steps", "6", "--save_every", "0", *levers)))
     stopped = ok(torchrun(args(base, tmp_path / "split", "--max_steps", "6", "--save_every", "0", "--stop_at", "3",
-                               *sampled_kl)))
+                               *levers)))
     assert "stopped by --stop_at after step 3" in stopped.stdout
     assert not (tmp_path / "split" / "model").exists()
-    resumed = ok(torchrun(args(base, tmp_path / "split", "--max_steps", "6", "--save_every", "0", *sampled_kl)))
+    resumed = ok(torchrun(args(base, tmp_path / "split", "--max_steps", "6", "--save_every", "0", *levers)))
     assert "at step 3" in resumed.stdout
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # all six, bit for bit
     for file in ("model.safetensors", "char_heads.safetensors"):

@@ -205,8 +205,8 @@ def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path)
     """--ffn_lr: the heads train at --lr and the FFNs at --ffn_lr, both under the same warm-up and
     decay; with every fidelity lever on, the loss still falls."""
     run = tiny_distillation(tmp_path, max_steps=12, lr=1e-2, ffn_lr=1e-3, warmup=2, ignore_after_end=True,
-                            reg_target="teacher", reg_weight=1.0, soft_char_weight=0.5, label_prior_weight=0.5,
-                            spelling_kl_weight=0.5)
+                            reg_target="teacher", reg_weight=1.0, soft_char_weight=0.5, soft_char_candidates=16,
+                            label_prior_weight=0.5, spelling_kl_weight=0.5)
     groups = run.student.optimizer.optimizer.param_groups if hasattr(run.student.optimizer, "optimizer") \
         else run.student.optimizer.param_groups
     assert len(groups) == 2

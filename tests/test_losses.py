@@ -8,7 +8,7 @@ import torch
 from spellm_ds.charset import END_ID
 from spellm_ds.losses import (LabelRule, Labels, LossRecipe, candidate_nll, choose_labels, distillation_loss,
                               select_labels, token_regulariser)
-from spellm_ds.teacher import TeacherSignal
+from spellm_ds.teacher import TeacherSignal, top_tokens_from_hidden
 
 
 def read_length(chars: list[int]) -> int:
@@ -187,6 +187,61 @@ def test_soft_char_loss_is_the_probability_weighted_candidate_nll():
         per_position.append((weights * torch.stack(nll)).sum())
     assert torch.allclose(parts.soft_char, torch.stack(per_position).mean())
     assert torch.allclose(parts.total, parts.char + parts.soft_char)
+
+
+@pytest.mark.parametrize("ignore_after_end", [False, True])
+def test_soft_char_loss_over_every_token_is_the_teachers_expected_char_nll(ignore_after_end):
+    """With the whole vocabulary as the wide candidates (``--soft_char_candidates`` = V), the soft loss
+    is the mean per-character NLL of a token drawn from the teacher's distribution over the spellable
+    tokens; from the top-5 alone the same teacher gives another value."""
+    g = torch.Generator().manual_seed(11)
+    C, k, V, B, T = 6, 4, 12, 2, 3
+    spelling = torch.randint(0, C, (V, k), generator=g)  # END (0) anywhere
+    spellable = torch.ones(V, dtype=torch.bool)
+    spellable[[3, 8]] = False
+    logits = torch.randn(B, T, k, C, generator=g)
+    teacher_logp = torch.log_softmax(2 * torch.randn(B, T, V, generator=g), -1)
+    top_logp, top = teacher_logp.topk(5, -1)
+    wide_logp, wide = teacher_logp.topk(V, -1)
+    signal = TeacherSignal(top, top_logp.exp(), torch.zeros(B, T), None, wide, wide_logp.exp())
+    table = SimpleNamespace(chars=spelling, spellable=spellable)
+    labels = select_labels(logits, top, spelling, spellable, ignore_after_end=ignore_after_end)
+    assert labels.valid.all()
+    recipe = LossRecipe(reg_weight=0.0, soft_char_weight=1.0, ignore_after_end=ignore_after_end)
+    soft = distillation_loss(logits, None, labels, signal, table, recipe).soft_char
+    logp = torch.log_softmax(logits, -1)
+    expected = []
+    for b, t in itertools.product(range(B), range(T)):
+        p = teacher_logp[b, t].exp() * spellable
+        p = p / p.sum()
+        nll = []
+        for token in range(V):
+            chars = spelling[token].tolist()
+            counted = read_length(chars) if ignore_after_end else k
+            nll.append(-sum(logp[b, t, j, chars[j]] for j in range(counted)) / counted)
+        expected.append((p * torch.stack(nll)).sum())
+    assert torch.allclose(soft, torch.stack(expected).mean())
+    top5 = distillation_loss(logits, None, labels, signal._replace(wide_ids=None, wide_probs=None), table, recipe)
+    assert abs(top5.soft_char - soft) > 1e-3
+
+
+def test_the_teachers_wide_top_m_leaves_its_top_k_unchanged():
+    """``wide_k`` adds the top-M, sorted, with their probabilities under the full softmax, across
+    chunk boundaries; the top-5 and the entropy are bit for bit those of a signal without it."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 70, 8, generator=g)
+    lm_head = torch.nn.Linear(8, 40, bias=False)
+    torch.nn.init.normal_(lm_head.weight, generator=g)
+    plain = top_tokens_from_hidden(hidden, lm_head, chunk=16)
+    wide = top_tokens_from_hidden(hidden, lm_head, chunk=16, wide_k=12)
+    assert plain.wide_ids is None and plain.wide_probs is None
+    for name in ("top_ids", "top_probs", "entropy"):
+        assert torch.equal(getattr(plain, name), getattr(wide, name))
+    with torch.no_grad():
+        probs = torch.softmax(lm_head(hidden).float(), -1)
+    assert wide.wide_ids.shape == (2, 70, 12)
+    assert torch.allclose(wide.wide_probs, probs.sort(-1, descending=True).values[..., :12])
+    assert torch.allclose(probs.gather(-1, wide.wide_ids), wide.wide_probs)
 
 
 def test_spelling_kl_is_the_kl_to_the_heads_normalised_token_distribution(byte_level_tokenizer):
