@@ -17,6 +17,7 @@ from spellm_ds.model import SpeLLMOutput
 from spellm_ds.spelling import SpellingTable
 from spellm_ds.teacher import TeacherSignal, teacher_signal
 
+
 def synchronized_clock() -> float:
     """``perf_counter`` after the accelerator finished its queued work, so a timed region holds
     the kernels it launched (a no-op wait on CPU)."""
