@@ -45,8 +45,8 @@ RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "t
 """Flags a resumed run must share with its checkpoint: they fix the model, the held-out split, the
 data order and the schedule. The rest (evaluation, saving, speed settings) may change."""
 BEFORE_THE_FLAG = {"train_attention": False, "ffn_lr": None, "reg_target": "label", "soft_char_weight": 0.0,
-                   "soft_char_candidates": 5, "spelling_kl_weight": 0.0, "spelling_kl_fraction": 1.0, "label_prior_weight": 1.0,
-                   "ignore_after_end": False, "readout_width": 0}
+                   "soft_char_candidates": 5, "spelling_kl_weight": 0.0, "spelling_kl_fraction": 1.0,
+                   "label_prior_weight": 1.0, "ignore_after_end": False, "readout_width": 0}
 """What a checkpoint written before a flag existed did, which is not always today's default."""
 _TAG = re.compile(r"^step(\d+)$")
 

@@ -175,10 +175,9 @@ def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: Spelli
     """Per-head CE with the characters of the teacher's candidates (its top-M when the signal holds
     them, else its top-5), each candidate weighted by its renormalised teacher probability: the
     heads see the teacher's uncertainty, not one label."""
-    wide = signal.wide_ids is not None
-    targets = soft_char_targets(signal.wide_ids if wide else signal.top_ids,
-                                signal.wide_probs if wide else signal.top_probs, table, ignore_after_end,
-                                char_logp.shape[-1])
+    ids, probs = ((signal.top_ids, signal.top_probs) if signal.wide_ids is None
+                  else (signal.wide_ids, signal.wide_probs))
+    targets = soft_char_targets(ids, probs, table, ignore_after_end, char_logp.shape[-1])
     return masked_mean(-(targets * char_logp).sum((-2, -1)), valid.float(), valid_count)
 
 
