@@ -110,8 +110,8 @@ def collect(args: argparse.Namespace) -> Analysis:
         batch = blocks[start : start + args.batch_size]
         next_ids = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], 1)
         targets = next_ids.clamp(min=0)  # the last position's is scored, then masked by next_ids
-        signal, out, labels, _ = teacher_and_student(teacher, student, batch, table, student.config.label_rule(),
-                                                     trunk_layer, with_token_logits=True, targets=targets)
+        signal, out, labels = teacher_and_student(teacher, student, batch, table, student.config.label_rule(),
+                                                  trunk_layer, with_token_logits=True, targets=targets)
         char_logits = out.char_logits.flatten(0, 1)
         proposal, heads_next_logp = decoder.propose_and_score(char_logits, targets.flatten())
         lm_logp = torch.log_softmax(out.token_logits.float(), -1)

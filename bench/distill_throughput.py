@@ -190,8 +190,8 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     for step in range(steps + 1):  # the first step warms up
         ids = blocks[step * share : (step + 1) * share]
         started = synchronized_clock()
-        signal, out, labels, _ = teacher_and_student(teacher, student, ids, table, run.label_rule(), trunk_layer,
-                                                     with_token_logits=run.needs_token_logits, wide_k=run.wide_k)
+        signal, out, labels = teacher_and_student(teacher, student, ids, table, run.label_rule(), trunk_layer,
+                                                  with_token_logits=run.needs_token_logits, wide_k=run.wide_k)
         loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, table, run.loss_recipe(),
                                  decoder=decoder)
         loss.total.backward()

@@ -11,7 +11,8 @@ them from the base model, and export copies them bit-identically from the base m
 Trainable parameters are exported from the fp32 master weights, not their bf16 copies.
 
 The data position needs no state of its own: a batch is a pure function of the step
-(:func:`spellm_ds.data.step_batch`), so restoring the step restores the sample order.
+(:func:`spellm_ds.data.step_rows`), so restoring the step restores the sample order; the teacher
+cache (:mod:`spellm_ds.teacher_cache`) lives beside the checkpoints and is only ever added to.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from spellm_ds.model import write_directory
 COMPLETE = "COMPLETE"
 STATE_FILE = "spellm_state.json"
 BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
-RUN_DEFINING_FLAGS = ("model", "data", "text_field", "k", "trainable_layers", "train_attention", "head_init",
-                      "readout_width", "seq_len", "micro_batch", "grad_accum", "lr", "ffn_lr", "warmup", "max_steps",
-                      "reg_weight", "reg_target", "soft_char_weight", "soft_char_candidates", "spelling_kl_weight",
-                      "spelling_kl_fraction", "label_selection", "label_prior_weight", "ignore_after_end",
-                      "eval_fraction", "seed")
+RUN_DEFINING_FLAGS = ("model", "data", "text_field", "train_blocks", "k", "trainable_layers", "train_attention",
+                      "head_init", "readout_width", "seq_len", "micro_batch", "grad_accum", "lr", "ffn_lr", "warmup",
+                      "max_steps", "reg_weight", "reg_target", "soft_char_weight", "soft_char_candidates",
+                      "spelling_kl_weight", "spelling_kl_fraction", "label_selection", "label_prior_weight",
+                      "ignore_after_end", "eval_fraction", "seed")
 """Flags a resumed run must share with its checkpoint: they fix the model, the held-out split, the
 data order and the schedule. The rest (evaluation, saving, speed settings) may change."""
 BEFORE_THE_FLAG = {"train_attention": False, "ffn_lr": None, "reg_target": "label", "soft_char_weight": 0.0,

@@ -35,6 +35,7 @@ class RunConfig:
     model: str = EMBEDDED_MODEL
     data: list[str] | None = None
     text_field: str = "text"
+    train_blocks: int | None = None  # None: every training block
     output_dir: str = "outputs/spellm"
     deepspeed: str = "ds_configs/zero3.json"
     teacher_deepspeed: str = "ds_configs/teacher.json"
@@ -74,12 +75,15 @@ class RunConfig:
     shared_trunk: bool = True
     collective_timeout_s: float = 300.0
     extend_schedule: bool = False
+    teacher_cache: bool = False
 
     def validate(self) -> None:
         """Every flag that can be checked without loading anything; one line per problem."""
         checks = [
             (self.k >= 1, f"--k {self.k} must be at least 1 (the paper uses 10)"),
             (self.seq_len >= 2, f"--seq_len {self.seq_len} must be at least 2"),
+            (self.train_blocks is None or self.train_blocks >= 1,
+             f"--train_blocks {self.train_blocks} must be at least 1 (leave it out to train on every block)"),
             (self.max_steps >= 1, f"--max_steps {self.max_steps} must be at least 1"),
             (self.trainable_layers >= 0, f"--trainable_layers {self.trainable_layers} must be >= 0"),
             (self.readout_width is None or self.readout_width >= 0,

@@ -140,16 +140,20 @@ def pack(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = Non
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
 
 
-def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: float, seed: int) -> PackedData:
+def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: float, seed: int,
+                   max_train_blocks: int | None = None) -> PackedData:
     """Shuffle documents by ``seed``, hold out ``eval_fraction`` of them, drop training documents
-    that share a long sentence with a held-out one (:func:`without_shared_sentences`), pack both."""
+    that share a long sentence with a held-out one (:func:`without_shared_sentences`), pack both;
+    with ``max_train_blocks``, only the first that many training blocks (a random subset of the
+    documents, for runs that repeat passes over less text)."""
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = max(1, round(len(texts) * eval_fraction))
     if len(texts) < 2:
         raise SpellmError("the data has a single document; a held-out split needs at least 2 (add documents)")
     held_out_texts = [texts[i] for i in order[:n_eval]]
     held_out = pack(held_out_texts, tokenizer, seq_len)
-    train = pack(without_shared_sentences([texts[i] for i in order[n_eval:]], held_out_texts), tokenizer, seq_len)
+    train = pack(without_shared_sentences([texts[i] for i in order[n_eval:]], held_out_texts), tokenizer, seq_len,
+                 max_train_blocks)
     for name, blocks in (("training", train), ("held-out", held_out)):
         if len(blocks) == 0:
             raise SpellmError(f"the {name} documents are shorter than one {seq_len}-token block; "
@@ -157,18 +161,28 @@ def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: flo
     return PackedData(train, held_out)
 
 
-def step_batch(blocks: torch.Tensor, step: int, micro_step: int, grad_accum: int, micro_batch: int,
-               rank: int, world_size: int, seed: int) -> torch.Tensor:
-    """This rank's micro-batch for (step, micro_step): a pure function of the position, so a
-    resumed run reads exactly the blocks the uninterrupted run would have read.
+def epoch_order(num_blocks: int, epoch: int, seed: int) -> torch.Tensor:
+    """The order training blocks are read in during ``epoch``: a fresh seeded permutation each pass."""
+    return torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
-    Blocks are visited in a fresh seeded permutation each epoch; ranks take disjoint slices.
-    """
+
+def step_rows(num_blocks: int, step: int, micro_step: int, grad_accum: int, micro_batch: int,
+              rank: int, world_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's micro-batch for (step, micro_step) as (block indices, the pass each is read in):
+    a pure function of the position, so a resumed run reads exactly the blocks the uninterrupted
+    run would have read. Ranks take disjoint slices of each pass's order (:func:`epoch_order`)."""
     first = ((step * grad_accum + micro_step) * world_size + rank) * micro_batch
     positions = torch.arange(first, first + micro_batch)
-    epochs, offsets = positions // len(blocks), positions % len(blocks)
-    rows = []
+    epochs, offsets = positions // num_blocks, positions % num_blocks
+    rows = torch.empty_like(positions)
     for epoch in epochs.unique().tolist():
-        permutation = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        rows.append(permutation[offsets[epochs == epoch]])
-    return blocks[torch.cat(rows)]
+        rows[epochs == epoch] = epoch_order(num_blocks, epoch, seed)[offsets[epochs == epoch]]
+    return rows, epochs
+
+
+def first_read_steps(num_blocks: int, blocks_per_step: int, seed: int) -> torch.Tensor:
+    """The step at which each training block is first read (in the first pass), ``blocks_per_step``
+    being micro batch x accumulation x ranks: what a rank can know of every other rank's reads."""
+    steps = torch.empty(num_blocks, dtype=torch.int64)
+    steps[epoch_order(num_blocks, 0, seed)] = torch.arange(num_blocks) // blocks_per_step
+    return steps

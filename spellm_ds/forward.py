@@ -1,7 +1,8 @@
 """One teacher-and-student forward: the teacher's signal, the student's outputs and the labels.
 
-Training, held-out evaluation and the analysis modules all call :func:`teacher_and_student`, so
-they agree on the shared trunk, the label rule and the positions scored.
+The analysis modules call :func:`teacher_and_student`; training calls :func:`student_and_labels`
+on the teacher's output, computed or read from the teacher cache. So they agree on the shared
+trunk, the label rule and the positions scored.
 """
 
 from __future__ import annotations
@@ -29,26 +30,31 @@ class PairedForward(NamedTuple):
     signal: TeacherSignal
     student: SpeLLMOutput
     labels: Labels
-    teacher_s: float  # seconds in the teacher (0.0 unless timed)
 
 
-def teacher_and_student(teacher: torch.nn.Module, student, input_ids: torch.Tensor, table: SpellingTable,
-                        label_rule: LabelRule, trunk_layer: int | None, with_token_logits: bool,
-                        timed: bool = False, targets: torch.Tensor | None = None,
-                        wide_k: int | None = None) -> PairedForward:
-    """Teacher then student forward; the same sequence on every rank (``wide_k``: the teacher's
-    top-M for the soft targets as well, see :func:`spellm_ds.teacher.top_tokens_from_hidden`).
+def student_and_labels(student, input_ids: torch.Tensor, signal: TeacherSignal, trunk: torch.Tensor | None,
+                       table: SpellingTable, label_rule: LabelRule,
+                       with_token_logits: bool) -> tuple[SpeLLMOutput, Labels]:
+    """The student's forward given the teacher's output (``signal``, and ``trunk``, the hidden state
+    a shared-trunk student starts from, see :func:`spellm_ds.teacher.teacher_signal`), and the labels.
 
-    ``student`` is a SpeLLM model or its DeepSpeed engine. With ``trunk_layer`` (the shared trunk)
-    the student's frozen lower layers are not run: they are the teacher's, so the student starts
-    from the teacher's hidden state entering ``trunk_layer``.
+    ``student`` is a SpeLLM model or its DeepSpeed engine. With ``trunk`` the student's frozen lower
+    layers are not run: they are the teacher's. Without it the student runs from ``input_ids``.
     """
-    started = synchronized_clock() if timed else 0.0
-    signal, trunk = teacher_signal(teacher, input_ids, top_k=TOP_K, trunk_layer=trunk_layer, targets=targets,
-                                   wide_k=wide_k)
-    teacher_s = synchronized_clock() - started if timed else 0.0
     if trunk is None:
         out = student(input_ids, with_token_logits=with_token_logits)
     else:
         out = student(trunk_hidden=trunk, with_token_logits=with_token_logits)
-    return PairedForward(signal, out, choose_labels(label_rule, out.char_logits, signal, table), teacher_s)
+    return out, choose_labels(label_rule, out.char_logits, signal, table)
+
+
+def teacher_and_student(teacher: torch.nn.Module, student, input_ids: torch.Tensor, table: SpellingTable,
+                        label_rule: LabelRule, trunk_layer: int | None, with_token_logits: bool,
+                        targets: torch.Tensor | None = None, wide_k: int | None = None) -> PairedForward:
+    """Teacher then student forward; the same sequence on every rank (``wide_k``: the teacher's
+    top-M for the soft targets as well, see :func:`spellm_ds.teacher.top_tokens_from_hidden`;
+    ``trunk_layer``: the shared trunk, see :func:`student_and_labels`)."""
+    signal, trunk = teacher_signal(teacher, input_ids, top_k=TOP_K, trunk_layer=trunk_layer, targets=targets,
+                                   wide_k=wide_k)
+    out, labels = student_and_labels(student, input_ids, signal, trunk, table, label_rule, with_token_logits)
+    return PairedForward(signal, out, labels)

@@ -17,6 +17,9 @@ Features
   teacher's distribution (top-5 and the rest) through the frozen LM head, in fp32;
 - two learning rates: the new char heads at ``lr`` (3e-3), the pretrained blocks at ``ffn_lr``
   (1e-3), one warm-up and linear decay;
+- with ``--teacher_cache``, the teacher's output per block is stored on disk the first time the
+  block is read and read back on later passes and evaluations (:mod:`spellm_ds.teacher_cache`):
+  a second pass then costs the student's part of a step only;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
@@ -41,6 +44,7 @@ Limits
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 from pathlib import Path
@@ -56,15 +60,17 @@ from spellm_ds import assets, checkpoint, distributed
 from spellm_ds.charset import Charset
 from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
                               native_bf16, parameter_sizes, resolve_student_config, resolve_teacher_config)
-from spellm_ds.data import load_texts, pack_documents, step_batch
+from spellm_ds.data import first_read_steps, load_texts, pack_documents, step_rows
 from spellm_ds.decoding import CharDecoder
 from spellm_ds.engines import build_student, build_teacher
-from spellm_ds.forward import synchronized_clock, teacher_and_student
-from spellm_ds.losses import LossParts, distillation_loss
+from spellm_ds.forward import student_and_labels, synchronized_clock
+from spellm_ds.losses import TOP_K, LossParts, distillation_loss
 from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import shared_trunk_layer
 from spellm_ds.shutdown import GracefulShutdown
 from spellm_ds.spelling import SpellingTable, model_vocab_size
+from spellm_ds.teacher import teacher_signal
+from spellm_ds.teacher_cache import TeacherCache
 
 PREEMPTED = "PREEMPTED"
 
@@ -126,7 +132,10 @@ class Distillation:
         self.trunk_layer = (shared_trunk_layer(text_config.num_hidden_layers,
                                                config.trainable_layers) if config.shared_trunk else None)
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
-                                   config.seq_len, config.eval_fraction, config.seed)
+                                   config.seq_len, config.eval_fraction, config.seed, config.train_blocks)
+        blocks_per_step = config.micro_batch * config.grad_accum * self.world_size
+        self.first_read = first_read_steps(len(self.data.train), blocks_per_step, config.seed)
+        self.cache = self._teacher_cache() if config.teacher_cache else None
         self.teacher = build_teacher(self.model_dir, self.teacher_ds)
         self.student = build_student(self.model_dir, self.student_ds, config, self.charset, self.table,
                                      self.trunk_layer)
@@ -134,6 +143,22 @@ class Distillation:
         if self.resume_from and self.rank == 0:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)
         self.writer = self._tensorboard()
+
+    def _teacher_cache(self) -> TeacherCache:
+        """The run's teacher cache, started anew (rank 0, before any rank uses it) unless it was
+        written for the same model, precision, blocks and batch composition."""
+        cfg = self.config
+        fingerprint = {"model_dir": str(self.model_dir), "dtype": str(mixed_precision_dtype(self.teacher_ds)),
+                       "trunk_layer": self.trunk_layer, "wide_k": cfg.wide_k, "micro_batch": cfg.micro_batch,
+                       "world_size": self.world_size, "eval_blocks": cfg.eval_blocks, "seed": cfg.seed,
+                       **{f"{split}_sha1": hashlib.sha1(getattr(self.data, split).numpy().tobytes()).hexdigest()
+                          for split in ("train", "held_out")}}
+        cache = TeacherCache(self.output_dir / "teacher_cache", fingerprint)
+        if self.rank == 0:
+            kept = cache.prepare()
+            print(f"teacher cache: {cache.directory} ({'kept' if kept else 'new'})", flush=True)
+        dist.barrier()
+        return cache
 
     def _tensorboard(self):
         if self.rank != 0:
@@ -150,10 +175,26 @@ class Distillation:
         return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.start_step + 1)
 
     # ----------------------------------------------------------------- one step
-    def _forward(self, input_ids: torch.Tensor, with_token_logits: bool, timed: bool = False,
+    def _forward(self, split: str, rows: torch.Tensor, with_token_logits: bool, cached: bool, store: list[bool],
                  wide_k: int | None = None):
-        return teacher_and_student(self.teacher.module, self.student, input_ids.to(self.device), self.table,
-                                   self.config.label_rule(), self.trunk_layer, with_token_logits, timed, wide_k=wide_k)
+        """Teacher and student forward on blocks ``rows`` of ``split`` (``wide_k``: see
+        :func:`spellm_ds.teacher.top_tokens_from_hidden`). With the teacher cache, the teacher's output
+        is read from it when ``cached`` and every row is stored, else computed and stored where ``store``.
+        Returns the signal, the student's output, the labels, the teacher's seconds and whether it was read."""
+        started = synchronized_clock()
+        input_ids = getattr(self.data, split)[rows].to(self.device)
+        teacher_out = self.cache.read(split, rows.tolist(), self.device) if self.cache and cached else None
+        read = teacher_out is not None
+        if not read:
+            teacher_out = teacher_signal(self.teacher.module, input_ids, top_k=TOP_K, trunk_layer=self.trunk_layer,
+                                         wide_k=wide_k)
+            if self.cache:
+                self.cache.write(split, rows.tolist(), *teacher_out, store)
+        signal, trunk = teacher_out
+        teacher_s = synchronized_clock() - started
+        out, labels = student_and_labels(self.student, input_ids, signal, trunk, self.table, self.config.label_rule(),
+                                         with_token_logits)
+        return signal, out, labels, teacher_s, read
 
     def _mean_over_ranks(self, counts: torch.Tensor) -> torch.Tensor:
         counts = counts.clone()
@@ -175,14 +216,18 @@ class Distillation:
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         teacher_s = student_s = backward_s = 0.0
+        reads = 0
         sums: dict[str, torch.Tensor] = {}
         losses = torch.zeros(len(LossParts._fields), dtype=torch.float64)
         for micro_step in range(cfg.grad_accum):
-            batch = step_batch(self.data.train, step, micro_step, cfg.grad_accum, cfg.micro_batch,
-                               self.rank, self.world_size, cfg.seed)
+            rows, passes = step_rows(len(self.data.train), step, micro_step, cfg.grad_accum, cfg.micro_batch,
+                                     self.rank, self.world_size, cfg.seed)
+            # a block's cache entry is written in the step that first reads it: later steps may read it
+            cached = bool((passes > 0).all() and (self.first_read[rows] < step).all())
             started = synchronized_clock()
-            signal, out, labels, t_s = self._forward(batch, with_token_logits=cfg.needs_token_logits, timed=True,
-                                                     wide_k=cfg.wide_k)
+            signal, out, labels, t_s, read = self._forward("train", rows, cfg.needs_token_logits, cached,
+                                                           store=(passes == 0).tolist(), wide_k=cfg.wide_k)
+            reads += read
             # the spelling KL's sample of positions: a pure function of the position in the run, as the batch is
             sample = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank)))
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
@@ -202,13 +247,15 @@ class Distillation:
         metrics = self._reduce(sums)
         metrics.update({f"loss/{name}": value / self.world_size for name, value in zip(LossParts._fields, losses.tolist())})
         metrics.update({"perf/teacher_s": teacher_s, "perf/student_s": student_s, "perf/backward_s": backward_s})
+        if self.cache:
+            metrics["perf/teacher_cache_read"] = reads / cfg.grad_accum  # this rank's share of micro-batches
         return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out match rates; every rank evaluates the same number of batches."""
         cfg = self.config
-        blocks = self.data.held_out[: cfg.eval_blocks]
+        blocks = torch.arange(min(cfg.eval_blocks, len(self.data.held_out)))
         per_rank = len(blocks) // self.world_size
         if per_rank == 0:  # fewer held-out blocks than ranks: every rank evaluates the same ones
             mine = blocks
@@ -217,7 +264,9 @@ class Distillation:
         self.student.eval()
         sums: dict[str, torch.Tensor] = {}
         for start in range(0, len(mine), cfg.micro_batch):
-            signal, out, labels, _ = self._forward(mine[start : start + cfg.micro_batch], with_token_logits=False)
+            rows = mine[start : start + cfg.micro_batch]  # the same micro-batches every evaluation
+            signal, out, labels, *_ = self._forward("held_out", rows, with_token_logits=False, cached=True,
+                                                    store=[True] * len(rows))
             for name, value in match_sums(out.char_logits, signal, labels, self.table).items():
                 sums[name] = sums.get(name, 0) + value.cpu()
         self.student.train()

@@ -77,6 +77,7 @@ CASES = [
     (lambda f: distill(f, "--reg_target", "kl"), "--reg_target"),
     (lambda f: distill(f, "--soft_char_weight", "-1"), "--soft_char_weight -1"),
     (lambda f: distill(f, "--soft_char_candidates", "4"), "--soft_char_candidates 4"),
+    (lambda f: distill(f, "--train_blocks", "0"), "--train_blocks 0"),
     (lambda f: distill(f, "--spelling_kl_weight", "-1"), "--spelling_kl_weight -1"),
     (lambda f: distill(f, "--spelling_kl_fraction", "0"), "--spelling_kl_fraction 0"),
     (lambda f: distill(f, "--label_prior_weight", "-0.5"), "--label_prior_weight -0.5"),

@@ -44,9 +44,11 @@ def losses(out):
 
 
 def test_resume_is_the_same_run(base, tmp_path):
-    """Bit for bit, with a sampled spelling KL (its sample, like the batch, is fixed by the step) and
-    soft targets from the teacher's top-16."""
-    levers = ["--spelling_kl_weight", "0.5", "--spelling_kl_fraction", "0.5", "--soft_char_candidates", "16"]
+    """Bit for bit, with a sampled spelling KL (its sample, like the batch, is fixed by the step),
+    soft targets from the teacher's top-16, and the teacher cache over eight blocks (two steps a pass):
+    the resumed run reads the entries its first part wrote."""
+    levers = ["--spelling_kl_weight", "0.5", "--spelling_kl_fraction", "0.5", "--soft_char_candidates", "16",
+              "--teacher_cache", "--train_blocks", "8"]
     ok(torchrun(args(base, tmp_path / "straight", "--max_steps", "6", "--save_every", "0", *levers)))
     stopped = ok(torchrun(args(base, tmp_path / "split", "--max_steps", "6", "--save_every", "0", "--stop_at", "3",
                                *levers)))
@@ -55,6 +57,8 @@ def test_resume_is_the_same_run(base, tmp_path):
     resumed = ok(torchrun(args(base, tmp_path / "split", "--max_steps", "6", "--save_every", "0", *levers)))
     assert "at step 3" in resumed.stdout
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # all six, bit for bit
+    reads = [v for _, v in scalars(tmp_path / "split" / "tensorboard")["perf/teacher_cache_read"]]
+    assert reads == [0, 0, 1, 1, 1, 1]
     for file in ("model.safetensors", "char_heads.safetensors"):
         a = load_file(tmp_path / "straight" / "model" / file)
         b = load_file(tmp_path / "split" / "model" / file)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from spellm_ds import assets, corpus
-from spellm_ds.data import load_texts, without_shared_sentences
+from spellm_ds.data import first_read_steps, load_texts, step_rows, without_shared_sentences
 from spellm_ds.errors import SpellmError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +146,23 @@ def test_spelling_report_json(tmp_path):
     assert [r["k"] for r in reports] == [5, 10]
     assert reports[0]["exactly_spellable"] < reports[1]["exactly_spellable"]
     assert reports[1]["corpus_tokens"] > 5 and 0.5 < reports[1]["corpus_exactly_spellable"] <= 1.0
+
+
+@pytest.mark.parametrize("blocks,micro_batch,grad_accum,world_size", [(10, 2, 1, 2), (7, 3, 2, 2), (5, 2, 1, 3)])
+def test_each_pass_reads_every_block_once_and_every_rank_knows_when_each_was_first_read(blocks, micro_batch,
+                                                                                         grad_accum, world_size):
+    per_step = micro_batch * grad_accum * world_size
+    first_read = first_read_steps(blocks, per_step, seed=3)
+    reads = []  # (pass, block, step) in reading order
+    for step in range(3 * blocks // per_step + 2):
+        for micro_step in range(grad_accum):
+            for rank in range(world_size):
+                rows, passes = step_rows(blocks, step, micro_step, grad_accum, micro_batch, rank, world_size, 3)
+                assert torch.equal(rows, step_rows(blocks, step, micro_step, grad_accum, micro_batch, rank,
+                                                   world_size, 3)[0])  # a pure function of the position
+                reads += [(p, b, step) for p, b in zip(passes.tolist(), rows.tolist())]
+    for epoch in range(3):
+        assert sorted(b for p, b, _ in reads if p == epoch) == list(range(blocks))
+    assert all(first_read[b] == step for p, b, step in reads if p == 0)
+    assert all(first_read[b] <= step for _, b, step in reads)
+    assert len({tuple(b for p, b, _ in reads if p == epoch) for epoch in range(3)}) == 3  # a new order each pass

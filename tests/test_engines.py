@@ -222,6 +222,39 @@ def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path)
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
 
 
+def test_the_teacher_cache_is_the_teacher_and_skips_it_after_the_first_pass(process_group, tmp_path):
+    """--teacher_cache on the default recipe over four blocks (two steps a pass): the same losses
+    and held-out rates as the teacher computed afresh, read back from the third step on, entries equal
+    to the teacher's output for each block; a run of another seed starts the cache anew."""
+    settings = dict(trainable_layers=0, readout_width=16, train_blocks=4, soft_char_candidates=16, max_steps=6)
+    (tmp_path / "plain").mkdir()
+    plain = tiny_distillation(tmp_path / "plain", **settings)
+    (tmp_path / "cached").mkdir()
+    cached = tiny_distillation(tmp_path / "cached", teacher_cache=True, **settings)
+    assert len(cached.data.train) == 4
+    assert plain.evaluate() == cached.evaluate() == cached.evaluate()  # the second from the cache
+    reads = []
+    for step in range(6):
+        expected, got = plain.train_step(step), cached.train_step(step)
+        for name in ("loss/total", "loss/soft_char", "match/exact_or_prefix"):
+            assert got[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-7), (step, name)
+        reads.append(got["perf/teacher_cache_read"])
+    assert reads == [0, 0, 1, 1, 1, 1]
+    for split in ("train", "held_out"):
+        for block in range(4):
+            signal, trunk = cached.cache.read(split, [block], cached.device)
+            fresh, final = teacher_signal(cached.teacher.module, getattr(cached.data, split)[[block]],
+                                          trunk_layer=cached.trunk_layer, wide_k=16 if split == "train" else None)
+            assert torch.equal(signal.top_ids, fresh.top_ids) and torch.equal(trunk, final)
+            assert torch.equal(signal.top_probs, fresh.top_probs) and torch.equal(signal.entropy, fresh.entropy)
+            assert (signal.wide_ids is None) == (split == "held_out")
+            if signal.wide_ids is not None:
+                assert torch.equal(signal.wide_ids, fresh.wide_ids) and torch.equal(signal.wide_probs, fresh.wide_probs)
+    assert cached.cache.prepare()  # the same run keeps it
+    other = tiny_distillation(tmp_path / "cached", teacher_cache=True, seed=1, resume="none", **settings)
+    assert not list((other.cache.directory / "train").iterdir())
+
+
 def test_a_teacher_that_fits_runs_whole_without_zero3_hooks(distillation, tmp_path):
     """With persistence "auto" a tiny teacher persists entirely: its hooks are removed, its
     parameters stay whole across steps (the LM head's gather block must not free them), and its

@@ -1,0 +1,85 @@
+"""A disk cache of the frozen teacher's output per block, for runs that read their data more than once.
+
+With the default recipe the teacher's forward is most of a step (1.14 of 1.29 s on SmolLM2-135M in
+``bench/results/distill_throughput-20261204-soft-candidates.json``), and its output for a block
+never changes. So the first pass over the data stores, per block, what the student needs from the
+teacher: its signal (top-5 ids and probabilities, entropy, and the top-M with
+``--soft_char_candidates``) and the hidden state the student starts from (the shared trunk; 1.2 KB
+per position for SmolLM2 in bf16). Later passes, and every evaluation after the first, read it
+instead of running the teacher.
+
+Exactness: a training block's entry is written once, by the rank that reads it in the first pass,
+with the values that rank computed; it is read only at a later step (every rank knows when each
+block is first read: :func:`spellm_ds.data.first_read_steps`), so what a step reads never depends
+on timing, and a resumed run reads what the uninterrupted one did. Entries are renamed into place,
+so a run that dies leaves none half-written. The cache belongs to one output directory:
+``fingerprint.json`` records what the values depend on (model, precision, blocks, batch
+composition), and a run with another fingerprint starts the cache anew.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from spellm_ds.teacher import TeacherSignal
+
+FINGERPRINT = "fingerprint.json"
+SPLITS = ("train", "held_out")
+FIELDS = ("top_ids", "top_probs", "entropy", "wide_ids", "wide_probs")
+
+
+class TeacherCache:
+    def __init__(self, directory: Path, fingerprint: dict[str, Any]) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+
+    def prepare(self) -> bool:
+        """Keep a cache written with the same fingerprint, or start it anew; returns whether it was
+        kept. One rank calls it, before any rank reads or writes."""
+        stamp = self.directory / FINGERPRINT
+        if stamp.is_file() and json.loads(stamp.read_text()) == self.fingerprint:
+            return True
+        shutil.rmtree(self.directory, ignore_errors=True)
+        for split in SPLITS:
+            (self.directory / split).mkdir(parents=True)
+        stamp.write_text(json.dumps(self.fingerprint, indent=2) + "\n")
+        return False
+
+    def _path(self, split: str, block: int) -> Path:
+        return self.directory / split / f"{block}.safetensors"
+
+    def read(self, split: str, blocks: list[int],
+             device: torch.device) -> tuple[TeacherSignal, torch.Tensor | None] | None:
+        """The stored (signal, trunk) of ``blocks`` as one micro-batch, or None unless all are stored."""
+        paths = [self._path(split, block) for block in blocks]
+        if not all(path.is_file() for path in paths):
+            return None
+        entries = [load_file(path) for path in paths]
+        stacked = {name: torch.stack([entry[name] for entry in entries]).to(device) for name in entries[0]}
+        ids = {name: stacked[name].long() for name in ("top_ids", "wide_ids") if name in stacked}
+        signal = TeacherSignal(ids["top_ids"], stacked["top_probs"], stacked["entropy"],
+                               wide_ids=ids.get("wide_ids"), wide_probs=stacked.get("wide_probs"))
+        return signal, stacked.get("trunk")
+
+    def write(self, split: str, blocks: list[int], signal: TeacherSignal, trunk: torch.Tensor | None,
+              store: list[bool]) -> None:
+        """Store row ``i`` of a micro-batch's output as block ``blocks[i]``'s where ``store[i]``
+        (an entry already there is kept)."""
+        for row, (block, wanted) in enumerate(zip(blocks, store)):
+            path = self._path(split, block)
+            if not wanted or path.is_file():
+                continue
+            tensors = {name: getattr(signal, name)[row] for name in FIELDS if getattr(signal, name) is not None}
+            tensors.update({name: tensors[name].int() for name in ("top_ids", "wide_ids") if name in tensors})
+            if trunk is not None:
+                tensors["trunk"] = trunk[row]
+            partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({name: t.detach().contiguous().cpu().clone() for name, t in tensors.items()}, partial)
+            os.replace(partial, path)
