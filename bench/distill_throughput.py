@@ -88,6 +88,10 @@ VARIANTS: dict[str, Variant] = {
     "spelling_kl_eighth": Variant(["--spelling_kl_weight", "0.3", "--spelling_kl_fraction", "0.125"]),
     # soft targets from the teacher's top-256 instead of its top-5
     "soft_char_256": Variant(["--soft_char_candidates", "256"]),
+    # the teacher cache's first pass: every block is new, so the teacher runs and its output is written
+    "teacher_cache_first_pass": Variant(["--teacher_cache"]),
+    # later passes: 8 blocks are two steps a pass, so every measured step (after the first two) reads the cache
+    "teacher_cache_later_passes": Variant(["--teacher_cache", "--train_blocks", "8"]),
 }
 
 
