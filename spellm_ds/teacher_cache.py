@@ -11,7 +11,9 @@ instead of running the teacher.
 Exactness: a training block's entry is written once, by the rank that reads it in the first pass,
 with the values that rank computed; it is read only at a later step (every rank knows when each
 block is first read: :func:`spellm_ds.data.first_read_steps`), so what a step reads never depends
-on timing, and a resumed run reads what the uninterrupted one did. Entries are renamed into place,
+on timing, and a resumed run reads what the uninterrupted one did. The ranks agree before each
+micro-batch whether all of them read it (a ZeRO-3 teacher that still gathers its parameters runs
+collectives: one rank running it alone would hang the others). Entries are renamed into place,
 so a run that dies leaves none half-written. The cache belongs to one output directory:
 ``fingerprint.json`` records what the values depend on (model, precision, blocks, batch
 composition), and a run with another fingerprint starts the cache anew.
@@ -55,13 +57,12 @@ class TeacherCache:
     def _path(self, split: str, block: int) -> Path:
         return self.directory / split / f"{block}.safetensors"
 
-    def read(self, split: str, blocks: list[int],
-             device: torch.device) -> tuple[TeacherSignal, torch.Tensor | None] | None:
-        """The stored (signal, trunk) of ``blocks`` as one micro-batch, or None unless all are stored."""
-        paths = [self._path(split, block) for block in blocks]
-        if not all(path.is_file() for path in paths):
-            return None
-        entries = [load_file(path) for path in paths]
+    def has(self, split: str, blocks: list[int]) -> bool:
+        return all(self._path(split, block).is_file() for block in blocks)
+
+    def read(self, split: str, blocks: list[int], device: torch.device) -> tuple[TeacherSignal, torch.Tensor | None]:
+        """The stored (signal, trunk) of ``blocks`` as one micro-batch (see :meth:`has`)."""
+        entries = [load_file(self._path(split, block)) for block in blocks]
         stacked = {name: torch.stack([entry[name] for entry in entries]).to(device) for name in entries[0]}
         ids = {name: stacked[name].long() for name in ("top_ids", "wide_ids") if name in stacked}
         signal = TeacherSignal(ids["top_ids"], stacked["top_probs"], stacked["entropy"],

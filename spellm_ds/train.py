@@ -179,22 +179,28 @@ class Distillation:
                  wide_k: int | None = None):
         """Teacher and student forward on blocks ``rows`` of ``split`` (``wide_k``: see
         :func:`spellm_ds.teacher.top_tokens_from_hidden`). With the teacher cache, the teacher's output
-        is read from it when ``cached`` and every row is stored, else computed and stored where ``store``.
+        is read from it when, on every rank, ``cached`` and every row is stored (so all ranks run the
+        teacher, or none: its ZeRO-3 gathers are collectives); else computed and stored where ``store``.
         Returns the signal, the student's output, the labels, the teacher's seconds and whether it was read."""
         started = synchronized_clock()
         input_ids = getattr(self.data, split)[rows].to(self.device)
-        teacher_out = self.cache.read(split, rows.tolist(), self.device) if self.cache and cached else None
-        read = teacher_out is not None
-        if not read:
-            teacher_out = teacher_signal(self.teacher.module, input_ids, top_k=TOP_K, trunk_layer=self.trunk_layer,
-                                         wide_k=wide_k)
-            if self.cache:
-                self.cache.write(split, rows.tolist(), *teacher_out, store)
-        signal, trunk = teacher_out
+        read = self.cache is not None and self._on_every_rank(cached and self.cache.has(split, rows.tolist()))
+        if read:
+            signal, trunk = self.cache.read(split, rows.tolist(), self.device)
+        else:
+            signal, trunk = teacher_signal(self.teacher.module, input_ids, top_k=TOP_K, trunk_layer=self.trunk_layer,
+                                           wide_k=wide_k)
+            if self.cache is not None:
+                self.cache.write(split, rows.tolist(), signal, trunk, store)
         teacher_s = synchronized_clock() - started
         out, labels = student_and_labels(self.student, input_ids, signal, trunk, self.table, self.config.label_rule(),
                                          with_token_logits)
         return signal, out, labels, teacher_s, read
+
+    def _on_every_rank(self, flag: bool) -> bool:
+        agreed = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        return bool(agreed.item())
 
     def _mean_over_ranks(self, counts: torch.Tensor) -> torch.Tensor:
         counts = counts.clone()
@@ -247,7 +253,7 @@ class Distillation:
         metrics = self._reduce(sums)
         metrics.update({f"loss/{name}": value / self.world_size for name, value in zip(LossParts._fields, losses.tolist())})
         metrics.update({"perf/teacher_s": teacher_s, "perf/student_s": student_s, "perf/backward_s": backward_s})
-        if self.cache:
+        if self.cache is not None:
             metrics["perf/teacher_cache_read"] = reads / cfg.grad_accum  # this rank's share of micro-batches
         return metrics
 

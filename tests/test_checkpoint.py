@@ -1,5 +1,6 @@
 """Checkpoints with real ranks: exact resume, SIGTERM, kill -9, bad --resume, export."""
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from spellm_ds.checkpoint import BEFORE_THE_FLAG, check_compatible, complete_checkpoints, saved_run, step_of
 from spellm_ds.config import RunConfig, resolve_student_config
+from spellm_ds.data import first_read_steps, step_rows
 from spellm_ds.errors import SpellmError
 from spellm_ds.model import SpeLLMForCausalLM
 from tests import tiny
@@ -45,10 +47,21 @@ def losses(out):
 
 def test_resume_is_the_same_run(base, tmp_path):
     """Bit for bit, with a sampled spelling KL (its sample, like the batch, is fixed by the step),
-    soft targets from the teacher's top-16, and the teacher cache over eight blocks (two steps a pass):
-    the resumed run reads the entries its first part wrote."""
+    soft targets from the teacher's top-16, and the teacher cache over six blocks, the resumed run
+    reading the entries its first part wrote. The teacher is fully sharded (its forward gathers,
+    collectives), and in the second step rank 0 reads first-pass blocks, rank 1 second-pass ones it
+    could read from the cache: the ranks must agree to run the teacher, or the job hangs."""
+    first_read = first_read_steps(6, 4, seed=1)
+    for rank, readable in enumerate((False, True)):  # the second step's case, with these blocks and seed
+        rows, passes = step_rows(6, 1, 0, 1, 2, rank, 2, seed=1)
+        assert bool((passes > 0).all() and (first_read[rows] < 1).all()) == readable
+    sharded = json.loads((ROOT / "ds_configs" / "teacher.json").read_text())
+    sharded["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "sharded_teacher.json").write_text(json.dumps(sharded))
     levers = ["--spelling_kl_weight", "0.5", "--spelling_kl_fraction", "0.5", "--soft_char_candidates", "16",
-              "--teacher_cache", "--train_blocks", "8"]
+              "--teacher_cache", "--train_blocks", "6", "--seed", "1",
+              "--teacher_deepspeed", str(tmp_path / "sharded_teacher.json"),
+              "--collective_timeout_s", "60"]
     ok(torchrun(args(base, tmp_path / "straight", "--max_steps", "6", "--save_every", "0", *levers)))
     stopped = ok(torchrun(args(base, tmp_path / "split", "--max_steps", "6", "--save_every", "0", "--stop_at", "3",
                                *levers)))
