@@ -31,8 +31,8 @@ def parse_args() -> RunConfig:
     p.add_argument("--teacher_cache", action="store_true",
                    help="store the teacher's output per block in --output_dir/teacher_cache the first time a block "
                         "is read and read it back on later passes and evaluations, so a pass after the first skips "
-                        "the teacher; disk: about 2 x hidden size + 44 bytes per position in bf16 (1.2 KB for SmolLM2-135M), "
-                        "8 more per candidate beyond 5 with --soft_char_candidates")
+                        "the teacher; disk: about 2 x hidden size + 44 bytes per position in bf16 (1.2 KB for "
+                        "SmolLM2-135M), 8 more per candidate beyond 5 with --soft_char_candidates")
     p.add_argument("--deepspeed", default=DEFAULTS.deepspeed, help="student DeepSpeed config (default: %(default)s)")
     p.add_argument("--teacher_deepspeed", default=DEFAULTS.teacher_deepspeed,
                    help="teacher DeepSpeed config, no optimizer (default: %(default)s)")

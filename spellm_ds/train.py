@@ -229,7 +229,7 @@ class Distillation:
             rows, passes = step_rows(len(self.data.train), step, micro_step, cfg.grad_accum, cfg.micro_batch,
                                      self.rank, self.world_size, cfg.seed)
             # a block's cache entry is written in the step that first reads it: later steps may read it
-            cached = bool((passes > 0).all() and (self.first_read[rows] < step).all())
+            cached = bool((self.first_read[rows] < step).all())
             started = synchronized_clock()
             signal, out, labels, t_s, read = self._forward("train", rows, cfg.needs_token_logits, cached,
                                                            store=(passes == 0).tolist(), wide_k=cfg.wide_k)

@@ -53,8 +53,8 @@ def test_resume_is_the_same_run(base, tmp_path):
     could read from the cache: the ranks must agree to run the teacher, or the job hangs."""
     first_read = first_read_steps(6, 4, seed=1)
     for rank, readable in enumerate((False, True)):  # the second step's case, with these blocks and seed
-        rows, passes = step_rows(6, 1, 0, 1, 2, rank, 2, seed=1)
-        assert bool((passes > 0).all() and (first_read[rows] < 1).all()) == readable
+        rows, _ = step_rows(6, 1, 0, 1, 2, rank, 2, seed=1)
+        assert bool((first_read[rows] < 1).all()) == readable
     sharded = json.loads((ROOT / "ds_configs" / "teacher.json").read_text())
     sharded["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "sharded_teacher.json").write_text(json.dumps(sharded))
