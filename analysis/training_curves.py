@@ -5,6 +5,8 @@
 The summary also fits the held-out exact+prefix match against log2(tokens trained) and says how
 many tokens the fit puts at given match levels. Match curves bend over as they approach their
 ceiling, so a straight line in log tokens is an optimistic guide: a lower bound on the tokens needed.
+The fit takes the evaluations of the first pass over the training blocks only (all of them in a run
+that reads no block twice): later passes add no new text, so they are a different curve.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def summary(scalars: dict[str, list[tuple[int, float]]], step_tokens: int | None) -> dict:
+def summary(scalars: dict[str, list[tuple[int, float]]], step_tokens: int | None,
+            first_pass_steps: int | None) -> dict:
     def median(tag: str, skip: int = 2) -> float | None:
         values = [v for s, v in scalars.get(tag, []) if s > skip]
         return statistics.median(values) if values else None
@@ -43,31 +46,36 @@ def summary(scalars: dict[str, list[tuple[int, float]]], step_tokens: int | None
         "median_teacher_s": median("perf/teacher_s"), "median_student_s": median("perf/student_s"),
         "max_rss_gb_rank0": max((v for _, v in scalars.get("mem/rss_gb", [])), default=None),
         "final_loss": scalars["loss/total"][-1][1] if scalars.get("loss/total") else None,
-        "tokens_per_step": step_tokens,
-        "held_out_vs_log2_tokens": log_token_fit(held_out, step_tokens) if step_tokens else None,
+        "tokens_per_step": step_tokens, "first_pass_steps": first_pass_steps,
+        "held_out_vs_log2_tokens": log_token_fit(held_out, step_tokens, first_pass_steps) if step_tokens else None,
     }
 
 
-def tokens_per_step(logdir: Path) -> int | None:
-    """Global tokens per optimizer step from the run_config.json beside the run's tensorboard/."""
+def run_shape(logdir: Path) -> tuple[int | None, int | None]:
+    """Global tokens per optimizer step, and the steps of the first pass over the training blocks
+    (None where the run_config.json beside the run's tensorboard/ does not say), from that file."""
     config_path = logdir.parent / "run_config.json"
     if not config_path.is_file():
-        return None
+        return None, None
     config = json.loads(config_path.read_text())
     run = config["run"]
-    return run["seq_len"] * run["micro_batch"] * run["grad_accum"] * config["world_size"]
+    blocks_per_step = run["micro_batch"] * run["grad_accum"] * config["world_size"]
+    blocks = config.get("train_blocks", run.get("train_blocks"))  # the packed count; older runs: the flag
+    return run["seq_len"] * blocks_per_step, (math.ceil(blocks / blocks_per_step) if blocks else None)
 
 
-def log_token_fit(held_out: list[tuple[int, float]], step_tokens: int,
+def log_token_fit(held_out: list[tuple[int, float]], step_tokens: int, last_step: int | None = None,
                   levels: tuple[float, ...] = (0.8, 0.95)) -> dict | None:
-    """Least-squares line of match against log2(tokens) over the evaluations after step 0, and the
-    tokens at which the line reaches each level (None where it does not rise)."""
-    points = [(math.log2(step * step_tokens), value) for step, value in held_out if step > 0]
-    if len(points) < 3:
+    """Least-squares line of match against log2(tokens) over the evaluations after step 0 (and up to
+    ``last_step``), and the tokens at which the line reaches each level (None where it does not rise)."""
+    fitted = [(step, value) for step, value in held_out if 0 < step <= (last_step or step)]
+    if len(fitted) < 3:
         return None
-    slope, intercept = statistics.linear_regression(*zip(*points))
+    slope, intercept = statistics.linear_regression([math.log2(step * step_tokens) for step, _ in fitted],
+                                                    [value for _, value in fitted])
     reach = {f"{level:.2f}": (2 ** ((level - intercept) / slope) if slope > 0 else None) for level in levels}
-    return {"points": len(points), "per_doubling": slope, "intercept": intercept, "tokens_to_reach": reach}
+    return {"points": len(fitted), "last_step": fitted[-1][0], "per_doubling": slope, "intercept": intercept,
+            "tokens_to_reach": reach}
 
 
 def plot(scalars: dict[str, list[tuple[int, float]]], path: Path, result: dict) -> None:
@@ -95,24 +103,28 @@ def plot(scalars: dict[str, list[tuple[int, float]]], path: Path, result: dict) 
     axes[2].set_xlabel("step")
     axes[2].legend()
     if result["held_out_vs_log2_tokens"]:
-        plot_log_token_fit(axes[3], scalars, result["tokens_per_step"], result["held_out_vs_log2_tokens"])
+        plot_log_token_fit(axes[3], scalars, result)
     save_figure(fig, path)
 
 
-def plot_log_token_fit(axis, scalars: dict[str, list[tuple[int, float]]], step_tokens: int, fit: dict) -> None:
+def plot_log_token_fit(axis, scalars: dict[str, list[tuple[int, float]]], result: dict) -> None:
     """Held-out match against tokens trained (log scale) with the fitted line carried to 80%
-    (at most 64x the tokens trained)."""
+    (at most 64x the tokens it fits), and where the first pass over the training blocks ends."""
+    step_tokens, fit = result["tokens_per_step"], result["held_out_vs_log2_tokens"]
     for tag, label in (("eval/match/exact_or_prefix", "held-out exact+prefix"), ("eval/match/at5", "held-out match@5")):
         points = [(step * step_tokens, 100 * value) for step, value in scalars.get(tag, []) if step > 0]
         if points:
             axis.plot(*zip(*points), "o", label=label, markersize=3)
-    trained = max(step for step, _ in scalars["eval/match/exact_or_prefix"]) * step_tokens
     first = min(step for step, _ in scalars["eval/match/exact_or_prefix"] if step > 0) * step_tokens
+    fitted_tokens = fit["last_step"] * step_tokens
     reach = fit["tokens_to_reach"]["0.80"]
-    last = min(reach, 64 * trained) if reach else trained
+    last = min(reach, 64 * fitted_tokens) if reach else fitted_tokens
     slope, at_one = fit["per_doubling"], fit["intercept"]
     axis.plot([first, last], [100 * (at_one + slope * math.log2(t)) for t in (first, last)], "--",
               label=f"fit: {100 * slope:+.1f} points per doubling", linewidth=0.8)
+    if result["first_pass_steps"] and result["first_pass_steps"] < result["steps"]:
+        axis.axvline(result["first_pass_steps"] * step_tokens, color="grey", linewidth=0.8,
+                     label="end of the first pass")
     axis.set_xscale("log", base=2)
     axis.set_title("held-out match vs tokens trained (%)")
     axis.set_xlabel("tokens")
@@ -128,7 +140,7 @@ def main() -> None:
     scalars = read_scalars(logdir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = summary(scalars, tokens_per_step(logdir))
+    result = summary(scalars, *run_shape(logdir))
     plot(scalars, out, result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -81,12 +81,18 @@ def test_training_curves_plot_and_summary(run, tmp_path):
     held_out = dict(scalars(out / "tensorboard")["eval/match/exact_or_prefix"])
     assert summary["steps"] == STEPS and summary["held_out_exact_or_prefix"]["0"] == held_out[0]
     assert png.stat().st_size > 10000
-    # match against log2(tokens): 2 ranks x 4 blocks x 64 tokens per step, a line through steps 10, 20, 30
+    # match against log2(tokens): 2 ranks x 4 blocks x 64 tokens per step, a line through the
+    # evaluations of the first pass over the training blocks
     assert summary["tokens_per_step"] == 2 * 4 * 64
-    xs = [math.log2(step * 512) for step in (10, 20, 30)]
-    ys = [held_out[step] for step in (10, 20, 30)]
-    slope = statistics.linear_regression(xs, ys).slope
-    assert summary["held_out_vs_log2_tokens"]["per_doubling"] == pytest.approx(slope, rel=1e-9)
+    train_blocks = json.loads((out / "run_config.json").read_text())["train_blocks"]
+    assert summary["first_pass_steps"] == math.ceil(train_blocks / 8)
+    fitted = [step for step in (10, 20, 30) if step <= summary["first_pass_steps"]]
+    if len(fitted) < 3:
+        assert summary["held_out_vs_log2_tokens"] is None
+    else:
+        slope = statistics.linear_regression([math.log2(step * 512) for step in fitted],
+                                             [held_out[step] for step in fitted]).slope
+        assert summary["held_out_vs_log2_tokens"]["per_doubling"] == pytest.approx(slope, rel=1e-9)
 
 
 def test_log_token_fit_finds_the_tokens_of_a_level_on_an_exact_line():
@@ -97,6 +103,25 @@ def test_log_token_fit_finds_the_tokens_of_a_level_on_an_exact_line():
     assert fit["points"] == 4 and fit["per_doubling"] == pytest.approx(0.05)
     assert fit["tokens_to_reach"]["0.80"] == pytest.approx(2 ** 14) and fit["tokens_to_reach"]["0.95"] == pytest.approx(2 ** 17)
     assert log_token_fit([(100, 0.5), (200, 0.4), (400, 0.3)], 1000)["tokens_to_reach"]["0.80"] is None
+    # evaluations after the first pass (here step 1600, off the line) are left out of the fit
+    cut = log_token_fit(held_out + [(1600, 0.9)], 1000, last_step=800)
+    assert cut["points"] == 4 and cut["last_step"] == 800 and cut["per_doubling"] == pytest.approx(0.05)
+    assert log_token_fit(held_out + [(1600, 0.9)], 1000)["per_doubling"] != pytest.approx(0.05)
+
+
+def test_run_shape_reads_tokens_per_step_and_the_first_pass(tmp_path):
+    import json
+
+    from analysis.training_curves import run_shape
+
+    (tmp_path / "tensorboard").mkdir()
+    config = {"run": {"seq_len": 64, "micro_batch": 4, "grad_accum": 2, "train_blocks": None}, "world_size": 2}
+    assert run_shape(tmp_path / "tensorboard") == (None, None)  # no run_config.json
+    for packed, flag, first_pass in ((None, None, None), (None, 40, 3), (33, 40, 3), (32, None, 2)):
+        extra = {} if packed is None else {"train_blocks": packed}  # runs before the packed count: the flag
+        (tmp_path / "run_config.json").write_text(json.dumps({**config, **extra,
+                                                              "run": {**config["run"], "train_blocks": flag}}))
+        assert run_shape(tmp_path / "tensorboard") == (1024, first_pass)
 
 
 def test_two_ranks_equal_one_rank_on_the_same_global_batch(tmp_path):
