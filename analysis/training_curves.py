@@ -60,7 +60,7 @@ def run_shape(logdir: Path) -> tuple[int | None, int | None]:
     config = json.loads(config_path.read_text())
     run = config["run"]
     blocks_per_step = run["micro_batch"] * run["grad_accum"] * config["world_size"]
-    blocks = config.get("train_blocks", run.get("train_blocks"))  # the packed count; older runs: the flag
+    blocks = config.get("packed_train_blocks", run.get("train_blocks"))  # older runs: the flag
     return run["seq_len"] * blocks_per_step, (math.ceil(blocks / blocks_per_step) if blocks else None)
 
 

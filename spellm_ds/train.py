@@ -167,7 +167,8 @@ class Distillation:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / PREEMPTED).unlink(missing_ok=True)
-        resolved = {"run": self.config.to_dict(), "world_size": self.world_size, "train_blocks": len(self.data.train),
+        resolved = {"run": self.config.to_dict(), "world_size": self.world_size,
+                    "packed_train_blocks": len(self.data.train),
                     "student_deepspeed": self.student_ds,
                     "teacher_deepspeed": self.teacher_ds, "model_dir": str(self.model_dir),
                     "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}

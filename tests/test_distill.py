@@ -12,6 +12,7 @@ from tests import tiny
 from tests.distributed import ROOT, scalars, torchrun
 
 STEPS, K = 30, 6
+TRAIN_BLOCKS = 160  # 2 ranks x 4 blocks a step: the first pass ends at step 20, two evaluations before the last
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def run(tmp_path_factory):
     result = torchrun(["--model", str(model_dir), "--data", str(data), "--text_field", "body",
                        "--output_dir", str(out), "--k", str(K), "--trainable_layers", "2", "--seq_len", "64",
                        "--micro_batch", "4", "--lr", "3e-3", "--warmup", "3", "--max_steps", str(STEPS),
-                       "--eval_every", "10", "--save_every", "0", "--eval_blocks", "16"])
+                       "--eval_every", "5", "--save_every", "0", "--eval_blocks", "16",
+                       "--train_blocks", str(TRAIN_BLOCKS)])
     assert result.returncode == 0, result.stderr[-4000:]
     return model_dir, out, result
 
@@ -82,17 +84,15 @@ def test_training_curves_plot_and_summary(run, tmp_path):
     assert summary["steps"] == STEPS and summary["held_out_exact_or_prefix"]["0"] == held_out[0]
     assert png.stat().st_size > 10000
     # match against log2(tokens): 2 ranks x 4 blocks x 64 tokens per step, a line through the
-    # evaluations of the first pass over the training blocks
+    # evaluations of the first pass over the training blocks (steps 5-20), not the later ones
     assert summary["tokens_per_step"] == 2 * 4 * 64
-    train_blocks = json.loads((out / "run_config.json").read_text())["train_blocks"]
-    assert summary["first_pass_steps"] == math.ceil(train_blocks / 8)
-    fitted = [step for step in (10, 20, 30) if step <= summary["first_pass_steps"]]
-    if len(fitted) < 3:
-        assert summary["held_out_vs_log2_tokens"] is None
-    else:
-        slope = statistics.linear_regression([math.log2(step * 512) for step in fitted],
-                                             [held_out[step] for step in fitted]).slope
-        assert summary["held_out_vs_log2_tokens"]["per_doubling"] == pytest.approx(slope, rel=1e-9)
+    assert json.loads((out / "run_config.json").read_text())["packed_train_blocks"] == TRAIN_BLOCKS
+    assert summary["first_pass_steps"] == 20
+    fit = summary["held_out_vs_log2_tokens"]
+    assert fit["points"] == 4 and fit["last_step"] == 20
+    slope = statistics.linear_regression([math.log2(step * 512) for step in (5, 10, 15, 20)],
+                                         [held_out[step] for step in (5, 10, 15, 20)]).slope
+    assert fit["per_doubling"] == pytest.approx(slope, rel=1e-9)
 
 
 def test_log_token_fit_finds_the_tokens_of_a_level_on_an_exact_line():
@@ -118,7 +118,7 @@ def test_run_shape_reads_tokens_per_step_and_the_first_pass(tmp_path):
     config = {"run": {"seq_len": 64, "micro_batch": 4, "grad_accum": 2, "train_blocks": None}, "world_size": 2}
     assert run_shape(tmp_path / "tensorboard") == (None, None)  # no run_config.json
     for packed, flag, first_pass in ((None, None, None), (None, 40, 3), (33, 40, 3), (32, None, 2)):
-        extra = {} if packed is None else {"train_blocks": packed}  # runs before the packed count: the flag
+        extra = {} if packed is None else {"packed_train_blocks": packed}  # runs before the packed count: the flag
         (tmp_path / "run_config.json").write_text(json.dumps({**config, **extra,
                                                               "run": {**config["run"], "train_blocks": flag}}))
         assert run_shape(tmp_path / "tensorboard") == (1024, first_pass)
