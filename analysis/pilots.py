@@ -11,7 +11,10 @@ unless ``--data``): agreement with the teacher's top-1 and top-5, raw / AutoCorr
 AutoCorrect + fallback / fallback ceiling, each with a 95% interval and its paired difference from
 the baseline; the next-token NLL above the teacher's (:mod:`analysis.likelihood`) at ``--tau``
 and at the tau that sends 90% of positions to the LM head (pilots fall back at different rates at
-one tau); and the free-running agreement of greedy continuations. Paired intervals treat
+one tau); the free-running agreement of greedy continuations; and the speed of its run (median
+step, and tokens per hour of wall clock, the fair one where steps differ in cost, as with
+``--teacher_cache``). A run made elsewhere (other steps, other flags) is scored too when its
+output directory is placed at ``--out/NAME``; its FLAGS then only label it. Paired intervals treat
 positions as independent; positions of one document are not, so read them as a lower bound on
 the uncertainty.
 """
@@ -101,8 +104,8 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
 def markdown(results: dict) -> str:
     lines = ["| pilot | flags | raw top-1 | raw top-5 | AC+fallback top-1 (fallback rate) | fallback ceiling top-1 "
              f"| next-token NLL above the teacher's, AC+fallback (nats) | the same at {MATCHED_RATE:.0%} fallback "
-             "| free-running agreed tokens (AC+fallback) | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| free-running agreed tokens (AC+fallback) | tokens/s per rank (median step) | M tokens per hour |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["pilots"].items():
         def cell(key: str, value: str | None = None, scale: float = 100, digits: int = 1) -> str:
             diff = r.get("vs_baseline", {}).get(key)
@@ -117,16 +120,26 @@ def markdown(results: dict) -> str:
                      f"{cell('fallback_ceiling/top1')} | "
                      f"{cell('likelihood/nll', f'{gap:+.3f}', 1, 3)} | "
                      f"{cell('likelihood/nll_matched', f'{matched_gap:+.3f}', 1, 3)} | {free['mean_agreed_tokens']:.1f} | "
-                     f"{r['tokens_per_s'] or float('nan'):.0f} |")
+                     f"{r['tokens_per_s'] or float('nan'):.0f} | {(r['tokens_per_hour'] or float('nan')) / 1e6:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def tokens_per_s(run_dir: Path) -> float | None:
-    """The run's median tokens/s from its TensorBoard log."""
-    from analysis.training_curves import read_scalars
+def speed(run_dir: Path) -> dict:
+    """The run's steps, its median tokens/s per rank (its typical step), and its tokens per hour of wall clock
+    from its first to its last logged step, evaluations and checkpoints included: the measure that
+    stays fair where steps differ in cost, as with ``--teacher_cache`` (a resumed run's downtime
+    counts too). From its TensorBoard log and run_config.json."""
+    from analysis.training_curves import load_events, run_shape
 
-    values = [v for _, v in read_scalars(run_dir / "tensorboard").get("perf/tokens_per_s", [])]
-    return sorted(values)[len(values) // 2] if values else None
+    events = load_events(run_dir / "tensorboard")
+    tags = events.Tags()["scalars"]
+    rates = sorted(e.value for e in events.Scalars("perf/tokens_per_s")) if "perf/tokens_per_s" in tags else []
+    steps = events.Scalars("loss/total") if "loss/total" in tags else []
+    step_tokens, _ = run_shape(run_dir / "tensorboard")
+    hours = (steps[-1].wall_time - steps[0].wall_time) / 3600 if steps else 0.0
+    return {"steps": steps[-1].step if steps else 0, "tokens_per_s": rates[len(rates) // 2] if rates else None,
+            "tokens_per_hour": (steps[-1].step - steps[0].step) * step_tokens / hours if hours > 0 and step_tokens
+            else None}
 
 
 def main() -> None:
@@ -158,7 +171,7 @@ def main() -> None:
         model = run_pilot(out, name, flags, args.steps, args.ranks)
         summary, position_flags = score(model, args)
         entry = {"flags": shlex.join(flags), "rates": {k: float(v.double().nanmean()) for k, v in position_flags.items()},
-                 **summary, "tokens_per_s": tokens_per_s(out / name)}
+                 **summary, **speed(out / name)}
         if baseline_flags is None:
             baseline_flags = position_flags
         else:

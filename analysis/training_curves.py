@@ -21,13 +21,19 @@ from spellm_ds import cli
 from spellm_ds.errors import SpellmError
 
 
-def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+def load_events(logdir: Path):
+    """Every scalar event of a run's TensorBoard log (step, value and wall time), none sampled away."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not logdir.is_dir():
         raise SpellmError(f"{logdir} does not exist; pass a run's tensorboard/ directory with --logdir")
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     events.Reload()
+    return events
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = load_events(logdir)
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 

@@ -78,6 +78,24 @@ def test_paired_difference_and_pilot_names():
         pilots.parse_pilot("--ignore_after_end")
 
 
+def test_pilot_speed_counts_wall_clock_between_the_first_and_last_step(tmp_path):
+    """A run of cheap and dear steps (as with a teacher cache): tokens per hour come from the wall
+    clock of its logged steps, not from its median step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    config = {"run": {"seq_len": 64, "micro_batch": 2, "grad_accum": 1}, "world_size": 2}  # 256 tokens a step
+    (tmp_path / "run_config.json").write_text(json.dumps(config))
+    writer = SummaryWriter(str(tmp_path / "tensorboard"))
+    for step, (wall, rate) in enumerate([(100.0, 10.0), (110.0, 10.0), (111.0, 900.0), (112.0, 900.0), (136.0, 10.0)],
+                                        start=1):
+        writer.add_scalar("loss/total", 1.0, step, walltime=wall)
+        writer.add_scalar("perf/tokens_per_s", rate, step, walltime=wall)
+    writer.close()
+    speed = pilots.speed(tmp_path)
+    assert speed["steps"] == 5 and speed["tokens_per_s"] == 10.0  # the median step
+    assert speed["tokens_per_hour"] == pytest.approx(4 * 256 / (36 / 3600))  # 4 steps in 36 s
+
+
 def test_pilots_run_score_and_resume(tmp_path):
     """Two 3-step pilots on a tiny model: both trained and scored on the same positions; a rerun
     trains nothing and scores the same."""
@@ -104,3 +122,4 @@ def test_pilots_run_score_and_resume(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=rank_env())
     assert again.returncode == 0 and "pilot base :" not in again.stdout  # nothing retrained
     assert json.loads((tmp_path / "pilots" / "pilots.json").read_text())["pilots"]["end"]["rates"] == end["rates"]
+    assert base["steps"] == 3 and base["tokens_per_hour"] > 0
