@@ -11,7 +11,7 @@ unless ``--data``): agreement with the teacher's top-1 and top-5, raw / AutoCorr
 AutoCorrect + fallback / fallback ceiling, each with a 95% interval and its paired difference from
 the baseline; the next-token NLL above the teacher's (:mod:`analysis.likelihood`) at ``--tau``
 and at the tau that sends 90% of positions to the LM head (pilots fall back at different rates at
-one tau); the free-running agreement of greedy continuations; and the speed of its run (median
+one tau); the free-running agreement of greedy continuations (paired by prompt); and the speed of its run (median
 step, and tokens per hour of wall clock, the fair one where steps differ in cost, as with
 ``--teacher_cache``). A run made elsewhere (other steps, other flags) is scored too when its
 output directory is placed at ``--out/NAME``; its FLAGS then only label it. Paired intervals treat
@@ -96,6 +96,7 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
     teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(student.config.teacher)).eval()
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
     free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau)
+    flags["free_running/agreed_tokens"] = torch.tensor(free["autocorrect_fallback"]["agreed_tokens"], dtype=torch.float64)
     return {"match_rates": rates["summary"], "fallback_rate": rates["summary"]["fallback_rate"],
             "likelihood": {"teacher_nll": next_token["teacher_nll"], "spellm": next_token["spellm"], "matched": matched},
             "free_running": free_running.summary(free)}, flags
@@ -112,14 +113,15 @@ def markdown(results: dict) -> str:
             value = value or f"{scale * r['rates'][key]:.{digits}f}%"
             return value + (f" ({scale * diff['diff']:+.{digits}f}, [{scale * diff['ci95'][0]:+.{digits}f}, "
                             f"{scale * diff['ci95'][1]:+.{digits}f}])" if diff else "")
-        free = r["free_running"]["autocorrect_fallback"]
         gap = r["likelihood"]["spellm"]["vs_teacher"]["diff"]
         matched_gap = r["likelihood"]["matched"]["vs_teacher"]["diff"]
+        agreed = r["rates"]["free_running/agreed_tokens"]
         lines.append(f"| {name} | `{r['flags']}` | {cell('raw/top1')} | {cell('raw/top5')} | "
                      f"{cell('autocorrect_fallback/top1')} ({100 * r['fallback_rate']:.1f}%) | "
                      f"{cell('fallback_ceiling/top1')} | "
                      f"{cell('likelihood/nll', f'{gap:+.3f}', 1, 3)} | "
-                     f"{cell('likelihood/nll_matched', f'{matched_gap:+.3f}', 1, 3)} | {free['mean_agreed_tokens']:.1f} | "
+                     f"{cell('likelihood/nll_matched', f'{matched_gap:+.3f}', 1, 3)} | "
+                     f"{cell('free_running/agreed_tokens', f'{agreed:.1f}', 1)} | "
                      f"{r['tokens_per_s'] or float('nan'):.0f} | {(r['tokens_per_hour'] or float('nan')) / 1e6:.2f} |")
     return "\n".join(lines) + "\n"
 

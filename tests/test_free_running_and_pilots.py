@@ -115,6 +115,9 @@ def test_pilots_run_score_and_resume(tmp_path):
     assert end["likelihood"]["matched"]["target"] == pilots.MATCHED_RATE
     assert base["likelihood"]["teacher_nll"] == end["likelihood"]["teacher_nll"]
     assert end["likelihood"]["spellm"]["nll"] == pytest.approx(end["rates"]["likelihood/nll"], rel=1e-6)
+    free = end["free_running"]["autocorrect_fallback"]
+    assert end["rates"]["free_running/agreed_tokens"] == pytest.approx(free["mean_agreed_tokens"])
+    assert end["vs_baseline"]["free_running/agreed_tokens"]["n"] == 4  # paired by prompt
     config = json.loads((tmp_path / "pilots" / "end" / "model" / "spellm_config.json").read_text())
     assert config["ignore_after_end"] is True
     run = json.loads((tmp_path / "pilots" / "end" / "run_config.json").read_text())["run"]
