@@ -11,9 +11,9 @@ unless ``--data``): agreement with the teacher's top-1 and top-5, raw / AutoCorr
 AutoCorrect + fallback / fallback ceiling, each with a 95% interval and its paired difference from
 the baseline; the next-token NLL above the teacher's (:mod:`analysis.likelihood`) at ``--tau``
 and at the tau that sends 90% of positions to the LM head (pilots fall back at different rates at
-one tau); the free-running agreement of greedy continuations (paired by prompt); and the speed of its run (median
-step, and tokens per hour of wall clock, the fair one where steps differ in cost, as with
-``--teacher_cache``). A run made elsewhere (other steps, other flags) is scored too when its
+one tau); the free-running agreement of greedy continuations (paired by prompt); and the speed
+of its run (median step, and tokens per hour of wall clock, the fair one where steps differ in
+cost, as with ``--teacher_cache``). A run made elsewhere (other steps, other flags) is scored too when its
 output directory is placed at ``--out/NAME``; its FLAGS then only label it. Paired intervals treat
 positions as independent; positions of one document are not, so read them as a lower bound on
 the uncertainty.
