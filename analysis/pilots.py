@@ -13,10 +13,10 @@ the baseline; the next-token NLL above the teacher's (:mod:`analysis.likelihood`
 and at the tau that sends 90% of positions to the LM head (pilots fall back at different rates at
 one tau); the free-running agreement of greedy continuations (paired by prompt); and the speed
 of its run (median step, and tokens per hour of wall clock, the fair one where steps differ in
-cost, as with ``--teacher_cache``). A run made elsewhere (other steps, other flags) is scored too when its
-output directory is placed at ``--out/NAME``; its FLAGS then only label it. Paired intervals treat
-positions as independent; positions of one document are not, so read them as a lower bound on
-the uncertainty.
+cost, as with ``--teacher_cache``). A run made elsewhere (other steps, other flags) is scored
+too when its output directory is placed at ``--out/NAME``; its FLAGS then only label it. Paired
+intervals treat positions as independent; positions of one document are not, so read them as a
+lower bound on the uncertainty.
 """
 
 from __future__ import annotations
@@ -127,10 +127,10 @@ def markdown(results: dict) -> str:
 
 
 def speed(run_dir: Path) -> dict:
-    """The run's steps, its median tokens/s per rank (its typical step), and its tokens per hour of wall clock
-    from its first to its last logged step, evaluations and checkpoints included: the measure that
-    stays fair where steps differ in cost, as with ``--teacher_cache`` (a resumed run's downtime
-    counts too). From its TensorBoard log and run_config.json."""
+    """The run's steps, its median tokens/s per rank (its typical step), and its tokens per hour of
+    wall clock from its first to its last logged step, evaluations and checkpoints included: the
+    measure that stays fair where steps differ in cost, as with ``--teacher_cache`` (a resumed
+    run's downtime counts too). From its TensorBoard log and run_config.json."""
     from analysis.training_curves import load_events, run_shape
 
     events = load_events(run_dir / "tensorboard")
