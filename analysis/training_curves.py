@@ -6,7 +6,9 @@ The summary also fits the held-out exact+prefix match against log2(tokens traine
 many tokens the fit puts at given match levels. Match curves bend over as they approach their
 ceiling, so a straight line in log tokens is an optimistic guide: a lower bound on the tokens needed.
 The fit takes the evaluations of the first pass over the training blocks only (all of them in a run
-that reads no block twice): later passes add no new text, so they are a different curve.
+that reads no block twice): later passes add no new text, so they are a different curve. With
+``--fit_from STEP`` it takes the evaluations from that step on instead, later passes included: the
+curve of passes over the same text, for runs that read their corpus several times.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def summary(scalars: dict[str, list[tuple[int, float]]], step_tokens: int | None,
-            first_pass_steps: int | None) -> dict:
+            first_pass_steps: int | None, fit_from: int | None = None) -> dict:
+    """Steps, held-out match, medians of the speed tags, and the match-vs-log2(tokens) fit: over
+    the first pass, or over the evaluations from step ``fit_from`` on (later passes included)."""
     def median(tag: str, skip: int = 2) -> float | None:
         values = [v for s, v in scalars.get(tag, []) if s > skip]
         return statistics.median(values) if values else None
 
     held_out = scalars.get("eval/match/exact_or_prefix", [])
+    span = {"first_step": fit_from} if fit_from else {"last_step": first_pass_steps}
     return {
         "steps": max((s for s, _ in scalars.get("loss/total", [])), default=0),
         "held_out_exact_or_prefix": {str(s): v for s, v in held_out},
@@ -52,8 +57,8 @@ def summary(scalars: dict[str, list[tuple[int, float]]], step_tokens: int | None
         "median_teacher_s": median("perf/teacher_s"), "median_student_s": median("perf/student_s"),
         "max_rss_gb_rank0": max((v for _, v in scalars.get("mem/rss_gb", [])), default=None),
         "final_loss": scalars["loss/total"][-1][1] if scalars.get("loss/total") else None,
-        "tokens_per_step": step_tokens, "first_pass_steps": first_pass_steps,
-        "held_out_vs_log2_tokens": log_token_fit(held_out, step_tokens, first_pass_steps) if step_tokens else None,
+        "tokens_per_step": step_tokens, "first_pass_steps": first_pass_steps, "fit_from": fit_from,
+        "held_out_vs_log2_tokens": log_token_fit(held_out, step_tokens, **span) if step_tokens else None,
     }
 
 
@@ -71,16 +76,17 @@ def run_shape(logdir: Path) -> tuple[int | None, int | None]:
 
 
 def log_token_fit(held_out: list[tuple[int, float]], step_tokens: int, last_step: int | None = None,
-                  levels: tuple[float, ...] = (0.8, 0.95)) -> dict | None:
-    """Least-squares line of match against log2(tokens) over the evaluations after step 0 (and up to
-    ``last_step``), and the tokens at which the line reaches each level (None where it does not rise)."""
-    fitted = [(step, value) for step, value in held_out if 0 < step <= (last_step or step)]
+                  first_step: int = 1, levels: tuple[float, ...] = (0.8, 0.95)) -> dict | None:
+    """Least-squares line of match against log2(tokens) over the evaluations from ``first_step``
+    (after step 0) up to ``last_step``, and the tokens at which the line reaches each level (None
+    where it does not rise)."""
+    fitted = [(step, value) for step, value in held_out if max(first_step, 1) <= step <= (last_step or step)]
     if len(fitted) < 3:
         return None
     slope, intercept = statistics.linear_regression([math.log2(step * step_tokens) for step, _ in fitted],
                                                     [value for _, value in fitted])
     reach = {f"{level:.2f}": (2 ** ((level - intercept) / slope) if slope > 0 else None) for level in levels}
-    return {"points": len(fitted), "last_step": fitted[-1][0], "per_doubling": slope, "intercept": intercept,
+    return {"points": len(fitted), "first_step": fitted[0][0], "last_step": fitted[-1][0], "per_doubling": slope, "intercept": intercept,
             "tokens_to_reach": reach}
 
 
@@ -121,13 +127,14 @@ def plot_log_token_fit(axis, scalars: dict[str, list[tuple[int, float]]], result
         points = [(step * step_tokens, 100 * value) for step, value in scalars.get(tag, []) if step > 0]
         if points:
             axis.plot(*zip(*points), "o", label=label, markersize=3)
-    first = min(step for step, _ in scalars["eval/match/exact_or_prefix"] if step > 0) * step_tokens
+    first = fit["first_step"] * step_tokens
     fitted_tokens = fit["last_step"] * step_tokens
     reach = fit["tokens_to_reach"]["0.80"]
     last = min(reach, 64 * fitted_tokens) if reach else fitted_tokens
     slope, at_one = fit["per_doubling"], fit["intercept"]
+    span = f"fit from step {result['fit_from']}" if result["fit_from"] else "fit"
     axis.plot([first, last], [100 * (at_one + slope * math.log2(t)) for t in (first, last)], "--",
-              label=f"fit: {100 * slope:+.1f} points per doubling", linewidth=0.8)
+              label=f"{span}: {100 * slope:+.1f} points per doubling", linewidth=0.8)
     if result["first_pass_steps"] and result["first_pass_steps"] < result["steps"]:
         axis.axvline(result["first_pass_steps"] * step_tokens, color="grey", linewidth=0.8,
                      label="end of the first pass")
@@ -141,12 +148,14 @@ def main() -> None:
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--logdir", required=True)
     parser.add_argument("--out", required=True, help="PNG path (a JSON summary is written beside it)")
+    parser.add_argument("--fit_from", type=cli.positive_int, default=None, metavar="STEP",
+                        help="fit the evaluations from this step on, later passes included (default: the first pass)")
     args = parser.parse_args()
     logdir = Path(args.logdir)
     scalars = read_scalars(logdir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = summary(scalars, *run_shape(logdir))
+    result = summary(scalars, *run_shape(logdir), fit_from=args.fit_from)
     plot(scalars, out, result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

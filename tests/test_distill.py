@@ -107,6 +107,26 @@ def test_log_token_fit_finds_the_tokens_of_a_level_on_an_exact_line():
     cut = log_token_fit(held_out + [(1600, 0.9)], 1000, last_step=800)
     assert cut["points"] == 4 and cut["last_step"] == 800 and cut["per_doubling"] == pytest.approx(0.05)
     assert log_token_fit(held_out + [(1600, 0.9)], 1000)["per_doubling"] != pytest.approx(0.05)
+    # --fit_from: evaluations before the step (here 100, off the line) are left out, later passes kept
+    late = log_token_fit([(0, 0.0), (100, 0.9)] + held_out[2:] + [(1600, 0.1 + 0.05 * math.log2(1600 * 1000))], 1000,
+                         first_step=200)
+    assert (late["points"], late["first_step"], late["last_step"]) == (4, 200, 1600)
+    assert late["per_doubling"] == pytest.approx(0.05)
+
+
+def test_summary_fits_the_first_pass_or_from_a_step():
+    from analysis.training_curves import summary
+
+    line = [(step, 0.1 + 0.05 * math.log2(step * 1000)) for step in (100, 200, 400, 800)]
+    scalars = {"loss/total": [(s, 1.0) for s in range(1, 801)],
+               "eval/match/exact_or_prefix": [(0, 0.0), (50, 0.9), *line, (1600, 0.2)]}
+    first_pass = summary(scalars, 1000, first_pass_steps=800)["held_out_vs_log2_tokens"]
+    assert (first_pass["first_step"], first_pass["last_step"], first_pass["points"]) == (50, 800, 5)
+    from_step = summary(scalars, 1000, first_pass_steps=10, fit_from=100)
+    fit = from_step["held_out_vs_log2_tokens"]
+    assert (from_step["fit_from"], fit["first_step"], fit["last_step"], fit["points"]) == (100, 100, 1600, 5)
+    assert summary(scalars, 1000, first_pass_steps=800, fit_from=100)["held_out_vs_log2_tokens"]["last_step"] == 1600
+    assert summary(scalars, None, None)["held_out_vs_log2_tokens"] is None
 
 
 def test_run_shape_reads_tokens_per_step_and_the_first_pass(tmp_path):
