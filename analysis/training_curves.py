@@ -86,8 +86,8 @@ def log_token_fit(held_out: list[tuple[int, float]], step_tokens: int, last_step
     slope, intercept = statistics.linear_regression([math.log2(step * step_tokens) for step, _ in fitted],
                                                     [value for _, value in fitted])
     reach = {f"{level:.2f}": (2 ** ((level - intercept) / slope) if slope > 0 else None) for level in levels}
-    return {"points": len(fitted), "first_step": fitted[0][0], "last_step": fitted[-1][0], "per_doubling": slope, "intercept": intercept,
-            "tokens_to_reach": reach}
+    return {"points": len(fitted), "first_step": fitted[0][0], "last_step": fitted[-1][0], "per_doubling": slope,
+            "intercept": intercept, "tokens_to_reach": reach}
 
 
 def plot(scalars: dict[str, list[tuple[int, float]]], path: Path, result: dict) -> None:
