@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from spellm_ds import assets, cli
 from spellm_ds.data import load_texts, pack
-from spellm_ds.decoding import CharDecoder
 from spellm_ds.errors import SpellmError
 from spellm_ds.forward import teacher_and_student
 from spellm_ds.model import SpeLLMForCausalLM, shared_trunk_layer
@@ -99,7 +98,7 @@ def collect(args: argparse.Namespace) -> Analysis:
     teacher_name = args.teacher or student.config.teacher
     teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(teacher_name), dtype=torch.float32).eval()
     table = student.spelling
-    decoder = CharDecoder(table, tau=args.tau)
+    decoder = student.char_decoder(args.tau)  # with the model's spelling temperature
     blocks = held_out_blocks(student.tokenizer, args.data, args.text_field, args.seq_len, args.max_tokens)
     # The student's layers below the trainable ones are the recorded teacher's: share them,
     # unless another teacher was asked for.

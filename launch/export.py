@@ -3,7 +3,9 @@
     python launch/export.py --checkpoint OUTPUT_DIR/checkpoints/step300 --out DIR
 
 The directory loads with ``SpeLLMForCausalLM.from_pretrained(DIR)``: the base model's frozen
-weights bit-identical, trained weights from the fp32 master copies, plus heads, charset, config.
+weights bit-identical, trained weights from the fp32 master copies, plus heads, charset, config,
+and the char heads' spelling temperature, fitted on the run's held-out blocks (the run's data
+must still be where it read it).
 ``--checkpoint OUTPUT_DIR`` picks that run's latest complete checkpoint.
 """
 

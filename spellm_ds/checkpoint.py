@@ -30,8 +30,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from spellm_ds.calibration import calibrate
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig
+from spellm_ds.data import load_texts, pack, split_documents
 from spellm_ds.errors import SpellmError
 from spellm_ds.model import write_directory
 
@@ -209,8 +211,19 @@ def load_base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def held_out_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
+    """The run's evaluation blocks: its first ``eval_blocks`` blocks of held-out documents."""
+    for path in run.data or []:
+        if not Path(path).exists():
+            raise SpellmError(f"the run's data {path} is gone; restore it to export (the spelling temperature "
+                              "is fitted on the run's held-out documents)")
+    _, held_out = split_documents(load_texts(run.data, run.text_field)["text"], run.eval_fraction, run.seed)
+    return pack(held_out, tokenizer, run.seq_len, max_blocks=run.eval_blocks)
+
+
 def export(checkpoint: Path, out_dir: Path) -> Path:
-    """One process, no engine: a complete checkpoint -> an HF-format SpeLLM directory."""
+    """One process, no engine: a complete checkpoint -> an HF-format SpeLLM directory, its
+    spelling temperature fitted on the run's held-out blocks (:mod:`spellm_ds.calibration`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig
 
@@ -220,6 +233,9 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     model_dir = Path(state["model_dir"])
     if not model_dir.is_dir():
         raise SpellmError(f"the base model {model_dir} of checkpoint {checkpoint} is gone; restore it to export")
+    run = RunConfig(**saved_run(state))
+    tokenizer = load_tokenizer(model_dir)
+    held_out = held_out_blocks(run, tokenizer)
     trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
                                                        exclude_frozen_parameters=True)
     base_state = load_base_weights(model_dir)
@@ -231,13 +247,15 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
                                   "export with the base model it was trained from")
             base_state[key] = tensor  # the fp32 master weight, whatever the base dtype
     heads = {n.removeprefix(HEADS_PREFIX): t.float() for n, t in trained.items() if n.startswith(HEADS_PREFIX)}
-    config = RunConfig(**saved_run(state)).spellm_config()
     # Written beside out_dir and renamed into place: a crash mid-export leaves no half-written model.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        write_directory(staging, AutoConfig.from_pretrained(model_dir), config, Charset(tuple(state["charset"])),
-                        base_state, heads, load_tokenizer(model_dir))
+        write_directory(staging, AutoConfig.from_pretrained(model_dir), run.spellm_config(),
+                        Charset(tuple(state["charset"])), base_state, heads, tokenizer)
+        found = calibrate(staging, held_out)
+        print(f"spelling temperature {found.temperature} (held-out next-token NLL {found.nll['1.0']:.3f} -> "
+              f"{found.nll[str(found.temperature)]:.3f} nats over {found.positions} positions)", flush=True)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

@@ -140,20 +140,24 @@ def pack(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = Non
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
 
 
-def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: float, seed: int,
-                   max_train_blocks: int | None = None) -> PackedData:
-    """Shuffle documents by ``seed``, hold out ``eval_fraction`` of them, drop training documents
-    that share a long sentence with a held-out one (:func:`without_shared_sentences`), pack both;
-    with ``max_train_blocks``, only the first that many training blocks (a random subset of the
-    documents, for runs that repeat passes over less text)."""
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, round(len(texts) * eval_fraction))
+def split_documents(texts: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(training, held-out) documents: shuffled by ``seed``, ``eval_fraction`` of them held out."""
     if len(texts) < 2:
         raise SpellmError("the data has a single document; a held-out split needs at least 2 (add documents)")
-    held_out_texts = [texts[i] for i in order[:n_eval]]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(len(texts) * eval_fraction))
+    return [texts[i] for i in order[n_eval:]], [texts[i] for i in order[:n_eval]]
+
+
+def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: float, seed: int,
+                   max_train_blocks: int | None = None) -> PackedData:
+    """Split the documents (:func:`split_documents`), drop training documents that share a long
+    sentence with a held-out one (:func:`without_shared_sentences`), pack both; with
+    ``max_train_blocks``, only the first that many training blocks (a random subset of the
+    documents, for runs that repeat passes over less text)."""
+    train_texts, held_out_texts = split_documents(texts, eval_fraction, seed)
     held_out = pack(held_out_texts, tokenizer, seq_len)
-    train = pack(without_shared_sentences([texts[i] for i in order[n_eval:]], held_out_texts), tokenizer, seq_len,
-                 max_train_blocks)
+    train = pack(without_shared_sentences(train_texts, held_out_texts), tokenizer, seq_len, max_train_blocks)
     for name, blocks in (("training", train), ("held-out", held_out)):
         if len(blocks) == 0:
             raise SpellmError(f"the {name} documents are shorter than one {seq_len}-token block; "

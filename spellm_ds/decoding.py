@@ -11,9 +11,11 @@ Everything here is batched on the model's device. Per decode step:
    ``tau`` (paper: 0.22; ``None`` disables it) or whose prediction holds an UNK character.
 
 Valid tokens are the canonical token of each spelling (:class:`SpellingTable`): the ones a
-prediction can name. The char heads also define a proper token distribution,
-``log p(v) = sum_j log p_j(spelling(v)_j)`` over j up to v's first END, normalised over valid tokens, used for sampling and
-for scoring continuations.
+prediction can name. The char heads also define a proper token distribution, used for sampling and for scoring
+continuations: with ``s(v) = sum_j log p_j(spelling(v)_j)`` over j up to v's first END,
+``log p(v) = s(v) / T - logsumexp_u s(u) / T`` over the valid tokens u. The spelling temperature
+``T`` (1 as trained; :mod:`spellm_ds.calibration` fits it after training) only spreads the
+distribution: argmax, AutoCorrect and the fallback rule do not depend on it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from spellm_ds.charset import UNK_ID
+from spellm_ds.errors import SpellmError
 from spellm_ds.metrics import mean_head_entropy
 from spellm_ds.spelling import SpellingTable, after_first_end, read_string
 
@@ -50,12 +53,21 @@ def falls_back(entropy: torch.Tensor, predicted: torch.Tensor, tau: float | None
     return (entropy >= tau) | (predicted == UNK_ID).any(-1)
 
 
+def tempered_log_probs(read: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log p_T(v) = s(v) / T - logsumexp_u s(u) / T``: ``[N]`` read scores of the tokens asked
+    for and ``[N, V_valid]`` scores of every valid spelling -> ``[N]``."""
+    return read / temperature - torch.logsumexp(scores / temperature, -1)
+
+
 class CharDecoder:
     """Maps char logits to tokens; holds the valid spellings on the model's device."""
 
-    def __init__(self, table: SpellingTable, tau: float | None = 0.22) -> None:
+    def __init__(self, table: SpellingTable, tau: float | None = 0.22, temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise SpellmError(f"spelling temperature {temperature} must be > 0")
         self.table = table
         self.tau = tau
+        self.temperature = temperature
         self.valid_ids = table.canonical.nonzero().squeeze(1)  # [N]
         valid_chars = table.chars[self.valid_ids]  # [N, k]
         # valid spellings with the characters after their first END pointing at an extra zero
@@ -69,7 +81,7 @@ class CharDecoder:
 
     def to(self, device: torch.device | str) -> CharDecoder:
         moved = CharDecoder.__new__(CharDecoder)
-        moved.table, moved.tau = self.table.to(device), self.tau
+        moved.table, moved.tau, moved.temperature = self.table.to(device), self.tau, self.temperature
         moved.valid_ids, moved.scored_pairs = self.valid_ids.to(device), self.scored_pairs.to(device)
         return moved
 
@@ -91,12 +103,19 @@ class CharDecoder:
             scores = part if scores is None else scores + part
         return scores
 
+    def read_scores(self, char_logp: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Summed per-head log-prob of each token's spelling up to its first END, ``s(v)``:
+        ``[N, k, C]`` log-probs and ``[N]`` token ids -> ``[N]``; any spellable token, not only
+        canonical ones (a long token is read by its first k characters)."""
+        chars = self.table.chars[token_ids]
+        return char_logp.gather(-1, chars.unsqueeze(-1)).squeeze(-1).masked_fill(after_first_end(chars), 0.0).sum(-1)
+
     def token_log_probs(self, char_logits: torch.Tensor) -> torch.Tensor:
         """The char heads' token distribution over the full vocabulary ``[B, V]`` (fp32; -inf
         for tokens no prediction can name)."""
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
         full = scores.new_full((scores.shape[0], self.table.vocab_size), float("-inf"))
-        return full.index_copy_(1, self.valid_ids, torch.log_softmax(scores, -1))
+        return full.index_copy_(1, self.valid_ids, torch.log_softmax(scores / self.temperature, -1))
 
     def spelling_log_probs(self, char_logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """log-prob of each token's spelling under the char heads' token distribution: ``[N, k, C]``
@@ -110,9 +129,7 @@ class CharDecoder:
         return self._log_probs_of(char_logp, self.spelling_scores(char_logp), token_ids)
 
     def _log_probs_of(self, char_logp: torch.Tensor, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        chars = self.table.chars[token_ids]
-        read = char_logp.gather(-1, chars.unsqueeze(-1)).squeeze(-1).masked_fill(after_first_end(chars), 0.0)
-        log_probs = read.sum(-1) - torch.logsumexp(scores, -1)
+        log_probs = tempered_log_probs(self.read_scores(char_logp, token_ids), scores, self.temperature)
         return log_probs.masked_fill(~self.table.spellable[token_ids], float("-inf"))
 
     def autocorrect(self, char_logits: torch.Tensor) -> torch.Tensor:

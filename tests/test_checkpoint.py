@@ -211,6 +211,17 @@ def test_bad_resume_and_export(base, tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(step2),
                             "--out", str(exported)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=rank_env())
     assert "not empty" in one_line_error(again)
+    # the spelling temperature is fitted on the run's held-out documents: export needs its data
+    moved = tmp_path / "moved" / "step2"
+    shutil.copytree(step2, moved)
+    state = json.loads((moved / "spellm_state.json").read_text())
+    state["run"]["data"] = [str(tmp_path / "moved.txt")]
+    (moved / "spellm_state.json").write_text(json.dumps(state))
+    gone = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(moved),
+                           "--out", str(tmp_path / "not-written")], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=rank_env())
+    assert f"the run's data {tmp_path / 'moved.txt'} is gone; restore it" in one_line_error(gone)
+    assert not (tmp_path / "not-written").exists()
 
 
 def test_extend_schedule_trains_on_from_a_finished_run(base, tmp_path):

@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.charset import END_ID, UNK_ID, Charset
 from spellm_ds.decoding import CharDecoder, Provenance, sample
+from spellm_ds.errors import SpellmError
 from spellm_ds.metrics import mean_head_entropy
 from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
 from spellm_ds.spelling import SpellingTable, read_string
@@ -90,6 +91,25 @@ def test_token_distribution_is_normalised_over_valid_tokens(table):
     assert torch.isinf(log_probs[:, ~table.canonical]).all()
     assert torch.equal(log_probs.argmax(-1), decoder.autocorrect(logits))
     assert torch.equal(sample(log_probs, top_k=1), log_probs.argmax(-1))
+
+
+def test_spelling_temperature_spreads_the_token_distribution_and_changes_no_decision(table):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(32, table.k, len(table.charset), generator=g) * torch.linspace(0.5, 6, 32).view(32, 1, 1)
+    plain, warm = CharDecoder(table, tau=0.5), CharDecoder(table, tau=0.5, temperature=2.5)
+    trained, tempered = plain.token_log_probs(logits), warm.token_log_probs(logits)
+    valid = table.canonical
+    assert torch.allclose(tempered[:, valid], torch.log_softmax(trained[:, valid] / 2.5, -1), atol=1e-5)
+    assert torch.allclose(tempered.logsumexp(-1), torch.zeros(32), atol=1e-5)
+    assert (tempered[:, valid].exp().max(-1).values < trained[:, valid].exp().max(-1).values).all()  # flatter
+    token_ids = torch.arange(32) * 7 % table.vocab_size
+    assert torch.allclose(warm.spelling_log_probs(logits, token_ids)[valid[token_ids]],
+                          tempered[valid[token_ids], token_ids[valid[token_ids]]], atol=1e-5)
+    for got, want in zip(warm.propose(logits), plain.propose(logits)):  # tokens, hits, fallback, entropy
+        assert torch.equal(got, want)
+    assert torch.equal(warm.autocorrect(logits), plain.autocorrect(logits))
+    with pytest.raises(SpellmError, match="temperature 0"):
+        CharDecoder(table, temperature=0)
 
 
 def test_fallback_rows_are_exactly_those_at_or_above_tau(table):
