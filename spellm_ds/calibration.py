@@ -37,6 +37,10 @@ class Calibration:
     positions: int  # held-out positions whose next token the heads can spell
     nll: dict[str, float]  # mean next-token NLL (nats) at each grid temperature, "1.0" as trained
 
+    def summary(self) -> str:
+        return (f"spelling temperature {self.temperature} (held-out next-token NLL under the char heads "
+                f"{self.nll['1.0']:.3f} -> {self.nll[str(self.temperature)]:.3f} nats over {self.positions} positions)")
+
 
 @torch.no_grad()
 def fit_spelling_temperature(model, blocks: torch.Tensor, batch_size: int = 4) -> Calibration:
@@ -68,8 +72,7 @@ def calibrate(model_dir: Path, blocks: torch.Tensor) -> Calibration:
     from spellm_ds.model import SpeLLMForCausalLM
 
     model = SpeLLMForCausalLM.from_pretrained(model_dir)
-    model.config.spelling_temperature = 1.0  # the fit reads the heads as trained
-    found = fit_spelling_temperature(model, blocks)
+    found = fit_spelling_temperature(model, blocks)  # reads the heads' scores, whatever T is recorded
     model.config.spelling_temperature = found.temperature
     model.config.save(model_dir)
     (model_dir / CALIBRATION_FILE).write_text(json.dumps(asdict(found), indent=2) + "\n")

@@ -253,9 +253,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     try:
         write_directory(staging, AutoConfig.from_pretrained(model_dir), run.spellm_config(),
                         Charset(tuple(state["charset"])), base_state, heads, tokenizer)
-        found = calibrate(staging, held_out)
-        print(f"spelling temperature {found.temperature} (held-out next-token NLL {found.nll['1.0']:.3f} -> "
-              f"{found.nll[str(found.temperature)]:.3f} nats over {found.positions} positions)", flush=True)
+        print(calibrate(staging, held_out).summary(), flush=True)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

@@ -112,6 +112,10 @@ CASES = [
                 str(f["root"] / "exported")], f"{R}/no_checkpoints"),
     (lambda f: ["launch/export.py", "--checkpoint", str(f["root"] / "no_checkpoints"), "--out",
                 str(f["root"] / "a_file")], f"{R}/a_file"),
+    # launch/calibrate.py
+    (lambda f: spellm_cli("launch/calibrate.py", f, "--max_tokens", "0"), "--max_tokens"),
+    (lambda f: ["launch/calibrate.py", "--model", str(f["base"])], "spellm_config.json"),
+    (lambda f: spellm_cli("launch/calibrate.py", f, "--data", str(f["root"] / "missing.txt")), f"{R}/missing.txt"),
     # analysis modules
     (lambda f: analysis("report", f, "--batch_size", "0", "--out", str(f["root"] / "report")), "--batch_size"),
     (lambda f: analysis("report", f, "--max_tokens", "0", "--out", str(f["root"] / "report")), "--max_tokens"),

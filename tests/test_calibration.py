@@ -1,6 +1,8 @@
 """The spelling temperature: its fit, its record in the model directory and its use when scoring."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,10 +11,11 @@ from transformers import AutoModelForCausalLM
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.calibration import CALIBRATION_FILE, TEMPERATURES, calibrate, fit_spelling_temperature
 from spellm_ds.charset import Charset
-from spellm_ds.data import pack
+from spellm_ds.data import load_texts, pack
 from spellm_ds.decoding import CharDecoder
 from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
 from tests import tiny
+from tests.distributed import ROOT, rank_env
 
 
 @pytest.fixture(scope="module", params=tiny.FAMILIES)
@@ -60,4 +63,22 @@ def test_calibrate_records_the_temperature_that_scoring_then_uses(overconfident)
     model = SpeLLMForCausalLM.from_pretrained(model_dir)
     assert model.config.spelling_temperature == found.temperature
     assert model.char_decoder().temperature == found.temperature
-    assert calibrate(model_dir, blocks).temperature == found.temperature  # refitting reads the heads as trained
+    assert calibrate(model_dir, blocks).temperature == found.temperature  # a refit ignores the recorded T
+
+
+def test_the_calibrate_command_fits_a_model_on_the_text_given(overconfident, tmp_path):
+    model_dir, _ = overconfident
+    texts = tiny.corpus_texts(120)[80:]
+    data = tmp_path / "held_out.txt"
+    data.write_text("\n\n".join(texts))
+    config = json.loads((model_dir / "spellm_config.json").read_text())
+    config["spelling_temperature"] = 1.0  # as exported before export fitted one
+    (model_dir / "spellm_config.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "launch/calibrate.py", "--model", str(model_dir), "--data", str(data),
+                             "--max_tokens", "512"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=rank_env())
+    assert result.returncode == 0, result.stderr
+    model = SpeLLMForCausalLM.from_pretrained(model_dir)
+    blocks = pack(load_texts([str(data)])["text"], model.tokenizer, 256, max_blocks=2)  # 512 tokens
+    expected = fit_spelling_temperature(model, blocks)
+    assert f"spelling temperature {expected.temperature} " in result.stdout
+    assert SpeLLMForCausalLM.from_pretrained(model_dir).config.spelling_temperature == expected.temperature > 1.5
