@@ -4,8 +4,8 @@
 
 The directory loads with ``SpeLLMForCausalLM.from_pretrained(DIR)``: the base model's frozen
 weights bit-identical, trained weights from the fp32 master copies, plus heads, charset, config,
-and the char heads' spelling temperature and unigram weight, fitted on the run's held-out blocks
-with the unigram counted on its training documents (the run's data must still be where it read it).
+and the char heads' spelling temperature, fitted on the run's held-out blocks (the run's data
+must still be where it read it).
 ``--checkpoint OUTPUT_DIR`` picks that run's latest complete checkpoint.
 """
 

@@ -211,20 +211,19 @@ def load_base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def calibration_blocks(run: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """What export calibrates on (:mod:`spellm_ds.calibration`): the run's evaluation blocks (its
-    first ``eval_blocks`` blocks of held-out documents) and all of its training documents' blocks."""
+def held_out_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
+    """The run's evaluation blocks: its first ``eval_blocks`` blocks of held-out documents."""
     for path in run.data or []:
         if not Path(path).exists():
-            raise SpellmError(f"the run's data {path} is gone; restore it (export calibrates the char heads' "
-                              "token distribution on the run's text)")
-    training, held_out = split_documents(load_texts(run.data, run.text_field)["text"], run.eval_fraction, run.seed)
-    return pack(held_out, tokenizer, run.seq_len, max_blocks=run.eval_blocks), pack(training, tokenizer, run.seq_len)
+            raise SpellmError(f"the run's data {path} is gone; restore it to export (the spelling temperature "
+                              "is fitted on the run's held-out documents)")
+    _, held_out = split_documents(load_texts(run.data, run.text_field)["text"], run.eval_fraction, run.seed)
+    return pack(held_out, tokenizer, run.seq_len, max_blocks=run.eval_blocks)
 
 
 def export(checkpoint: Path, out_dir: Path) -> Path:
-    """One process, no engine: a complete checkpoint -> an HF-format SpeLLM directory, its char
-    heads' token distribution calibrated on the run's text (:func:`calibration_blocks`)."""
+    """One process, no engine: a complete checkpoint -> an HF-format SpeLLM directory, its
+    spelling temperature fitted on the run's held-out blocks (:mod:`spellm_ds.calibration`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig
 
@@ -236,7 +235,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
         raise SpellmError(f"the base model {model_dir} of checkpoint {checkpoint} is gone; restore it to export")
     run = RunConfig(**saved_run(state))
     tokenizer = load_tokenizer(model_dir)
-    held_out, training = calibration_blocks(run, tokenizer)
+    held_out = held_out_blocks(run, tokenizer)
     trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
                                                        exclude_frozen_parameters=True)
     base_state = load_base_weights(model_dir)
@@ -254,7 +253,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     try:
         write_directory(staging, AutoConfig.from_pretrained(model_dir), run.spellm_config(),
                         Charset(tuple(state["charset"])), base_state, heads, tokenizer)
-        print(calibrate(staging, held_out, training).summary(), flush=True)
+        print(calibrate(staging, held_out).summary(), flush=True)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

@@ -13,17 +13,13 @@ Everything here is batched on the model's device. Per decode step:
 Valid tokens are the canonical token of each spelling (:class:`SpellingTable`): the ones a
 prediction can name. The char heads also define a proper token distribution, used for sampling and for scoring
 continuations: with ``s(v) = sum_j log p_j(spelling(v)_j)`` over j up to v's first END,
-``log p_T(v) = s(v) / T - logsumexp_u s(u) / T`` over the valid tokens u, mixed with the
-training text's unigram distribution ``q`` at weight ``w``: ``p(v) = (1 - w) p_T(v) + w q(v)``.
-The spelling temperature ``T`` and the unigram weight ``w`` (1 and 0 as trained;
-:mod:`spellm_ds.calibration` fits both after training) only reshape the distribution: argmax,
-AutoCorrect and the fallback rule do not depend on them. Sampling draws from ``p_T``: the unigram
-is a floor for scoring, and a token drawn from it would ignore the context.
+``log p(v) = s(v) / T - logsumexp_u s(u) / T`` over the valid tokens u. The spelling temperature
+``T`` (1 as trained; :mod:`spellm_ds.calibration` fits it after training) only spreads the
+distribution: argmax, AutoCorrect and the fallback rule do not depend on it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
@@ -63,43 +59,15 @@ def tempered_log_probs(read: torch.Tensor, scores: torch.Tensor, temperature: fl
     return read / temperature - torch.logsumexp(scores / temperature, -1)
 
 
-def mixed_log_probs(log_probs: torch.Tensor, unigram: torch.Tensor, weight: float) -> torch.Tensor:
-    """``log((1 - w) p + w q)`` from ``log p`` and ``log q`` of the same shape (``w`` 0: ``log p``)."""
-    if weight == 0:
-        return log_probs
-    return torch.logaddexp(log_probs + math.log1p(-weight), unigram + math.log(weight))
-
-
-def unigram_log_probs(table: SpellingTable, token_counts: torch.Tensor) -> torch.Tensor:
-    """``log q`` per token ``[V]``: the add-one smoothed frequency of each valid spelling in
-    ``token_counts`` (``[V]`` occurrences of each token id in training text), a token counting
-    for its spelling's canonical token and reading that token's ``q``; -inf when unspellable."""
-    owner = table.lookup(table.chars)  # [V] the canonical token of each token's spelling; -1 unspellable
-    spellable = owner >= 0
-    counts = torch.zeros(table.vocab_size, dtype=torch.float64, device=owner.device)
-    counts.index_add_(0, owner[spellable], token_counts.to(counts)[spellable])
-    valid = table.canonical
-    counts[valid] += 1
-    log_q = (counts / counts[valid].sum()).log().float().masked_fill(~valid, float("-inf"))
-    return torch.where(spellable, log_q[owner.clamp(min=0)], float("-inf"))
-
-
 class CharDecoder:
     """Maps char logits to tokens; holds the valid spellings on the model's device."""
 
-    def __init__(self, table: SpellingTable, tau: float | None = 0.22, temperature: float = 1.0,
-                 unigram_weight: float = 0.0, token_counts: torch.Tensor | None = None) -> None:
+    def __init__(self, table: SpellingTable, tau: float | None = 0.22, temperature: float = 1.0) -> None:
         if not temperature > 0:
             raise SpellmError(f"spelling temperature {temperature} must be > 0")
-        if not 0 <= unigram_weight < 1:
-            raise SpellmError(f"unigram weight {unigram_weight} must be in [0, 1)")
-        if unigram_weight > 0 and token_counts is None:
-            raise SpellmError("a unigram weight above 0 needs the training text's token counts")
         self.table = table
         self.tau = tau
         self.temperature = temperature
-        self.unigram_weight = unigram_weight
-        self.unigram = None if token_counts is None else unigram_log_probs(table, token_counts)  # [V] log q
         self.valid_ids = table.canonical.nonzero().squeeze(1)  # [N]
         valid_chars = table.chars[self.valid_ids]  # [N, k]
         # valid spellings with the characters after their first END pointing at an extra zero
@@ -114,8 +82,6 @@ class CharDecoder:
     def to(self, device: torch.device | str) -> CharDecoder:
         moved = CharDecoder.__new__(CharDecoder)
         moved.table, moved.tau, moved.temperature = self.table.to(device), self.tau, self.temperature
-        moved.unigram_weight = self.unigram_weight
-        moved.unigram = None if self.unigram is None else self.unigram.to(device)
         moved.valid_ids, moved.scored_pairs = self.valid_ids.to(device), self.scored_pairs.to(device)
         return moved
 
@@ -144,16 +110,12 @@ class CharDecoder:
         chars = self.table.chars[token_ids]
         return char_logp.gather(-1, chars.unsqueeze(-1)).squeeze(-1).masked_fill(after_first_end(chars), 0.0).sum(-1)
 
-    def token_log_probs(self, char_logits: torch.Tensor, smoothed: bool = True) -> torch.Tensor:
+    def token_log_probs(self, char_logits: torch.Tensor) -> torch.Tensor:
         """The char heads' token distribution over the full vocabulary ``[B, V]`` (fp32; -inf
-        for tokens no prediction can name); ``smoothed=False`` leaves out the unigram, as sampling
-        does: the unigram floors a score, but a token drawn from it ignores the context."""
+        for tokens no prediction can name)."""
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
-        log_probs = torch.log_softmax(scores / self.temperature, -1)
-        if self.unigram_weight and smoothed:
-            log_probs = mixed_log_probs(log_probs, self.unigram[self.valid_ids], self.unigram_weight)
         full = scores.new_full((scores.shape[0], self.table.vocab_size), float("-inf"))
-        return full.index_copy_(1, self.valid_ids, log_probs)
+        return full.index_copy_(1, self.valid_ids, torch.log_softmax(scores / self.temperature, -1))
 
     def spelling_log_probs(self, char_logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """log-prob of each token's spelling under the char heads' token distribution: ``[N, k, C]``
@@ -168,8 +130,6 @@ class CharDecoder:
 
     def _log_probs_of(self, char_logp: torch.Tensor, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         log_probs = tempered_log_probs(self.read_scores(char_logp, token_ids), scores, self.temperature)
-        if self.unigram_weight:
-            log_probs = mixed_log_probs(log_probs, self.unigram[token_ids], self.unigram_weight)
         return log_probs.masked_fill(~self.table.spellable[token_ids], float("-inf"))
 
     def autocorrect(self, char_logits: torch.Tensor) -> torch.Tensor:
@@ -311,7 +271,7 @@ def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperat
             return None, None
         fallback, hit = host[:batch], host[batch : 2 * batch]
         if do_sample:
-            ids = sample(decoder.token_log_probs(char_logits, smoothed=False), temperature, top_k, top_p, generator)
+            ids = sample(decoder.token_log_probs(char_logits), temperature, top_k, top_p, generator)
         else:
             ids = proposal.token_ids
             missed = (~hit & ~fallback).nonzero().squeeze(1)

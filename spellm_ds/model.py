@@ -6,9 +6,8 @@ regularisation loss and decoding falls back to it when the char heads are uncert
 
 A saved SpeLLM directory is an ordinary HF model directory (``config.json``,
 ``model.safetensors``, tokenizer) holding the student's full weights, plus ``char_heads.safetensors``,
-``spellm_config.json`` (k, trainable layers, head init, the teacher it came from, the fitted
-spelling temperature and unigram weight), ``charset.json`` and, once calibrated,
-``unigram.safetensors`` (the training text's token counts). It loads on one process without DeepSpeed.
+``spellm_config.json`` (k, trainable layers, head init, the teacher it came from) and
+``charset.json``. It loads on one process without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from spellm_ds.spelling import SpellingTable, model_vocab_size
 SPELLM_CONFIG_FILE = "spellm_config.json"
 HEADS_FILE = "char_heads.safetensors"
 BASE_WEIGHTS_FILE = "model.safetensors"
-UNIGRAM_FILE = "unigram.safetensors"
 
 
 @dataclass
@@ -55,9 +53,6 @@ class SpeLLMConfig:
     spelling_temperature: float = 1.0
     """The char heads' token distribution's temperature (scoring and sampling), fitted on held-out
     text at export (:mod:`spellm_ds.calibration`); 1: as trained."""
-    unigram_weight: float = 0.0
-    """The weight of the training text's unigram distribution mixed into the char heads' token
-    distribution, fitted with the temperature; its counts are in ``unigram.safetensors``."""
 
     def label_rule(self) -> LabelRule:
         return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)
@@ -171,7 +166,6 @@ class SpeLLMForCausalLM(nn.Module):
                                     config.readout_width).to(base.dtype)
         self.tokenizer = None
         self.spelling: SpellingTable | None = None
-        self.token_counts: torch.Tensor | None = None  # [V] the training text's, once calibrated
 
     # ----------------------------------------------------------------- training set-up
     def freeze_for_distillation(self) -> int:
@@ -263,11 +257,6 @@ class SpeLLMForCausalLM(nn.Module):
         base = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         model = cls(base, config, Charset.load(directory))
         model.char_heads.load_state_dict(load_file(directory / HEADS_FILE))
-        if (directory / UNIGRAM_FILE).is_file():
-            model.token_counts = load_file(directory / UNIGRAM_FILE)["token_counts"]
-        elif config.unigram_weight > 0:
-            raise SpellmError(f"{directory} has a unigram weight but no {UNIGRAM_FILE}; "
-                              "restore it or refit with launch/calibrate.py")
         model.attach_tokenizer(load_tokenizer(directory))
         return model.to(dtype).eval()
 
@@ -281,8 +270,7 @@ class SpeLLMForCausalLM(nn.Module):
     def char_decoder(self, tau: float | None = 0.22) -> CharDecoder:
         if self.spelling is None:
             raise SpellmError("this model has no tokenizer attached; call attach_tokenizer(tokenizer) first")
-        return CharDecoder(self.spelling, tau, self.config.spelling_temperature, self.config.unigram_weight,
-                           self.token_counts).to(self.base.device)
+        return CharDecoder(self.spelling, tau, self.config.spelling_temperature).to(self.base.device)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 64, tau: float | None = 0.22, **sampling) -> GenerationOutput:

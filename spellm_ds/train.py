@@ -36,7 +36,7 @@ Features
   collectives time out, so a dead rank ends the job instead of hanging it;
 - the run ends with an HF-format SpeLLM export in ``output_dir/model``, written by rank 0 after
   the process group is gone (no collective waits on it, however long it takes), the char heads'
-  token distribution calibrated there on the run's text (:mod:`spellm_ds.calibration`).
+  spelling temperature fitted there on the held-out blocks (:mod:`spellm_ds.calibration`).
 
 Limits
 - the teacher is a second full copy of the model in memory (ZeRO-3 shards it);

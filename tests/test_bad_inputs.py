@@ -116,8 +116,6 @@ CASES = [
     (lambda f: spellm_cli("launch/calibrate.py", f, "--max_tokens", "0"), "--max_tokens"),
     (lambda f: ["launch/calibrate.py", "--model", str(f["base"])], "spellm_config.json"),
     (lambda f: spellm_cli("launch/calibrate.py", f, "--data", str(f["root"] / "missing.txt")), f"{R}/missing.txt"),
-    (lambda f: spellm_cli("launch/calibrate.py", f, "--training_data", str(f["root"] / "missing.txt")),
-     f"{R}/missing.txt is gone"),
     # analysis modules
     (lambda f: analysis("report", f, "--batch_size", "0", "--out", str(f["root"] / "report")), "--batch_size"),
     (lambda f: analysis("report", f, "--max_tokens", "0", "--out", str(f["root"] / "report")), "--max_tokens"),

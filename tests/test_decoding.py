@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.charset import END_ID, UNK_ID, Charset
-from spellm_ds.decoding import CharDecoder, Provenance, generate, sample
+from spellm_ds.decoding import CharDecoder, Provenance, sample
 from spellm_ds.errors import SpellmError
 from spellm_ds.metrics import mean_head_entropy
 from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
@@ -112,48 +112,6 @@ def test_spelling_temperature_spreads_the_token_distribution_and_changes_no_deci
         CharDecoder(table, temperature=0)
 
 
-def test_the_unigram_is_counted_by_spelling_and_smoothed_over_the_valid_tokens(table):
-    counts = torch.randint(0, 50, (table.vocab_size,), generator=torch.Generator().manual_seed(2))
-    log_q = CharDecoder(table, token_counts=counts).unigram
-    valid = table.canonical
-    assert torch.allclose(log_q[valid].exp().sum().double(), torch.tensor(1.0, dtype=torch.float64), atol=1e-5)
-    assert torch.isinf(log_q[~table.spellable]).all()
-    total = int(counts[table.spellable].sum()) + int(valid.sum())  # add-one over the valid spellings
-    for v in table.spellable.nonzero().squeeze(1).tolist()[::7]:  # a token reads its spelling's count
-        same = (table.chars == table.chars[v]).all(-1) & table.spellable
-        assert log_q[v].exp().item() == pytest.approx((int(counts[same].sum()) + 1) / total, rel=1e-4)
-
-
-def test_the_unigram_mixture_floors_the_token_distribution_and_changes_no_decision(table):
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(32, table.k, len(table.charset), generator=g) * torch.linspace(0.5, 6, 32).view(32, 1, 1)
-    counts = torch.randint(0, 50, (table.vocab_size,), generator=g)
-    plain = CharDecoder(table, tau=0.5, temperature=2.0)
-    mixed = CharDecoder(table, tau=0.5, temperature=2.0, unigram_weight=0.3, token_counts=counts)
-    valid = table.canonical
-    want = (0.7 * plain.token_log_probs(logits)[:, valid].exp() + 0.3 * mixed.unigram[valid].exp()).log()
-    got = mixed.token_log_probs(logits)
-    assert torch.allclose(got[:, valid], want, atol=1e-5)
-    assert torch.allclose(got.logsumexp(-1), torch.zeros(32), atol=1e-5)
-    assert torch.equal(mixed.token_log_probs(logits, smoothed=False), plain.token_log_probs(logits))
-    assert (got[:, valid] >= mixed.unigram[valid] + torch.log(torch.tensor(0.3)) - 1e-5).all()  # the floor
-    token_ids = torch.arange(32) * 7 % table.vocab_size
-    scored = mixed.spelling_log_probs(logits, token_ids)
-    canonical = valid[token_ids]
-    assert torch.allclose(scored[canonical], got[canonical, token_ids[canonical]], atol=1e-5)
-    shadowed = (table.spellable & ~valid).nonzero().squeeze(1)[:4]  # a shadowed token scores as its spelling's owner
-    owners, rows = table.lookup(table.chars[shadowed]), logits[: len(shadowed)]
-    assert len(shadowed) > 0 and (owners != shadowed).all()
-    assert torch.allclose(mixed.spelling_log_probs(rows, shadowed), mixed.spelling_log_probs(rows, owners))
-    for got_, want_ in zip(mixed.propose(logits), plain.propose(logits)):
-        assert torch.equal(got_, want_)
-    assert torch.equal(mixed.autocorrect(logits), plain.autocorrect(logits))
-    for weight, given, message in ((1.0, counts, r"unigram weight 1.0 must be in \[0, 1\)"),
-                                   (-0.1, counts, "must be in"), (0.2, None, "token counts")):
-        with pytest.raises(SpellmError, match=message):
-            CharDecoder(table, unigram_weight=weight, token_counts=given)
-
-
 def test_fallback_rows_are_exactly_those_at_or_above_tau(table):
     logits = torch.randn(64, table.k, len(table.charset)) * torch.linspace(0.1, 8, 64).view(64, 1, 1)
     entropy = CharDecoder(table, tau=None).propose(logits).entropy
@@ -229,21 +187,6 @@ def test_batched_generation_equals_one_prompt_at_a_time(model):
         assert together.sequences[row, :n].tolist() == alone.sequences[0].tolist(), prompt
         assert together.provenance[row, :n].tolist() == alone.provenance[0].tolist(), prompt
     assert set(together.counts()) == {"exact", "autocorrected", "fallback"}
-
-
-def test_sampling_draws_from_the_heads_without_the_unigram(model):
-    """The unigram floors scores only: a sampled token comes from p_T, so a decoder with a heavy
-    unigram weight samples what the same decoder without it samples, draw for draw."""
-    ids = torch.randint(3, 60, (16, 5), generator=torch.Generator().manual_seed(4))
-    counts = torch.ones(model.spelling.vocab_size, dtype=torch.int64)
-    runs = []
-    for weight in (0.0, 0.9):
-        decoder = CharDecoder(model.spelling, None, 2.0, weight, counts)
-        out = generate(model, decoder, ids, max_new_tokens=6, do_sample=True,
-                       generator=torch.Generator().manual_seed(5))
-        runs.append(out.sequences)
-    assert torch.equal(runs[0], runs[1])
-    assert len(set(map(tuple, runs[0].tolist()))) > 1  # the draws are random, not greedy
 
 
 def test_spelling_log_probs_score_every_spellable_token_by_its_spelling(table):
