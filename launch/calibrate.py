@@ -17,7 +17,7 @@ from pathlib import Path
 from spellm_ds import cli
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.calibration import calibrate
-from spellm_ds.checkpoint import held_out_blocks
+from spellm_ds.checkpoint import run_eval_blocks
 from spellm_ds.config import RunConfig
 from spellm_ds.data import load_texts, pack
 from spellm_ds.errors import SpellmError
@@ -41,7 +41,7 @@ def main() -> None:
     if args.data:
         blocks = pack(load_texts(args.data, args.text_field)["text"], tokenizer, run.seq_len, max_blocks=run.eval_blocks)
     else:
-        blocks = held_out_blocks(run, tokenizer)
+        blocks = run_eval_blocks(run, tokenizer)
     if len(blocks) == 0:
         raise SpellmError(f"the held-out text is shorter than one {run.seq_len}-token block; add text with --data")
     print(calibrate(model_dir, blocks).summary())

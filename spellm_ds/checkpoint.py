@@ -211,7 +211,7 @@ def load_base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def held_out_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
+def run_eval_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
     """The run's evaluation blocks: its first ``eval_blocks`` blocks of held-out documents."""
     for path in run.data or []:
         if not Path(path).exists():
@@ -235,7 +235,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
         raise SpellmError(f"the base model {model_dir} of checkpoint {checkpoint} is gone; restore it to export")
     run = RunConfig(**saved_run(state))
     tokenizer = load_tokenizer(model_dir)
-    held_out = held_out_blocks(run, tokenizer)
+    held_out = run_eval_blocks(run, tokenizer)
     trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
                                                        exclude_frozen_parameters=True)
     base_state = load_base_weights(model_dir)

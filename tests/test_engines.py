@@ -171,7 +171,7 @@ def test_teacher_never_changes_and_export_reproduces_the_student(distillation, t
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).char_logits, expected, atol=1e-5)
     # the spelling temperature is fitted on the run's own evaluation blocks, and recorded
-    held_out = checkpoint.held_out_blocks(distillation.config, reloaded.tokenizer)
+    held_out = checkpoint.run_eval_blocks(distillation.config, reloaded.tokenizer)
     assert torch.equal(held_out, distillation.data.held_out[: distillation.config.eval_blocks])
     calibration = json.loads((exported / "calibration.json").read_text())
     assert calibration["positions"] > 0

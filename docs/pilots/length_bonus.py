@@ -23,7 +23,7 @@ import torch
 
 from analysis.common import paired_difference
 from spellm_ds import assets
-from spellm_ds.checkpoint import held_out_blocks
+from spellm_ds.checkpoint import run_eval_blocks
 from spellm_ds.config import RunConfig
 from spellm_ds.corpus import out_of_domain_texts
 from spellm_ds.data import pack
@@ -106,7 +106,7 @@ def main() -> None:
     model = SpeLLMForCausalLM.from_pretrained(sys.argv[1]).eval()
     texts = {
         "boolq_dev": pack(assets.held_out_texts(), model.tokenizer, 256, max_blocks=32),
-        "run_eval_blocks": held_out_blocks(RunConfig(), model.tokenizer),
+        "run_eval_blocks": run_eval_blocks(RunConfig(), model.tokenizer),
         "out_of_domain": pack(out_of_domain_texts(), model.tokenizer, 256, max_blocks=32),
     }
     results = {name: probe(model, blocks) for name, blocks in texts.items()}
