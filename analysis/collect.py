@@ -33,7 +33,7 @@ class Records:
     teacher_entropy: torch.Tensor  # [N]
     raw_chars: torch.Tensor  # [N, k] the predicted string (argmax chars ended at the first END)
     hit: torch.Tensor  # [N] bool: raw string is a valid spelling
-    autocorrected: torch.Tensor  # [N] token from lookup or AutoCorrect
+    autocorrected: torch.Tensor  # [N] the char path's token: lookup or AutoCorrect, or the re-ranked one (rerank_k)
     fallback_token: torch.Tensor  # [N] the student's LM head argmax
     student_entropy: torch.Tensor  # [N] mean per-head entropy
     label_chars: torch.Tensor  # [N, k] selected label (by the rule the model was trained with)
@@ -62,6 +62,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq_len", type=cli.positive_int, default=256, help="tokens per block (default: %(default)s)")
     parser.add_argument("--batch_size", type=cli.positive_int, default=4, help="blocks per forward (default: %(default)s)")
     cli.add_tau_arg(parser)
+    cli.add_rerank_arg(parser)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Analysis:
     records: Records
     table: SpellingTable
     tau: float
+    rerank_k: int  # 0: the paper's char path; else its tokens were re-ranked by the LM head
     teacher: str
     corpus_counts: torch.Tensor  # [V] token occurrences in the analysed text
     tokenizer: object
@@ -99,6 +101,7 @@ def collect(args: argparse.Namespace) -> Analysis:
     teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(teacher_name), dtype=torch.float32).eval()
     table = student.spelling
     decoder = student.char_decoder(args.tau)  # with the model's spelling temperature
+    lm_head = student.base.get_output_embeddings()
     blocks = held_out_blocks(student.tokenizer, args.data, args.text_field, args.seq_len, args.max_tokens)
     # The student's layers below the trainable ones are the recorded teacher's: share them,
     # unless another teacher was asked for.
@@ -113,15 +116,17 @@ def collect(args: argparse.Namespace) -> Analysis:
                                                   trunk_layer, with_token_logits=True, targets=targets)
         char_logits = out.char_logits.flatten(0, 1)
         proposal, heads_next_logp = decoder.propose_and_score(char_logits, targets.flatten())
+        char_path_token = (decoder.rerank(char_logits, out.hidden.flatten(0, 1), lm_head, args.rerank_k)
+                           if args.rerank_k else proposal.token_ids)
         lm_logp = torch.log_softmax(out.token_logits.float(), -1)
         parts.append(Records(
             top_ids=signal.top_ids.flatten(0, 1), top_probs=signal.top_probs.flatten(0, 1),
             teacher_entropy=signal.entropy.flatten(), raw_chars=read_string(char_logits), hit=proposal.hit,
-            autocorrected=proposal.token_ids, fallback_token=out.token_logits.flatten(0, 1).argmax(-1),
+            autocorrected=char_path_token, fallback_token=out.token_logits.flatten(0, 1).argmax(-1),
             student_entropy=proposal.entropy, label_chars=labels.chars.flatten(0, 1),
             label_valid=labels.valid.flatten(), next_ids=next_ids.flatten(),
             teacher_next_logp=signal.target_logp.flatten(),
             heads_next_logp=heads_next_logp,
             lm_next_logp=lm_logp.gather(-1, targets.unsqueeze(-1)).flatten()))
     counts = torch.bincount(blocks.flatten(), minlength=table.vocab_size)
-    return Analysis(Records.concat(parts), table, args.tau, teacher_name, counts, student.tokenizer)
+    return Analysis(Records.concat(parts), table, args.tau, args.rerank_k, teacher_name, counts, student.tokenizer)

@@ -1,7 +1,7 @@
 """Free-running agreement: greedy continuations of fixed prompts, teacher vs SpeLLM.
 
     python -m analysis.free_running --model DIR [--data FILE] [--prompts 50] [--new_tokens 64] [--tau 0.22] \\
-        --out free_running.json
+        [--rerank_k 16] --out free_running.json
 
 The match rates are teacher-forced: every position is scored from the teacher's own context. A
 converted model that generates feeds on its own tokens, so one early difference changes all that
@@ -56,14 +56,15 @@ def agreement(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def compute(student: SpeLLMForCausalLM, teacher, prompt_ids: torch.Tensor, new_tokens: int,
-            tau: float | None) -> dict:
-    """Teacher vs SpeLLM greedy continuations of ``prompt_ids`` (equal-length prompts, no padding)."""
+            tau: float | None, rerank_k: int = 0) -> dict:
+    """Teacher vs SpeLLM greedy continuations of ``prompt_ids`` (equal-length prompts, no padding);
+    ``rerank_k`` re-ranks the char heads' tokens in both variants."""
     eos = student.tokenizer.eos_token_id
     reference = decode_loop(teacher, lm_head_picker(teacher), prompt_ids, None, new_tokens, eos).sequences
     result: dict = {"prompts": len(prompt_ids), "prompt_tokens": prompt_ids.shape[1], "new_tokens": new_tokens,
-                    "tau": tau}
+                    "tau": tau, "rerank_k": rerank_k}
     for variant, variant_tau in (("raw", None), ("autocorrect_fallback", tau)):
-        out = student.generate(prompt_ids, max_new_tokens=new_tokens, tau=variant_tau)
+        out = student.generate(prompt_ids, max_new_tokens=new_tokens, tau=variant_tau, rerank_k=rerank_k)
         sequences = torch.nn.functional.pad(out.sequences, (0, reference.shape[1] - out.sequences.shape[1]),
                                             value=eos if eos is not None else -1)
         result[variant] = {**agreement(reference, sequences), "provenance": out.counts(),
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=cli.positive_int, default=64,
                         help="greedy tokens per continuation (default: %(default)s)")
     cli.add_tau_arg(parser)
+    cli.add_rerank_arg(parser)
     parser.add_argument("--out", required=True, help="JSON report path")
     args = parser.parse_args()
     out = Path(args.out)
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     teacher_dir = assets.resolve_model(args.teacher or student.config.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     prompt_ids = prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, args.prompt_tokens)
-    result = compute(student, teacher, prompt_ids, args.new_tokens, args.tau)
+    result = compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -16,7 +16,8 @@ from spellm_ds import cli
 
 def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     r = analysis.records
-    result: dict = {"teacher": analysis.teacher, "tau": analysis.tau, "positions": len(r), "k": analysis.table.k}
+    result: dict = {"teacher": analysis.teacher, "tau": analysis.tau, "rerank_k": analysis.rerank_k, "positions": len(r),
+                    "k": analysis.table.k}
     for variant in VARIANTS:
         result[variant] = {name: rate(flags) for name, flags in correct_flags(analysis, variant).items()}
     result["autocorrect_fallback"]["fallback_rate"] = rate(fallback_mask(analysis, analysis.tau))

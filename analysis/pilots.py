@@ -76,7 +76,8 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
     per-position columns (0/1 match flags; the next token's NLL under SpeLLM + fallback, NaN where
     not scored)."""
     analysis = collect(argparse.Namespace(model=str(model), data=args.data, text_field=args.text_field, teacher=None,
-                                          max_tokens=args.max_tokens, seq_len=256, batch_size=4, tau=args.tau))
+                                          max_tokens=args.max_tokens, seq_len=256, batch_size=4, tau=args.tau,
+                                          rerank_k=args.rerank_k))
     rates = match_rates.compute(analysis)
     flags = {}
     for variant, tau in [(v, None) for v in VARIANTS] + [("fallback_ceiling", 0.0)]:
@@ -95,7 +96,7 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
     student = SpeLLMForCausalLM.from_pretrained(model)
     teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(student.config.teacher)).eval()
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
-    free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau)
+    free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
     flags["free_running/agreed_tokens"] = torch.tensor(free["autocorrect_fallback"]["agreed_tokens"], dtype=torch.float64)
     return {"match_rates": rates["summary"], "fallback_rate": rates["summary"]["fallback_rate"],
             "likelihood": {"teacher_nll": next_token["teacher_nll"], "spellm": next_token["spellm"], "matched": matched},
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=cli.positive_int, default=50, help="free-running prompts")
     parser.add_argument("--new_tokens", type=cli.positive_int, default=64, help="free-running tokens per prompt")
     cli.add_tau_arg(parser)
+    cli.add_rerank_arg(parser)
     args = parser.parse_args()
     names = [name for name, _ in args.pilot]
     if len(set(names)) != len(names):
@@ -167,7 +169,7 @@ def main() -> None:
     from bench.common import commit
 
     results: dict = {"commit": commit(), "steps": args.steps, "held_out": args.data or "BoolQ dev passages", "positions": args.max_tokens,
-                     "tau": args.tau, "pilots": {}}
+                     "tau": args.tau, "rerank_k": args.rerank_k, "pilots": {}}
     baseline_flags = None
     for name, flags in args.pilot:
         model = run_pilot(out, name, flags, args.steps, args.ranks)

@@ -1,6 +1,7 @@
 """End-to-end greedy decoding speed: transformers, our loop with the LM head, SpeLLM, no head.
 
-    python -m bench.decode_speed --model SPELLM_DIR [--new_tokens 128] [--repeats 7] [--threads N] [--quick] [--out FILE]
+    python -m bench.decode_speed --model SPELLM_DIR [--new_tokens 128] [--repeats 7] [--threads N] [--tau 0.22]
+        [--rerank_k 16] [--quick] [--out FILE]
 
 Same prompts (BoolQ dev questions), batch 1 and 8, fp32 and bf16, every variant generating exactly
 ``--new_tokens`` tokens (EOS ignored), one warm-up and ``--repeats`` interleaved rounds, medians
@@ -10,6 +11,7 @@ with distribution-free 95% intervals, at one stated thread count:
   (3) spellm           our loop, SpeLLM char heads + AutoCorrect, no fallback (tau none)
   (4) spellm_fallback  our loop, SpeLLM with fallback at --tau (the fallback rate is reported)
   (5) loop_no_head     our loop with no output head at all (the upper bound of any head saving)
+  (6) spellm_rerank    with --rerank_k K only: (4) with the decided rows re-ranked by K LM-head rows
 Reported: tokens/s, ratios to (1) and (2), and each variant's gain over (2), the fair baseline
 (the same loop with the LM head), as a share of (5)'s, paired round by round. The output head's own
 time inside the loop (each step's token pick, from the last hidden state to the next ids) is timed
@@ -67,9 +69,9 @@ def timed(pick: TokenPicker, spent: list[float]) -> TokenPicker:
     return timed_pick
 
 
-def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, record: dict,
+def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, rerank_k: int, record: dict,
              head_seconds: dict[str, list[float]]):
-    """The five decoders; each run of (2)-(5) appends its output head's total time to ``head_seconds``."""
+    """The decoders; each run of (2)-(6) appends its output head's total time to ``head_seconds``."""
     base = model.base
     char_only, with_fallback_decoder = model.char_decoder(None), model.char_decoder(tau)  # built untimed
 
@@ -84,6 +86,7 @@ def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, r
             record[f"{name}_provenance"] = out.provenance
         return run
 
+    rerank = {"spellm_rerank": loop("spellm_rerank", spellm_picker(model, with_fallback_decoder, rerank_k=rerank_k))}
     return {
         "hf_generate": lambda: base.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                                              min_new_tokens=new_tokens, do_sample=False,
@@ -92,6 +95,7 @@ def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, r
         "spellm": loop("spellm", spellm_picker(model, char_only)),
         "spellm_fallback": loop("spellm_fallback", spellm_picker(model, with_fallback_decoder)),
         "loop_no_head": loop("loop_no_head", no_head_pick),
+        **(rerank if rerank_k else {}),
     }
 
 
@@ -125,6 +129,7 @@ def main() -> None:
                         help="interleaved rounds; at least 6 for a 95%% interval (default: %(default)s)")
     add_threads_arg(parser)
     cli.add_tau_arg(parser)
+    cli.add_rerank_arg(parser)
     parser.add_argument("--quick", action="store_true", help="a tiny random model, few tokens, for CI")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -150,7 +155,8 @@ def main() -> None:
             record: dict = {}
             head_seconds: dict[str, list[float]] = {}
             times = interleaved_times(variants(model, encoded["input_ids"], encoded["attention_mask"],
-                                               args.new_tokens, args.tau, record, head_seconds), args.repeats)
+                                               args.new_tokens, args.tau, args.rerank_k, record, head_seconds),
+                                      args.repeats)
             head_seconds = {name: spent[1:] for name, spent in head_seconds.items()}  # [0] was the warm-up
             speeds = {name: [batch * args.new_tokens / t for t in ts] for name, ts in times.items()}
             intervals = {name: median_interval(values) for name, values in speeds.items()}
@@ -170,10 +176,14 @@ def main() -> None:
                 "share_of_head_time_saved": paired_share(head_seconds),
                 "fallback_rate": rate(record["spellm_fallback_provenance"], Provenance.FALLBACK),
                 "autocorrected_rate": rate(record["spellm_provenance"], Provenance.AUTOCORRECTED),
+                **({"rerank_fallback_rate": rate(record["spellm_rerank_provenance"], Provenance.FALLBACK),
+                    "reranked_rate": rate(record["spellm_rerank_provenance"], Provenance.RERANKED)}
+                   if args.rerank_k else {}),
             })
             print(f"{setting}: " + ", ".join(f"{n} {t:.1f} tok/s" for n, t in tps.items()))
     write("decode_speed" + ("_quick" if args.quick else ""),
           {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats, "tau": args.tau,
+           "rerank_k": args.rerank_k,
            "threads": torch.get_num_threads(), "quick": args.quick}, results, args.out)
 
 

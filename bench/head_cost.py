@@ -1,6 +1,6 @@
 """Output-head cost per position: the LM head against SpeLLM's char-head path.
 
-    python -m bench.head_cost [--threads N] [--quick] [--out FILE]
+    python -m bench.head_cost [--threads N] [--rerank_k 16] [--quick] [--out FILE]
 
 Variants (all on the same hidden states, SmolLM2-135M dimensions: d=576, |V|=49152, k=10,
 |C|=105, the real SmolLM2 spelling table):
@@ -13,6 +13,8 @@ Variants (all on the same hidden states, SmolLM2-135M dimensions: d=576, |V|=491
   (f) decode path    (c) + entropy and fallback mask, no AutoCorrect: a step where every row hit
   (g) + read-out     (f) behind a residual MLP read-out of ``--readout_width`` (default 4d; beyond
                      the paper, see ``--readout_width`` of distill)
+  (h) + re-rank      (g) with every row re-ranked: its top ``--rerank_k`` spellings scored by as many
+                     LM-head rows (beyond the paper; ``--rerank_k`` of decoding)
 Batch sizes 1, 8, 64; fp32 and bf16; time per position and ratio to (a); every variant at the
 same stated thread count (``--threads``, default the cores).
 """
@@ -50,6 +52,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--readout_width", type=cli.positive_int, default=None,
                         help="width of the read-out timed in (g) (default: 4 x the hidden size)")
+    parser.add_argument("--rerank_k", type=cli.positive_int, default=16,
+                        help="spellings re-ranked per row in (h) (default: %(default)s)")
     add_threads_arg(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,6 +82,9 @@ def main() -> None:
                     "e_entropy": lambda: decoder.propose(heads(hidden)),
                     "f_decode_path": lambda: decoder.propose(heads(hidden), autocorrect=False),
                     "g_readout_decode_path": lambda: decoder.propose(with_readout(hidden), autocorrect=False),
+                    "h_rerank": lambda: (lambda logits: (decoder.propose(logits, autocorrect=False),
+                                                         decoder.rerank(logits, hidden, lm_head, args.rerank_k)))(
+                                                             with_readout(hidden)),
                 }
                 per_position = {name: median_seconds(fn, min_time) / batch for name, fn in variants.items()}
             base = per_position["a_lm_head"]
@@ -87,7 +94,7 @@ def main() -> None:
             print(f"{dtype} batch {batch}: " + ", ".join(f"{n} {base / t:.1f}x" for n, t in per_position.items()))
     write("head_cost" + ("_quick" if args.quick else ""),
           {"hidden": d, "vocab": vocab, "k": k, "charset": num_chars, "valid_spellings": int(table.canonical.sum()),
-           "readout_width": readout_width,
+           "readout_width": readout_width, "rerank_k": args.rerank_k,
            "threads": torch.get_num_threads(), "quick": args.quick}, results, args.out)
 
 

@@ -1,9 +1,9 @@
 """Generate text with a SpeLLM model's character heads.
 
-    python launch/generate.py --model DIR --prompt "The capital of France is" [--chat] [--tau 0.22]
+    python launch/generate.py --model DIR --prompt "The capital of France is" [--chat] [--tau 0.22] [--rerank_k 16]
 
 Prints the continuation of each prompt, then how many tokens were exact char-head hits,
-AutoCorrect repairs and LM-head fallbacks.
+AutoCorrect repairs, LM-head fallbacks and (with --rerank_k) LM-head re-rankings.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     cli.add_tau_arg(p)
+    cli.add_rerank_arg(p)
     p.add_argument("--max_new_tokens", type=cli.positive_int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=cli.positive_float, default=1.0)
@@ -44,7 +45,7 @@ def main() -> None:
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
     out = model.generate(batch["input_ids"], batch["attention_mask"], args.max_new_tokens, args.tau,
                          do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=torch.Generator().manual_seed(args.seed))
+                         generator=torch.Generator().manual_seed(args.seed), rerank_k=args.rerank_k)
     texts = [tokenizer.decode(row[row_origin >= 0], skip_special_tokens=True)
              for row, row_origin in zip(out.sequences, out.provenance)]
     if args.json:

@@ -8,7 +8,11 @@ Everything here is batched on the model's device. Per decode step:
    factorised heads (gathers from pairs of heads over the table of valid spellings: O(N k / 2), against
    the LM head's O(V d));
 3. **fallback** to the original LM head, for rows whose mean per-head entropy is at or above
-   ``tau`` (paper: 0.22; ``None`` disables it) or whose prediction holds an UNK character.
+   ``tau`` (paper: 0.22; ``None`` disables it) or whose prediction holds an UNK character;
+4. optionally (``rerank_k``, beyond the paper) **re-ranking**: on the rows the heads decide, the
+   LM head scores only the ``rerank_k`` valid spellings the heads score highest, and the best of
+   them is emitted. It reads ``rerank_k`` of the LM head's V rows (O(rerank_k d)), so the heads
+   still choose what can be said and the teacher's own logits order it; it replaces steps 1-2.
 
 Valid tokens are the canonical token of each spelling (:class:`SpellingTable`): the ones a
 prediction can name. The char heads also define a proper token distribution, used for sampling and for scoring
@@ -36,6 +40,7 @@ class Provenance(IntEnum):
     EXACT = 0  # the predicted string is a token's spelling
     AUTOCORRECTED = 1  # repaired to the most likely valid spelling
     FALLBACK = 2  # the original LM head decided
+    RERANKED = 3  # the LM head chose another of the heads' top-k spellings than the heads' own token
 
 
 class Proposal(NamedTuple):
@@ -136,6 +141,17 @@ class CharDecoder:
         """The valid token with the highest summed per-head log-probability, per row."""
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
         return self.valid_ids[scores.argmax(-1)]
+
+    def rerank(self, char_logits: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Linear, k: int) -> torch.Tensor:
+        """Per row, of the ``k`` valid tokens whose spellings the heads score highest, the one the
+        LM head scores highest (fp32): ``[B, k, C]`` char logits and ``[B, d]`` hidden states ->
+        ``[B]`` token ids. The logits come from ``k`` gathered rows of ``lm_head``, not all V."""
+        scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
+        candidates = self.valid_ids[scores.topk(min(k, scores.shape[1]), -1).indices]  # [B, k]
+        logits = (lm_head.weight[candidates].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
+        if lm_head.bias is not None:
+            logits = logits + lm_head.bias[candidates].float()
+        return candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
 
     def propose(self, char_logits: torch.Tensor, autocorrect: bool = True) -> Proposal:
         """Tokens from char logits ``[B, k, C]`` and which rows should fall back; no host sync.
@@ -249,17 +265,22 @@ def lm_head_picker(base) -> TokenPicker:
 
 def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, generator: torch.Generator | None = None, autocorrect: bool = True,
-                  eos_token_id: int | None = None) -> TokenPicker:
+                  eos_token_id: int | None = None, rerank_k: int = 0) -> TokenPicker:
     """The SpeLLM output head: char heads, lookup, AutoCorrect on missed rows only, and the LM
     head on fallback rows only.
 
     With ``autocorrect=False`` (greedy only) a string that is no token's spelling has no token to
     emit: the row ends there with ``eos_token_id`` (its provenance stays AUTOCORRECTED, marking
-    the miss). Its one device->host transfer per token carries the fallback and hit masks and the
-    previous step's finished flags (the stopping check) together.
+    the miss). With ``rerank_k`` (greedy only) every decided row takes :meth:`CharDecoder.rerank`'s
+    token: EXACT where it is the heads' argmax string, RERANKED otherwise. Its one device->host
+    transfer per token carries the fallback and hit masks and the previous step's finished flags
+    (the stopping check) together.
     """
     if not autocorrect and (do_sample or eos_token_id is None):
         raise ValueError("decoding without AutoCorrect is greedy and needs an eos_token_id to end a missed row")
+    if rerank_k and (do_sample or not autocorrect):
+        raise ValueError("re-ranking (rerank_k > 0) is greedy decoding that repairs every row: "
+                         "drop do_sample and autocorrect=False, or set rerank_k=0")
     lm_head = model.base.get_output_embeddings()
 
     def pick(hidden: torch.Tensor, finished: torch.Tensor):
@@ -270,8 +291,19 @@ def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperat
         if host[2 * batch:].all():
             return None, None
         fallback, hit = host[:batch], host[batch : 2 * batch]
+        origin = provenance(proposal)
         if do_sample:
             ids = sample(decoder.token_log_probs(char_logits), temperature, top_k, top_p, generator)
+        elif rerank_k:
+            ids = proposal.token_ids
+            decided = (~fallback).nonzero().squeeze(1)
+            if len(decided):
+                decided = decided.to(ids.device)
+                chosen = decoder.rerank(char_logits[decided], hidden[decided], lm_head, rerank_k)
+                ids, origin = ids.clone(), origin.clone()
+                ids[decided] = chosen
+                origin[decided] = torch.where(chosen == proposal.token_ids[decided], int(Provenance.EXACT),
+                                              int(Provenance.RERANKED))
         else:
             ids = proposal.token_ids
             missed = (~hit & ~fallback).nonzero().squeeze(1)
@@ -286,7 +318,7 @@ def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperat
             ids = ids.clone()
             ids[rows] = (sample(torch.log_softmax(token_logits, -1), temperature, top_k, top_p, generator)
                          if do_sample else token_logits.argmax(-1))
-        return ids, provenance(proposal)
+        return ids, origin
 
     return pick
 
@@ -294,7 +326,8 @@ def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperat
 def generate(model, decoder: CharDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              max_new_tokens: int = 64, eos_token_id: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, autocorrect: bool = True) -> GenerationOutput:
+             generator: torch.Generator | None = None, autocorrect: bool = True, rerank_k: int = 0) -> GenerationOutput:
     """Decode with the char heads (see :func:`spellm_picker`) over a KV cache."""
-    pick = spellm_picker(model, decoder, do_sample, temperature, top_k, top_p, generator, autocorrect, eos_token_id)
+    pick = spellm_picker(model, decoder, do_sample, temperature, top_k, top_p, generator, autocorrect, eos_token_id,
+                         rerank_k)
     return decode_loop(model.base, pick, input_ids, attention_mask, max_new_tokens, eos_token_id)

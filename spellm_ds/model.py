@@ -275,7 +275,8 @@ class SpeLLMForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 64, tau: float | None = 0.22, **sampling) -> GenerationOutput:
         """Greedy (or ``do_sample=True`` with temperature/top_k/top_p) decoding with the char
-        heads, AutoCorrect and entropy fallback; returns new ids and each token's provenance."""
+        heads, AutoCorrect and entropy fallback (``rerank_k=K``: greedy, re-ranked by the LM head;
+        :func:`spellm_ds.decoding.spellm_picker`); returns new ids and each token's provenance."""
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         return generate(self, self.char_decoder(tau), input_ids, attention_mask, max_new_tokens,
                         eos_token_id=sampling.pop("eos_token_id", eos), **sampling)

@@ -49,7 +49,7 @@ def make(table, tokenizer, rows, tau=0.5, next_token=None):
         label_valid=torch.ones(n, dtype=torch.bool), next_ids=torch.as_tensor(next_ids),
         teacher_next_logp=torch.as_tensor(teacher_logp), heads_next_logp=torch.as_tensor(heads_logp),
         lm_next_logp=torch.as_tensor(lm_logp))
-    return Analysis(records, table, tau, "teacher", torch.zeros(table.vocab_size), None)
+    return Analysis(records, table, tau, 0, "teacher", torch.zeros(table.vocab_size), None)
 
 
 CANDS = [" the", " cafe", "hello", " x", "123"]
@@ -201,9 +201,11 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
 
     blocks = held_out_blocks(load_tokenizer(base_dir), [str(data)], "text", 64, 600)
     with torch.no_grad():
-        logp = torch.log_softmax(AutoModelForCausalLM.from_pretrained(base_dir)(blocks).logits[:, :-1].float(), -1)
+        teacher_logits = AutoModelForCausalLM.from_pretrained(base_dir)(blocks).logits.float()
+    logp = torch.log_softmax(teacher_logits[:, :-1], -1)
     nexts = blocks[:, 1:]
-    teacher_nll = -logp.gather(-1, nexts.unsqueeze(-1)).squeeze(-1)[SpeLLMForCausalLM.from_pretrained(tmp_path / "spellm").spelling.spellable[nexts]]
+    table = SpeLLMForCausalLM.from_pretrained(tmp_path / "spellm").spelling
+    teacher_nll = -logp.gather(-1, nexts.unsqueeze(-1)).squeeze(-1)[table.spellable[nexts]]
     lik = report["likelihood"]
     assert lik["positions"] == 10 * 63 and lik["scored"] == len(teacher_nll)
     assert lik["teacher_nll"] == pytest.approx(teacher_nll.mean().item(), rel=1e-4)
@@ -212,3 +214,13 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
     assert lik["heads_everywhere"]["vs_teacher"]["diff"] > 1  # random char heads
     never_lik = json.loads((tmp_path / "never" / "report.json").read_text())["likelihood"]
     assert never_lik["spellm"]["nll"] == pytest.approx(never_lik["heads_everywhere"]["nll"])
+    # re-ranking every valid spelling by the student's LM head, which is still the teacher's: the
+    # char path names the teacher's best nameable token
+    module("match_rates", "--tau", "none", "--rerank_k", "1000000", "--out", str(tmp_path / "reranked.json"))
+    reranked = json.loads((tmp_path / "reranked.json").read_text())
+    top1 = teacher_logits.argmax(-1).flatten()
+    named = teacher_logits.masked_fill(~table.canonical, float("-inf")).argmax(-1).flatten()
+    expected = ((table.chars[named] == table.chars[top1]).all(-1) & table.spellable[top1]).double().mean().item()
+    assert reranked["rerank_k"] == 1000000 and expected > 0.5
+    assert reranked["autocorrect"]["exact_or_prefix"]["rate"] == pytest.approx(expected)
+    assert reranked["raw"] == json.loads((tmp_path / "match_rates.json").read_text())["raw"]  # raw is not re-ranked

@@ -34,24 +34,28 @@ def test_head_cost(tmp_path):
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8, 64)}
     for row in results:
         assert set(row["seconds_per_position"]) == {"a_lm_head", "b_char_heads", "c_lookup", "d_autocorrect",
-                                                    "e_entropy", "f_decode_path", "g_readout_decode_path"}
+                                                    "e_entropy", "f_decode_path", "g_readout_decode_path",
+                                                    "h_rerank"}
         assert all(positive(v) for v in row["seconds_per_position"].values())
         seconds = row["seconds_per_position"]
         assert row["speedup_vs_lm_head"] == pytest.approx({n: seconds["a_lm_head"] / s for n, s in seconds.items()})
 
 
 def test_decode_speed(tmp_path):
-    document = run_bench("decode_speed", tmp_path, "--threads", "1")
+    document = run_bench("decode_speed", tmp_path, "--threads", "1", "--rerank_k", "4")
     assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == 1
+    assert document["settings"]["rerank_k"] == 4
     results = document["results"]
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8)}
     for row in results:
-        assert set(row["tokens_per_s"]) == {"hf_generate", "loop_lm_head", "spellm", "spellm_fallback", "loop_no_head"}
+        assert set(row["tokens_per_s"]) == {"hf_generate", "loop_lm_head", "spellm", "spellm_fallback", "loop_no_head",
+                                            "spellm_rerank"}
         assert all(positive(v) for v in row["tokens_per_s"].values())
         for name, interval in row["tokens_per_s_interval"].items():
             assert interval["low"] <= interval["median"] == row["tokens_per_s"][name] <= interval["high"]
         assert 0.0 <= row["fallback_rate"] <= 1.0 and 0.0 <= row["autocorrected_rate"] <= 1.0
-        loops = {"loop_lm_head", "spellm", "spellm_fallback", "loop_no_head"}
+        assert 0.0 <= row["rerank_fallback_rate"] <= 1.0 and 0.0 <= row["reranked_rate"] <= 1.0
+        loops = {"loop_lm_head", "spellm", "spellm_fallback", "loop_no_head", "spellm_rerank"}
         assert set(row["head_ms_per_step"]) == set(row["share_of_head_time_saved"]) == loops
         assert all(positive(interval["median"]) for interval in row["head_ms_per_step"].values())
         saved = row["share_of_head_time_saved"]

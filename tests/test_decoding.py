@@ -163,7 +163,15 @@ def test_constructed_heads_generate_the_known_sequence(model):
     out = spellm.generate(torch.tensor([[sequence[0]]]), max_new_tokens=7, tau=0.22, eos_token_id=None)
     assert out.sequences[0].tolist() == sequence[1:]
     assert (out.provenance == Provenance.EXACT).all()
-    assert out.counts() == {"exact": 7, "autocorrected": 0, "fallback": 0}
+    assert out.counts() == {"exact": 7, "autocorrected": 0, "fallback": 0, "reranked": 0}
+    # re-ranking the heads' best spelling alone changes nothing but keeps the LM head out of it
+    assert torch.equal(spellm.generate(torch.tensor([[sequence[0]]]), max_new_tokens=7, tau=0.22, eos_token_id=None,
+                                       rerank_k=1).sequences, out.sequences)
+    # among more spellings the LM head (here random) may choose others: each is marked RERANKED
+    reranked = spellm.generate(torch.tensor([[sequence[0]]]), max_new_tokens=1, tau=None, eos_token_id=None,
+                               rerank_k=50)
+    first_choice = reranked.sequences[0, 0].item()
+    assert (reranked.provenance[0, 0] == Provenance.EXACT) == (first_choice == sequence[1])
 
 
 def test_tau_zero_is_greedy_decoding_with_the_token_head(model):
@@ -186,7 +194,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(model):
         n = alone.sequences.shape[1]
         assert together.sequences[row, :n].tolist() == alone.sequences[0].tolist(), prompt
         assert together.provenance[row, :n].tolist() == alone.provenance[0].tolist(), prompt
-    assert set(together.counts()) == {"exact", "autocorrected", "fallback"}
+    assert set(together.counts()) == {"exact", "autocorrected", "fallback", "reranked"}
 
 
 def test_spelling_log_probs_score_every_spellable_token_by_its_spelling(table):
@@ -246,3 +254,35 @@ def test_decoding_without_autocorrect_stops_at_the_first_miss(model):
             assert raw.provenance[row, first_miss].item() == Provenance.AUTOCORRECTED
     with pytest.raises(ValueError, match="greedy"):
         model.generate(*args, tau=None, eos_token_id=eos, autocorrect=False, do_sample=True)
+
+
+def test_rerank_is_the_lm_heads_argmax_among_the_heads_top_k_spellings(table):
+    decoder = CharDecoder(table, tau=None)
+    g = torch.Generator().manual_seed(0)
+    rows, width = 64, 12
+    logits = torch.randn(rows, table.k, len(table.charset), generator=g) * 3
+    hidden = torch.randn(rows, width, generator=g)
+    lm_head = torch.nn.Linear(width, table.vocab_size)
+    torch.nn.init.normal_(lm_head.bias, std=1.0, generator=g)
+    scores = decoder.spelling_scores(torch.log_softmax(logits, -1))
+    token_logits = lm_head(hidden)
+    for k in (1, 5, 40):
+        chosen = decoder.rerank(logits, hidden, lm_head, k)
+        for row in range(rows):
+            candidates = decoder.valid_ids[scores[row].argsort(descending=True)[:k]]
+            assert chosen[row].item() == candidates[token_logits[row, candidates].argmax()].item()
+    assert torch.equal(decoder.rerank(logits, hidden, lm_head, 1), decoder.autocorrect(logits))
+    # every valid spelling a candidate: the LM head's greedy choice among the tokens the heads can name
+    everything = decoder.rerank(logits, hidden, lm_head, len(decoder.valid_ids) + 10)
+    assert torch.equal(everything, token_logits.masked_fill(~table.canonical, float("-inf")).argmax(-1))
+
+
+def test_rerank_is_greedy_and_repairs_every_row(model):
+    ids = torch.tensor([[5, 17, 42, 9]])
+    for refused in ({"do_sample": True}, {"autocorrect": False, "eos_token_id": 0}):
+        with pytest.raises(ValueError, match="re-ranking"):
+            model.generate(ids, max_new_tokens=2, rerank_k=4, **refused)
+    # tau 0: the LM head decides every row, so re-ranking never runs
+    everywhere = model.generate(ids, max_new_tokens=6, tau=0.0, eos_token_id=None, rerank_k=4)
+    assert torch.equal(everywhere.sequences, model.generate(ids, max_new_tokens=6, tau=0.0, eos_token_id=None).sequences)
+    assert (everywhere.provenance == Provenance.FALLBACK).all()

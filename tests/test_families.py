@@ -91,3 +91,31 @@ def test_train_attention_adds_exactly_the_top_layers_attention(family_dir):
     out = model(torch.randint(0, 50, (1, 8)))
     out.char_logits.float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attention(layers[-1]).parameters())
+
+
+def test_rerank_over_every_spelling_is_greedy_decoding_over_the_nameable_tokens(family_dir):
+    """With every valid spelling a candidate, re-ranked decoding is the LM head's greedy choice
+    among the tokens the char heads can name (never a padding row); its provenance marks each
+    token that is not the heads' own argmax string."""
+    from spellm_ds.decoding import Provenance, decode_loop
+
+    base = AutoModelForCausalLM.from_pretrained(family_dir)
+    student = SpeLLMForCausalLM(base, SpeLLMConfig(k=6), Charset.default())
+    torch.manual_seed(0)
+    torch.nn.init.normal_(student.char_heads.proj.weight, std=0.3)
+    student.attach_tokenizer(load_tokenizer(family_dir))
+    student.eval()
+    nameable = student.spelling.canonical
+    lm_head = base.get_output_embeddings()
+
+    def masked_greedy(hidden, finished):
+        logits = lm_head(hidden).float().masked_fill(~nameable, float("-inf"))
+        return logits.argmax(-1), torch.zeros_like(finished, dtype=torch.long)
+
+    ids = torch.randint(0, len(student.tokenizer), (3, 7), generator=torch.Generator().manual_seed(1))
+    out = student.generate(ids, max_new_tokens=12, tau=None, eos_token_id=None, rerank_k=int(nameable.sum()))
+    expected = decode_loop(base, masked_greedy, ids, None, 12).sequences
+    assert torch.equal(out.sequences, expected)
+    assert nameable[out.sequences].all()
+    assert (out.provenance == Provenance.RERANKED).any()  # random heads rarely spell the LM head's choice
+    assert ((out.provenance == Provenance.EXACT) | (out.provenance == Provenance.RERANKED)).all()
