@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args()
+    if args.sample and args.rerank_k:
+        raise SpellmError("--rerank_k re-ranks greedy decoding only; drop --sample or --rerank_k")
     model = SpeLLMForCausalLM.from_pretrained(args.model)
     tokenizer = model.tokenizer
     if args.chat and not tokenizer.chat_template:

@@ -101,6 +101,8 @@ CASES = [
     (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--temperature", "0"), "--temperature"),
     (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--max_new_tokens", "0"), "--max_new_tokens"),
     (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--tau", "-1"), "--tau"),
+    (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--rerank_k", "-2"), "--rerank_k"),
+    (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--sample", "--rerank_k", "4"), "--rerank_k"),
     (lambda f: ["launch/generate.py", "--model", str(f["base"]), "--prompt", "x"], "spellm_config.json"),
     # launch/evaluate.py
     (lambda f: spellm_cli("launch/evaluate.py", f, "--batch_size", "0"), "--batch_size"),

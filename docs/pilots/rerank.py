@@ -1,0 +1,91 @@
+"""Probe: how much does re-ranking the char heads' top-K spellings by the LM head agree with the teacher?
+
+    PYTHONPATH=. python docs/pilots/rerank.py runs/smollm2-135m/model docs/pilots/rerank.json
+
+For each K, every position's char-path token is :meth:`CharDecoder.rerank`'s (``--rerank_k K`` of
+decoding) instead of the lookup or AutoCorrect, and is compared with the teacher's top-1 by
+spelling, paired with the shipped decoding on the same positions: with no fallback, with fallback
+at tau 0.22, and at fallback budgets that send the highest-entropy share of positions to the LM
+head (counted as agreeing: the default recipe's LM head reads the teacher's own state). "recall"
+is the share of positions whose teacher top-1 is among the K candidates (what re-ranking can reach
+at most). Also: the smallest fallback rate at which each reaches 95% agreement (the entropy rule).
+Positions whose teacher token is unspellable are left out. Texts: BoolQ dev and the out-of-domain
+source, 32 blocks of 256 tokens each (the reports' 8,192 positions).
+"""
+
+import json
+import sys
+
+import torch
+
+from analysis.common import paired_difference
+from spellm_ds import assets
+from spellm_ds.corpus import out_of_domain_texts
+from spellm_ds.data import pack
+from spellm_ds.model import SpeLLMForCausalLM
+
+KS = (1, 2, 4, 8, 16, 32, 64)
+BUDGETS = (0.05, 0.1, 0.15, 0.3)
+TARGET = 0.95
+
+
+@torch.no_grad()
+def probe(model, blocks: torch.Tensor) -> dict:
+    decoder = model.char_decoder(0.22)
+    table, lm_head = decoder.table, model.base.get_output_embeddings()
+    entropy, fallback, shipped, recall, reranked = [], [], [], {k: [] for k in KS}, {k: [] for k in KS}
+    for batch in blocks.split(4):
+        out = model(input_ids=batch, with_token_logits=True)
+        hidden, char_logits = out.hidden.flatten(0, 1), out.char_logits.flatten(0, 1).float()
+        teacher_top1 = out.token_logits.flatten(0, 1).float().argmax(-1)
+        spellable = table.spellable[teacher_top1]
+        hidden, char_logits, want = hidden[spellable], char_logits[spellable], table.chars[teacher_top1[spellable]]
+        proposal = decoder.propose(char_logits)
+        entropy.append(proposal.entropy), fallback.append(proposal.fallback)
+        shipped.append((table.chars[proposal.token_ids] == want).all(-1))
+        scores = decoder.spelling_scores(torch.log_softmax(char_logits, -1))
+        top = decoder.valid_ids[scores.topk(max(KS), -1).indices]
+        for k in KS:
+            recall[k].append((table.chars[top[:, :k]] == want[:, None]).all(-1).any(-1))
+            reranked[k].append((table.chars[decoder.rerank(char_logits, hidden, lm_head, k)] == want).all(-1))
+    entropy, fallback, shipped = torch.cat(entropy), torch.cat(fallback), torch.cat(shipped)
+    budgets = {budget: entropy >= torch.quantile(entropy, 1 - budget) for budget in BUDGETS}
+    thresholds = torch.quantile(entropy, torch.linspace(0, 1, 201)).tolist()
+
+    def summary(agrees: torch.Tensor) -> dict:
+        row = {"no_fallback": float(agrees.float().mean()), "tau_0.22": float((agrees | fallback).float().mean()),
+               "tau_0.22_vs_shipped": paired_difference(agrees | fallback, shipped | fallback)}
+        for budget, falls in budgets.items():
+            row[f"budget_{budget}"] = float((agrees | falls).float().mean())
+            row[f"budget_{budget}_vs_shipped"] = paired_difference(agrees | falls, shipped | falls)
+        reaching = [float((entropy >= t).float().mean()) for t in thresholds if float(((entropy >= t) | agrees).float().mean()) >= TARGET]
+        row[f"fallback_rate_for_{TARGET}"] = min(reaching) if reaching else None
+        return row
+
+    result = {"positions": len(shipped), "fallback_rate_at_tau_0.22": float(fallback.float().mean()),
+              "shipped": summary(shipped), "rerank": {}}
+    for k in KS:
+        agrees = torch.cat(reranked[k])
+        result["rerank"][str(k)] = {"recall": float(torch.cat(recall[k]).float().mean()), **summary(agrees),
+                                    "no_fallback_vs_shipped": paired_difference(agrees, shipped)}
+    return result
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = SpeLLMForCausalLM.from_pretrained(sys.argv[1]).eval()
+    texts = {"boolq_dev": pack(assets.held_out_texts(), model.tokenizer, 256, max_blocks=32),
+             "out_of_domain": pack(out_of_domain_texts(), model.tokenizer, 256, max_blocks=32)}
+    results = {name: probe(model, blocks) for name, blocks in texts.items()}
+    json.dump({"model": sys.argv[1], "results": results}, open(sys.argv[2], "w"), indent=2)
+    for name, result in results.items():
+        rows = {"shipped": result["shipped"], **{f"K {k}": row for k, row in result["rerank"].items()}}
+        print(f"{name}: {result['positions']} positions, {result['fallback_rate_at_tau_0.22']:.3f} fall back at tau 0.22")
+        for label, row in rows.items():
+            print(f"  {label}: recall {row.get('recall', float('nan')):.4f} no fallback {row['no_fallback']:.4f} "
+                  f"tau 0.22 {row['tau_0.22']:.4f} " + " ".join(f"b{b} {row[f'budget_{b}']:.4f}" for b in BUDGETS)
+                  + f" fallback for {TARGET}: {row[f'fallback_rate_for_{TARGET}']}")
+
+
+if __name__ == "__main__":
+    main()
