@@ -1,6 +1,6 @@
 """Probe: how much does re-ranking the char heads' top-K spellings by the LM head agree with the teacher?
 
-    PYTHONPATH=. python docs/pilots/rerank.py runs/smollm2-135m/model docs/pilots/rerank.json
+    PYTHONPATH=. python docs/pilots/rerank.py docs/pilots/rerank.json runs/smollm2-135m/model [MODEL ...]
 
 For each K, every position's char-path token is :meth:`CharDecoder.rerank`'s (``--rerank_k K`` of
 decoding) instead of the lookup or AutoCorrect, and is compared with the teacher's top-1 by
@@ -10,7 +10,10 @@ head (counted as agreeing: the default recipe's LM head reads the teacher's own 
 is the share of positions whose teacher top-1 is among the K candidates (what re-ranking can reach
 at most). Also: the smallest fallback rate at which each reaches 95% agreement (the entropy rule).
 Positions whose teacher token is unspellable are left out. Texts: BoolQ dev and the out-of-domain
-source, 32 blocks of 256 tokens each (the reports' 8,192 positions).
+source, 32 blocks of 256 tokens each (the reports' 8,192 positions). With several models (of one
+tokenizer), each after the first is also paired with the first on the same positions
+(``vs_first``: K = 16 and shipped, with no fallback and at each budget, each model's budget
+taken by its own entropy).
 """
 
 import json
@@ -25,12 +28,14 @@ from spellm_ds.data import pack
 from spellm_ds.model import SpeLLMForCausalLM
 
 KS = (1, 2, 4, 8, 16, 32, 64)
+PAIRED_K = 16
 BUDGETS = (0.05, 0.1, 0.15, 0.3)
 TARGET = 0.95
 
 
 @torch.no_grad()
-def probe(model, blocks: torch.Tensor) -> dict:
+def probe(model, blocks: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The summary of one model on one text, and its per-position 0/1 columns for pairing."""
     decoder = model.char_decoder(0.22)
     table, lm_head = decoder.table, model.base.get_output_embeddings()
     entropy, fallback, shipped, recall, reranked = [], [], [], {k: [] for k in KS}, {k: [] for k in KS}
@@ -68,19 +73,39 @@ def probe(model, blocks: torch.Tensor) -> dict:
         agrees = torch.cat(reranked[k])
         result["rerank"][str(k)] = {"recall": float(torch.cat(recall[k]).float().mean()), **summary(agrees),
                                     "no_fallback_vs_shipped": paired_difference(agrees, shipped)}
-    return result
+    columns = {}
+    for name, agrees in (("shipped", shipped), (f"rerank_{PAIRED_K}", torch.cat(reranked[PAIRED_K]))):
+        columns[f"{name}/no_fallback"] = agrees
+        for budget, falls in budgets.items():
+            columns[f"{name}/budget_{budget}"] = agrees | falls
+    return result, columns
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    model = SpeLLMForCausalLM.from_pretrained(sys.argv[1]).eval()
-    texts = {"boolq_dev": pack(assets.held_out_texts(), model.tokenizer, 256, max_blocks=32),
-             "out_of_domain": pack(out_of_domain_texts(), model.tokenizer, 256, max_blocks=32)}
-    results = {name: probe(model, blocks) for name, blocks in texts.items()}
-    json.dump({"model": sys.argv[1], "results": results}, open(sys.argv[2], "w"), indent=2)
+    out, paths = sys.argv[1], sys.argv[2:]
+    document: dict = {"models": paths, "results": {}, "vs_first": {}}
+    first: dict[str, dict[str, torch.Tensor]] = {}
+    for path in paths:
+        model = SpeLLMForCausalLM.from_pretrained(path).eval()
+        texts = {"boolq_dev": pack(assets.held_out_texts(), model.tokenizer, 256, max_blocks=32),
+                 "out_of_domain": pack(out_of_domain_texts(), model.tokenizer, 256, max_blocks=32)}
+        scored = {name: probe(model, blocks) for name, blocks in texts.items()}
+        document["results"][path] = {name: result for name, (result, _) in scored.items()}
+        if not first:
+            first = {name: columns for name, (_, columns) in scored.items()}
+        else:
+            document["vs_first"][path] = {name: {key: paired_difference(column, first[name][key])
+                                                 for key, column in columns.items()}
+                                          for name, (_, columns) in scored.items()}
+        report(path, document["results"][path])
+    json.dump(document, open(out, "w"), indent=2)
+
+
+def report(path: str, results: dict) -> None:
     for name, result in results.items():
         rows = {"shipped": result["shipped"], **{f"K {k}": row for k, row in result["rerank"].items()}}
-        print(f"{name}: {result['positions']} positions, {result['fallback_rate_at_tau_0.22']:.3f} fall back at tau 0.22")
+        print(f"{path}, {name}: {result['positions']} positions, {result['fallback_rate_at_tau_0.22']:.3f} fall back "
+              "at tau 0.22")
         for label, row in rows.items():
             print(f"  {label}: recall {row.get('recall', float('nan')):.4f} no fallback {row['no_fallback']:.4f} "
                   f"tau 0.22 {row['tau_0.22']:.4f} " + " ".join(f"b{b} {row[f'budget_{b}']:.4f}" for b in BUDGETS)
