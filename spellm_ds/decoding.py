@@ -40,7 +40,7 @@ class Provenance(IntEnum):
     EXACT = 0  # the predicted string is a token's spelling
     AUTOCORRECTED = 1  # repaired to the most likely valid spelling
     FALLBACK = 2  # the original LM head decided
-    RERANKED = 3  # the LM head chose another of the heads' top-k spellings than the heads' own token
+    RERANKED = 3  # re-ranking (rerank_k) emitted a token that is not the heads' argmax string
 
 
 class Proposal(NamedTuple):

@@ -11,8 +11,9 @@
   ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there
   (re-ranked with ``rerank_k``, which changes no score).
 - ``generate_until``: the project's :meth:`~spellm_ds.model.SpeLLMForCausalLM.generate` (greedy or
-  sampled; ``autocorrect=false`` ends a row at a string that is no token; ``rerank_k=K`` re-ranks the
-  decided rows by the LM head, greedy only), ``batch_size`` left-padded prompts at a time. Token provenance counts (exact / AutoCorrect / fallback) are kept in
+  sampled; ``autocorrect=false`` ends a row at a string that is no token; ``rerank_k=K`` re-ranks
+  the decided rows by the LM head, greedy only), ``batch_size`` left-padded prompts at a time.
+  Token provenance counts (exact / AutoCorrect / fallback / re-ranked) are kept in
   :attr:`SpeLLMEvalModel.provenance` and logged.
 
 The teacher is evaluated with ``lm_eval``'s own ``hf`` model on the same tasks.
@@ -178,12 +179,12 @@ class SpeLLMEvalModel(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         max_new_tokens = int(gen_kwargs.pop("max_gen_toks", 256))
         sampling = {"do_sample": bool(gen_kwargs.pop("do_sample", False))}
-        if sampling["do_sample"] and self.rerank_k:
-            raise SpellmError("this task samples, and rerank_k re-ranks greedy decoding only; drop rerank_k")
         if sampling["do_sample"]:
             sampling.update({key: gen_kwargs.pop(key) for key in ("temperature", "top_k", "top_p") if key in gen_kwargs})
         elif float(gen_kwargs.pop("temperature", 0.0) or 0.0) > 0:
             sampling["do_sample"] = True  # lm_eval's convention: a temperature asks for sampling
+        if sampling["do_sample"] and self.rerank_k:
+            raise SpellmError("this task samples, and rerank_k re-ranks greedy decoding only; drop rerank_k")
         keep = max(self.max_length - max_new_tokens, 1)
         rows = [(ids or [self.prefix_token_id])[-keep:] for ids in contexts]
         width = max(len(ids) for ids in rows)

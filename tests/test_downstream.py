@@ -201,8 +201,9 @@ def test_generate_until_is_generate_cut_at_the_stop_sequence(exported):
     out = reranked.model.generate(ids, max_new_tokens=12, tau=0.5, rerank_k=5)
     assert reranked.generate_until([SimpleNamespace(args=(requests[1][0], {"until": [], "max_gen_toks": 12}))]) == [
         reranked.tokenizer.decode(out.sequences[0], skip_special_tokens=True)]
-    with pytest.raises(SpellmError, match="greedy decoding only"):
-        reranked.generate_until([SimpleNamespace(args=("Fish", {"until": [], "do_sample": True, "max_gen_toks": 3}))])
+    for sampled in ({"do_sample": True}, {"temperature": 0.7}):  # lm_eval: a temperature asks for sampling
+        with pytest.raises(SpellmError, match="greedy decoding only"):
+            reranked.generate_until([SimpleNamespace(args=("Fish", {"until": [], "max_gen_toks": 3, **sampled}))])
     with pytest.raises(SpellmError, match="rerank_k='-1'"):
         SpeLLMEvalModel(str(exported), rerank_k="-1")
 
