@@ -142,12 +142,13 @@ class CharDecoder:
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
         return self.valid_ids[scores.argmax(-1)]
 
-    def rerank(self, char_logits: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Linear, k: int) -> torch.Tensor:
-        """Per row, of the ``k`` valid tokens whose spellings the heads score highest, the one the
-        LM head scores highest (fp32): ``[B, k, C]`` char logits and ``[B, d]`` hidden states ->
-        ``[B]`` token ids. The logits come from ``k`` gathered rows of ``lm_head``, not all V."""
+    def rerank(self, char_logits: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Linear,
+               rerank_k: int) -> torch.Tensor:
+        """Per row, of the ``rerank_k`` valid tokens whose spellings the heads score highest, the one
+        the LM head scores highest (fp32): ``[B, k, C]`` char logits and ``[B, d]`` hidden states ->
+        ``[B]`` token ids. The logits come from ``rerank_k`` gathered rows of ``lm_head``, not all V."""
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
-        candidates = self.valid_ids[scores.topk(min(k, scores.shape[1]), -1).indices]  # [B, k]
+        candidates = self.valid_ids[scores.topk(min(rerank_k, scores.shape[1]), -1).indices]  # [B, rerank_k]
         logits = (lm_head.weight[candidates].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
         if lm_head.bias is not None:
             logits = logits + lm_head.bias[candidates].float()
