@@ -33,6 +33,10 @@ def parse_args() -> RunConfig:
                         "is read and read it back on later passes and evaluations, so a pass after the first skips "
                         "the teacher; disk: about 2 x hidden size + 44 bytes per position in bf16 (1.2 KB for "
                         "SmolLM2-135M), 8 more per candidate beyond 5 with --soft_char_candidates")
+    p.add_argument("--teacher_cache_from", default=None, metavar="RUN_DIR",
+                   help="with --teacher_cache: first link in the entries of RUN_DIR/teacher_cache, a run of the same "
+                        "model, precision, blocks and batch composition (pilots that differ only in how the student "
+                        "trains), and read them from the first step instead of running the teacher")
     p.add_argument("--deepspeed", default=DEFAULTS.deepspeed, help="student DeepSpeed config (default: %(default)s)")
     p.add_argument("--teacher_deepspeed", default=DEFAULTS.teacher_deepspeed,
                    help="teacher DeepSpeed config, no optimizer (default: %(default)s)")

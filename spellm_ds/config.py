@@ -76,6 +76,7 @@ class RunConfig:
     collective_timeout_s: float = 300.0
     extend_schedule: bool = False
     teacher_cache: bool = False
+    teacher_cache_from: str | None = None
 
     def validate(self) -> None:
         """Every flag that can be checked without loading anything; one line per problem."""
@@ -117,6 +118,8 @@ class RunConfig:
             (self.teacher_stage in (None, 0, 3), f"--teacher_stage {self.teacher_stage} must be 0 or 3"),
             (self.label_selection in LABEL_RULES,
              f"--label_selection {self.label_selection!r}: use one of {', '.join(LABEL_RULES)}"),
+            (self.teacher_cache_from is None or self.teacher_cache,
+             f"--teacher_cache_from {self.teacher_cache_from} needs --teacher_cache (this run's own cache)"),
             (self.keep_checkpoints >= 1, f"--keep_checkpoints {self.keep_checkpoints} must be at least 1"),
             (self.head_init in HEAD_INITS, f"--head_init {self.head_init!r}: use one of {', '.join(HEAD_INITS)}"),
         ]

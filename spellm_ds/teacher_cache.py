@@ -11,12 +11,17 @@ instead of running the teacher.
 Exactness: a training block's entry is written once, by the rank that reads it in the first pass,
 with the values that rank computed; it is read only at a later step (every rank knows when each
 block is first read: :func:`spellm_ds.data.first_read_steps`), so what a step reads never depends
-on timing, and a resumed run reads what the uninterrupted one did. The ranks agree before each
+on timing, and a resumed run reads what the uninterrupted one did. Blocks whose entries are there
+before the run starts (a resumed run's, or another run's linked in by :meth:`TeacherCache.adopt`,
+``--teacher_cache_from``) are read from the first step on: the same values, as the fingerprint
+matches, and none is being written while it is read. The ranks agree before each
 micro-batch whether all of them read it (a ZeRO-3 teacher that still gathers its parameters runs
 collectives: one rank running it alone would hang the others). Entries are renamed into place,
 so a run that dies leaves none half-written. The cache belongs to one output directory:
 ``fingerprint.json`` records what the values depend on (model, precision, blocks, batch
-composition), and a run with another fingerprint starts the cache anew.
+composition), and a run with another fingerprint starts the cache anew. Runs of one fingerprint
+that differ only in how the student trains (pilots of a loss weight, say) can share the teacher's
+work: entries are never rewritten, so linking them into another run's cache is safe.
 """
 
 from __future__ import annotations
@@ -53,6 +58,38 @@ class TeacherCache:
             (self.directory / split).mkdir(parents=True)
         stamp.write_text(json.dumps(self.fingerprint, indent=2) + "\n")
         return False
+
+    def refusal(self, source: Path) -> str | None:
+        """Why the cache directory ``source`` cannot be linked into this one (it holds no cache, or
+        one of another fingerprint), or None when it can."""
+        stamp = source / FINGERPRINT
+        if not stamp.is_file():
+            return f"{source} holds no teacher cache"
+        theirs = json.loads(stamp.read_text())
+        differs = sorted(key for key in self.fingerprint.keys() | theirs.keys()
+                         if theirs.get(key) != self.fingerprint.get(key))
+        return f"its teacher cache was written for another {', '.join(differs)}" if differs else None
+
+    def adopt(self, source: Path) -> int:
+        """Link the entries of ``source``, a cache of the same fingerprint (see :meth:`refusal`),
+        that this one lacks (hard links; copies across file systems); returns how many. One rank
+        calls it, after :meth:`prepare`, before any rank reads or writes."""
+        added = 0
+        for split in SPLITS:
+            for entry in (source / split).glob("*.safetensors"):
+                target = self.directory / split / entry.name
+                if target.exists():
+                    continue
+                try:
+                    os.link(entry, target)
+                except OSError:
+                    shutil.copyfile(entry, target)
+                added += 1
+        return added
+
+    def stored(self, split: str) -> list[int]:
+        """The blocks of ``split`` with an entry."""
+        return [int(path.name.removesuffix(".safetensors")) for path in (self.directory / split).glob("*.safetensors")]
 
     def _path(self, split: str, block: int) -> Path:
         return self.directory / split / f"{block}.safetensors"

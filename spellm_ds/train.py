@@ -19,7 +19,8 @@ Features
   (1e-3), one warm-up and linear decay;
 - with ``--teacher_cache``, the teacher's output per block is stored on disk the first time the
   block is read and read back on later passes and evaluations (:mod:`spellm_ds.teacher_cache`):
-  a second pass then costs the student's part of a step only;
+  a second pass then costs the student's part of a step only, and ``--teacher_cache_from`` reuses
+  another run's cache, so runs that differ only in the student's training share the teacher;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
@@ -64,6 +65,7 @@ from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_
 from spellm_ds.data import first_read_steps, load_texts, pack_documents, step_rows
 from spellm_ds.decoding import CharDecoder
 from spellm_ds.engines import build_student, build_teacher
+from spellm_ds.errors import SpellmError
 from spellm_ds.forward import student_and_labels, synchronized_clock
 from spellm_ds.losses import TOP_K, LossParts, distillation_loss
 from spellm_ds.metrics import match_sums, rates
@@ -147,7 +149,9 @@ class Distillation:
 
     def _teacher_cache(self) -> TeacherCache:
         """The run's teacher cache, started anew (rank 0, before any rank uses it) unless it was
-        written for the same model, precision, blocks and batch composition."""
+        written for the same model, precision, blocks and batch composition, with
+        ``--teacher_cache_from``'s entries linked in; the blocks it holds are marked as read before
+        the first step in ``first_read``."""
         cfg = self.config
         fingerprint = {"model_dir": str(self.model_dir), "dtype": str(mixed_precision_dtype(self.teacher_ds)),
                        "trunk_layer": self.trunk_layer, "wide_k": cfg.wide_k, "micro_batch": cfg.micro_batch,
@@ -155,10 +159,17 @@ class Distillation:
                        **{f"{split}_sha1": hashlib.sha1(getattr(self.data, split).numpy().tobytes()).hexdigest()
                           for split in ("train", "held_out")}}
         cache = TeacherCache(self.output_dir / "teacher_cache", fingerprint)
+        source = Path(cfg.teacher_cache_from) / "teacher_cache" if cfg.teacher_cache_from else None
+        if source is not None and (refusal := cache.refusal(source)):  # every rank raises: none waits
+            raise SpellmError(f"--teacher_cache_from {cfg.teacher_cache_from}: {refusal}; name a --teacher_cache run "
+                              "of the same model, precision, blocks and batch composition, or drop the flag")
         if self.rank == 0:
             kept = cache.prepare()
-            print(f"teacher cache: {cache.directory} ({'kept' if kept else 'new'})", flush=True)
+            adopted = f", {cache.adopt(source)} entries linked from {source}" if source is not None else ""
+            print(f"teacher cache: {cache.directory} ({'kept' if kept else 'new'}{adopted})", flush=True)
         dist.barrier()
+        self.first_read[cache.stored("train")] = -1  # stored before this run: readable from its first step
+        dist.barrier()  # every rank has listed the cache before any rank writes to it
         return cache
 
     def _tensorboard(self):

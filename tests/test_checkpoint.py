@@ -50,7 +50,9 @@ def test_resume_is_the_same_run(base, tmp_path):
     soft targets from the teacher's top-16, and the teacher cache over six blocks, the resumed run
     reading the entries its first part wrote. The teacher is fully sharded (its forward gathers,
     collectives), and in the second step rank 0 reads first-pass blocks, rank 1 second-pass ones it
-    could read from the cache: the ranks must agree to run the teacher, or the job hangs."""
+    could read from the cache: the ranks must agree to run the teacher, or the job hangs. A third run
+    linking in the first one's cache (--teacher_cache_from) reads it from the first step on: the
+    same losses, bit for bit."""
     first_read = first_read_steps(6, 4, seed=1)
     for rank, readable in enumerate((False, True)):  # the second step's case, with these blocks and seed
         rows, _ = step_rows(6, 1, 0, 1, 2, rank, 2, seed=1)
@@ -78,6 +80,11 @@ def test_resume_is_the_same_run(base, tmp_path):
         assert all(torch.equal(a[n], b[n]) for n in a), file
     kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["step3", "step6"]
+    # a run linking in the straight run's cache reads every block from the first step, to the same run
+    ok(torchrun(args(base, tmp_path / "shared", "--max_steps", "6", "--save_every", "0", *levers,
+                     "--teacher_cache_from", str(tmp_path / "straight"))))
+    assert losses(tmp_path / "shared") == losses(tmp_path / "straight")
+    assert [v for _, v in scalars(tmp_path / "shared" / "tensorboard")["perf/teacher_cache_read"]] == [1] * 6
 
 
 def command_line(process: psutil.Process) -> str:

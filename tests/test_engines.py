@@ -232,21 +232,38 @@ def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path)
 def test_the_teacher_cache_is_the_teacher_and_skips_it_after_the_first_pass(process_group, tmp_path):
     """--teacher_cache on the default recipe over four blocks (two steps a pass): the same losses
     and held-out rates as the teacher computed afresh, read back from the third step on, entries equal
-    to the teacher's output for each block; a run of another seed starts the cache anew."""
+    to the teacher's output for each block; a run linking them in with --teacher_cache_from reads
+    them from its first step to the same losses; a run of another seed may not link them, and starts
+    its own cache anew."""
     settings = dict(trainable_layers=0, readout_width=16, train_blocks=4, soft_char_candidates=16, max_steps=6)
     (tmp_path / "plain").mkdir()
     plain = tiny_distillation(tmp_path / "plain", **settings)
     (tmp_path / "cached").mkdir()
     cached = tiny_distillation(tmp_path / "cached", teacher_cache=True, **settings)
     assert len(cached.data.train) == 4
-    assert plain.evaluate() == cached.evaluate() == cached.evaluate()  # the second from the cache
-    reads = []
+    untrained = plain.evaluate()
+    assert untrained == cached.evaluate() == cached.evaluate()  # the second from the cache
+    names = ("loss/total", "loss/soft_char", "match/exact_or_prefix")
+    reads, expected = [], []
     for step in range(6):
-        expected, got = plain.train_step(step), cached.train_step(step)
-        for name in ("loss/total", "loss/soft_char", "match/exact_or_prefix"):
-            assert got[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-7), (step, name)
+        expected.append(plain.train_step(step))
+        got = cached.train_step(step)
+        for name in names:
+            assert got[name] == pytest.approx(expected[step][name], rel=1e-6, abs=1e-7), (step, name)
         reads.append(got["perf/teacher_cache_read"])
     assert reads == [0, 0, 1, 1, 1, 1]
+    shared = tiny_distillation(tmp_path / "cached", teacher_cache=True, output_dir=str(tmp_path / "cached" / "shared"),
+                               teacher_cache_from=str(tmp_path / "cached" / "out"), **settings)
+    assert sorted(shared.cache.stored("train")) == [0, 1, 2, 3]
+    assert shared.evaluate() == untrained
+    for step in range(6):
+        got = shared.train_step(step)
+        assert got["perf/teacher_cache_read"] == 1, step
+        for name in names:
+            assert got[name] == pytest.approx(expected[step][name], rel=1e-6, abs=1e-7), (step, name)
+    with pytest.raises(SpellmError, match="written for another .*seed"):
+        tiny_distillation(tmp_path / "cached", teacher_cache=True, seed=1, output_dir=str(tmp_path / "cached" / "s1"),
+                          teacher_cache_from=str(tmp_path / "cached" / "out"), **settings)
     for split in ("train", "held_out"):
         for block in range(4):
             signal, trunk = cached.cache.read(split, [block], cached.device)
