@@ -14,7 +14,10 @@ and at the tau that sends 90% of positions to the LM head (pilots fall back at d
 one tau); the free-running agreement of greedy continuations (paired by prompt); and the speed
 of its run (median step, and tokens per hour of wall clock, the fair one where steps differ in
 cost, as with ``--teacher_cache``). A run made elsewhere (other steps, other flags) is scored
-too when its output directory is placed at ``--out/NAME``; its FLAGS then only label it. Paired
+too when its output directory is placed at ``--out/NAME``; its FLAGS then only label it. Pilots
+that differ only in how the student trains can share the teacher's forward: give the baseline
+``--teacher_cache`` and the others ``--teacher_cache --teacher_cache_from OUT/BASELINE`` (the cache
+changes no value; their speed then counts cache reads, not the teacher). Paired
 intervals treat positions as independent; positions of one document are not, so read them as a
 lower bound on the uncertainty.
 """
