@@ -115,14 +115,14 @@ def collect(args: argparse.Namespace) -> Analysis:
         signal, out, labels = teacher_and_student(teacher, student, batch, table, student.config.label_rule(),
                                                   trunk_layer, with_token_logits=True, targets=targets)
         char_logits = out.char_logits.flatten(0, 1)
-        proposal, heads_next_logp = decoder.propose_and_score(char_logits, targets.flatten())
-        char_path_token = (decoder.rerank(char_logits, out.hidden.flatten(0, 1), lm_head, args.rerank_k)
-                           if args.rerank_k else proposal.token_ids)
+        # with --rerank_k, the char path's token and next-token log-prob are the re-ranked ones
+        proposal, heads_next_logp = decoder.propose_and_score(char_logits, targets.flatten(), args.rerank_k,
+                                                              out.hidden.flatten(0, 1), lm_head)
         lm_logp = torch.log_softmax(out.token_logits.float(), -1)
         parts.append(Records(
             top_ids=signal.top_ids.flatten(0, 1), top_probs=signal.top_probs.flatten(0, 1),
             teacher_entropy=signal.entropy.flatten(), raw_chars=read_string(char_logits), hit=proposal.hit,
-            autocorrected=char_path_token, fallback_token=out.token_logits.flatten(0, 1).argmax(-1),
+            autocorrected=proposal.token_ids, fallback_token=out.token_logits.flatten(0, 1).argmax(-1),
             student_entropy=proposal.entropy, label_chars=labels.chars.flatten(0, 1),
             label_valid=labels.valid.flatten(), next_ids=next_ids.flatten(),
             teacher_next_logp=signal.target_logp.flatten(),

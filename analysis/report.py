@@ -26,7 +26,9 @@ def markdown(report: dict, model: str) -> str:
     lines = [f"# SpeLLM analysis: `{model}`", "",
              f"Teacher `{m['teacher']}`, k = {m['k']}, {m['positions']} positions, tau = {m['tau']}.", "",
              *([f"Re-ranked (`--rerank_k {m['rerank_k']}`, beyond the paper): the autocorrect rows are the best of the "
-                f"heads' top-{m['rerank_k']} valid spellings by the LM head's logits.", ""] if m["rerank_k"] else []),
+                f"heads' top-{m['rerank_k']} valid spellings by the LM head's logits, and the char heads' likelihood "
+                "shares their mass of those spellings by the LM head's softmax over them.", ""]
+               if m["rerank_k"] else []),
              "Agreement with the teacher's top-1 (exact+prefix) and with any of its top-5 (match@5); the "
              "fallback ceiling sends every position through the student's LM head.", "",
              "| decoding | exact | prefix | vs top-1: exact+prefix (95% CI) | vs top-5: match@5 (95% CI) |",

@@ -63,8 +63,9 @@ def add_tau_arg(parser: argparse.ArgumentParser) -> None:
 def add_rerank_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank_k", type=non_negative_int, default=0,
                         help="beyond the paper: where the char heads decide, emit the best of their top-K valid "
-                             "spellings by the LM head's logits (K of its rows); 0 is the paper's decoding "
-                             "(default: %(default)s)")
+                             "spellings by the LM head's logits (K of its rows), and score a next token among them "
+                             "by the heads' mass of the K shared by the LM head's softmax; 0 is the paper's "
+                             "decoding (default: %(default)s)")
 
 
 def check_output_dir(path: str | Path, flag: str, empty: bool = False) -> Path:

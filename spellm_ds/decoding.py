@@ -13,6 +13,8 @@ Everything here is batched on the model's device. Per decode step:
    LM head scores only the ``rerank_k`` valid spellings the heads score highest, and the best of
    them is emitted. It reads ``rerank_k`` of the LM head's V rows (O(rerank_k d)), so the heads
    still choose what can be said and the teacher's own logits order it; it replaces steps 1-2.
+   Scored continuations then read the matching distribution (:meth:`CharDecoder.propose_and_score`):
+   the heads' probability of those candidates, shared among them by the LM head's softmax.
 
 Valid tokens are the canonical token of each spelling (:class:`SpellingTable`): the ones a
 prediction can name. The char heads also define a proper token distribution, used for sampling and for scoring
@@ -147,12 +149,20 @@ class CharDecoder:
         """Per row, of the ``rerank_k`` valid tokens whose spellings the heads score highest, the one
         the LM head scores highest (fp32): ``[B, k, C]`` char logits and ``[B, d]`` hidden states ->
         ``[B]`` token ids. The logits come from ``rerank_k`` gathered rows of ``lm_head``, not all V."""
-        scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
-        candidates = self.valid_ids[scores.topk(min(rerank_k, scores.shape[1]), -1).indices]  # [B, rerank_k]
+        candidates, _, logits = self._candidates(self.spelling_scores(torch.log_softmax(char_logits.float(), -1)),
+                                                 hidden, lm_head, rerank_k)
+        return candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+
+    def _candidates(self, scores: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Linear,
+                    rerank_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``rerank_k`` valid tokens of highest spelling score per row, ``[B, rerank_k]``: their
+        ids, their scores and their LM-head logits (fp32, with the head's bias if it has one)."""
+        top = scores.topk(min(rerank_k, scores.shape[1]), -1)
+        candidates = self.valid_ids[top.indices]
         logits = (lm_head.weight[candidates].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
         if lm_head.bias is not None:
             logits = logits + lm_head.bias[candidates].float()
-        return candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+        return candidates, top.values, logits
 
     def propose(self, char_logits: torch.Tensor, autocorrect: bool = True) -> Proposal:
         """Tokens from char logits ``[B, k, C]`` and which rows should fall back; no host sync.
@@ -164,12 +174,33 @@ class CharDecoder:
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1)) if autocorrect else None
         return self._propose(char_logits, scores)
 
-    def propose_and_score(self, char_logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[Proposal, torch.Tensor]:
+    def propose_and_score(self, char_logits: torch.Tensor, token_ids: torch.Tensor, rerank_k: int = 0,
+                          hidden: torch.Tensor | None = None,
+                          lm_head: torch.nn.Linear | None = None) -> tuple[Proposal, torch.Tensor]:
         """:meth:`propose` (with AutoCorrect) and :meth:`spelling_log_probs` of ``token_ids`` from one
-        pass over the valid spellings, the costly part of both (scoring a position reads both)."""
+        pass over the valid spellings, the costly part of both (scoring a position reads both).
+
+        With ``rerank_k`` (and the rows' ``hidden`` states and the ``lm_head``) the proposal's
+        tokens are :meth:`rerank`'s, and the log-probs are those of the re-ranked distribution: the
+        heads' probability of their ``rerank_k`` candidates, shared among them by the LM head's
+        softmax over them, every other spelling keeping the heads' probability. Its argmax is
+        :meth:`rerank`'s token (the best candidate holds at least 1 / ``rerank_k`` of their mass,
+        no other spelling more than the least of them), so scores and greedy decoding agree.
+        """
         char_logp = torch.log_softmax(char_logits.float(), -1)
         scores = self.spelling_scores(char_logp)
-        return self._propose(char_logits, scores), self._log_probs_of(char_logp, scores, token_ids)
+        proposal, log_probs = self._propose(char_logits, scores), self._log_probs_of(char_logp, scores, token_ids)
+        if not rerank_k:
+            return proposal, log_probs
+        candidates, candidate_scores, logits = self._candidates(scores, hidden, lm_head, rerank_k)
+        chosen = candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+        set_logp = (torch.logsumexp(candidate_scores / self.temperature, -1)
+                    - torch.logsumexp(scores / self.temperature, -1))
+        # a token is scored as its spelling, i.e. as the canonical token of that spelling
+        member = candidates == self.table.lookup(self.table.chars[token_ids]).unsqueeze(-1)  # [B, rerank_k]
+        within = torch.log_softmax(logits, -1).masked_fill(~member, float("-inf")).logsumexp(-1)
+        in_set = member.any(-1) & self.table.spellable[token_ids]
+        return proposal._replace(token_ids=chosen), torch.where(in_set, set_logp + within, log_probs)
 
     def _propose(self, char_logits: torch.Tensor, scores: torch.Tensor | None) -> Proposal:
         predicted = read_string(char_logits)

@@ -8,8 +8,9 @@
   ``s(v) = sum_j log p_j(spelling(v)_j)`` and the model's fitted spelling temperature ``T``,
   :meth:`spellm_ds.decoding.CharDecoder.spelling_log_probs`); with ``fallback=true`` a position where
   decoding would fall back (entropy >= tau, or an UNK char) is scored by the LM head instead.
-  ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there
-  (re-ranked with ``rerank_k``, which changes no score).
+  ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there.
+  With ``rerank_k=K`` both follow re-ranking: the heads' probability of their top-K spellings is
+  shared among them by the LM head's softmax over them (the rest keep the heads' probability).
 - ``generate_until``: the project's :meth:`~spellm_ds.model.SpeLLMForCausalLM.generate` (greedy or
   sampled; ``autocorrect=false`` ends a row at a string that is no token; ``rerank_k=K`` re-ranks
   the decided rows by the LM head, greedy only), ``batch_size`` left-padded prompts at a time.
@@ -116,11 +117,9 @@ class SpeLLMEvalModel(TemplateLM):
         targets = torch.tensor([t for _, target in rows for t in target], device=device)
         states = hidden[row_ids, cols]
         char_logits = self.model.char_heads(states)
-        proposal, log_probs = self.decoder.propose_and_score(char_logits, targets)
         lm_head = self.model.base.get_output_embeddings()
-        greedy_ids = (self.decoder.rerank(char_logits, states, lm_head, self.rerank_k) if self.rerank_k
-                      else proposal.token_ids)
-        greedy = greedy_ids == targets
+        proposal, log_probs = self.decoder.propose_and_score(char_logits, targets, self.rerank_k, states, lm_head)
+        greedy = proposal.token_ids == targets
         if self.tau is not None:
             back = proposal.fallback
             lm = lm_head_log_probs(lm_head, states[back])

@@ -224,3 +224,10 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
     assert reranked["rerank_k"] == 1000000 and expected > 0.5
     assert reranked["autocorrect"]["exact_or_prefix"]["rate"] == pytest.approx(expected)
     assert reranked["raw"] == json.loads((tmp_path / "match_rates.json").read_text())["raw"]  # raw is not re-ranked
+    # ... and the heads' likelihood is then the teacher's, renormalised over the spellings they can name
+    module("likelihood", "--tau", "none", "--rerank_k", "1000000", "--out", str(tmp_path / "reranked_lik.json"))
+    reranked_lik = json.loads((tmp_path / "reranked_lik.json").read_text())
+    named_logp = torch.log_softmax(teacher_logits[:, :-1].masked_fill(~table.canonical, float("-inf")), -1)
+    as_spelled = named_logp.gather(-1, table.lookup(table.chars[nexts]).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    assert reranked_lik["heads_everywhere"]["nll"] == pytest.approx(-as_spelled[table.spellable[nexts]].mean().item(),
+                                                                    rel=1e-4)

@@ -277,6 +277,47 @@ def test_rerank_is_the_lm_heads_argmax_among_the_heads_top_k_spellings(table):
     assert torch.equal(everything, token_logits.masked_fill(~table.canonical, float("-inf")).argmax(-1))
 
 
+def test_the_reranked_distribution_shares_the_candidates_mass_by_the_lm_head(table):
+    """propose_and_score with rerank_k against a brute force over the vocabulary: the heads' tempered
+    probability of their top-K spellings, split among them by the LM head's softmax over them, the
+    rest unchanged; a distribution over the valid tokens whose argmax is rerank's token, a token
+    scored as its spelling's canonical token, an unspellable one -inf; K = 1 is the heads' own."""
+    decoder = CharDecoder(table, tau=None, temperature=1.7)
+    g = torch.Generator().manual_seed(1)
+    rows, width, vocab = 3, 12, table.vocab_size
+    logits = torch.randn(rows, table.k, len(table.charset), generator=g) * 3
+    copies = (table.spellable & ~table.canonical).nonzero().squeeze(1)  # tokens of another token's spelling
+    logits[0].scatter_(1, table.chars[copies[0]].unsqueeze(-1), 40.0)  # row 0's candidates hold its spelling
+    hidden = torch.randn(rows, width, generator=g)
+    lm_head = torch.nn.Linear(width, vocab)
+    torch.nn.init.normal_(lm_head.bias, std=1.0, generator=g)
+    every = torch.arange(vocab).repeat(rows)
+    spread = (logits.repeat_interleave(vocab, 0), every, 7, hidden.repeat_interleave(vocab, 0), lm_head)
+    proposal, log_probs = decoder.propose_and_score(*spread)
+    log_probs = log_probs.view(rows, vocab)
+    scores = decoder.spelling_scores(torch.log_softmax(logits, -1))  # [rows, valid]
+    heads = torch.log_softmax(scores / 1.7, -1)
+    token_logits = lm_head(hidden)
+    valid = decoder.valid_ids
+    for row in range(rows):
+        top = scores[row].argsort(descending=True)[:7]
+        candidates = valid[top]
+        expected = heads[row].clone()
+        expected[top] = heads[row, top].logsumexp(0) + torch.log_softmax(token_logits[row, candidates], 0)
+        assert torch.allclose(log_probs[row, valid], expected, atol=1e-5)
+        assert (row > 0) or table.lookup(table.chars[copies[0]]) in candidates
+        assert log_probs[row, valid].logsumexp(0).item() == pytest.approx(0.0, abs=1e-5)
+        best = candidates[token_logits[row, candidates].argmax()]
+        assert valid[log_probs[row, valid].argmax()] == best
+    assert torch.equal(proposal.token_ids.view(rows, vocab)[:, 0], decoder.rerank(logits, hidden, lm_head, 7))
+    canonical = table.lookup(table.chars[copies])
+    assert torch.equal(log_probs[:, copies], log_probs[:, canonical])
+    assert torch.isinf(log_probs[:, ~table.spellable]).all()
+    # K = 1: the one candidate holds the heads' own probability
+    single = decoder.propose_and_score(*spread[:2], 1, *spread[3:])[1]
+    assert torch.allclose(single, decoder.propose_and_score(*spread[:2])[1], atol=1e-5)
+
+
 def test_rerank_is_greedy_and_repairs_every_row(model):
     ids = torch.tensor([[5, 17, 42, 9]])
     for refused in ({"do_sample": True}, {"autocorrect": False, "eos_token_id": 0}):

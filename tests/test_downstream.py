@@ -109,7 +109,8 @@ def test_generation_scorers():
 def brute_force(lm: SpeLLMEvalModel, context: list[int], continuation: list[int]) -> tuple[float, bool]:
     """One unpadded forward of context + continuation; each target scored by the char heads'
     spelling distribution, or by the LM head where the fallback rule says so; greedy where the char
-    path (with ``lm.rerank_k``: the LM head's best of the heads' top spellings) would emit it."""
+    path (with ``lm.rerank_k``: the LM head's best of the heads' top spellings) would emit it; with
+    ``lm.rerank_k`` a target among those spellings gets their mass shared by the LM head's softmax."""
     model, table = lm.model, lm.model.spelling
     ids = (context + continuation)[-(lm.max_length + 1):]
     hidden = model.base.model(torch.tensor([ids[:-1]])).last_hidden_state[0, -len(continuation):]
@@ -134,9 +135,18 @@ def brute_force(lm: SpeLLMEvalModel, context: list[int], continuation: list[int]
             total += float(lm_logp[position, target])
             greedy &= int(lm_logp[position].argmax()) == target
         else:
-            total += (spelled(target) - float(scores.logsumexp(0))) if table.spellable[target] else float("-inf")
-            candidates = torch.tensor(valid)[scores.argsort(descending=True)[: lm.rerank_k or 1]]
+            top = scores.argsort(descending=True)[: lm.rerank_k or 1]
+            candidates = torch.tensor(valid)[top]
             greedy &= int(candidates[lm_logp[position, candidates].argmax()]) == target
+            if not table.spellable[target]:
+                total += float("-inf")
+            elif lm.rerank_k and int(table.lookup(table.chars[target])) in candidates.tolist():
+                # the heads' mass of their candidates, split by the LM head's softmax over them
+                share = lm_logp[position, candidates] - lm_logp[position, candidates].logsumexp(0)
+                spelled_as = candidates.tolist().index(int(table.lookup(table.chars[target])))
+                total += float(scores[top].logsumexp(0) - scores.logsumexp(0) + share[spelled_as])
+            else:
+                total += spelled(target) - float(scores.logsumexp(0))
     return total, greedy
 
 
