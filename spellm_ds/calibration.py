@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from spellm_ds.decoding import tempered_log_probs
+from spellm_ds.decoding import log_normaliser, tempered_log_probs
 from spellm_ds.errors import SpellmError
 
 TEMPERATURES = tuple(round(2 ** (i / 8), 4) for i in range(-8, 25))
@@ -57,7 +57,7 @@ def fit_spelling_temperature(model, blocks: torch.Tensor, batch_size: int = 4) -
         char_logp, targets = char_logp[spellable], targets[spellable]
         scores, read = decoder.spelling_scores(char_logp), decoder.read_scores(char_logp, targets)
         for i, temperature in enumerate(TEMPERATURES):
-            sums[i] -= tempered_log_probs(read, scores, temperature).double().sum().cpu()
+            sums[i] -= tempered_log_probs(read, log_normaliser(scores, temperature), temperature).double().sum().cpu()
         positions += len(targets)
     if positions == 0:
         raise SpellmError("no held-out position has a next token the char heads can spell; "

@@ -60,10 +60,16 @@ def falls_back(entropy: torch.Tensor, predicted: torch.Tensor, tau: float | None
     return (entropy >= tau) | (predicted == UNK_ID).any(-1)
 
 
-def tempered_log_probs(read: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
+def log_normaliser(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logsumexp_u s(u) / T`` over the last dimension: ``[N, V_valid]`` scores of every valid
+    spelling (or of a subset of them) -> ``[N]``."""
+    return torch.logsumexp(scores / temperature, -1)
+
+
+def tempered_log_probs(read: torch.Tensor, normaliser: torch.Tensor, temperature: float) -> torch.Tensor:
     """``log p_T(v) = s(v) / T - logsumexp_u s(u) / T``: ``[N]`` read scores of the tokens asked
-    for and ``[N, V_valid]`` scores of every valid spelling -> ``[N]``."""
-    return read / temperature - torch.logsumexp(scores / temperature, -1)
+    for and their rows' :func:`log_normaliser` -> ``[N]``."""
+    return read / temperature - normaliser
 
 
 class CharDecoder:
@@ -133,10 +139,11 @@ class CharDecoder:
         k characters). Unspellable tokens get -inf.
         """
         char_logp = torch.log_softmax(char_logits.float(), -1)
-        return self._log_probs_of(char_logp, self.spelling_scores(char_logp), token_ids)
+        normaliser = log_normaliser(self.spelling_scores(char_logp), self.temperature)
+        return self._log_probs_of(char_logp, normaliser, token_ids)
 
-    def _log_probs_of(self, char_logp: torch.Tensor, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        log_probs = tempered_log_probs(self.read_scores(char_logp, token_ids), scores, self.temperature)
+    def _log_probs_of(self, char_logp: torch.Tensor, normaliser: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        log_probs = tempered_log_probs(self.read_scores(char_logp, token_ids), normaliser, self.temperature)
         return log_probs.masked_fill(~self.table.spellable[token_ids], float("-inf"))
 
     def autocorrect(self, char_logits: torch.Tensor) -> torch.Tensor:
@@ -189,13 +196,13 @@ class CharDecoder:
         """
         char_logp = torch.log_softmax(char_logits.float(), -1)
         scores = self.spelling_scores(char_logp)
-        proposal, log_probs = self._propose(char_logits, scores), self._log_probs_of(char_logp, scores, token_ids)
+        normaliser = log_normaliser(scores, self.temperature)
+        proposal, log_probs = self._propose(char_logits, scores), self._log_probs_of(char_logp, normaliser, token_ids)
         if not rerank_k:
             return proposal, log_probs
         candidates, candidate_scores, logits = self._candidates(scores, hidden, lm_head, rerank_k)
         chosen = candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
-        set_logp = (torch.logsumexp(candidate_scores / self.temperature, -1)
-                    - torch.logsumexp(scores / self.temperature, -1))
+        set_logp = log_normaliser(candidate_scores, self.temperature) - normaliser
         # a token is scored as its spelling, i.e. as the canonical token of that spelling
         member = candidates == self.table.lookup(self.table.chars[token_ids]).unsqueeze(-1)  # [B, rerank_k]
         within = torch.log_softmax(logits, -1).masked_fill(~member, float("-inf")).logsumexp(-1)
