@@ -156,14 +156,15 @@ class CharDecoder:
         """Per row, of the ``rerank_k`` valid tokens whose spellings the heads score highest, the one
         the LM head scores highest (fp32): ``[B, k, C]`` char logits and ``[B, d]`` hidden states ->
         ``[B]`` token ids. The logits come from ``rerank_k`` gathered rows of ``lm_head``, not all V."""
-        candidates, _, logits = self._candidates(self.spelling_scores(torch.log_softmax(char_logits.float(), -1)),
-                                                 hidden, lm_head, rerank_k)
-        return candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+        candidates, _, logits = self.rerank_candidates(
+            self.spelling_scores(torch.log_softmax(char_logits.float(), -1)), hidden, lm_head, rerank_k)
+        return best_candidate(candidates, logits)
 
-    def _candidates(self, scores: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Linear,
-                    rerank_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``rerank_k`` valid tokens of highest spelling score per row, ``[B, rerank_k]``: their
-        ids, their scores and their LM-head logits (fp32, with the head's bias if it has one)."""
+    def rerank_candidates(self, scores: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Linear,
+                          rerank_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``rerank_k`` valid tokens of highest spelling score per row (:meth:`spelling_scores`),
+        ``[B, rerank_k]`` in descending order of score: their ids, their scores and their LM-head
+        logits (fp32, with the head's bias if it has one)."""
         top = scores.topk(min(rerank_k, scores.shape[1]), -1)
         candidates = self.valid_ids[top.indices]
         logits = (lm_head.weight[candidates].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
@@ -200,14 +201,14 @@ class CharDecoder:
         proposal, log_probs = self._propose(char_logits, scores), self._log_probs_of(char_logp, normaliser, token_ids)
         if not rerank_k:
             return proposal, log_probs
-        candidates, candidate_scores, logits = self._candidates(scores, hidden, lm_head, rerank_k)
-        chosen = candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+        candidates, candidate_scores, logits = self.rerank_candidates(scores, hidden, lm_head, rerank_k)
         set_logp = log_normaliser(candidate_scores, self.temperature) - normaliser
         # a token is scored as its spelling, i.e. as the canonical token of that spelling
         member = candidates == self.table.lookup(self.table.chars[token_ids]).unsqueeze(-1)  # [B, rerank_k]
         within = torch.log_softmax(logits, -1).masked_fill(~member, float("-inf")).logsumexp(-1)
         in_set = member.any(-1) & self.table.spellable[token_ids]
-        return proposal._replace(token_ids=chosen), torch.where(in_set, set_logp + within, log_probs)
+        return (proposal._replace(token_ids=best_candidate(candidates, logits)),
+                torch.where(in_set, set_logp + within, log_probs))
 
     def _propose(self, char_logits: torch.Tensor, scores: torch.Tensor | None) -> Proposal:
         predicted = read_string(char_logits)
@@ -216,6 +217,11 @@ class CharDecoder:
         token_ids = looked_up if scores is None else torch.where(hit, looked_up, self.valid_ids[scores.argmax(-1)])
         entropy = mean_head_entropy(char_logits)
         return Proposal(token_ids, hit, falls_back(entropy, predicted, self.tau), entropy)
+
+
+def best_candidate(candidates: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the candidate id ``[B, K]`` whose LM-head logit ``[B, K]`` is highest: ``[B]``."""
+    return candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
 
 
 def provenance(proposal: Proposal) -> torch.Tensor:

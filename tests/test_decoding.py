@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.charset import END_ID, UNK_ID, Charset
-from spellm_ds.decoding import CharDecoder, Provenance, sample
+from spellm_ds.decoding import CharDecoder, Provenance, best_candidate, sample
 from spellm_ds.errors import SpellmError
 from spellm_ds.metrics import mean_head_entropy
 from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
@@ -272,6 +272,11 @@ def test_rerank_is_the_lm_heads_argmax_among_the_heads_top_k_spellings(table):
             candidates = decoder.valid_ids[scores[row].argsort(descending=True)[:k]]
             assert chosen[row].item() == candidates[token_logits[row, candidates].argmax()].item()
     assert torch.equal(decoder.rerank(logits, hidden, lm_head, 1), decoder.autocorrect(logits))
+    # candidates come in descending order of score: the first K of a longer list are the top K
+    many, many_scores, many_logits = decoder.rerank_candidates(scores, hidden, lm_head, 40)
+    assert (many_scores[:, :-1] >= many_scores[:, 1:]).all()
+    for k in (1, 5):
+        assert torch.equal(best_candidate(many[:, :k], many_logits[:, :k]), decoder.rerank(logits, hidden, lm_head, k))
     # every valid spelling a candidate: the LM head's greedy choice among the tokens the heads can name
     everything = decoder.rerank(logits, hidden, lm_head, len(decoder.valid_ids) + 10)
     assert torch.equal(everything, token_logits.masked_fill(~table.canonical, float("-inf")).argmax(-1))

@@ -3,17 +3,17 @@
     PYTHONPATH=. python docs/pilots/rerank.py docs/pilots/rerank.json runs/smollm2-135m/model [MODEL ...]
 
 For each K, every position's char-path token is :meth:`CharDecoder.rerank`'s (``--rerank_k K`` of
-decoding) instead of the lookup or AutoCorrect, and is compared with the teacher's top-1 by
-spelling, paired with the shipped decoding on the same positions: with no fallback, with fallback
-at tau 0.22, and at fallback budgets that send the highest-entropy share of positions to the LM
-head (counted as agreeing: the default recipe's LM head reads the teacher's own state). "recall"
-is the share of positions whose teacher top-1 is among the K candidates (what re-ranking can reach
-at most). Also: the smallest fallback rate at which each reaches 95% agreement (the entropy rule).
-Positions whose teacher token is unspellable are left out. Texts: BoolQ dev and the out-of-domain
-source, 32 blocks of 256 tokens each (the reports' 8,192 positions). With several models (of one
-tokenizer), each after the first is also paired with the first on the same positions
-(``vs_first``: K = 16 and shipped, with no fallback and at each budget, each model's budget
-taken by its own entropy).
+decoding; every K from one pass over the vocabulary, as the first K of the top 64) instead of the
+lookup or AutoCorrect, and is compared with the teacher's top-1 by spelling, paired with the shipped
+decoding on the same positions: with no fallback, with fallback at tau 0.22, and at fallback budgets
+that send the highest-entropy share of positions to the LM head (counted as agreeing: the default
+recipe's LM head reads the teacher's own state). "recall" is the share of positions whose teacher
+top-1 is among the K candidates (what re-ranking can reach at most). Also: the smallest fallback
+rate at which each reaches 95% agreement (the entropy rule). Positions whose teacher token is
+unspellable are left out. Texts: BoolQ dev and the out-of-domain source, 32 blocks of 256 tokens
+each (the reports' 8,192 positions). With several models (of one tokenizer), each after the first is
+also paired with the first on the same positions (``vs_first``: K = 16 and shipped, with no fallback
+and at each budget, each model's budget taken by its own entropy).
 """
 
 import json
@@ -25,6 +25,7 @@ from analysis.common import paired_difference
 from spellm_ds import assets
 from spellm_ds.corpus import out_of_domain_texts
 from spellm_ds.data import pack
+from spellm_ds.decoding import best_candidate
 from spellm_ds.model import SpeLLMForCausalLM
 
 KS = (1, 2, 4, 8, 16, 32, 64)
@@ -48,11 +49,13 @@ def probe(model, blocks: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
         proposal = decoder.propose(char_logits)
         entropy.append(proposal.entropy), fallback.append(proposal.fallback)
         shipped.append((table.chars[proposal.token_ids] == want).all(-1))
+        # one pass over the vocabulary for every K: the top-K are the first K of the top-max(KS)
         scores = decoder.spelling_scores(torch.log_softmax(char_logits, -1))
-        top = decoder.valid_ids[scores.topk(max(KS), -1).indices]
+        candidates, _, logits = decoder.rerank_candidates(scores, hidden, lm_head, max(KS))
         for k in KS:
-            recall[k].append((table.chars[top[:, :k]] == want[:, None]).all(-1).any(-1))
-            reranked[k].append((table.chars[decoder.rerank(char_logits, hidden, lm_head, k)] == want).all(-1))
+            recall[k].append((table.chars[candidates[:, :k]] == want[:, None]).all(-1).any(-1))
+            chosen = best_candidate(candidates[:, :k], logits[:, :k])
+            reranked[k].append((table.chars[chosen] == want).all(-1))
     entropy, fallback, shipped = torch.cat(entropy), torch.cat(fallback), torch.cat(shipped)
     budgets = {budget: entropy >= torch.quantile(entropy, 1 - budget) for budget in BUDGETS}
     thresholds = torch.quantile(entropy, torch.linspace(0, 1, 201)).tolist()
