@@ -93,6 +93,11 @@ def parse_args() -> RunConfig:
                    help="share of the positions the spelling KL is computed on, a fresh uniform sample each micro "
                         "step, scaled so the loss keeps its expectation; its cost scales with it "
                         "(default: %(default)s: every position)")
+    p.add_argument("--state_noise", type=float, default=DEFAULTS.state_noise, metavar="SIGMA",
+                   help="beyond the paper: train on the teacher's final state plus Gaussian noise of SIGMA x its RMS "
+                        "per position, labelled by the teacher's LM head at that state (a new state for every read "
+                        "of a block; costs the LM head per training position); read-out recipe only "
+                        "(default: %(default)s: the states the text gives)")
     p.add_argument("--label_selection", choices=LABEL_RULES, default=DEFAULTS.label_selection,
                    help="label among the teacher's top-5: the one the student spells best (student_nll, the paper's "
                         "rule), best by char NLL - w x log p_teacher (joint), or the teacher's first spellable "

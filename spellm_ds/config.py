@@ -60,6 +60,7 @@ class RunConfig:
     soft_char_candidates: int = 5
     spelling_kl_weight: float = 0.0
     spelling_kl_fraction: float = 1.0
+    state_noise: float = 0.0
     label_selection: str = "joint"
     label_prior_weight: float = 1.0
     ignore_after_end: bool = True
@@ -109,6 +110,10 @@ class RunConfig:
             (self.spelling_kl_weight >= 0, f"--spelling_kl_weight {self.spelling_kl_weight} must be >= 0"),
             (0 < self.spelling_kl_fraction <= 1,
              f"--spelling_kl_fraction {self.spelling_kl_fraction} must be in (0, 1] (1: every position)"),
+            (self.state_noise >= 0, f"--state_noise {self.state_noise} must be >= 0 (0: the states the text gives)"),
+            (self.state_noise == 0 or (self.trainable_layers == 0 and self.shared_trunk),
+             f"--state_noise {self.state_noise} needs the read-out recipe's shared trunk, the teacher's final state "
+             "(the only one its LM head labels): drop --trainable_layers/--no_shared_trunk or --state_noise"),
             (self.label_prior_weight >= 0, f"--label_prior_weight {self.label_prior_weight} must be >= 0"),
             (self.warmup >= 0, f"--warmup {self.warmup} must be >= 0"),
             (self.save_every >= 0, f"--save_every {self.save_every} must be >= 0 (0: only at the end)"),

@@ -79,6 +79,18 @@ def top_tokens_from_hidden(hidden: torch.Tensor, lm_head: nn.Module, top_k: int 
 
 
 @torch.no_grad()
+def noised_states(hidden: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """``hidden`` ``[B, T, d]`` plus Gaussian noise of ``sigma`` times each position's RMS over ``d``
+    (in fp32; returned in ``hidden``'s dtype). ``--state_noise`` trains on such states near the
+    ones real text gave, which the teacher's LM head labels exactly at a fraction of a new block's
+    cost (the head alone, not the decoder). ``generator`` is a CPU one, so the draw is the same on
+    any device."""
+    noise = torch.randn(hidden.shape, generator=generator).to(hidden.device)
+    states = hidden.float()
+    return (states + sigma * states.pow(2).mean(-1, keepdim=True).sqrt() * noise).to(hidden.dtype)
+
+
+@torch.no_grad()
 def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    top_k: int = 5, chunk: int = 64, trunk_layer: int | None = None,
                    targets: torch.Tensor | None = None,

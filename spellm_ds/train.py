@@ -21,6 +21,9 @@ Features
   block is read and read back on later passes and evaluations (:mod:`spellm_ds.teacher_cache`):
   a second pass then costs the student's part of a step only, and ``--teacher_cache_from`` reuses
   another run's cache, so runs that differ only in the student's training share the teacher;
+- ``--state_noise`` (beyond the paper, read-out recipe): the student reads the teacher's final state
+  plus Gaussian noise, labelled by the teacher's LM head there: new training states for the cost
+  of the LM head, where new text costs the whole teacher;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
@@ -72,7 +75,7 @@ from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import shared_trunk_layer
 from spellm_ds.shutdown import GracefulShutdown
 from spellm_ds.spelling import SpellingTable, model_vocab_size
-from spellm_ds.teacher import teacher_signal
+from spellm_ds.teacher import noised_states, teacher_signal, top_tokens_from_hidden
 from spellm_ds.teacher_cache import TeacherCache
 
 PREEMPTED = "PREEMPTED"
@@ -190,11 +193,13 @@ class Distillation:
 
     # ----------------------------------------------------------------- one step
     def _forward(self, split: str, rows: torch.Tensor, with_token_logits: bool, cached: bool, store: list[bool],
-                 wide_k: int | None = None):
+                 wide_k: int | None = None, noise: torch.Generator | None = None):
         """Teacher and student forward on blocks ``rows`` of ``split`` (``wide_k``: see
         :func:`spellm_ds.teacher.top_tokens_from_hidden`). With the teacher cache, the teacher's output
         is read from it when, on every rank, ``cached`` and every row is stored (so all ranks run the
         teacher, or none: its ZeRO-3 gathers are collectives); else computed and stored where ``store``.
+        With ``noise`` (``--state_noise``, on every rank alike) the student reads the teacher's state
+        noised, and the signal is the LM head's there; the cache keeps the clean one.
         Returns the signal, the student's output, the labels, the teacher's seconds and whether it was read."""
         started = synchronized_clock()
         input_ids = getattr(self.data, split)[rows].to(self.device)
@@ -206,6 +211,9 @@ class Distillation:
                                            wide_k=wide_k)
             if self.cache is not None:
                 self.cache.write(split, rows.tolist(), signal, trunk, store)
+        if noise is not None:
+            trunk = noised_states(trunk, self.config.state_noise, noise)
+            signal = top_tokens_from_hidden(trunk, self.teacher.module.get_output_embeddings(), TOP_K, wide_k=wide_k)
         teacher_s = synchronized_clock() - started
         out, labels = student_and_labels(self.student, input_ids, signal, trunk, self.table, self.config.label_rule(),
                                          with_token_logits)
@@ -244,12 +252,15 @@ class Distillation:
                                      self.rank, self.world_size, cfg.seed)
             # a block's cache entry is written in the step that first reads it: later steps may read it
             cached = bool((self.first_read[rows] < step).all())
+            # the spelling KL's sample of positions and the state noise: pure functions of the position in
+            # the run, as the batch is
+            sample = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank)))
+            noise = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank, 1))) \
+                if cfg.state_noise else None
             started = synchronized_clock()
             signal, out, labels, t_s, read = self._forward("train", rows, cfg.needs_token_logits, cached,
-                                                           store=(passes == 0).tolist(), wide_k=cfg.wide_k)
+                                                           store=(passes == 0).tolist(), wide_k=cfg.wide_k, noise=noise)
             reads += read
-            # the spelling KL's sample of positions: a pure function of the position in the run, as the batch is
-            sample = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank)))
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
                                      self._mean_over_ranks, self.decoder, sample)
             backward_started = synchronized_clock()

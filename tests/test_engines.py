@@ -14,7 +14,7 @@ from spellm_ds import checkpoint, distributed
 from spellm_ds.config import RunConfig
 from spellm_ds.errors import SpellmError
 from spellm_ds.model import SpeLLMForCausalLM, decoder_layers
-from spellm_ds.teacher import teacher_signal
+from spellm_ds.teacher import noised_states, teacher_signal, top_tokens_from_hidden
 from spellm_ds.train import Distillation
 from tests import tiny
 from tests.distributed import free_port
@@ -277,6 +277,47 @@ def test_the_teacher_cache_is_the_teacher_and_skips_it_after_the_first_pass(proc
     assert cached.cache.prepare()  # the same run keeps it
     other = tiny_distillation(tmp_path / "cached", teacher_cache=True, seed=1, resume="none", **settings)
     assert not list((other.cache.directory / "train").iterdir())
+
+
+def test_noised_states_add_sigma_times_each_positions_rms():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 64, 256, generator=g) * torch.linspace(0.5, 4.0, 64).view(1, 64, 1)
+    noised = noised_states(hidden, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(noised, noised_states(hidden, 0.3, torch.Generator().manual_seed(1)))
+    assert not torch.equal(noised, noised_states(hidden, 0.3, torch.Generator().manual_seed(2)))
+    rms = lambda x: x.pow(2).mean(-1).sqrt()  # noqa: E731
+    assert torch.allclose(rms(noised - hidden) / rms(hidden), torch.full((2, 64), 0.3), rtol=0.15)
+    assert torch.equal(noised_states(hidden, 0.0, torch.Generator().manual_seed(1)), hidden)
+    assert noised_states(hidden.bfloat16(), 0.3, g).dtype == torch.bfloat16
+
+
+def test_state_noise_trains_on_noised_states_labelled_by_the_teachers_lm_head(process_group, tmp_path):
+    """--state_noise on the default recipe with the teacher cache: the student reads the teacher's
+    final state plus the step's noise, the labels' signal is the (ZeRO-3) LM head's top-k at that
+    state, the cache keeps the clean state; evaluation is untouched and the loss falls."""
+    settings = dict(trainable_layers=0, readout_width=16, train_blocks=4, max_steps=8, teacher_cache=True)
+    run = tiny_distillation(tmp_path, state_noise=0.5, **settings)
+    rows = torch.tensor([0, 1])
+    signal, out, _, _, read = run._forward("train", rows, False, cached=False, store=[True, True],
+                                           noise=torch.Generator().manual_seed(7))
+    assert not read
+    clean, final = teacher_signal(run.teacher.module, run.data.train[rows], trunk_layer=run.trunk_layer)
+    cached_signal, cached_trunk = run.cache.read("train", [0, 1], run.device)
+    assert torch.equal(cached_trunk, final) and torch.equal(cached_signal.top_ids, clean.top_ids)
+    noised = noised_states(final, 0.5, torch.Generator().manual_seed(7))
+    expected = top_tokens_from_hidden(noised, run.teacher.module.get_output_embeddings())
+    assert torch.equal(signal.top_ids, expected.top_ids) and torch.allclose(signal.top_probs, expected.top_probs)
+    kept = (signal.top_ids[..., 0] == clean.top_ids[..., 0]).float().mean()
+    assert 0.05 < kept < 0.95  # new labels at some positions, not all
+    with torch.no_grad():
+        assert torch.allclose(out.char_logits, run.student(trunk_hidden=noised).char_logits, atol=1e-6)
+
+    (tmp_path / "clean").mkdir()
+    plain = tiny_distillation(tmp_path / "clean", **settings)
+    assert run.evaluate() == plain.evaluate()
+    losses = [run.train_step(step)["loss/total"] for step in range(8)]
+    assert plain.train_step(0)["loss/total"] != pytest.approx(losses[0], rel=1e-6)
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
 
 
 def test_a_teacher_that_fits_runs_whole_without_zero3_hooks(distillation, tmp_path):
