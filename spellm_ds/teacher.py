@@ -94,9 +94,10 @@ def noised_states(hidden: torch.Tensor, sigma: float, generator: torch.Generator
 def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    top_k: int = 5, chunk: int = 64, trunk_layer: int | None = None,
                    targets: torch.Tensor | None = None,
-                   wide_k: int | None = None) -> tuple[TeacherSignal, torch.Tensor | None]:
+                   wide_k: int | None = None,
+                   with_signal: bool = True) -> tuple[TeacherSignal | None, torch.Tensor | None]:
     """Run the frozen causal LM's decoder, then its LM head in chunks (``targets``, ``wide_k``: see
-    :func:`top_tokens_from_hidden`).
+    :func:`top_tokens_from_hidden`; ``with_signal=False``: the decoder alone, signal ``None``).
 
     With ``trunk_layer`` it also returns the hidden state entering that layer (the shared trunk
     a student whose layers below it are frozen copies can start from); at the number of layers,
@@ -106,7 +107,7 @@ def teacher_signal(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: 
     out = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                 output_hidden_states=trunk_layer is not None and not whole_decoder)
     signal = top_tokens_from_hidden(out.last_hidden_state, teacher.get_output_embeddings(), top_k, chunk, targets,
-                                    wide_k)
+                                    wide_k) if with_signal else None
     if trunk_layer is None:
         return signal, None
     return signal, out.last_hidden_state if whole_decoder else out.hidden_states[trunk_layer]

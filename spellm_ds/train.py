@@ -199,7 +199,8 @@ class Distillation:
         is read from it when, on every rank, ``cached`` and every row is stored (so all ranks run the
         teacher, or none: its ZeRO-3 gathers are collectives); else computed and stored where ``store``.
         With ``noise`` (``--state_noise``, on every rank alike) the student reads the teacher's state
-        noised, and the signal is the LM head's there; the cache keeps the clean one.
+        noised, and the signal is the LM head's there; the cache keeps the clean one (without a cache the
+        clean state's LM head is not run).
         Returns the signal, the student's output, the labels, the teacher's seconds and whether it was read."""
         started = synchronized_clock()
         input_ids = getattr(self.data, split)[rows].to(self.device)
@@ -207,8 +208,9 @@ class Distillation:
         if read:
             signal, trunk = self.cache.read(split, rows.tolist(), self.device)
         else:
+            # the clean state's signal is for the cache; with noise and no cache nothing would read it
             signal, trunk = teacher_signal(self.teacher.module, input_ids, top_k=TOP_K, trunk_layer=self.trunk_layer,
-                                           wide_k=wide_k)
+                                           wide_k=wide_k, with_signal=noise is None or self.cache is not None)
             if self.cache is not None:
                 self.cache.write(split, rows.tolist(), signal, trunk, store)
         if noise is not None:

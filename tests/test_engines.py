@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from spellm_ds import checkpoint, distributed
+from spellm_ds import teacher as teacher_module
 from spellm_ds.config import RunConfig
 from spellm_ds.errors import SpellmError
 from spellm_ds.model import SpeLLMForCausalLM, decoder_layers
@@ -291,10 +292,11 @@ def test_noised_states_add_sigma_times_each_positions_rms():
     assert noised_states(hidden.bfloat16(), 0.3, g).dtype == torch.bfloat16
 
 
-def test_state_noise_trains_on_noised_states_labelled_by_the_teachers_lm_head(process_group, tmp_path):
+def test_state_noise_trains_on_noised_states_labelled_by_the_teachers_lm_head(process_group, tmp_path, monkeypatch):
     """--state_noise on the default recipe with the teacher cache: the student reads the teacher's
     final state plus the step's noise, the labels' signal is the (ZeRO-3) LM head's top-k at that
-    state, the cache keeps the clean state; evaluation is untouched and the loss falls."""
+    state, the cache keeps the clean state (without a cache the clean state's LM head is not run);
+    evaluation is untouched and the loss falls."""
     settings = dict(trainable_layers=0, readout_width=16, train_blocks=4, max_steps=8, teacher_cache=True)
     run = tiny_distillation(tmp_path, state_noise=0.5, **settings)
     rows = torch.tensor([0, 1])
@@ -311,6 +313,19 @@ def test_state_noise_trains_on_noised_states_labelled_by_the_teachers_lm_head(pr
     assert 0.05 < kept < 0.95  # new labels at some positions, not all
     with torch.no_grad():
         assert torch.allclose(out.char_logits, run.student(trunk_hidden=noised).char_logits, atol=1e-6)
+
+    # without a cache nothing reads the clean state's signal: the LM head runs on the noised state only
+    (tmp_path / "uncached").mkdir()
+    uncached = tiny_distillation(tmp_path / "uncached", state_noise=0.5, **{**settings, "teacher_cache": False})
+    head_passes = []
+    real_pass = teacher_module.top_tokens_from_hidden
+    monkeypatch.setattr(teacher_module, "top_tokens_from_hidden",
+                        lambda *args, **kwargs: head_passes.append(1) or real_pass(*args, **kwargs))
+    alone, *_ = uncached._forward("train", rows, False, cached=False, store=[True, True],
+                                  noise=torch.Generator().manual_seed(7))
+    monkeypatch.undo()
+    assert not head_passes  # teacher_signal ran the decoder alone
+    assert torch.equal(alone.top_ids, signal.top_ids) and torch.equal(alone.top_probs, signal.top_probs)
 
     (tmp_path / "clean").mkdir()
     plain = tiny_distillation(tmp_path / "clean", **settings)
