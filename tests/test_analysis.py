@@ -8,11 +8,13 @@ import sys
 import pytest
 import torch
 
-from analysis import blending, entropy, likelihood, match_rates
+from analysis import blending, entropy, label_frequency, likelihood, match_rates
 from analysis.collect import Analysis, Records
 from analysis.common import correct_flags
 from spellm_ds.charset import Charset
 from spellm_ds.spelling import SpellingTable
+from spellm_ds.teacher import TeacherSignal
+from spellm_ds.teacher_cache import TeacherCache
 from tests import tiny
 from tests.distributed import ROOT, rank_env
 
@@ -231,3 +233,35 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
     as_spelled = named_logp.gather(-1, table.lookup(table.chars[nexts]).clamp(min=0).unsqueeze(-1)).squeeze(-1)
     assert reranked_lik["heads_everywhere"]["nll"] == pytest.approx(-as_spelled[table.spellable[nexts]].mean().item(),
                                                                     rel=1e-4)
+
+
+def test_match_by_how_often_the_teachers_top1_was_its_top1_in_training(table, byte_level_tokenizer, tmp_path):
+    the, cafe, hello = (tok(byte_level_tokenizer, t) for t in (" the", " cafe", "hello"))
+    cafe_first = [" cafe", " the", "hello", " x", "123"]
+    hello_first = ["hello", " the", " cafe", " x", "123"]
+    rows = [(" the", CANDS, 0.1, 1.0, " the"), ("zzzz", CANDS, 0.1, 1.0, " the"),  # seen 5,000 times: 1 of 2
+            (" cafe", cafe_first, 0.1, 1.0, " the"), ("zz", cafe_first, 0.1, 1.0, " the"),
+            ("zz", cafe_first, 0.1, 1.0, " the"),  # never seen: 1 of 3, all 5 characters long
+            ("hello", hello_first, 0.1, 1.0, " the")]  # seen 20 times: 1 of 1
+    counts = torch.zeros(table.vocab_size, dtype=torch.long)
+    counts[the], counts[hello] = 5000, 20
+    result = label_frequency.compute_from_counts(make(table, byte_level_tokenizer, rows), counts)
+    bands = {b["band"]: b for b in result["bands"]}
+    assert list(bands) == ["0", "1-9", "10-99", "100-999", "1000-9999", ">=10000"]
+    assert [bands[name]["n"] for name in bands] == [3, 0, 1, 0, 2, 0] and result["positions"] == 6
+    assert bands["0"]["raw"]["rate"] == pytest.approx(1 / 3) and bands["0"]["share"] == 0.5
+    assert bands["0"]["raw_5_or_longer"]["n"] == 3 and bands["0"]["raw_shorter_than_5"]["n"] == 0
+    assert bands["10-99"]["raw"]["rate"] == 1.0 and bands["1000-9999"]["raw"]["rate"] == 0.5
+    assert bands["1000-9999"]["raw_shorter_than_5"]["rate"] == 0.5  # " the" is 4 characters
+    assert result["summary"]["raw"] == 0.5 and result["training_positions"] == 5020
+
+    # the counts, read from a teacher cache's training entries: top-1 only, every stored block
+    cache = TeacherCache(tmp_path / "teacher_cache", {"test": 1})
+    cache.prepare()
+    top_ids = torch.tensor([[[the, cafe, 0, 0, 0]] * 3 + [[hello, the, 0, 0, 0]],
+                            [[cafe, the, 0, 0, 0]] * 2 + [[the, hello, 0, 0, 0]] * 2])
+    signal = TeacherSignal(top_ids, torch.full((2, 4, 5), 0.2), torch.ones(2, 4))
+    cache.write("train", [0, 7], signal, None, [True, True])
+    cache.write("held_out", [0], signal, None, [True])  # not training: not counted
+    read = label_frequency.training_top1_counts(cache.directory, table.vocab_size)
+    assert (read[the], read[hello], read[cafe], int(read.sum())) == (5, 1, 2, 8)

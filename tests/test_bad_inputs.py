@@ -129,6 +129,8 @@ CASES = [
     (lambda f: analysis("report", f, "--tau", "high", "--out", str(f["root"] / "report")), "--tau"),
     (lambda f: analysis("report", f, "--out", str(f["root"] / "a_file")), f"{R}/a_file"),
     (lambda f: analysis("match_rates", f, "--out", str(f["root"] / "no_checkpoints")), f"{R}/no_checkpoints"),
+    (lambda f: analysis("label_frequency", f, "--teacher_cache", str(f["root"]), "--out", str(f["root"] / "lf.json")),
+     "holds no training entries"),
     # benchmarks
     (lambda f: ["-m", "bench.decode_speed", "--repeats", "0"], "--repeats"),
     (lambda f: ["-m", "bench.decode_speed", "--model", str(f["root"]), "--repeats", "3"], "--repeats 3: at least 6"),
@@ -137,7 +139,7 @@ CASES = [
     # launch/spelling_report.py
     (lambda f: ["launch/spelling_report.py", "--model", str(f["base"]), "--k", "0"], "--k"),
 ]
-OUTPUTS = ("out", "report", "exported")  # what a refused command must not have created
+OUTPUTS = ("out", "report", "exported", "lf.json")  # what a refused command must not have created
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:

@@ -1,0 +1,106 @@
+"""Exact+prefix match by how often the teacher's top-1 token was its top-1 in the training text.
+
+    python -m analysis.label_frequency --model DIR --teacher_cache RUN/teacher_cache [--data FILE] --out FILE.json
+
+It separates what more text would fix from what it would not: a token the heads rarely saw as a
+label is missed for want of examples; a token seen thousands of times and still missed is not.
+The counts come from a ``--teacher_cache`` run's cache, which holds the teacher's top-5 at every
+training position the run read. A position trains on one of the teacher's top-5 (the label rule),
+mostly its top-1, so a token's count is about how often its spelling was a label.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from analysis.collect import Analysis
+from analysis.common import correct_flags, new_figure, rate, run_cli, save_figure
+from spellm_ds import cli
+
+BAND_EDGES = (0, 1, 10, 100, 1000, 10000)  # a band holds counts from its edge up to the next
+LONG = 5  # characters: the report's token-length table falls from 64% to 33% here
+
+
+def training_top1_counts(cache_dir: Path, vocab_size: int) -> torch.Tensor:
+    """``[vocab_size]``: how often each token was the teacher's top-1 over the cache's training blocks."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for entry in (cache_dir / "train").glob("*.safetensors"):
+        with safe_open(entry, framework="pt") as block:
+            counts += torch.bincount(block.get_tensor("top_ids")[:, 0].long(), minlength=vocab_size)
+    return counts
+
+
+def band_of(counts: torch.Tensor) -> torch.Tensor:
+    """The band index of each count (0: never seen)."""
+    return torch.bucketize(counts, torch.tensor(BAND_EDGES[1:]), right=True)
+
+
+def band_name(index: int) -> str:
+    low = BAND_EDGES[index]
+    if index + 1 == len(BAND_EDGES):
+        return f">={low}"
+    high = BAND_EDGES[index + 1] - 1
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def compute_from_counts(analysis: Analysis, counts: torch.Tensor) -> dict:
+    """Raw and AutoCorrect exact+prefix per band of the teacher's top-1's training count (positions
+    whose top-1 the table cannot spell left out), each also split by the token's length."""
+    r, table = analysis.records, analysis.table
+    top1 = r.top_ids[:, 0]
+    spellable = table.spellable[top1]
+    raw = correct_flags(analysis, "raw")["exact_or_prefix"][spellable]
+    fixed = correct_flags(analysis, "autocorrect")["exact_or_prefix"][spellable]
+    seen, long = counts[top1][spellable], (table.lengths[top1] >= LONG)[spellable]
+    band = band_of(seen)
+    bands = []
+    for index in range(len(BAND_EDGES)):
+        rows = band == index
+        bands.append({"band": band_name(index), "n": int(rows.sum()), "share": float(rows.float().mean()),
+                      "raw": rate(raw[rows]), "autocorrect": rate(fixed[rows])["rate"],
+                      f"raw_shorter_than_{LONG}": rate(raw[rows & ~long]),
+                      f"raw_{LONG}_or_longer": rate(raw[rows & long])})
+    summary = {"raw": rate(raw)["rate"],
+               "share_and_raw_by_band": {b["band"]: [b["share"], b["raw"]["rate"]] for b in bands}}
+    return {"training_positions": int(counts.sum()), "positions": int(spellable.sum()), "bands": bands,
+            "summary": summary}
+
+
+def compute(analysis: Analysis, args: argparse.Namespace) -> dict:
+    counts = training_top1_counts(args.teacher_cache, analysis.table.vocab_size)
+    return {"teacher_cache": str(args.teacher_cache), **compute_from_counts(analysis, counts)}
+
+
+def teacher_cache_dir(value: str) -> Path:
+    path = Path(value)
+    if not any((path / "train").glob("*.safetensors")):
+        raise argparse.ArgumentTypeError(f"{value!r} holds no training entries: pass the teacher_cache/ folder of a "
+                                         "run made with --teacher_cache")
+    return path
+
+
+def extra_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher_cache", type=teacher_cache_dir, required=True,
+                        help="the teacher_cache/ folder of the model's --teacher_cache run (its training counts)")
+
+
+def plot(result: dict, path: Path) -> None:
+    fig, ax = new_figure()
+    bands = [b for b in result["bands"] if b["n"]]
+    x = range(len(bands))
+    ax.bar(x, [100 * b["raw"]["rate"] for b in bands], color="tab:blue")
+    for i, b in zip(x, bands):
+        ax.annotate(f"{100 * b['share']:.0f}% of positions", (i, 100 * b["raw"]["rate"]), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_xticks(list(x), [b["band"] for b in bands])
+    ax.set_xlabel("times the teacher's top-1 token was its top-1 in training")
+    ax.set_ylabel("raw exact+prefix match (%)")
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    cli.run(lambda: run_cli(__doc__, compute, plot, extra_args))
