@@ -98,6 +98,11 @@ def parse_args() -> RunConfig:
                         "per position, labelled by the teacher's LM head at that state (a new state for every read "
                         "of a block; costs the LM head per training position); read-out recipe only "
                         "(default: %(default)s: the states the text gives)")
+    p.add_argument("--rare_label_power", type=float, default=DEFAULTS.rare_label_power, metavar="POWER",
+                   help="beyond the paper: weight each position's char loss by (count + 1)^-POWER, count being how "
+                        "often its label token occurs in the training text, so rarely seen spellings get more of the "
+                        "gradient (the loss stays a weighted mean; it cost raw agreement in pilots) "
+                        "(default: %(default)s: every label alike)")
     p.add_argument("--label_selection", choices=LABEL_RULES, default=DEFAULTS.label_selection,
                    help="label among the teacher's top-5: the one the student spells best (student_nll, the paper's "
                         "rule), best by char NLL - w x log p_teacher (joint), or the teacher's first spellable "

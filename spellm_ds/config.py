@@ -61,6 +61,7 @@ class RunConfig:
     spelling_kl_weight: float = 0.0
     spelling_kl_fraction: float = 1.0
     state_noise: float = 0.0
+    rare_label_power: float = 0.0
     label_selection: str = "joint"
     label_prior_weight: float = 1.0
     ignore_after_end: bool = True
@@ -111,6 +112,8 @@ class RunConfig:
             (0 < self.spelling_kl_fraction <= 1,
              f"--spelling_kl_fraction {self.spelling_kl_fraction} must be in (0, 1] (1: every position)"),
             (self.state_noise >= 0, f"--state_noise {self.state_noise} must be >= 0 (0: the states the text gives)"),
+            (self.rare_label_power >= 0,
+             f"--rare_label_power {self.rare_label_power} must be >= 0 (0: every label weighs the same)"),
             (self.state_noise == 0 or (self.trainable_layers == 0 and self.shared_trunk),
              f"--state_noise {self.state_noise} needs the read-out recipe's shared trunk, the teacher's final state "
              "(the only one its LM head labels): drop --trainable_layers/--no_shared_trunk or --state_noise"),

@@ -216,15 +216,29 @@ def spelling_kl_loss(char_logp: torch.Tensor, signal: TeacherSignal, decoder: Ch
     return scale * masked_mean(kl, valid.float(), valid_count)
 
 
+def rare_label_weights(token_counts: torch.Tensor, power: float) -> torch.Tensor:
+    """``[V]`` weights of a position's char loss by its label token: ``(count + 1) ** -power``.
+
+    The heads spell rarely seen tokens far worse (:mod:`analysis.label_frequency`);
+    ``--rare_label_power`` (beyond the paper) moves gradient from the spellings they see often to
+    those they see rarely, the char loss staying a weighted mean. In pilots it cost raw agreement
+    and barely helped the rare tokens (``docs/fidelity-pilots.md``, "Rare labels weighted up"), so
+    it is off by default."""
+    return (token_counts.double() + 1).pow(-power).float()
+
+
 def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | None, labels: Labels,
                       signal: TeacherSignal, table: SpellingTable, recipe: LossRecipe,
                       mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts,
-                      decoder: CharDecoder | None = None, generator: torch.Generator | None = None) -> LossParts:
-    """Char CE over the valid positions' counted characters (all k, or up to the label's first END),
-    plus ``reg_weight`` x the token regulariser through the frozen LM head, plus ``soft_char_weight``
-    x the soft per-head loss, plus ``spelling_kl_weight`` x the KL to the heads' token distribution
-    (which needs ``decoder``, built once per run from ``table``: it holds the valid spellings; with
-    ``spelling_kl_fraction`` < 1, ``generator`` draws its sample of positions).
+                      decoder: CharDecoder | None = None, generator: torch.Generator | None = None,
+                      label_weights: torch.Tensor | None = None) -> LossParts:
+    """Char CE over the valid positions' counted characters (all k, or up to the label's first END;
+    with ``label_weights`` ``[V]``, a mean weighted by each position's label token, see
+    :func:`rare_label_weights`), plus ``reg_weight`` x the token regulariser through the frozen LM
+    head, plus ``soft_char_weight`` x the soft per-head loss, plus ``spelling_kl_weight`` x the KL to
+    the heads' token distribution (which needs ``decoder``, built once per run from ``table``: it
+    holds the valid spellings; with ``spelling_kl_fraction`` < 1, ``generator`` draws its sample of
+    positions).
 
     Each mean divides by ``mean_over_ranks`` of this rank's count (of counted characters, of valid
     positions): their number varies per rank, and DeepSpeed averages the ranks' gradients, so a
@@ -234,6 +248,8 @@ def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | No
     char_ce = -char_logp.gather(-1, labels.chars.unsqueeze(-1)).squeeze(-1)  # [B, T, k]
     valid = labels.valid.float()
     counted = scored_chars(labels.chars, recipe.ignore_after_end) * valid.unsqueeze(-1)
+    if label_weights is not None:
+        counted = counted * label_weights[labels.token_ids].unsqueeze(-1)
     counted_count, valid_count = mean_over_ranks(torch.stack([counted.sum(), valid.sum()]).detach()).unbind()
     char_loss = masked_mean(char_ce, counted, counted_count)
     zero = torch.zeros((), device=char_logits.device)

@@ -21,6 +21,8 @@ Features
   block is read and read back on later passes and evaluations (:mod:`spellm_ds.teacher_cache`):
   a second pass then costs the student's part of a step only, and ``--teacher_cache_from`` reuses
   another run's cache, so runs that differ only in the student's training share the teacher;
+- ``--rare_label_power`` (beyond the paper, off): the char loss weighted by each label token's count
+  in the training text to the power ``-p``, so the spellings seen rarely get more of the gradient;
 - ``--state_noise`` (beyond the paper, read-out recipe): the student reads the teacher's final state
   plus Gaussian noise, labelled by the teacher's LM head there: new training states for the cost
   of the LM head, where new text costs the whole teacher;
@@ -70,7 +72,7 @@ from spellm_ds.decoding import CharDecoder
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.errors import SpellmError
 from spellm_ds.forward import student_and_labels, synchronized_clock
-from spellm_ds.losses import TOP_K, LossParts, distillation_loss
+from spellm_ds.losses import TOP_K, LossParts, distillation_loss, rare_label_weights
 from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import shared_trunk_layer
 from spellm_ds.shutdown import GracefulShutdown
@@ -139,6 +141,10 @@ class Distillation:
                                                config.trainable_layers) if config.shared_trunk else None)
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
                                    config.seq_len, config.eval_fraction, config.seed, config.train_blocks)
+        self.label_weights = None
+        if config.rare_label_power > 0:  # by the tokens' counts in the training text, the same on every rank
+            counts = torch.bincount(self.data.train.flatten(), minlength=self.table.vocab_size)
+            self.label_weights = rare_label_weights(counts, config.rare_label_power).to(self.device)
         blocks_per_step = config.micro_batch * config.grad_accum * self.world_size
         self.first_read = first_read_steps(len(self.data.train), blocks_per_step, config.seed)
         self.cache = self._teacher_cache() if config.teacher_cache else None
@@ -264,7 +270,7 @@ class Distillation:
                                                            store=(passes == 0).tolist(), wide_k=cfg.wide_k, noise=noise)
             reads += read
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
-                                     self._mean_over_ranks, self.decoder, sample)
+                                     self._mean_over_ranks, self.decoder, sample, self.label_weights)
             backward_started = synchronized_clock()
             self.student.backward(loss.total)
             self.student.step()

@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM
 from spellm_ds import checkpoint, distributed
 from spellm_ds import teacher as teacher_module
 from spellm_ds.config import RunConfig
+from spellm_ds.data import step_rows
 from spellm_ds.errors import SpellmError
+from spellm_ds.losses import distillation_loss
 from spellm_ds.model import SpeLLMForCausalLM, decoder_layers
 from spellm_ds.teacher import noised_states, teacher_signal, top_tokens_from_hidden
 from spellm_ds.train import Distillation
@@ -333,6 +335,23 @@ def test_state_noise_trains_on_noised_states_labelled_by_the_teachers_lm_head(pr
     losses = [run.train_step(step)["loss/total"] for step in range(8)]
     assert plain.train_step(0)["loss/total"] != pytest.approx(losses[0], rel=1e-6)
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+
+
+def test_rare_label_power_weights_the_char_loss_by_each_labels_training_count(process_group, tmp_path):
+    """--rare_label_power: weights from the training blocks' token counts; a step's char loss is
+    the weighted mean of its labels' char NLL, not the plain one."""
+    run = tiny_distillation(tmp_path, rare_label_power=0.5, trainable_layers=0, readout_width=16)
+    counts = torch.bincount(run.data.train.flatten(), minlength=run.table.vocab_size)
+    assert torch.allclose(run.label_weights, (counts.double() + 1).pow(-0.5).float())
+    cfg = run.config
+    rows, _ = step_rows(len(run.data.train), 0, 0, cfg.grad_accum, cfg.micro_batch, run.rank, run.world_size, cfg.seed)
+    with torch.no_grad():
+        signal, out, labels, *_ = run._forward("train", rows, cfg.needs_token_logits, cached=False,
+                                               store=[False] * len(rows))
+        weighted, plain = (distillation_loss(out.char_logits, out.token_logits, labels, signal, run.table, run.recipe,
+                                             label_weights=weights).char for weights in (run.label_weights, None))
+    assert float(weighted) != pytest.approx(float(plain), rel=1e-3)
+    assert run.train_step(0)["loss/char"] == pytest.approx(float(weighted), rel=1e-5)
 
 
 def test_a_teacher_that_fits_runs_whole_without_zero3_hooks(distillation, tmp_path):

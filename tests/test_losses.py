@@ -7,7 +7,7 @@ import torch
 
 from spellm_ds.charset import END_ID
 from spellm_ds.losses import (LabelRule, Labels, LossRecipe, candidate_nll, choose_labels, distillation_loss,
-                              select_labels, token_regulariser)
+                              rare_label_weights, select_labels, token_regulariser)
 from spellm_ds.teacher import TeacherSignal, top_tokens_from_hidden
 
 
@@ -138,6 +138,33 @@ def test_ignore_after_end_counts_each_label_up_to_its_first_end():
     terms = [-logp[t, j, spelling[t, j]] for t in range(3) for j in range(read_length(spelling[t].tolist()))]
     assert len(terms) == 2 + 4 + 2
     assert torch.allclose(parts.char, torch.stack(terms).mean())
+
+
+def test_rare_label_weights_make_the_char_loss_a_mean_weighted_by_each_labels_count():
+    counts = torch.tensor([99, 0, 3, 8])
+    weights = rare_label_weights(counts, 0.5)
+    assert torch.allclose(weights, torch.tensor([0.1, 1.0, 0.5, 1 / 3]))
+    assert torch.equal(rare_label_weights(counts, 0.0), torch.ones(4))
+    g = torch.Generator().manual_seed(5)
+    C, k = 6, 3
+    spelling = torch.tensor([[2, 3, 4], [5, 0, 0], [4, 4, 0], [3, 0, 0]])
+    spellable = torch.ones(4, dtype=torch.bool)
+    logits = torch.randn(1, 3, k, C, generator=g)
+    top = torch.tensor([[[0] * 5, [1] * 5, [2] * 5]])  # the labels: tokens 0, 1, 2
+    signal = TeacherSignal(top, torch.full((1, 3, 5), 0.2), torch.zeros(1, 3))
+    table = SimpleNamespace(chars=spelling, spellable=spellable)
+    labels = select_labels(logits, top, spelling, spellable)
+    recipe = LossRecipe(reg_weight=0.0, ignore_after_end=True)
+    weighted = distillation_loss(logits, None, labels, signal, table, recipe, label_weights=weights).char
+    logp = torch.log_softmax(logits[0], -1)
+    terms = [(weights[t], -logp[t, j, spelling[t, j]])
+             for t in range(3) for j in range(read_length(spelling[t].tolist()))]
+    expected = sum(w * nll for w, nll in terms) / sum(w for w, _ in terms)
+    assert torch.allclose(weighted, expected)
+    plain = distillation_loss(logits, None, labels, signal, table, recipe).char
+    assert not torch.allclose(weighted, plain)
+    assert torch.allclose(distillation_loss(logits, None, labels, signal, table, recipe,
+                                            label_weights=torch.full((4,), 0.3)).char, plain)  # a constant cancels
 
 
 def test_teacher_regulariser_is_the_top5_plus_rest_kl():
