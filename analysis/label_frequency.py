@@ -2,9 +2,10 @@
 
     python -m analysis.label_frequency --model DIR --teacher_cache RUN/teacher_cache [--data FILE] --out FILE.json
 
-It separates what more text would fix from what it would not: a token the heads rarely saw as a
-label is missed for want of examples; a token seen thousands of times and still missed is not.
-The counts come from a ``--teacher_cache`` run's cache, which holds the teacher's top-5 at every
+It shows where the misses sit: on tokens the heads rarely saw as labels, or on tokens seen
+thousands of times. Rarity goes with length (rare tokens are mostly long ones), so a band mixes
+both; ``docs/fidelity-pilots.md`` ("Rare labels weighted up") tests which one limits. The counts
+come from a ``--teacher_cache`` run's cache, which holds the teacher's top-5 at every
 training position the run read. A position trains on one of the teacher's top-5 (the label rule),
 mostly its top-1, so a token's count is about how often its spelling was a label.
 """
