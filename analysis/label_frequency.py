@@ -4,7 +4,8 @@
 
 It shows where the misses sit: on tokens the heads rarely saw as labels, or on tokens seen
 thousands of times. Rarity goes with length (rare tokens are mostly long ones), so a band mixes
-both; ``docs/fidelity-pilots.md`` ("Rare labels weighted up") tests which one limits. The counts
+both (``docs/fidelity-pilots.md``, "Rare labels weighted up": more loss weight does not help
+rare tokens). The counts
 come from a ``--teacher_cache`` run's cache, which holds the teacher's top-5 at every
 training position the run read. A position trains on one of the teacher's top-5 (the label rule),
 mostly its top-1, so a token's count is about how often its spelling was a label.
