@@ -5,10 +5,10 @@
 It shows where the misses sit: on tokens the heads rarely saw as labels, or on tokens seen
 thousands of times. Rarity goes with length (rare tokens are mostly long ones), so a band mixes
 both (``docs/fidelity-pilots.md``, "Rare labels weighted up": more loss weight does not help
-rare tokens). The counts
-come from a ``--teacher_cache`` run's cache, which holds the teacher's top-5 at every
-training position the run read. A position trains on one of the teacher's top-5 (the label rule),
-mostly its top-1, so a token's count is about how often its spelling was a label.
+rare tokens). The counts come from a ``--teacher_cache`` run's cache, which holds the teacher's
+top-5 at every training position the run read. A position trains on one of the teacher's top-5
+(the label rule), mostly its top-1, so a token's count is about how often its spelling was a
+label.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from analysis.collect import Analysis
 from analysis.common import correct_flags, new_figure, rate, run_cli, save_figure
 from spellm_ds import cli
+from spellm_ds.teacher_cache import entry_files
 
 BAND_EDGES = (0, 1, 10, 100, 1000, 10000)  # a band holds counts from its edge up to the next
 LONG = 5  # characters: the report's token-length table falls from 64% to 33% here
@@ -30,7 +31,7 @@ LONG = 5  # characters: the report's token-length table falls from 64% to 33% he
 def training_top1_counts(cache_dir: Path, vocab_size: int) -> torch.Tensor:
     """``[vocab_size]``: how often each token was the teacher's top-1 over the cache's training blocks."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for entry in (cache_dir / "train").glob("*.safetensors"):
+    for entry in entry_files(cache_dir, "train"):
         with safe_open(entry, framework="pt") as block:
             counts += torch.bincount(block.get_tensor("top_ids")[:, 0].long(), minlength=vocab_size)
     return counts
@@ -79,7 +80,7 @@ def compute(analysis: Analysis, args: argparse.Namespace) -> dict:
 
 def teacher_cache_dir(value: str) -> Path:
     path = Path(value)
-    if not any((path / "train").glob("*.safetensors")):
+    if not entry_files(path, "train"):
         raise argparse.ArgumentTypeError(f"{value!r} holds no training entries: pass the teacher_cache/ folder of a "
                                          "run made with --teacher_cache")
     return path

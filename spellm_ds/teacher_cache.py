@@ -42,6 +42,11 @@ SPLITS = ("train", "held_out")
 FIELDS = ("top_ids", "top_probs", "entropy", "wide_ids", "wide_probs")
 
 
+def entry_files(directory: Path, split: str) -> list[Path]:
+    """The entry files of ``split`` in the cache folder ``directory`` (one per block)."""
+    return list((directory / split).glob("*.safetensors"))
+
+
 class TeacherCache:
     def __init__(self, directory: Path, fingerprint: dict[str, Any]) -> None:
         self.directory = directory
@@ -76,7 +81,7 @@ class TeacherCache:
         calls it, after :meth:`prepare`, before any rank reads or writes."""
         added = 0
         for split in SPLITS:
-            for entry in (source / split).glob("*.safetensors"):
+            for entry in entry_files(source, split):
                 target = self.directory / split / entry.name
                 if target.exists():
                     continue
@@ -89,7 +94,7 @@ class TeacherCache:
 
     def stored(self, split: str) -> list[int]:
         """The blocks of ``split`` with an entry."""
-        return [int(path.name.removesuffix(".safetensors")) for path in (self.directory / split).glob("*.safetensors")]
+        return [int(path.name.removesuffix(".safetensors")) for path in entry_files(self.directory, split)]
 
     def _path(self, split: str, block: int) -> Path:
         return self.directory / split / f"{block}.safetensors"
