@@ -98,6 +98,11 @@ def parse_args() -> RunConfig:
                         "per position, labelled by the teacher's LM head at that state (a new state for every read "
                         "of a block; costs the LM head per training position); read-out recipe only "
                         "(default: %(default)s: the states the text gives)")
+    p.add_argument("--anchored_rows", type=int, default=DEFAULTS.anchored_rows, metavar="N",
+                   help="beyond the paper: add N rows of new states to each micro-batch, real states moved towards "
+                        "tokens drawn uniformly from those the training text holds, labelled by the teacher's LM "
+                        "head there (contexts for rare tokens; costs the LM head per added state); read-out "
+                        "recipe only (default: %(default)s: the states the text gives)")
     p.add_argument("--rare_label_power", type=float, default=DEFAULTS.rare_label_power, metavar="POWER",
                    help="beyond the paper: weight each position's char loss by (count + 1)^-POWER, count being how "
                         "often its label token occurs in the training text, so rarely seen spellings get more of the "

@@ -61,6 +61,7 @@ class RunConfig:
     spelling_kl_weight: float = 0.0
     spelling_kl_fraction: float = 1.0
     state_noise: float = 0.0
+    anchored_rows: int = 0
     rare_label_power: float = 0.0
     label_selection: str = "joint"
     label_prior_weight: float = 1.0
@@ -114,9 +115,12 @@ class RunConfig:
             (self.state_noise >= 0, f"--state_noise {self.state_noise} must be >= 0 (0: the states the text gives)"),
             (self.rare_label_power >= 0,
              f"--rare_label_power {self.rare_label_power} must be >= 0 (0: every label weighs the same)"),
-            (self.state_noise == 0 or (self.trainable_layers == 0 and self.shared_trunk),
-             f"--state_noise {self.state_noise} needs the read-out recipe's shared trunk, the teacher's final state "
-             "(the only one its LM head labels): drop --trainable_layers/--no_shared_trunk or --state_noise"),
+            (self.anchored_rows >= 0,
+             f"--anchored_rows {self.anchored_rows} must be >= 0 (0: the states the text gives)"),
+            *((value == 0 or (self.trainable_layers == 0 and self.shared_trunk),
+               f"--{flag} {value} needs the read-out recipe's shared trunk, the teacher's final state "
+               f"(the only one its LM head labels): drop --trainable_layers/--no_shared_trunk or --{flag}")
+              for flag, value in (("state_noise", self.state_noise), ("anchored_rows", self.anchored_rows))),
             (self.label_prior_weight >= 0, f"--label_prior_weight {self.label_prior_weight} must be >= 0"),
             (self.warmup >= 0, f"--warmup {self.warmup} must be >= 0"),
             (self.save_every >= 0, f"--save_every {self.save_every} must be >= 0 (0: only at the end)"),

@@ -26,6 +26,11 @@ Features
 - ``--state_noise`` (beyond the paper, read-out recipe): the student reads the teacher's final state
   plus Gaussian noise, labelled by the teacher's LM head there: new training states for the cost
   of the LM head, where new text costs the whole teacher;
+- ``--anchored_rows`` (beyond the paper, read-out recipe): each micro-batch adds that many rows of
+  new states, real ones moved towards tokens drawn uniformly from those the training text holds,
+  labelled by the teacher's LM head there (:class:`spellm_ds.teacher.StateAnchors`): contexts for
+  the tokens the text names too rarely for the heads to learn them; training metrics count the
+  text's positions only;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
@@ -77,7 +82,7 @@ from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import shared_trunk_layer
 from spellm_ds.shutdown import GracefulShutdown
 from spellm_ds.spelling import SpellingTable, model_vocab_size
-from spellm_ds.teacher import noised_states, teacher_signal, top_tokens_from_hidden
+from spellm_ds.teacher import StateAnchors, joined_signals, noised_states, teacher_signal, top_tokens_from_hidden
 from spellm_ds.teacher_cache import TeacherCache
 
 PREEMPTED = "PREEMPTED"
@@ -102,6 +107,11 @@ def run(config: RunConfig) -> Path | None:
         checkpoint.export(final, exported)
         print(f"exported SpeLLM model: {exported}", flush=True)
     return exported
+
+
+def first_rows(parts: tuple, count: int) -> tuple:
+    """The first ``count`` rows of each tensor of a named tuple of batched tensors (None stays None)."""
+    return type(parts)(*(None if part is None else part[:count] for part in parts))
 
 
 def _peak_rss_gb() -> float:
@@ -141,14 +151,19 @@ class Distillation:
                                                config.trainable_layers) if config.shared_trunk else None)
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
                                    config.seq_len, config.eval_fraction, config.seed, config.train_blocks)
+        # the tokens' counts in the training text, the same on every rank
+        counts = torch.bincount(self.data.train.flatten(), minlength=self.table.vocab_size)
         self.label_weights = None
-        if config.rare_label_power > 0:  # by the tokens' counts in the training text, the same on every rank
-            counts = torch.bincount(self.data.train.flatten(), minlength=self.table.vocab_size)
+        if config.rare_label_power > 0:
             self.label_weights = rare_label_weights(counts, config.rare_label_power).to(self.device)
         blocks_per_step = config.micro_batch * config.grad_accum * self.world_size
         self.first_read = first_read_steps(len(self.data.train), blocks_per_step, config.seed)
         self.cache = self._teacher_cache() if config.teacher_cache else None
         self.teacher = build_teacher(self.model_dir, self.teacher_ds)
+        self.anchors = None
+        if config.anchored_rows:
+            named = ((counts > 0) & self.table.spellable.cpu()).nonzero().squeeze(1)
+            self.anchors = StateAnchors(self.teacher.module.get_output_embeddings(), named)
         self.student = build_student(self.model_dir, self.student_ds, config, self.charset, self.table,
                                      self.trunk_layer)
         self.start_step = checkpoint.load(self.student, self.resume_from) if self.resume_from else 0
@@ -199,14 +214,17 @@ class Distillation:
 
     # ----------------------------------------------------------------- one step
     def _forward(self, split: str, rows: torch.Tensor, with_token_logits: bool, cached: bool, store: list[bool],
-                 wide_k: int | None = None, noise: torch.Generator | None = None):
+                 wide_k: int | None = None, noise: torch.Generator | None = None,
+                 anchors: torch.Generator | None = None):
         """Teacher and student forward on blocks ``rows`` of ``split`` (``wide_k``: see
         :func:`spellm_ds.teacher.top_tokens_from_hidden`). With the teacher cache, the teacher's output
         is read from it when, on every rank, ``cached`` and every row is stored (so all ranks run the
         teacher, or none: its ZeRO-3 gathers are collectives); else computed and stored where ``store``.
         With ``noise`` (``--state_noise``, on every rank alike) the student reads the teacher's state
         noised, and the signal is the LM head's there; the cache keeps the clean one (without a cache the
-        clean state's LM head is not run).
+        clean state's LM head is not run). With ``anchors`` (``--anchored_rows``, on every rank alike) the
+        student also reads ``anchored_rows`` rows of anchored states after the text's, the LM head's
+        signal theirs.
         Returns the signal, the student's output, the labels, the teacher's seconds and whether it was read."""
         started = synchronized_clock()
         input_ids = getattr(self.data, split)[rows].to(self.device)
@@ -222,6 +240,11 @@ class Distillation:
         if noise is not None:
             trunk = noised_states(trunk, self.config.state_noise, noise)
             signal = top_tokens_from_hidden(trunk, self.teacher.module.get_output_embeddings(), TOP_K, wide_k=wide_k)
+        if anchors is not None:
+            anchored = self.anchors.states(trunk, self.config.anchored_rows, anchors)
+            lm_head = self.teacher.module.get_output_embeddings()
+            signal = joined_signals(signal, top_tokens_from_hidden(anchored, lm_head, TOP_K, wide_k=wide_k))
+            trunk = torch.cat([trunk, anchored])
         teacher_s = synchronized_clock() - started
         out, labels = student_and_labels(self.student, input_ids, signal, trunk, self.table, self.config.label_rule(),
                                          with_token_logits)
@@ -265,9 +288,12 @@ class Distillation:
             sample = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank)))
             noise = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank, 1))) \
                 if cfg.state_noise else None
+            anchors = torch.Generator().manual_seed(hash((cfg.seed, step, micro_step, self.rank, 2))) \
+                if cfg.anchored_rows else None
             started = synchronized_clock()
             signal, out, labels, t_s, read = self._forward("train", rows, cfg.needs_token_logits, cached,
-                                                           store=(passes == 0).tolist(), wide_k=cfg.wide_k, noise=noise)
+                                                           store=(passes == 0).tolist(), wide_k=cfg.wide_k, noise=noise,
+                                                           anchors=anchors)
             reads += read
             loss = distillation_loss(out.char_logits, out.token_logits, labels, signal, self.table, self.recipe,
                                      self._mean_over_ranks, self.decoder, sample, self.label_weights)
@@ -279,7 +305,9 @@ class Distillation:
             student_s += finished - started - t_s
             teacher_s += t_s
             losses += torch.stack(list(loss)).detach().double().cpu()  # one host sync
-            for name, value in match_sums(out.char_logits.detach(), signal, labels, self.table).items():
+            text = len(rows)  # the metrics count the text's positions, not the anchored states'
+            for name, value in match_sums(out.char_logits[:text].detach(), first_rows(signal, text),
+                                          first_rows(labels, text), self.table).items():
                 sums[name] = sums.get(name, 0) + value.cpu()
         losses = (losses / cfg.grad_accum).to(self.device)
         dist.all_reduce(losses)

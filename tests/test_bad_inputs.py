@@ -82,6 +82,8 @@ CASES = [
     (lambda f: distill(f, "--spelling_kl_fraction", "0"), "--spelling_kl_fraction 0"),
     (lambda f: distill(f, "--state_noise", "-0.1"), "--state_noise -0.1"),
     (lambda f: distill(f, "--state_noise", "0.2", "--trainable_layers", "1"), "--state_noise 0.2 needs the read-out"),
+    (lambda f: distill(f, "--anchored_rows", "-1"), "--anchored_rows -1"),
+    (lambda f: distill(f, "--anchored_rows", "1", "--no_shared_trunk"), "--anchored_rows 1 needs the read-out"),
     (lambda f: distill(f, "--rare_label_power", "-1"), "--rare_label_power -1"),
     (lambda f: distill(f, "--label_prior_weight", "-0.5"), "--label_prior_weight -0.5"),
     (lambda f: distill(f, "--ffn_lr", "0"), "--ffn_lr 0"),

@@ -17,7 +17,7 @@ from spellm_ds.data import step_rows
 from spellm_ds.errors import SpellmError
 from spellm_ds.losses import distillation_loss
 from spellm_ds.model import SpeLLMForCausalLM, decoder_layers
-from spellm_ds.teacher import noised_states, teacher_signal, top_tokens_from_hidden
+from spellm_ds.teacher import ANCHOR_SHIFT, StateAnchors, noised_states, teacher_signal, top_tokens_from_hidden
 from spellm_ds.train import Distillation
 from tests import tiny
 from tests.distributed import free_port
@@ -334,6 +334,61 @@ def test_state_noise_trains_on_noised_states_labelled_by_the_teachers_lm_head(pr
     assert run.evaluate() == plain.evaluate()
     losses = [run.train_step(step)["loss/total"] for step in range(8)]
     assert plain.train_step(0)["loss/total"] != pytest.approx(losses[0], rel=1e-6)
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+
+
+def test_anchored_states_move_a_state_towards_the_drawn_token():
+    """Every anchored state is a source state moved by ANCHOR_SHIFT times its norm, in a direction
+    whose largest logit change is the drawn token's (one of ``tokens``), and the same generator
+    draws the same states."""
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(32, 512, bias=False)
+    tokens = torch.arange(100, 400, 3)
+    anchors = StateAnchors(lm_head, tokens)
+    source = torch.randn(32)
+    hidden = source.expand(2, 16, 32).clone()  # one source state, so each move is known
+    moved = anchors.states(hidden, 3, torch.Generator().manual_seed(1))
+    assert moved.shape == (3, 16, 32) and moved.dtype == hidden.dtype
+    assert torch.equal(moved, anchors.states(hidden, 3, torch.Generator().manual_seed(1)))
+    assert not torch.equal(moved, anchors.states(hidden, 3, torch.Generator().manual_seed(2)))
+    shift = (moved - source).norm(dim=-1) / source.norm()
+    assert ((shift >= ANCHOR_SHIFT[0] - 1e-4) & (shift <= ANCHOR_SHIFT[1] + 1e-4)).all() and shift.std() > 0.02
+    with torch.no_grad():
+        raised = lm_head(moved - source).argmax(-1)  # the token each move favours most
+    assert torch.isin(raised, tokens).float().mean() > 0.9
+    assert len(raised.unique()) > 20  # many tokens, not one direction
+    assert anchors.states(hidden.bfloat16(), 1, torch.Generator().manual_seed(1)).dtype == torch.bfloat16
+
+
+def test_anchored_rows_add_states_labelled_by_the_teachers_lm_head(process_group, tmp_path):
+    """--anchored_rows on the default recipe: after the text's rows the student reads that many
+    rows of anchored states (drawn from the training text's spellable tokens), labelled by the
+    (ZeRO-3) LM head's top-k there; the training metrics count the text's positions only, so step 0
+    measures the same as a plain run's while the loss differs; evaluation is untouched; the loss falls."""
+    settings = dict(trainable_layers=0, readout_width=16, train_blocks=4, max_steps=8)
+    run = tiny_distillation(tmp_path, anchored_rows=1, **settings)
+    counts = torch.bincount(run.data.train.flatten(), minlength=run.table.vocab_size)
+    assert torch.equal(run.anchors.tokens, ((counts > 0) & run.table.spellable.cpu()).nonzero().squeeze(1))
+    rows = torch.tensor([0, 1])
+    signal, out, labels, _, _ = run._forward("train", rows, False, cached=False, store=[False, False],
+                                             anchors=torch.Generator().manual_seed(7))
+    clean, final = teacher_signal(run.teacher.module, run.data.train[rows], trunk_layer=run.trunk_layer)
+    anchored = run.anchors.states(final, 1, torch.Generator().manual_seed(7))
+    expected = top_tokens_from_hidden(anchored, run.teacher.module.get_output_embeddings())
+    assert signal.top_ids.shape[0] == 3 and labels.chars.shape[0] == 3
+    assert torch.equal(signal.top_ids[:2], clean.top_ids) and torch.equal(signal.top_ids[2:], expected.top_ids)
+    assert torch.allclose(signal.top_probs[2:], expected.top_probs)
+    with torch.no_grad():
+        assert torch.allclose(out.char_logits[2:], run.student(trunk_hidden=anchored).char_logits, atol=1e-6)
+
+    (tmp_path / "plain").mkdir()
+    plain = tiny_distillation(tmp_path / "plain", **settings)
+    assert run.evaluate() == plain.evaluate()
+    first, first_plain = run.train_step(0), plain.train_step(0)
+    assert first["loss/total"] != pytest.approx(first_plain["loss/total"], rel=1e-6)
+    matches = [name for name in first_plain if not name.startswith(("loss/", "perf/"))]
+    assert matches and all(first[name] == pytest.approx(first_plain[name], abs=1e-9) for name in matches)
+    losses = [first["loss/total"]] + [run.train_step(step)["loss/total"] for step in range(1, 8)]
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
 
 
