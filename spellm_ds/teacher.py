@@ -105,9 +105,11 @@ class StateAnchors:
     embeddings share a common direction, and a state moved along one made t the top-1 at only 12%
     of SmolLM2's states. The LM head labels the moved state exactly, for its cost alone (the
     decoder does not run), as with ``--state_noise``; here the new states cover every token of
-    ``tokens`` alike, where the text gives a rare token few contexts.
+    ``tokens`` alike, where the text gives a rare token few contexts. Off by default: it helped a
+    read-out probe and cost raw agreement in the pipeline's pilots (``docs/fidelity-pilots.md``).
     """
 
+    @torch.no_grad()
     def __init__(self, lm_head: nn.Module, tokens: torch.Tensor) -> None:
         with gathered_if_partitioned(list(lm_head.parameters())):
             weight = lm_head.weight.double()

@@ -30,7 +30,7 @@ Features
   new states, real ones moved towards tokens drawn uniformly from those the training text holds,
   labelled by the teacher's LM head there (:class:`spellm_ds.teacher.StateAnchors`): contexts for
   the tokens the text names too rarely for the heads to learn them; training metrics count the
-  text's positions only;
+  text's positions only (off: it cost raw agreement in pilots);
 - two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
