@@ -7,6 +7,7 @@ docs/pilots/anchor_probe_features.py 1000, from the repository root (the paths a
     python docs/pilots/anchor_probe.py --geometry --direction raw|centered|dual   # how often t becomes the top-1
     python docs/pilots/anchor_probe.py --out base.json
     python docs/pilots/anchor_probe.py --aug 0.5 --lo 0.2 --hi 0.4 [--q_power 0.5] --out aug.json   # also --aug 1.0
+    python docs/pilots/anchor_probe.py --epochs 12 [--aug 0.5 --lo 0.2 --hi 0.4] --out base12.json  # and aug12.json
 
 (the first aug run computed the LM head in fp32, the later ones in bf16, as the pipeline does.)
 """
