@@ -180,7 +180,7 @@ class CharDecoder:
         whole vocabulary costs more than the rest of the char path together.
         """
         scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1)) if autocorrect else None
-        return self._propose(char_logits, scores)
+        return self.proposal_from(char_logits, scores)
 
     def propose_and_score(self, char_logits: torch.Tensor, token_ids: torch.Tensor, rerank_k: int = 0,
                           hidden: torch.Tensor | None = None,
@@ -198,7 +198,7 @@ class CharDecoder:
         char_logp = torch.log_softmax(char_logits.float(), -1)
         scores = self.spelling_scores(char_logp)
         normaliser = log_normaliser(scores, self.temperature)
-        proposal, log_probs = self._propose(char_logits, scores), self._log_probs_of(char_logp, normaliser, token_ids)
+        proposal, log_probs = self.proposal_from(char_logits, scores), self._log_probs_of(char_logp, normaliser, token_ids)
         if not rerank_k:
             return proposal, log_probs
         candidates, candidate_scores, logits = self.rerank_candidates(scores, hidden, lm_head, rerank_k)
@@ -210,7 +210,9 @@ class CharDecoder:
         return (proposal._replace(token_ids=best_candidate(candidates, logits)),
                 torch.where(in_set, set_logp + within, log_probs))
 
-    def _propose(self, char_logits: torch.Tensor, scores: torch.Tensor | None) -> Proposal:
+    def proposal_from(self, char_logits: torch.Tensor, scores: torch.Tensor | None) -> Proposal:
+        """:meth:`propose` from spelling ``scores`` a caller already has (:meth:`spelling_scores` of the
+        same logits; None: no AutoCorrect), so a caller that also re-ranks pays for them once."""
         predicted = read_string(char_logits)
         looked_up = self.table.lookup(predicted)
         hit = looked_up >= 0

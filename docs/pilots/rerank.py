@@ -46,11 +46,11 @@ def probe(model, blocks: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
         teacher_top1 = out.token_logits.flatten(0, 1).float().argmax(-1)
         spellable = table.spellable[teacher_top1]
         hidden, char_logits, want = hidden[spellable], char_logits[spellable], table.chars[teacher_top1[spellable]]
-        proposal = decoder.propose(char_logits)
+        # one pass over the vocabulary for AutoCorrect and every K: the top-K are the first K of the top-max(KS)
+        scores = decoder.spelling_scores(torch.log_softmax(char_logits, -1))
+        proposal = decoder.proposal_from(char_logits, scores)
         entropy.append(proposal.entropy), fallback.append(proposal.fallback)
         shipped.append((table.chars[proposal.token_ids] == want).all(-1))
-        # one pass over the vocabulary for every K: the top-K are the first K of the top-max(KS)
-        scores = decoder.spelling_scores(torch.log_softmax(char_logits, -1))
         candidates, _, logits = decoder.rerank_candidates(scores, hidden, lm_head, max(KS))
         for k in KS:
             recall[k].append((table.chars[candidates[:, :k]] == want[:, None]).all(-1).any(-1))
