@@ -76,6 +76,11 @@ class Analysis:
     teacher: str
     corpus_counts: torch.Tensor  # [V] token occurrences in the analysed text
     tokenizer: object
+    seq_len: int  # the records are whole blocks of this many positions, in order
+
+    def blocks(self) -> torch.Tensor:
+        """Each record's block: the unit of independence of paired intervals (:func:`analysis.common.paired_difference`)."""
+        return torch.arange(len(self.records.top_ids)) // self.seq_len
 
 
 def held_out_texts(data: list[str] | None, text_field: str) -> list[str]:
@@ -129,4 +134,5 @@ def collect(args: argparse.Namespace) -> Analysis:
             heads_next_logp=heads_next_logp,
             lm_next_logp=lm_logp.gather(-1, targets.unsqueeze(-1)).flatten()))
     counts = torch.bincount(blocks.flatten(), minlength=table.vocab_size)
-    return Analysis(Records.concat(parts), table, args.tau, args.rerank_k, teacher_name, counts, student.tokenizer)
+    return Analysis(Records.concat(parts), table, args.tau, args.rerank_k, teacher_name, counts, student.tokenizer,
+                    args.seq_len)

@@ -27,14 +27,28 @@ def rate(flags: torch.Tensor) -> dict[str, Any]:
             "ci95": list(wilson_interval(count, total))}
 
 
-def paired_difference(values: torch.Tensor, baseline: torch.Tensor) -> dict[str, Any]:
+def paired_difference(values: torch.Tensor, baseline: torch.Tensor,
+                      clusters: torch.Tensor | None = None) -> dict[str, Any]:
     """Mean of per-position differences of two columns (0/1 flags or values) with a 95% normal
-    interval, over the positions where neither is NaN (NaN: not scored)."""
+    interval, over the positions where neither is NaN (NaN: not scored).
+
+    ``clusters`` (an id per position, e.g. its text block) gives the interval the cluster-robust
+    standard error: positions of one block share a context and are not independent, and treating
+    them so makes the interval too narrow. With one position per cluster it is the plain one."""
     diff = values.double() - baseline.double()
-    diff = diff[~diff.isnan()]
+    scored = ~diff.isnan()
+    diff = diff[scored]
     mean, n = float(diff.mean()), len(diff)
-    half = 1.96 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
-    return {"diff": mean, "ci95": [mean - half, mean + half], "n": n}
+    result: dict[str, Any] = {"diff": mean, "n": n}
+    if clusters is None:
+        half = 1.96 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
+    else:
+        _, ids = torch.unique(clusters[scored], return_inverse=True)
+        sums = torch.zeros(int(ids.max()) + 1 if n else 0, dtype=torch.float64).index_add_(0, ids, diff - mean)
+        count = len(sums)
+        half = 1.96 * math.sqrt(count / (count - 1) * float((sums ** 2).sum())) / n if count > 1 else 0.0
+        result["clusters"] = count
+    return {**result, "ci95": [mean - half, mean + half]}
 
 
 def fallback_mask(analysis: Analysis, tau: float | None) -> torch.Tensor:

@@ -65,7 +65,7 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     teacher = nll(r.teacher_next_logp)
 
     def versus_teacher(values: torch.Tensor) -> dict:
-        return {"nll": float(values.nanmean()), "vs_teacher": paired_difference(values, teacher)}
+        return {"nll": float(values.nanmean()), "vs_teacher": paired_difference(values, teacher, analysis.blocks())}
 
     def at_tau(tau: float | None) -> dict:
         return {"tau": tau, "fallback_rate": float(fallback_mask(analysis, tau)[scored].double().mean()),

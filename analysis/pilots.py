@@ -17,9 +17,10 @@ cost, as with ``--teacher_cache``). A run made elsewhere (other steps, other fla
 too when its output directory is placed at ``--out/NAME``; its FLAGS then only label it. Pilots
 that differ only in how the student trains can share the teacher's forward: give the baseline
 ``--teacher_cache`` and the others ``--teacher_cache --teacher_cache_from OUT/BASELINE`` (the cache
-changes no value; their speed then counts cache reads, not the teacher). Paired
-intervals treat positions as independent; positions of one document are not, so read them as a
-lower bound on the uncertainty.
+changes no value; their speed then counts cache reads, not the teacher). The positions of one
+256-token block share their text and are not independent: the paired intervals of per-position
+columns are cluster-robust over blocks (32 at the default 8,192 positions), the free-running
+ones per prompt.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def run_pilot(out: Path, name: str, flags: list[str], steps: int, ranks: int) ->
     return model
 
 
-def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.Tensor]]:
+def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Match rates, next-token likelihood and free-running agreement of one pilot, plus its
     per-position columns (0/1 match flags; the next token's NLL under SpeLLM + fallback, NaN where
-    not scored)."""
+    not scored) and each column's clusters (a position's block; a prompt)."""
     analysis = collect(argparse.Namespace(model=str(model), data=args.data, text_field=args.text_field, teacher=None,
                                           max_tokens=args.max_tokens, seq_len=256, batch_size=4, tau=args.tau,
                                           rerank_k=args.rerank_k))
@@ -101,9 +102,11 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
     free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
     flags["free_running/agreed_tokens"] = torch.tensor(free["autocorrect_fallback"]["agreed_tokens"], dtype=torch.float64)
+    clusters = {key: torch.arange(len(column)) if key.startswith("free_running/") else analysis.blocks()
+                for key, column in flags.items()}
     return {"match_rates": rates["summary"], "fallback_rate": rates["summary"]["fallback_rate"],
             "likelihood": {"teacher_nll": next_token["teacher_nll"], "spellm": next_token["spellm"], "matched": matched},
-            "free_running": free_running.summary(free)}, flags
+            "free_running": free_running.summary(free)}, flags, clusters
 
 
 def markdown(results: dict) -> str:
@@ -176,13 +179,14 @@ def main() -> None:
     baseline_flags = None
     for name, flags in args.pilot:
         model = run_pilot(out, name, flags, args.steps, args.ranks)
-        summary, position_flags = score(model, args)
+        summary, position_flags, clusters = score(model, args)
         entry = {"flags": shlex.join(flags), "rates": {k: float(v.double().nanmean()) for k, v in position_flags.items()},
                  **summary, **speed(out / name)}
         if baseline_flags is None:
             baseline_flags = position_flags
         else:
-            entry["vs_baseline"] = {k: paired_difference(v, baseline_flags[k]) for k, v in position_flags.items()}
+            entry["vs_baseline"] = {k: paired_difference(v, baseline_flags[k], clusters[k])
+                                    for k, v in position_flags.items()}
         results["pilots"][name] = entry
         (out / "pilots.json").write_text(json.dumps(results, indent=2) + "\n")
         (out / "pilots.md").write_text(markdown(results))

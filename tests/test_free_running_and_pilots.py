@@ -71,11 +71,29 @@ def test_paired_difference_and_pilot_names():
     nan = float("nan")  # positions not scored in either column are left out
     values = paired_difference(torch.tensor([2.0, nan, 5.0, 1.0]), torch.tensor([1.0, 3.0, nan, 0.0]))
     assert values["diff"] == 1.0 and values["ci95"] == [1.0, 1.0] and values["n"] == 2
+    assert paired_difference(a, b, torch.arange(4))["ci95"] == pytest.approx(result["ci95"])  # 1 per cluster
     assert pilots.parse_pilot('kl=--reg_target teacher --reg_weight "1.0"') == (
         "kl", ["--reg_target", "teacher", "--reg_weight", "1.0"])
     assert pilots.parse_pilot("baseline=") == ("baseline", [])
     with pytest.raises(SpellmError, match="NAME=FLAGS"):
         pilots.parse_pilot("--ignore_after_end")
+
+
+def test_clustered_paired_difference_widens_the_interval_by_the_clusters_spread():
+    """Two blocks of two positions whose differences agree within a block: the interval counts two
+    independent units, not four; positions not scored leave their clusters."""
+    values, baseline = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4)
+    plain, clustered = paired_difference(values, baseline), paired_difference(values, baseline, torch.tensor([0, 0, 1, 1]))
+    assert plain["diff"] == clustered["diff"] == 0.5 and clustered["clusters"] == 2 and clustered["n"] == 4
+    # cluster sums of d - mean: +1 and -1; se = sqrt(2 / (2 - 1) * 2) / 4 = 0.5
+    assert clustered["ci95"] == pytest.approx([0.5 - 1.96 * 0.5, 0.5 + 1.96 * 0.5])
+    assert plain["ci95"] == pytest.approx([0.5 - 1.96 * (1 / 3) ** 0.5 / 2, 0.5 + 1.96 * (1 / 3) ** 0.5 / 2])
+    nan = float("nan")
+    partly = paired_difference(torch.tensor([1.0, nan, 0.0, 1.0, 3.0]), torch.zeros(5), torch.tensor([0, 1, 1, 2, 2]))
+    assert partly["n"] == 4 and partly["clusters"] == 3 and partly["diff"] == 1.25
+    sums = torch.tensor([1 - 1.25, 0 - 1.25, (1 - 1.25) + (3 - 1.25)], dtype=torch.float64)
+    half = 1.96 * (3 / 2 * float((sums ** 2).sum())) ** 0.5 / 4
+    assert partly["ci95"] == pytest.approx([1.25 - half, 1.25 + half])
 
 
 def test_pilot_speed_counts_wall_clock_between_the_first_and_last_step(tmp_path):
@@ -117,7 +135,9 @@ def test_pilots_run_score_and_resume(tmp_path):
     assert end["likelihood"]["spellm"]["nll"] == pytest.approx(end["rates"]["likelihood/nll"], rel=1e-6)
     free = end["free_running"]["autocorrect_fallback"]
     assert end["rates"]["free_running/agreed_tokens"] == pytest.approx(free["mean_agreed_tokens"])
-    assert end["vs_baseline"]["free_running/agreed_tokens"]["n"] == 4  # paired by prompt
+    assert end["vs_baseline"]["free_running/agreed_tokens"]["clusters"] == 4  # paired by prompt
+    # per-position columns are clustered by their 256-token block: 512 positions, 2 blocks
+    assert end["vs_baseline"]["raw/top1"]["clusters"] == end["vs_baseline"]["likelihood/nll"]["clusters"] == 2
     config = json.loads((tmp_path / "pilots" / "end" / "model" / "spellm_config.json").read_text())
     assert config["ignore_after_end"] is True
     run = json.loads((tmp_path / "pilots" / "end" / "run_config.json").read_text())["run"]
