@@ -85,6 +85,9 @@ def parse_args() -> RunConfig:
                    help="how many of the teacher's top candidates those soft targets read, 5..1024 (the labels keep "
                         "its top-5; its top-256 hold 94%% of its probability on held-out BoolQ text, its top-5 67%%) "
                         "(default: %(default)s)")
+    p.add_argument("--soft_char_prefix", action=argparse.BooleanOptionalAction, default=DEFAULTS.soft_char_prefix,
+                   help="head i's soft targets only from the candidates that share the selected label's first i "
+                        "characters (against blends of candidates; beyond the paper) (default: %(default)s)")
     p.add_argument("--spelling_kl_weight", type=float, default=DEFAULTS.spelling_kl_weight,
                    help="weight of the KL from the teacher's top-5 to the char heads' token distribution (normalised "
                         "over every valid spelling: what likelihood scoring reads); costs a [positions x valid "

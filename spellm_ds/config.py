@@ -58,6 +58,7 @@ class RunConfig:
     reg_target: str = "teacher"
     soft_char_weight: float = 0.5
     soft_char_candidates: int = 5
+    soft_char_prefix: bool = False
     spelling_kl_weight: float = 0.0
     spelling_kl_fraction: float = 1.0
     state_noise: float = 0.0
@@ -177,7 +178,7 @@ class RunConfig:
 
     def loss_recipe(self) -> LossRecipe:
         return LossRecipe(self.reg_weight, self.reg_target, self.soft_char_weight, self.ignore_after_end,
-                          self.spelling_kl_weight, self.spelling_kl_fraction)
+                          self.spelling_kl_weight, self.spelling_kl_fraction, self.soft_char_prefix)
 
 
 def load_json_config(path: str | Path, flag: str) -> dict[str, Any]:

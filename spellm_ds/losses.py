@@ -58,6 +58,7 @@ class LossRecipe:
     reg_target: str = "label"
     soft_char_weight: float = 0.0  # auxiliary per-head CE with the characters of the teacher's candidates
     ignore_after_end: bool = False
+    soft_char_prefix: bool = False  # head i's soft targets only from candidates sharing the label's first i chars
     spelling_kl_weight: float = 0.0  # KL from the teacher's top-5 to the char heads' token distribution
     spelling_kl_fraction: float = 1.0  # the share of positions that KL is computed on (a uniform sample)
 
@@ -158,26 +159,42 @@ def candidate_weights(top_ids: torch.Tensor, top_probs: torch.Tensor, table: Spe
 
 
 def soft_char_targets(top_ids: torch.Tensor, top_probs: torch.Tensor, table: SpellingTable, ignore_after_end: bool,
-                      num_chars: int) -> torch.Tensor:
+                      num_chars: int, label_chars: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head character targets ``[B, T, k, C]`` from the teacher's candidates ``[B, T, n]``: each
     candidate's renormalised probability, spread evenly over its counted characters. Each position's
     targets sum to 1 over heads and characters, so the soft loss ``-sum(targets x char log-probs)``
-    is the probability-weighted mean of the candidates' per-character NLL."""
+    is the probability-weighted mean of the candidates' per-character NLL.
+
+    With ``label_chars`` ``[B, T, k]`` (``--soft_char_prefix``) head i's targets come only from the
+    candidates that spell the label's first i characters, renormalised per head, and each head that
+    has any weighs 1 / their number: the heads' marginals then follow the label's path, where the
+    plain targets pull head i towards characters of candidates that left it earlier (`' to'` and
+    `','` make head 1 `t` or END: the blend `' '`)."""
     chars = table.chars[top_ids]  # [B, T, n, k]
     keep = scored_chars(chars, ignore_after_end)
-    per_char = candidate_weights(top_ids, top_probs, table).unsqueeze(-1) * keep / keep.sum(-1, keepdim=True)
+    weights = candidate_weights(top_ids, top_probs, table).unsqueeze(-1)
+    if label_chars is None:
+        per_char = weights * keep / keep.sum(-1, keepdim=True)
+    else:
+        same = (chars == label_chars.unsqueeze(2)).float()
+        on_path = torch.cat([torch.ones_like(same[..., :1]), same[..., :-1].cumprod(-1)], -1)
+        per_head = weights * keep * on_path  # [B, T, n, k]
+        head_total = per_head.sum(2, keepdim=True)
+        heads = (head_total > 0).sum(-1, keepdim=True).clamp(min=1)
+        per_char = per_head / head_total.clamp(min=1e-30) / heads
     targets = per_char.new_zeros(*chars.shape[:2], chars.shape[-1], num_chars)
     return targets.scatter_add_(-1, chars.transpose(2, 3), per_char.transpose(2, 3))
 
 
 def soft_char_loss(char_logp: torch.Tensor, signal: TeacherSignal, table: SpellingTable, ignore_after_end: bool,
-                   valid: torch.Tensor, valid_count: torch.Tensor | None = None) -> torch.Tensor:
+                   valid: torch.Tensor, valid_count: torch.Tensor | None = None,
+                   label_chars: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head CE with the characters of the teacher's candidates (its top-M when the signal holds
     them, else its top-5), each candidate weighted by its renormalised teacher probability: the
-    heads see the teacher's uncertainty, not one label."""
+    heads see the teacher's uncertainty, not one label (``label_chars``: see :func:`soft_char_targets`)."""
     ids, probs = ((signal.top_ids, signal.top_probs) if signal.wide_ids is None
                   else (signal.wide_ids, signal.wide_probs))
-    targets = soft_char_targets(ids, probs, table, ignore_after_end, char_logp.shape[-1])
+    targets = soft_char_targets(ids, probs, table, ignore_after_end, char_logp.shape[-1], label_chars)
     return masked_mean(-(targets * char_logp).sum((-2, -1)), valid.float(), valid_count)
 
 
@@ -255,7 +272,8 @@ def distillation_loss(char_logits: torch.Tensor, token_logits: torch.Tensor | No
     zero = torch.zeros((), device=char_logits.device)
     token_loss = (token_regulariser(token_logits, labels, signal, recipe.reg_target, valid_count)
                   if token_logits is not None and recipe.reg_weight > 0 else zero)
-    soft = (soft_char_loss(char_logp, signal, table, recipe.ignore_after_end, labels.valid, valid_count)
+    soft = (soft_char_loss(char_logp, signal, table, recipe.ignore_after_end, labels.valid, valid_count,
+                           labels.chars if recipe.soft_char_prefix else None)
             if recipe.soft_char_weight > 0 else zero)
     if recipe.spelling_kl_weight > 0 and decoder is None:
         raise ValueError("spelling_kl_weight > 0 needs the run's CharDecoder (decoder=)")

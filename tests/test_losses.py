@@ -252,6 +252,46 @@ def test_soft_char_loss_over_every_token_is_the_teachers_expected_char_nll(ignor
     assert abs(top5.soft_char - soft) > 1e-3
 
 
+@pytest.mark.parametrize("ignore_after_end", [False, True])
+def test_soft_char_prefix_targets_follow_the_labels_path(ignore_after_end):
+    """``--soft_char_prefix``: head i's CE is with the characters of the candidates spelling the
+    label's first i characters (renormalised teacher probabilities), averaged over the heads that
+    have any; head 0 reads every candidate, and the loss differs from the plain targets'."""
+    g = torch.Generator().manual_seed(3)
+    C, k, V, B, T = 4, 4, 16, 2, 5
+    spelling = torch.randint(0, C, (V, k), generator=g)  # 4 characters: candidates share prefixes often
+    spellable = torch.ones(V, dtype=torch.bool)
+    spellable[[2, 9]] = False
+    logits = torch.randn(B, T, k, C, generator=g)
+    top_logp, top = torch.log_softmax(2 * torch.randn(B, T, V, generator=g), -1).topk(5, -1)
+    signal = TeacherSignal(top, top_logp.exp(), torch.zeros(B, T))
+    table = SimpleNamespace(chars=spelling, spellable=spellable)
+    labels = select_labels(logits, top, spelling, spellable, ignore_after_end=ignore_after_end)
+    assert labels.valid.all()
+    recipe = LossRecipe(reg_weight=0.0, soft_char_weight=1.0, ignore_after_end=ignore_after_end, soft_char_prefix=True)
+    soft = distillation_loss(logits, None, labels, signal, table, recipe).soft_char
+    logp = torch.log_softmax(logits, -1)
+    expected = []
+    for b, t in itertools.product(range(B), range(T)):
+        label = labels.chars[b, t].tolist()
+        heads = []
+        for i in range(k):
+            on_path = []
+            for j, token in enumerate(top[b, t].tolist()):
+                chars = spelling[token].tolist()
+                counted = read_length(chars) if ignore_after_end else k
+                if spellable[token] and i < counted and chars[:i] == label[:i]:
+                    on_path.append((top_logp[b, t, j].exp(), chars[i]))
+            if on_path:
+                total = sum(p for p, _ in on_path)
+                heads.append(-sum(p / total * logp[b, t, i, c] for p, c in on_path))
+        expected.append(torch.stack(heads).mean())
+    assert torch.allclose(soft, torch.stack(expected).mean())
+    plain = distillation_loss(logits, None, labels, signal, table, LossRecipe(
+        reg_weight=0.0, soft_char_weight=1.0, ignore_after_end=ignore_after_end)).soft_char
+    assert abs(plain - soft) > 1e-3
+
+
 def test_the_teachers_wide_top_m_leaves_its_top_k_unchanged():
     """``wide_k`` adds the top-M, sorted, with their probabilities under the full softmax, across
     chunk boundaries; the top-5 and the entropy are bit for bit those of a signal without it."""
