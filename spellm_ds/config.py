@@ -8,7 +8,7 @@ contradicts a command-line flag is an error rather than a silent choice.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +177,8 @@ class RunConfig:
         return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)
 
     def loss_recipe(self) -> LossRecipe:
-        return LossRecipe(self.reg_weight, self.reg_target, self.soft_char_weight, self.ignore_after_end,
-                          self.spelling_kl_weight, self.spelling_kl_fraction, self.soft_char_prefix)
+        """The loss's knobs, each the run config's field of the same name (matched by name, not position)."""
+        return LossRecipe(**{field.name: getattr(self, field.name) for field in fields(LossRecipe)})
 
 
 def load_json_config(path: str | Path, flag: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import torch
 
 from spellm_ds.config import RunConfig, mixed_precision_dtype, resolve_student_config, resolve_teacher_config
 from spellm_ds.errors import SpellmError
+from spellm_ds.losses import LossRecipe
 
 
 def write(tmp_path, config, name="ds.json"):
@@ -64,6 +65,16 @@ def test_the_default_recipe_is_a_read_out_four_times_the_hidden_size_on_the_teac
     assert run.readout_width == run.spellm_config().readout_width == width
     assert RunConfig(trainable_layers=5).needs_token_logits and not RunConfig(trainable_layers=5,
                                                                                reg_weight=0).needs_token_logits
+
+
+def test_the_loss_recipe_carries_each_loss_flag_by_name():
+    """Every loss knob reaches the loss as set (a positional mix-up once turned --soft_char_prefix
+    into a spelling KL of weight 1)."""
+    run = RunConfig(reg_weight=0.7, reg_target="label", soft_char_weight=0.3, ignore_after_end=False,
+                    soft_char_prefix=True, spelling_kl_weight=0.2, spelling_kl_fraction=0.5)
+    assert run.loss_recipe() == LossRecipe(reg_weight=0.7, reg_target="label", soft_char_weight=0.3,
+                                           ignore_after_end=False, soft_char_prefix=True,
+                                           spelling_kl_weight=0.2, spelling_kl_fraction=0.5)
 
 
 def test_concrete_values_are_used_when_flags_are_absent(tmp_path):
