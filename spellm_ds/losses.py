@@ -169,7 +169,8 @@ def soft_char_targets(top_ids: torch.Tensor, top_probs: torch.Tensor, table: Spe
     candidates that spell the label's first i characters, renormalised per head, and each head that
     has any weighs 1 / their number: the heads' marginals then follow the label's path, where the
     plain targets pull head i towards characters of candidates that left it earlier (`' to'` and
-    `','` make head 1 `t` or END: the blend `' '`)."""
+    `','` make head 1 `t` or END: the blend `' '`). Off by default: in a pilot it cost 2.1 raw top-1
+    points and left the blends as many (``docs/fidelity-pilots.md``)."""
     chars = table.chars[top_ids]  # [B, T, n, k]
     keep = scored_chars(chars, ignore_after_end)
     weights = candidate_weights(top_ids, top_probs, table).unsqueeze(-1)
