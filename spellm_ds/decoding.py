@@ -198,7 +198,8 @@ class CharDecoder:
         char_logp = torch.log_softmax(char_logits.float(), -1)
         scores = self.spelling_scores(char_logp)
         normaliser = log_normaliser(scores, self.temperature)
-        proposal, log_probs = self.proposal_from(char_logits, scores), self._log_probs_of(char_logp, normaliser, token_ids)
+        proposal = self.proposal_from(char_logits, scores)
+        log_probs = self._log_probs_of(char_logp, normaliser, token_ids)
         if not rerank_k:
             return proposal, log_probs
         candidates, candidate_scores, logits = self.rerank_candidates(scores, hidden, lm_head, rerank_k)

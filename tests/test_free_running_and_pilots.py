@@ -83,7 +83,8 @@ def test_clustered_paired_difference_widens_the_interval_by_the_clusters_spread(
     """Two blocks of two positions whose differences agree within a block: the interval counts two
     independent units, not four; positions not scored leave their clusters."""
     values, baseline = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4)
-    plain, clustered = paired_difference(values, baseline), paired_difference(values, baseline, torch.tensor([0, 0, 1, 1]))
+    plain = paired_difference(values, baseline)
+    clustered = paired_difference(values, baseline, torch.tensor([0, 0, 1, 1]))
     assert plain["diff"] == clustered["diff"] == 0.5 and clustered["clusters"] == 2 and clustered["n"] == 4
     # cluster sums of d - mean: +1 and -1; se = sqrt(2 / (2 - 1) * 2) / 4 = 0.5
     assert clustered["ci95"] == pytest.approx([0.5 - 1.96 * 0.5, 0.5 + 1.96 * 0.5])
