@@ -44,7 +44,7 @@ def paired_difference(values: torch.Tensor, baseline: torch.Tensor,
         half = 1.96 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
     else:
         _, ids = torch.unique(clusters[scored], return_inverse=True)
-        sums = torch.zeros(int(ids.max()) + 1 if n else 0, dtype=torch.float64).index_add_(0, ids, diff - mean)
+        sums = torch.bincount(ids, weights=diff - mean)  # per cluster: the sum of its deviations
         count = len(sums)
         half = 1.96 * math.sqrt(count / (count - 1) * float((sums ** 2).sum())) / n if count > 1 else 0.0
         result["clusters"] = count

@@ -102,7 +102,8 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
     free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
     flags["free_running/agreed_tokens"] = torch.tensor(free["autocorrect_fallback"]["agreed_tokens"], dtype=torch.float64)
-    clusters = {key: torch.arange(len(column)) if key.startswith("free_running/") else analysis.blocks()
+    blocks = analysis.blocks()
+    clusters = {key: torch.arange(len(column)) if key.startswith("free_running/") else blocks
                 for key, column in flags.items()}
     return {"match_rates": rates["summary"], "fallback_rate": rates["summary"]["fallback_rate"],
             "likelihood": {"teacher_nll": next_token["teacher_nll"], "spellm": next_token["spellm"], "matched": matched},

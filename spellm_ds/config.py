@@ -174,7 +174,8 @@ class RunConfig:
                             ignore_after_end=self.ignore_after_end)
 
     def label_rule(self) -> LabelRule:
-        return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)
+        return LabelRule(name=self.label_selection, prior_weight=self.label_prior_weight,
+                         ignore_after_end=self.ignore_after_end)
 
     def loss_recipe(self) -> LossRecipe:
         """The loss's knobs, each the run config's field of the same name (matched by name, not position)."""

@@ -55,7 +55,8 @@ class SpeLLMConfig:
     text at export (:mod:`spellm_ds.calibration`); 1: as trained."""
 
     def label_rule(self) -> LabelRule:
-        return LabelRule(self.label_selection, self.label_prior_weight, self.ignore_after_end)
+        return LabelRule(name=self.label_selection, prior_weight=self.label_prior_weight,
+                         ignore_after_end=self.ignore_after_end)
 
     def save(self, directory: Path) -> None:
         (directory / SPELLM_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
