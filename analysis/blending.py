@@ -53,11 +53,11 @@ def render(chars: list[int], table) -> str:
 
 def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     r, table = analysis.records, analysis.table
-    blends = blend_flags(analysis)
+    blends, blocks = blend_flags(analysis), analysis.blocks()
     by_bin = []
     for low, high in zip(ENTROPY_BINS, ENTROPY_BINS[1:]):
         in_bin = (r.teacher_entropy >= low) & (r.teacher_entropy < high)
-        by_bin.append({"teacher_entropy": [low, high], **rate(blends[in_bin])})
+        by_bin.append({"teacher_entropy": [low, high], **rate(blends[in_bin], blocks[in_bin])})
     counter: Counter = Counter()
     for row in blends.nonzero().squeeze(1).tolist():
         text = render(r.raw_chars[row].tolist(), table)
@@ -65,7 +65,8 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     top = [{"blend": text, "from": list(parts), "count": n, "shown": f"{text!r} <- " + " + ".join(map(repr, parts))}
            for (text, parts), n in counter.most_common(TOP_BLENDS)]
     invalid = ~r.hit
-    return {"blending": rate(blends), "blends_among_invalid": rate(blends[invalid]), "invalid_strings": rate(invalid),
+    return {"blending": rate(blends, blocks), "blends_among_invalid": rate(blends[invalid], blocks[invalid]),
+            "invalid_strings": rate(invalid, blocks),
             "by_teacher_entropy": by_bin, "top_blends": top,
             "summary": {"blending_rate": rate(blends)["rate"], "invalid_rate": rate(invalid)["rate"]}}
 

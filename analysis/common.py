@@ -21,10 +21,35 @@ from spellm_ds.metrics import match_flags, wilson_interval
 VARIANTS = ("raw", "autocorrect", "autocorrect_fallback")
 
 
-def rate(flags: torch.Tensor) -> dict[str, Any]:
+def clustered_variance_of_mean(values: torch.Tensor, clusters: torch.Tensor) -> tuple[float, int]:
+    """The cluster-robust variance of ``values``' mean and the number of clusters: positions of one
+    cluster (e.g. one text block) share a context and are not independent. With one position per
+    cluster it is the plain variance of the mean, ``s^2 / n``."""
+    _, ids = torch.unique(clusters, return_inverse=True)
+    values = values.double()
+    sums = torch.bincount(ids, weights=values - values.mean())  # per cluster: the sum of its deviations
+    count, n = len(sums), len(values)
+    return (count / (count - 1) * float((sums ** 2).sum()) / n ** 2 if count > 1 else 0.0), count
+
+
+def rate(flags: torch.Tensor, clusters: torch.Tensor | None = None) -> dict[str, Any]:
+    """A proportion with its 95% Wilson interval.
+
+    ``clusters`` (an id per position) gives the interval for positions that share their cluster's
+    context: the Wilson interval at the effective sample size ``n / deff`` (Kish's design effect,
+    the cluster-robust variance of the mean over the plain one). With one position per cluster, or
+    a rate of 0 or 1, it is the plain Wilson interval."""
     count, total = int(flags.sum()), int(flags.numel())
-    return {"rate": count / total if total else 0.0, "count": count, "n": total,
-            "ci95": list(wilson_interval(count, total))}
+    proportion = count / total if total else 0.0
+    result: dict[str, Any] = {"rate": proportion, "count": count, "n": total}
+    effective = float(total)
+    if clusters is not None and 0 < count < total:
+        clustered, result["clusters"] = clustered_variance_of_mean(flags, clusters)
+        plain = proportion * (1 - proportion) / (total - 1)
+        if clustered > 0:
+            effective = total * plain / clustered
+        result["effective_n"] = effective
+    return {**result, "ci95": list(wilson_interval(proportion * effective, effective))}
 
 
 def paired_difference(values: torch.Tensor, baseline: torch.Tensor,
@@ -33,8 +58,8 @@ def paired_difference(values: torch.Tensor, baseline: torch.Tensor,
     interval, over the positions where neither is NaN (NaN: not scored).
 
     ``clusters`` (an id per position, e.g. its text block) gives the interval the cluster-robust
-    standard error: positions of one block share a context and are not independent, and treating
-    them so makes the interval too narrow. With one position per cluster it is the plain one."""
+    standard error (:func:`clustered_variance_of_mean`). With one position per cluster it is the
+    plain one."""
     diff = values.double() - baseline.double()
     scored = ~diff.isnan()
     diff = diff[scored]
@@ -43,11 +68,8 @@ def paired_difference(values: torch.Tensor, baseline: torch.Tensor,
     if clusters is None:
         half = 1.96 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
     else:
-        _, ids = torch.unique(clusters[scored], return_inverse=True)
-        sums = torch.bincount(ids, weights=diff - mean)  # per cluster: the sum of its deviations
-        count = len(sums)
-        half = 1.96 * math.sqrt(count / (count - 1) * float((sums ** 2).sum())) / n if count > 1 else 0.0
-        result["clusters"] = count
+        variance, result["clusters"] = clustered_variance_of_mean(diff, clusters[scored])
+        half = 1.96 * math.sqrt(variance)
     return {**result, "ci95": [mean - half, mean + half]}
 
 

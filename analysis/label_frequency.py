@@ -59,14 +59,15 @@ def compute_from_counts(analysis: Analysis, counts: torch.Tensor) -> dict:
     raw = correct_flags(analysis, "raw")["exact_or_prefix"][spellable]
     fixed = correct_flags(analysis, "autocorrect")["exact_or_prefix"][spellable]
     seen, long = counts[top1][spellable], (table.lengths[top1] >= LONG)[spellable]
+    blocks = analysis.blocks()[spellable]
     band = band_of(seen)
     bands = []
     for index in range(len(BAND_EDGES)):
         rows = band == index
         bands.append({"band": band_name(index), "n": int(rows.sum()), "share": float(rows.float().mean()),
-                      "raw": rate(raw[rows]), "autocorrect": rate(fixed[rows])["rate"],
-                      f"raw_shorter_than_{LONG}": rate(raw[rows & ~long]),
-                      f"raw_{LONG}_or_longer": rate(raw[rows & long])})
+                      "raw": rate(raw[rows], blocks[rows]), "autocorrect": rate(fixed[rows])["rate"],
+                      f"raw_shorter_than_{LONG}": rate(raw[rows & ~long], blocks[rows & ~long]),
+                      f"raw_{LONG}_or_longer": rate(raw[rows & long], blocks[rows & long])})
     summary = {"raw": rate(raw)["rate"],
                "share_and_raw_by_band": {b["band"]: [b["share"], b["raw"]["rate"]] for b in bands}}
     return {"training_positions": int(counts.sum()), "positions": int(spellable.sum()), "bands": bands,

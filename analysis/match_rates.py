@@ -18,12 +18,13 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     r = analysis.records
     result: dict = {"teacher": analysis.teacher, "tau": analysis.tau, "rerank_k": analysis.rerank_k, "positions": len(r),
                     "k": analysis.table.k}
+    blocks = analysis.blocks()  # intervals count the positions of one text block as one sample
     for variant in VARIANTS:
-        result[variant] = {name: rate(flags) for name, flags in correct_flags(analysis, variant).items()}
-    result["autocorrect_fallback"]["fallback_rate"] = rate(fallback_mask(analysis, analysis.tau))
-    result["fallback_ceiling"] = {name: rate(flags)
+        result[variant] = {name: rate(flags, blocks) for name, flags in correct_flags(analysis, variant).items()}
+    result["autocorrect_fallback"]["fallback_rate"] = rate(fallback_mask(analysis, analysis.tau), blocks)
+    result["fallback_ceiling"] = {name: rate(flags, blocks)
                                   for name, flags in correct_flags(analysis, "autocorrect_fallback", 0.0).items()}
-    result["raw"]["valid_string"] = rate(r.hit)
+    result["raw"]["valid_string"] = rate(r.hit, blocks)
     valid = r.label_valid
     result["per_head_accuracy"] = [rate((r.raw_chars[:, j] == r.label_chars[:, j])[valid])["rate"]
                                    for j in range(analysis.table.k)]

@@ -11,10 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from analysis import free_running, pilots
-from analysis.common import paired_difference
+from analysis.common import paired_difference, rate
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.charset import Charset
 from spellm_ds.errors import SpellmError
+from spellm_ds.metrics import wilson_interval
 from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
 from tests import tiny
 from tests.distributed import ROOT, rank_env
@@ -97,6 +98,25 @@ def test_clustered_paired_difference_widens_the_interval_by_the_clusters_spread(
     assert partly["ci95"] == pytest.approx([1.25 - half, 1.25 + half])
 
 
+def test_clustered_rate_is_the_wilson_interval_at_the_effective_sample_size():
+    """Six flags in three blocks of two: the Wilson interval at n / deff, the design effect being
+    the cluster-robust variance of the mean over the plain one; one position per block, or a rate
+    of 1, leaves the plain Wilson interval."""
+    flags = torch.tensor([True, True, False, False, True, False])
+    clustered = rate(flags, torch.tensor([0, 0, 1, 1, 2, 2]))
+    # p = 0.5; cluster sums of flag - p: +1, -1, 0; clustered variance 3 / 2 * 2 / 36 = 1 / 12;
+    # plain variance p (1 - p) / (n - 1) = 0.05; effective n = 6 * 0.05 * 12 = 3.6
+    assert clustered["rate"] == 0.5 and clustered["n"] == 6 and clustered["clusters"] == 3
+    assert clustered["effective_n"] == pytest.approx(3.6)
+    assert clustered["ci95"] == pytest.approx(list(wilson_interval(1.8, 3.6)))
+    plain = rate(flags)
+    assert plain["ci95"] == pytest.approx(list(wilson_interval(3, 6)))
+    assert clustered["ci95"][1] - clustered["ci95"][0] > plain["ci95"][1] - plain["ci95"][0]
+    assert rate(flags, torch.arange(6))["ci95"] == pytest.approx(plain["ci95"])
+    assert rate(torch.ones(4, dtype=torch.bool), torch.tensor([0, 0, 1, 1]))["ci95"] == \
+        pytest.approx(list(wilson_interval(4, 4)))
+
+
 def test_pilot_speed_counts_wall_clock_between_the_first_and_last_step(tmp_path):
     """A run of cheap and dear steps (as with a teacher cache): tokens per hour come from the wall
     clock of its logged steps, not from its median step."""
@@ -105,10 +125,10 @@ def test_pilot_speed_counts_wall_clock_between_the_first_and_last_step(tmp_path)
     config = {"run": {"seq_len": 64, "micro_batch": 2, "grad_accum": 1}, "world_size": 2}  # 256 tokens a step
     (tmp_path / "run_config.json").write_text(json.dumps(config))
     writer = SummaryWriter(str(tmp_path / "tensorboard"))
-    for step, (wall, rate) in enumerate([(100.0, 10.0), (110.0, 10.0), (111.0, 900.0), (112.0, 900.0), (136.0, 10.0)],
+    for step, (wall, tokens_per_s) in enumerate([(100.0, 10.0), (110.0, 10.0), (111.0, 900.0), (112.0, 900.0), (136.0, 10.0)],
                                         start=1):
         writer.add_scalar("loss/total", 1.0, step, walltime=wall)
-        writer.add_scalar("perf/tokens_per_s", rate, step, walltime=wall)
+        writer.add_scalar("perf/tokens_per_s", tokens_per_s, step, walltime=wall)
     writer.close()
     speed = pilots.speed(tmp_path)
     assert speed["steps"] == 5 and speed["tokens_per_s"] == 10.0  # the median step
