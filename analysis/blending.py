@@ -65,10 +65,10 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     top = [{"blend": text, "from": list(parts), "count": n, "shown": f"{text!r} <- " + " + ".join(map(repr, parts))}
            for (text, parts), n in counter.most_common(TOP_BLENDS)]
     invalid = ~r.hit
-    return {"blending": rate(blends, blocks), "blends_among_invalid": rate(blends[invalid], blocks[invalid]),
-            "invalid_strings": rate(invalid, blocks),
-            "by_teacher_entropy": by_bin, "top_blends": top,
-            "summary": {"blending_rate": rate(blends)["rate"], "invalid_rate": rate(invalid)["rate"]}}
+    blending, invalid_strings = rate(blends, blocks), rate(invalid, blocks)
+    return {"blending": blending, "blends_among_invalid": rate(blends[invalid], blocks[invalid]),
+            "invalid_strings": invalid_strings, "by_teacher_entropy": by_bin, "top_blends": top,
+            "summary": {"blending_rate": blending["rate"], "invalid_rate": invalid_strings["rate"]}}
 
 
 def plot(result: dict, path: Path) -> None:

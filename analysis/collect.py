@@ -79,8 +79,8 @@ class Analysis:
     seq_len: int  # the records are whole blocks of this many positions, in order
 
     def blocks(self) -> torch.Tensor:
-        """Each record's block: the unit of independence of paired intervals
-        (:func:`analysis.common.paired_difference`)."""
+        """Each record's block: the unit of independence of the analyses' intervals
+        (:func:`analysis.common.rate`, :func:`analysis.common.paired_difference`)."""
         return torch.arange(len(self.records.top_ids)) // self.seq_len
 
 

@@ -125,8 +125,8 @@ def test_pilot_speed_counts_wall_clock_between_the_first_and_last_step(tmp_path)
     config = {"run": {"seq_len": 64, "micro_batch": 2, "grad_accum": 1}, "world_size": 2}  # 256 tokens a step
     (tmp_path / "run_config.json").write_text(json.dumps(config))
     writer = SummaryWriter(str(tmp_path / "tensorboard"))
-    for step, (wall, tokens_per_s) in enumerate([(100.0, 10.0), (110.0, 10.0), (111.0, 900.0), (112.0, 900.0), (136.0, 10.0)],
-                                        start=1):
+    logged = [(100.0, 10.0), (110.0, 10.0), (111.0, 900.0), (112.0, 900.0), (136.0, 10.0)]  # (wall, tokens/s)
+    for step, (wall, tokens_per_s) in enumerate(logged, start=1):
         writer.add_scalar("loss/total", 1.0, step, walltime=wall)
         writer.add_scalar("perf/tokens_per_s", tokens_per_s, step, walltime=wall)
     writer.close()
