@@ -22,9 +22,9 @@ from safetensors import safe_open
 from analysis.collect import Analysis
 from analysis.common import correct_flags, new_figure, rate, run_cli, save_figure
 from spellm_ds import cli
+from spellm_ds.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
 from spellm_ds.teacher_cache import entry_files
 
-BAND_EDGES = (0, 1, 10, 100, 1000, 10000)  # a band holds counts from its edge up to the next
 LONG = 5  # characters: the report's token-length table falls from 64% to 33% here
 
 
@@ -37,41 +37,40 @@ def training_top1_counts(cache_dir: Path, vocab_size: int) -> torch.Tensor:
     return counts
 
 
-def band_of(counts: torch.Tensor) -> torch.Tensor:
-    """The band index of each count (0: never seen)."""
-    return torch.bucketize(counts, torch.tensor(BAND_EDGES[1:]), right=True)
-
-
-def band_name(index: int) -> str:
-    low = BAND_EDGES[index]
-    if index + 1 == len(BAND_EDGES):
-        return f">={low}"
-    high = BAND_EDGES[index + 1] - 1
-    return str(low) if low == high else f"{low}-{high}"
-
-
 def compute_from_counts(analysis: Analysis, counts: torch.Tensor) -> dict:
     """Raw and AutoCorrect exact+prefix per band of the teacher's top-1's training count (positions
-    whose top-1 the table cannot spell left out), each also split by the token's length."""
+    whose top-1 the table cannot spell left out), each also split by the token's length; the same
+    per length band; and in each band the share of positions whose label (the model's own rule,
+    on its held-out predictions) spells the teacher's top-1."""
     r, table = analysis.records, analysis.table
     top1 = r.top_ids[:, 0]
     spellable = table.spellable[top1]
     raw = correct_flags(analysis, "raw")["exact_or_prefix"][spellable]
     fixed = correct_flags(analysis, "autocorrect")["exact_or_prefix"][spellable]
-    seen, long = counts[top1][spellable], (table.lengths[top1] >= LONG)[spellable]
+    label_top1 = (r.label_valid & (r.label_chars == table.chars[top1]).all(-1))[spellable]
+    seen, length = counts[top1][spellable], table.lengths[top1][spellable]
+    long = length >= LONG
     blocks = analysis.blocks()[spellable]
-    band = band_of(seen)
+
+    def group(rows: torch.Tensor, key: str, name: str) -> dict:
+        return {key: name, "n": int(rows.sum()), "share": float(rows.float().mean()),
+                "raw": rate(raw[rows], blocks[rows]), "autocorrect": rate(fixed[rows])["rate"],
+                "label_is_top1": rate(label_top1[rows])["rate"]}
+
     bands = []
     for index in range(len(BAND_EDGES)):
-        rows = band == index
-        bands.append({"band": band_name(index), "n": int(rows.sum()), "share": float(rows.float().mean()),
-                      "raw": rate(raw[rows], blocks[rows]), "autocorrect": rate(fixed[rows])["rate"],
+        rows = group_of(seen, BAND_EDGES) == index
+        bands.append({**group(rows, "band", group_name(BAND_EDGES, index)),
                       f"raw_shorter_than_{LONG}": rate(raw[rows & ~long], blocks[rows & ~long]),
                       f"raw_{LONG}_or_longer": rate(raw[rows & long], blocks[rows & long])})
-    summary = {"raw": rate(raw)["rate"],
-               "share_and_raw_by_band": {b["band"]: [b["share"], b["raw"]["rate"]] for b in bands}}
+    lengths = [group(group_of(length, LENGTH_EDGES) == index, "length", group_name(LENGTH_EDGES, index))
+               for index in range(len(LENGTH_EDGES))]
+    summary = {"raw": rate(raw)["rate"], "label_is_top1": rate(label_top1)["rate"],
+               "share_and_raw_by_band": {b["band"]: [b["share"], b["raw"]["rate"]] for b in bands},
+               "raw_and_label_is_top1_by_length": {b["length"]: [b["raw"]["rate"], b["label_is_top1"]]
+                                                   for b in lengths}}
     return {"training_positions": int(counts.sum()), "positions": int(spellable.sum()), "bands": bands,
-            "summary": summary}
+            "lengths": lengths, "summary": summary}
 
 
 def compute(analysis: Analysis, args: argparse.Namespace) -> dict:

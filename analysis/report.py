@@ -60,9 +60,11 @@ def markdown(report: dict, model: str) -> str:
                   f"the best any rule could do at that rate: {pct(budget['best_possible_accuracy'])})"
                   if budget else "none"), ""]
     t = report["token_length"]
-    lines += ["## Token length", "", "| teacher token length | n | raw | AutoCorrect |", "|---|---|---|---|"]
-    lines += [f"| {row['length']} | {row['n']} | {pct(row['raw'])} | {pct(row['autocorrect'])} |"
-              for row in t["by_teacher_token_length"]]
+    lines += ["## Token length", "", "The label (the model's own rule on these predictions) is the teacher's top-1 at "
+              f"{pct(t['label_is_top1']['rate'])} of positions.", "",
+              "| teacher token length | n | raw | AutoCorrect | label is the top-1 |", "|---|---|---|---|---|"]
+    lines += [f"| {row['length']} | {row['n']} | {pct(row['raw'])} | {pct(row['autocorrect'])} | "
+              f"{pct(row['label_is_top1'])} |" for row in t["by_teacher_token_length"]]
     lines += ["", "| k | vocabulary exactly spellable | text tokens exactly spellable |", "|---|---|---|"]
     lines += [f"| {c['k']} | {pct(c['vocab_exactly_spellable'])} | {pct(c['text_tokens_exactly_spellable'])} |"
               for c in t["coverage"]]

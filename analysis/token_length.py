@@ -1,5 +1,6 @@
-"""Exact match by the teacher token's length, and how much of the vocabulary and of the
-analysed text k = 5 / 10 / 15 characters cover.
+"""Exact match by the teacher token's length, the share of positions whose label (the model's
+own rule on its held-out predictions) spells the teacher's top-1, and how much of the vocabulary
+and of the analysed text k = 5 / 10 / 15 characters cover.
 
     python -m analysis.token_length --model DIR [--data FILE] --out token_length.json
 """
@@ -24,17 +25,20 @@ def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     spellable = table.spellable[top1]
     raw = correct_flags(analysis, "raw")["exact_or_prefix"]
     fixed = correct_flags(analysis, "autocorrect")["exact_or_prefix"]
+    label_top1 = r.label_valid & (r.label_chars == table.chars[top1]).all(-1)
     by_length = []
     for n in range(1, table.k + 2):
         rows = spellable & ((length == n) if n <= table.k else (length > table.k))
         by_length.append({"length": str(n) if n <= table.k else f">{table.k}", "n": int(rows.sum()),
-                          "raw": rate(raw[rows])["rate"], "autocorrect": rate(fixed[rows])["rate"]})
+                          "raw": rate(raw[rows])["rate"], "autocorrect": rate(fixed[rows])["rate"],
+                          "label_is_top1": rate(label_top1[rows])["rate"]})
     coverage = []
     for k in COVERAGE_K:
         stats = SpellingTable.from_tokenizer(analysis.tokenizer, table.charset, k, table.vocab_size).stats(analysis.corpus_counts)
         coverage.append({"k": k, "vocab_exactly_spellable": stats["exactly_spellable"],
                          "text_tokens_exactly_spellable": stats["corpus_exactly_spellable"]})
     return {"by_teacher_token_length": by_length, "unspellable_top1": rate(~spellable), "coverage": coverage,
+            "label_is_top1": rate(label_top1[spellable], analysis.blocks()[spellable]),
             "summary": {"coverage": coverage}}
 
 

@@ -117,6 +117,12 @@ def parse_args() -> RunConfig:
                         "candidate (teacher_top1) (default: %(default)s)")
     p.add_argument("--label_prior_weight", type=float, default=DEFAULTS.label_prior_weight,
                    help="w, the weight of the teacher's log-probability in the joint rule (default: %(default)s)")
+    p.add_argument("--label_per_char", action=argparse.BooleanOptionalAction, default=DEFAULTS.label_per_char,
+                   help="beyond the paper: score candidates by char NLL per counted character, not summed, so a "
+                        "long candidate is not out-scored for its length alone (default: %(default)s)")
+    p.add_argument("--label_gate", type=float, default=DEFAULTS.label_gate, metavar="P",
+                   help="beyond the paper: where the teacher gives its top-1 probability >= P, that token is the "
+                        "label whatever the rule scores (default: never)")
     p.add_argument("--ignore_after_end", action=argparse.BooleanOptionalAction, default=DEFAULTS.ignore_after_end,
                    help="leave the characters after a label's first <end> out of the char loss and the label score "
                         "(decoding always ignores them) (default: %(default)s)")

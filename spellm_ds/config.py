@@ -15,7 +15,8 @@ from typing import Any
 from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
 from spellm_ds.heads import HEAD_INITS
-from spellm_ds.losses import LABEL_RULES, MAX_SOFT_CHAR_CANDIDATES, REG_TARGETS, TOP_K, LabelRule, LossRecipe
+from spellm_ds.losses import (LABEL_RULES, MAX_SOFT_CHAR_CANDIDATES, REG_TARGETS, TOP_K, LabelRule, LossRecipe,
+                              label_rule_of)
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 3e-3, "ffn_lr": 1e-3}
 """Used where neither a flag nor the DeepSpeed config gives a value. ``lr`` is the char heads' peak,
@@ -66,6 +67,8 @@ class RunConfig:
     rare_label_power: float = 0.0
     label_selection: str = "joint"
     label_prior_weight: float = 1.0
+    label_per_char: bool = False
+    label_gate: float | None = None
     ignore_after_end: bool = True
     eval_every: int = 50
     eval_fraction: float = 0.02
@@ -123,6 +126,10 @@ class RunConfig:
                f"(the only one its LM head labels): drop --trainable_layers/--no_shared_trunk or --{flag}")
               for flag, value in (("state_noise", self.state_noise), ("anchored_rows", self.anchored_rows))),
             (self.label_prior_weight >= 0, f"--label_prior_weight {self.label_prior_weight} must be >= 0"),
+            (self.label_gate is None or 0 < self.label_gate <= 1,
+             f"--label_gate {self.label_gate} must be in (0, 1] (leave it out to never gate)"),
+            (self.label_gate is None or self.label_selection != "teacher_top1",
+             "--label_gate has nothing to gate with --label_selection teacher_top1; drop one of them"),
             (self.warmup >= 0, f"--warmup {self.warmup} must be >= 0"),
             (self.save_every >= 0, f"--save_every {self.save_every} must be >= 0 (0: only at the end)"),
             (self.stop_at is None or 1 <= self.stop_at <= self.max_steps,
@@ -171,11 +178,11 @@ class RunConfig:
         return SpeLLMConfig(k=self.k, trainable_layers=self.trainable_layers, train_attention=self.train_attention,
                             head_init=self.head_init, readout_width=self.readout_width, teacher=self.model,
                             label_selection=self.label_selection, label_prior_weight=self.label_prior_weight,
+                            label_per_char=self.label_per_char, label_gate=self.label_gate,
                             ignore_after_end=self.ignore_after_end)
 
     def label_rule(self) -> LabelRule:
-        return LabelRule(name=self.label_selection, prior_weight=self.label_prior_weight,
-                         ignore_after_end=self.ignore_after_end)
+        return label_rule_of(self)
 
     def loss_recipe(self) -> LossRecipe:
         """The loss's knobs, each the run config's field of the same name (matched by name, not position)."""

@@ -47,6 +47,20 @@ class LabelRule:
     name: str = "joint"
     prior_weight: float = 1.0  # the weight of -log p_teacher in the joint score
     ignore_after_end: bool = False
+    per_char: bool = False
+    """The char NLL in the score divided by the characters it counts: a long candidate is not
+    out-scored by a short one for its length alone (beyond the paper)."""
+    gate: float | None = None
+    """Where the teacher gives its top-1 at least this probability (and it is spellable), the label
+    is its top-1 whatever the rule scores: a confident teacher leaves nothing to blend (beyond the
+    paper; None: never)."""
+
+
+def label_rule_of(settings) -> LabelRule:
+    """The label rule a run config or a model's ``SpeLLMConfig`` names (their ``label_*`` fields)."""
+    return LabelRule(name=settings.label_selection, prior_weight=settings.label_prior_weight,
+                     ignore_after_end=settings.ignore_after_end, per_char=settings.label_per_char,
+                     gate=settings.label_gate)
 
 
 @dataclass(frozen=True)
@@ -89,23 +103,28 @@ def scored_chars(chars: torch.Tensor, ignore_after_end: bool) -> torch.Tensor:
     return (~after_first_end(chars) if ignore_after_end else torch.ones_like(chars, dtype=torch.bool)).float()
 
 
-def candidate_nll(char_logp: torch.Tensor, candidate_chars: torch.Tensor, ignore_after_end: bool = False) -> torch.Tensor:
-    """Char NLL of each candidate spelling: ``[B,T,k,C]`` log-probs, ``[B,T,n,k]`` -> ``[B,T,n]``."""
-    per_char = candidate_char_nll(char_logp, candidate_chars)
-    return (per_char * scored_chars(candidate_chars, ignore_after_end)).sum(-1)
+def candidate_nll(char_logp: torch.Tensor, candidate_chars: torch.Tensor, ignore_after_end: bool = False,
+                  per_char: bool = False) -> torch.Tensor:
+    """Char NLL of each candidate spelling: ``[B,T,k,C]`` log-probs, ``[B,T,n,k]`` -> ``[B,T,n]``;
+    with ``per_char``, divided by the number of characters counted."""
+    per_position = candidate_char_nll(char_logp, candidate_chars)
+    counted = scored_chars(candidate_chars, ignore_after_end)
+    nll = (per_position * counted).sum(-1)
+    return nll / counted.sum(-1) if per_char else nll
 
 
 @torch.no_grad()
 def select_labels(char_logits: torch.Tensor, top_ids: torch.Tensor, spelling_chars: torch.Tensor,
                   spellable: torch.Tensor, teacher_probs: torch.Tensor | None = None, prior_weight: float = 1.0,
-                  ignore_after_end: bool = False) -> Labels:
+                  ignore_after_end: bool = False, per_char: bool = False) -> Labels:
     """The min-NLL spellable candidate per position (``spelling_chars``/``spellable`` index by token id).
 
     With ``teacher_probs`` (``[B, T, n]``) the score is the joint ``char NLL - prior_weight x log p_teacher``:
     the candidate the student spells best *and* the teacher finds likely (``--label_selection joint``).
+    ``per_char``: the NLL per counted character (:class:`LabelRule`).
     """
     candidate_chars = spelling_chars[top_ids]  # [B, T, n, k]
-    nll = candidate_nll(torch.log_softmax(char_logits.float(), -1), candidate_chars, ignore_after_end)
+    nll = candidate_nll(torch.log_softmax(char_logits.float(), -1), candidate_chars, ignore_after_end, per_char)
     if teacher_probs is not None:
         nll = nll - prior_weight * torch.log(teacher_probs.float().clamp(min=1e-30))
     return _pick(nll, top_ids, candidate_chars, spellable)
@@ -126,8 +145,14 @@ def choose_labels(rule: LabelRule, char_logits: torch.Tensor, signal: TeacherSig
         rank = torch.arange(signal.top_ids.shape[-1], device=signal.top_ids.device, dtype=torch.float32)
         return _pick(rank.expand(signal.top_ids.shape), signal.top_ids, table.chars[signal.top_ids], table.spellable)
     prior = signal.top_probs if rule.name == "joint" else None
-    return select_labels(char_logits, signal.top_ids, table.chars, table.spellable, prior, rule.prior_weight,
-                         rule.ignore_after_end)
+    labels = select_labels(char_logits, signal.top_ids, table.chars, table.spellable, prior, rule.prior_weight,
+                           rule.ignore_after_end, rule.per_char)
+    if rule.gate is None:
+        return labels
+    top1 = signal.top_ids[..., 0]
+    confident = (signal.top_probs[..., 0].float() >= rule.gate) & table.spellable[top1]
+    return Labels(torch.where(confident, top1, labels.token_ids),
+                  torch.where(confident.unsqueeze(-1), table.chars[top1], labels.chars), labels.valid)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:

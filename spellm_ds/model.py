@@ -26,7 +26,7 @@ from spellm_ds.charset import Charset
 from spellm_ds.decoding import CharDecoder, GenerationOutput, generate
 from spellm_ds.errors import SpellmError
 from spellm_ds.heads import CharHeads
-from spellm_ds.losses import LabelRule
+from spellm_ds.losses import LabelRule, label_rule_of
 from spellm_ds.spelling import SpellingTable, model_vocab_size
 
 SPELLM_CONFIG_FILE = "spellm_config.json"
@@ -48,6 +48,8 @@ class SpeLLMConfig:
     label_selection: str = "joint"
     """The label rule it was trained with (:data:`spellm_ds.losses.LABEL_RULES`); analysis uses the same."""
     label_prior_weight: float = 1.0
+    label_per_char: bool = False
+    label_gate: float | None = None
     ignore_after_end: bool = False
     """Whether training ignored the characters after a label's first END."""
     spelling_temperature: float = 1.0
@@ -55,8 +57,7 @@ class SpeLLMConfig:
     text at export (:mod:`spellm_ds.calibration`); 1: as trained."""
 
     def label_rule(self) -> LabelRule:
-        return LabelRule(name=self.label_selection, prior_weight=self.label_prior_weight,
-                         ignore_after_end=self.ignore_after_end)
+        return label_rule_of(self)
 
     def save(self, directory: Path) -> None:
         (directory / SPELLM_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -151,8 +151,9 @@ class Distillation:
                                                config.trainable_layers) if config.shared_trunk else None)
         self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
                                    config.seq_len, config.eval_fraction, config.seed, config.train_blocks)
-        # the tokens' counts in the training text, the same on every rank
+        # the tokens' counts in the training text, the same on every rank (metrics split by them)
         counts = torch.bincount(self.data.train.flatten(), minlength=self.table.vocab_size)
+        self.token_counts = counts.to(self.device)
         self.label_weights = None
         if config.rare_label_power > 0:
             self.label_weights = rare_label_weights(counts, config.rare_label_power).to(self.device)
@@ -307,7 +308,7 @@ class Distillation:
             losses += torch.stack(list(loss)).detach().double().cpu()  # one host sync
             text = len(rows)  # the metrics count the text's positions, not the anchored states'
             for name, value in match_sums(out.char_logits[:text].detach(), first_rows(signal, text),
-                                          first_rows(labels, text), self.table).items():
+                                          first_rows(labels, text), self.table, self.token_counts).items():
                 sums[name] = sums.get(name, 0) + value.cpu()
         losses = (losses / cfg.grad_accum).to(self.device)
         dist.all_reduce(losses)
@@ -334,7 +335,7 @@ class Distillation:
             rows = mine[start : start + cfg.micro_batch]  # the same micro-batches every evaluation
             signal, out, labels, *_ = self._forward("held_out", rows, with_token_logits=False, cached=True,
                                                     store=[True] * len(rows))
-            for name, value in match_sums(out.char_logits, signal, labels, self.table).items():
+            for name, value in match_sums(out.char_logits, signal, labels, self.table, self.token_counts).items():
                 sums[name] = sums.get(name, 0) + value.cpu()
         self.student.train()
         return {f"eval/{name}": value for name, value in self._reduce(sums).items()}

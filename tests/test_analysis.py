@@ -245,7 +245,9 @@ def test_match_by_how_often_the_teachers_top1_was_its_top1_in_training(table, by
             ("hello", hello_first, 0.1, 1.0, " the")]  # seen 20 times: 1 of 1
     counts = torch.zeros(table.vocab_size, dtype=torch.long)
     counts[the], counts[hello] = 5000, 20
-    result = label_frequency.compute_from_counts(make(table, byte_level_tokenizer, rows), counts)
+    analysis = make(table, byte_level_tokenizer, rows)
+    analysis.records.label_chars[2] = table.chars[the]  # this position trained towards its second candidate
+    result = label_frequency.compute_from_counts(analysis, counts)
     bands = {b["band"]: b for b in result["bands"]}
     assert list(bands) == ["0", "1-9", "10-99", "100-999", "1000-9999", ">=10000"]
     assert [bands[name]["n"] for name in bands] == [3, 0, 1, 0, 2, 0] and result["positions"] == 6
@@ -254,6 +256,11 @@ def test_match_by_how_often_the_teachers_top1_was_its_top1_in_training(table, by
     assert bands["10-99"]["raw"]["rate"] == 1.0 and bands["1000-9999"]["raw"]["rate"] == 0.5
     assert bands["1000-9999"]["raw_shorter_than_5"]["rate"] == 0.5  # " the" is 4 characters
     assert result["summary"]["raw"] == 0.5 and result["training_positions"] == 5020
+    assert bands["0"]["label_is_top1"] == pytest.approx(2 / 3) and bands["1000-9999"]["label_is_top1"] == 1.0
+    lengths = {b["length"]: b for b in result["lengths"]}  # " the" has 4 characters, " cafe" and "hello" 5
+    assert (lengths["3-4"]["n"], lengths["5"]["n"], lengths["1"]["n"]) == (2, 4, 0)
+    assert lengths["3-4"]["raw"]["rate"] == 0.5 and lengths["5"]["raw"]["rate"] == 0.5
+    assert lengths["5"]["label_is_top1"] == 0.75 and result["summary"]["label_is_top1"] == pytest.approx(5 / 6)
 
     # the counts, read from a teacher cache's training entries: top-1 only, every stored block
     cache = TeacherCache(tmp_path / "teacher_cache", {"test": 1})

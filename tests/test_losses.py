@@ -17,9 +17,12 @@ def read_length(chars: list[int]) -> int:
 
 
 def brute_force_label(char_logp, cands, spelling, spellable, prior=None, weight=1.0, ignore_after_end=False,
-                      top1=False):
-    """The spellable candidate with the lowest char NLL (minus weight x log p_teacher with ``prior``),
-    or with ``top1`` the first spellable one."""
+                      top1=False, per_char=False, gate=None, top1_prob=0.0):
+    """The spellable candidate with the lowest char NLL (per counted character with ``per_char``;
+    minus weight x log p_teacher with ``prior``), or with ``top1`` the first spellable one; with
+    ``gate``, the first candidate when it is spellable and ``top1_prob`` >= ``gate``."""
+    if gate is not None and top1_prob >= gate and spellable[cands[0]]:
+        return cands[0].item()
     best, best_score = None, float("inf")
     for i, token in enumerate(cands.tolist()):
         if not spellable[token]:
@@ -27,6 +30,8 @@ def brute_force_label(char_logp, cands, spelling, spellable, prior=None, weight=
         chars = spelling[token].tolist()
         counted = read_length(chars) if ignore_after_end else len(chars)
         score = i if top1 else -sum(char_logp[j, chars[j]].item() for j in range(counted))
+        if per_char:
+            score /= counted
         if prior is not None and not top1:
             score -= weight * math.log(prior[i].item())
         if score < best_score:
@@ -35,10 +40,11 @@ def brute_force_label(char_logp, cands, spelling, spellable, prior=None, weight=
 
 
 RULES = [LabelRule("student_nll"), LabelRule("joint"), LabelRule("joint", 0.3), LabelRule("joint", 1.0, True),
-         LabelRule("student_nll", 1.0, True), LabelRule("teacher_top1")]
+         LabelRule("student_nll", 1.0, True), LabelRule("teacher_top1"), LabelRule("joint", 1.0, True, per_char=True),
+         LabelRule("joint", 1.0, True, gate=0.5), LabelRule("student_nll", gate=0.3)]
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.prior_weight}-{r.ignore_after_end}")
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.prior_weight}-{r.ignore_after_end}-{r.per_char}-{r.gate}")
 def test_label_selection_matches_brute_force(rule):
     g = torch.Generator().manual_seed(0)
     V, k, C, B, T = 50, 4, 7, 3, 5
@@ -58,7 +64,8 @@ def test_label_selection_matches_brute_force(rule):
     for b, t in itertools.product(range(B), range(T)):
         expected = brute_force_label(logp[b, t], top[b, t], spelling, spellable,
                                      None if prior is None else prior[b, t], rule.prior_weight,
-                                     rule.ignore_after_end, rule.name == "teacher_top1")
+                                     rule.ignore_after_end, rule.name == "teacher_top1", rule.per_char, rule.gate,
+                                     probs[b, t, 0].item())
         if expected is None:
             assert not labels.valid[b, t]
         else:
