@@ -9,7 +9,10 @@ in ``--out/NAME/model`` is not run again, so an interrupted batch resumes with t
 Every model is then scored on the same ``--max_tokens`` held-out positions (BoolQ dev passages
 unless ``--data``): agreement with the teacher's top-1 and top-5, raw / AutoCorrect /
 AutoCorrect + fallback / fallback ceiling, each with a 95% interval and its paired difference from
-the baseline; the next-token NLL above the teacher's (:mod:`analysis.likelihood`) at ``--tau``
+the baseline; raw top-1 and the share of positions whose label is the teacher's top-1, split by
+the top-1's spelling length and (where the baseline ran with ``--teacher_cache``) by the band of
+how often it was the teacher's top-1 in the baseline's training text
+(:mod:`analysis.label_frequency`); the next-token NLL above the teacher's (:mod:`analysis.likelihood`) at ``--tau``
 and at the tau that sends 90% of positions to the LM head (pilots fall back at different rates at
 one tau); the free-running agreement of greedy continuations (paired by prompt); and the speed
 of its run (median step, and tokens per hour of wall clock, the fair one where steps differ in
@@ -35,11 +38,13 @@ from pathlib import Path
 
 import torch
 
-from analysis import free_running, likelihood, match_rates
-from analysis.collect import collect, held_out_texts
+from analysis import free_running, label_frequency, likelihood, match_rates
+from analysis.collect import Analysis, collect, held_out_texts
 from analysis.common import VARIANTS, correct_flags, paired_difference
 from spellm_ds import cli
 from spellm_ds.errors import SpellmError
+from spellm_ds.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
+from spellm_ds.teacher_cache import entry_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "launch" / "distill.py"
@@ -75,10 +80,35 @@ def run_pilot(out: Path, name: str, flags: list[str], steps: int, ranks: int) ->
     return model
 
 
-def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_columns(analysis: Analysis, counts: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Raw top-1 agreement and label = top-1 (0/1) by the teacher's top-1 length and, with
+    ``counts`` (its training top-1 counts), by band: each column NaN outside its group (and where
+    the top-1 is unspellable), so paired differences compare a group's positions only."""
+    r, table = analysis.records, analysis.table
+    top1 = r.top_ids[:, 0]
+    spellable = table.spellable[top1]
+    values = {"raw/top1": correct_flags(analysis, "raw")["exact_or_prefix"].double(),
+              "label_is_top1": (r.label_valid & (r.label_chars == table.chars[top1]).all(-1)).double()}
+    splits = {"length": (table.lengths[top1], LENGTH_EDGES)}
+    if counts is not None:
+        splits["band"] = (counts[top1], BAND_EDGES)
+    columns = {}
+    for split, (measure, edges) in splits.items():
+        groups = group_of(measure, edges)
+        for index in range(len(edges)):
+            rows = spellable & (groups == index)
+            if rows.any():
+                for name, value in values.items():
+                    columns[f"{name}/{split} {group_name(edges, index)}"] = value.masked_fill(~rows, float("nan"))
+    return columns
+
+
+def score(model: Path, args: argparse.Namespace,
+          counts_from: Path | None = None) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Match rates, next-token likelihood and free-running agreement of one pilot, plus its
     per-position columns (0/1 match flags; the next token's NLL under SpeLLM + fallback, NaN where
-    not scored) and each column's clusters (a position's block; a prompt)."""
+    not scored; the splits of :func:`split_columns`, by band with the training counts of the
+    teacher cache ``counts_from``) and each column's clusters (a position's block; a prompt)."""
     analysis = collect(argparse.Namespace(model=str(model), data=args.data, text_field=args.text_field, teacher=None,
                                           max_tokens=args.max_tokens, seq_len=256, batch_size=4, tau=args.tau,
                                           rerank_k=args.rerank_k))
@@ -88,6 +118,9 @@ def score(model: Path, args: argparse.Namespace) -> tuple[dict, dict[str, torch.
         decoded = correct_flags(analysis, "autocorrect_fallback" if tau == 0.0 else variant, tau)
         for reading, key in READINGS.items():
             flags[f"{variant}/{reading}"] = decoded[key]
+    counts = (None if counts_from is None
+              else label_frequency.training_top1_counts(counts_from, analysis.table.vocab_size))
+    flags.update(split_columns(analysis, counts))
     next_token = likelihood.compute(analysis)
     flags["likelihood/nll"] = likelihood.spellm_nll(analysis, args.tau)
     matched = next(p for p in next_token["at_fallback_rates"] if p["target"] == MATCHED_RATE)
@@ -131,7 +164,26 @@ def markdown(results: dict) -> str:
                      f"{cell('likelihood/nll_matched', f'{matched_gap:+.3f}', 1, 3)} | "
                      f"{cell('free_running/agreed_tokens', f'{agreed:.1f}', 1)} | "
                      f"{r['tokens_per_s'] or float('nan'):.0f} | {(r['tokens_per_hour'] or float('nan')) / 1e6:.2f} |")
+    for measure, title in (("raw/top1", "Raw top-1"), ("label_is_top1", "Label = the teacher's top-1")):
+        groups = [key.removeprefix(f"{measure}/") for key in next(iter(results["pilots"].values()))["rates"]
+                  if key.startswith(f"{measure}/")]
+        lines += ["", f"{title} by the top-1's length in characters and by its training count band "
+                  "(share of positions in the first row):", "",
+                  "| pilot | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+        lines.append("| (share) | " + " | ".join(f"{100 * next(iter(results['pilots'].values()))['shares'][g]:.1f}%"
+                                                 for g in groups) + " |")
+        for name, r in results["pilots"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                short_cell(r, f"{measure}/{g}") for g in groups) + " |")
     return "\n".join(lines) + "\n"
+
+
+def short_cell(result: dict, key: str) -> str:
+    """A rate in percent and, against the baseline, its paired difference and interval."""
+    diff = result.get("vs_baseline", {}).get(key)
+    value = f"{100 * result['rates'][key]:.1f}"
+    return value if diff is None else f"{value} ({100 * diff['diff']:+.1f} [{100 * diff['ci95'][0]:+.1f}, " \
+                                      f"{100 * diff['ci95'][1]:+.1f}])"
 
 
 def speed(run_dir: Path) -> dict:
@@ -177,11 +229,15 @@ def main() -> None:
 
     results: dict = {"commit": commit(), "steps": args.steps, "held_out": args.data or "BoolQ dev passages", "positions": args.max_tokens,
                      "tau": args.tau, "rerank_k": args.rerank_k, "pilots": {}}
-    baseline_flags = None
+    baseline_flags = counts_from = None
     for name, flags in args.pilot:
         model = run_pilot(out, name, flags, args.steps, args.ranks)
-        summary, position_flags, clusters = score(model, args)
+        if baseline_flags is None and entry_files(out / name / "teacher_cache", "train"):
+            counts_from = out / name / "teacher_cache"
+        summary, position_flags, clusters = score(model, args, counts_from)
         entry = {"flags": shlex.join(flags), "rates": {k: float(v.double().nanmean()) for k, v in position_flags.items()},
+                 "shares": {k.removeprefix("raw/top1/"): float((~v.isnan()).double().mean())
+                            for k, v in position_flags.items() if k.startswith("raw/top1/")},
                  **summary, **speed(out / name)}
         if baseline_flags is None:
             baseline_flags = position_flags

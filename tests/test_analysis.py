@@ -272,3 +272,23 @@ def test_match_by_how_often_the_teachers_top1_was_its_top1_in_training(table, by
     cache.write("held_out", [0], signal, None, [True])  # not training: not counted
     read = label_frequency.training_top1_counts(cache.directory, table.vocab_size)
     assert (read[the], read[hello], read[cafe], int(read.sum())) == (5, 1, 2, 8)
+
+
+def test_pilot_columns_split_by_length_and_band(table, byte_level_tokenizer):
+    from analysis.pilots import split_columns
+
+    the, cafe = (tok(byte_level_tokenizer, t) for t in (" the", " cafe"))
+    cafe_first = [" cafe", " the", "hello", " x", "123"]
+    rows = [(" the", CANDS, 0.1, 1.0, " the"), ("zzzz", CANDS, 0.1, 1.0, " the"), (" cafe", cafe_first, 0.1, 1.0, " the")]
+    analysis = make(table, byte_level_tokenizer, rows)
+    analysis.records.label_chars[1] = table.chars[cafe]
+    counts = torch.zeros(table.vocab_size, dtype=torch.long)
+    counts[the], counts[cafe] = 5000, 3
+    columns = split_columns(analysis, counts)
+    nan = float("nan")
+    assert columns["raw/top1/length 3-4"].tolist() == pytest.approx([1, 0, nan], nan_ok=True)
+    assert columns["label_is_top1/length 3-4"].tolist() == pytest.approx([1, 0, nan], nan_ok=True)
+    assert columns["raw/top1/length 5"].tolist() == pytest.approx([nan, nan, 1], nan_ok=True)
+    assert columns["raw/top1/band 1-9"].tolist() == pytest.approx([nan, nan, 1], nan_ok=True)
+    assert columns["raw/top1/band 1000-9999"].tolist() == pytest.approx([1, 0, nan], nan_ok=True)
+    assert "raw/top1/length 1" not in columns and not any("band" in key for key in split_columns(analysis, None))

@@ -142,7 +142,8 @@ def test_pilots_run_score_and_resume(tmp_path):
     common = f"--model {model_dir} --data {data} --k 6 --trainable_layers 2 --seq_len 64 --warmup 1"
     command = [sys.executable, "-m", "analysis.pilots", "--out", str(tmp_path / "pilots"), "--steps", "3",
                "--data", str(data), "--max_tokens", "512", "--prompts", "4", "--new_tokens", "8",
-               "--pilot", f"base={common}", "--pilot", f"end={common} --ignore_after_end --reg_target teacher"]
+               "--pilot", f"base={common} --teacher_cache",
+               "--pilot", f"end={common} --ignore_after_end --reg_target teacher"]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=rank_env())
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((tmp_path / "pilots" / "pilots.json").read_text())
@@ -159,6 +160,12 @@ def test_pilots_run_score_and_resume(tmp_path):
     assert end["vs_baseline"]["free_running/agreed_tokens"]["clusters"] == 4  # paired by prompt
     # per-position columns are clustered by their 256-token block: 512 positions, 2 blocks
     assert end["vs_baseline"]["raw/top1"]["clusters"] == end["vs_baseline"]["likelihood/nll"]["clusters"] == 2
+    # split by the top-1's length and by its band of training counts (from the baseline's teacher cache):
+    # each group's rates over its own positions, the groups' shares summing to the spellable positions
+    by_length = {k: v for k, v in base["shares"].items() if k.startswith("length ")}
+    by_band = {k: v for k, v in base["shares"].items() if k.startswith("band ")}
+    assert by_length and by_band and sum(by_length.values()) == pytest.approx(sum(by_band.values()))
+    assert all(f"label_is_top1/{group}" in end["vs_baseline"] for group in by_length)
     config = json.loads((tmp_path / "pilots" / "end" / "model" / "spellm_config.json").read_text())
     assert config["ignore_after_end"] is True
     run = json.loads((tmp_path / "pilots" / "end" / "run_config.json").read_text())["run"]
