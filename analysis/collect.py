@@ -3,8 +3,8 @@
 Every analysis module computes from these records, so ``analysis.report`` can run all of them
 on a single pass (one teacher and one student forward per batch).
 
-The teacher is the original model the SpeLLM directory records as its base (``spellm_config.json``
-``teacher``), not the student's modified layers; ``--teacher`` overrides it. The student's frozen
+The teacher is the original model the SpeLLM directory records as its base (``teacher`` in its
+``config.json``), not the student's modified layers; ``--teacher`` overrides it. The student's frozen
 lower layers are the teacher's, so they run once (in the teacher) unless ``--teacher`` is given.
 """
 
@@ -20,8 +20,10 @@ from spellm_ds import assets, cli
 from spellm_ds.data import load_texts, pack
 from spellm_ds.errors import SpellmError
 from spellm_ds.forward import teacher_and_student
-from spellm_ds.model import SpeLLMForCausalLM, shared_trunk_layer
-from spellm_ds.spelling import SpellingTable, read_string
+from spellm_ds.hf.char_decoding import read_string
+from spellm_ds.losses import label_rule_of
+from spellm_ds.model import load, shared_trunk_layer
+from spellm_ds.spelling import SpellingTable
 
 
 @dataclass
@@ -102,7 +104,7 @@ def held_out_blocks(tokenizer, data: list[str] | None, text_field: str, seq_len:
 def collect(args: argparse.Namespace) -> Analysis:
     from transformers import AutoModelForCausalLM
 
-    student = SpeLLMForCausalLM.from_pretrained(args.model)
+    student = load(args.model)
     teacher_name = args.teacher or student.config.teacher
     teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(teacher_name), dtype=torch.float32).eval()
     table = student.spelling
@@ -118,7 +120,7 @@ def collect(args: argparse.Namespace) -> Analysis:
         batch = blocks[start : start + args.batch_size]
         next_ids = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], 1)
         targets = next_ids.clamp(min=0)  # the last position's is scored, then masked by next_ids
-        signal, out, labels = teacher_and_student(teacher, student, batch, table, student.config.label_rule(),
+        signal, out, labels = teacher_and_student(teacher, student, batch, table, label_rule_of(student.config),
                                                   trunk_layer, with_token_logits=True, targets=targets)
         char_logits = out.char_logits.flatten(0, 1)
         # with --rerank_k, the char path's token and next-token log-prob are the re-ranked ones

@@ -14,8 +14,8 @@ import torch
 
 from analysis.collect import Analysis, add_args, collect
 from spellm_ds import cli
-from spellm_ds.decoding import falls_back
 from spellm_ds.errors import SpellmError
+from spellm_ds.hf.char_decoding import falls_back
 from spellm_ds.metrics import match_flags, wilson_interval
 
 VARIANTS = ("raw", "autocorrect", "autocorrect_fallback")

@@ -22,9 +22,10 @@ import torch
 
 from analysis.collect import held_out_texts
 from spellm_ds import assets, cli
-from spellm_ds.decoding import decode_loop, lm_head_picker
+from spellm_ds.decoding import decode_loop, generate, lm_head_picker
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.hf import SpeLLMForCausalLM
+from spellm_ds.model import load
 
 
 def prompts(tokenizer, texts: list[str], count: int, length: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ def compute(student: SpeLLMForCausalLM, teacher, prompt_ids: torch.Tensor, new_t
     result: dict = {"prompts": len(prompt_ids), "prompt_tokens": prompt_ids.shape[1], "new_tokens": new_tokens,
                     "tau": tau, "rerank_k": rerank_k}
     for variant, variant_tau in (("raw", None), ("autocorrect_fallback", tau)):
-        out = student.generate(prompt_ids, max_new_tokens=new_tokens, tau=variant_tau, rerank_k=rerank_k)
+        out = generate(student, prompt_ids, max_new_tokens=new_tokens, tau=variant_tau, rerank_k=rerank_k)
         sequences = torch.nn.functional.pad(out.sequences, (0, reference.shape[1] - out.sequences.shape[1]),
                                             value=eos if eos is not None else -1)
         result[variant] = {**agreement(reference, sequences), "provenance": out.counts(),
@@ -98,7 +99,7 @@ def main() -> None:
 def run(args: argparse.Namespace, out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    student = SpeLLMForCausalLM.from_pretrained(args.model)
+    student = load(args.model)
     teacher_dir = assets.resolve_model(args.teacher or student.config.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     prompt_ids = prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, args.prompt_tokens)

@@ -63,7 +63,7 @@ def run_pilot(out: Path, name: str, flags: list[str], steps: int, ranks: int) ->
     """Distil one pilot (skipped when its model exists); returns the exported model directory."""
     out = out.resolve()
     model = out / name / "model"
-    if (model / "spellm_config.json").is_file():
+    if (model / "config.json").is_file():
         return model
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), str(DISTILL),
                "--output_dir", str(out / name), "--max_steps", str(steps), "--eval_every", str(steps),
@@ -128,9 +128,9 @@ def score(model: Path, args: argparse.Namespace,
     from transformers import AutoModelForCausalLM
 
     from spellm_ds import assets
-    from spellm_ds.model import SpeLLMForCausalLM
+    from spellm_ds.model import load
 
-    student = SpeLLMForCausalLM.from_pretrained(model)
+    student = load(model)
     teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(student.config.teacher)).eval()
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
     free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)

@@ -23,15 +23,15 @@ Speed depends on training only through the miss and fallback rates of (3) and (4
 
 from __future__ import annotations
 
-
 import torch
 
 from bench.common import add_threads_arg, interleaved_times, median_interval, write
 from spellm_ds import cli
+from spellm_ds.decoding import TokenPicker, decode_loop, lm_head_picker, spellm_picker
 from spellm_ds.errors import SpellmError
-from spellm_ds.decoding import Provenance, TokenPicker, decode_loop, lm_head_picker, spellm_picker
 from spellm_ds.forward import synchronized_clock
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.hf.char_decoding import Provenance
+from spellm_ds.model import load
 
 
 def prompts(batch: int) -> list[str]:
@@ -44,17 +44,12 @@ def prompts(batch: int) -> list[str]:
 
 
 def tiny_model(directory) -> str:
-    from transformers import AutoModelForCausalLM
-
-    from spellm_ds.assets import load_tokenizer
-    from spellm_ds.charset import Charset
-    from spellm_ds.model import SpeLLMConfig
+    from spellm_ds.model import save_export, untrained
     from tests import tiny
 
     base_dir = tiny.tiny_llama_dir(directory / "base", tiny.corpus_texts(40))
-    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=10, trainable_layers=2, teacher=str(base_dir)),
-                              Charset.default())
-    model.save_pretrained(directory / "spellm", tokenizer=load_tokenizer(base_dir))
+    model = untrained(base_dir, k=10, trainable_layers=2)
+    save_export(model, directory / "spellm", model.tokenizer, base_dir)
     return str(directory / "spellm")
 
 
@@ -69,7 +64,7 @@ def timed(pick: TokenPicker, spent: list[float]) -> TokenPicker:
     return timed_pick
 
 
-def variants(model: SpeLLMForCausalLM, ids, mask, new_tokens: int, tau: float, rerank_k: int, record: dict,
+def variants(model, ids, mask, new_tokens: int, tau: float, rerank_k: int, record: dict,
              head_seconds: dict[str, list[float]]):
     """The decoders; each run of (2)-(6) appends its output head's total time to ``head_seconds``."""
     base = model.base
@@ -145,7 +140,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
-        model = SpeLLMForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model = load(args.model, dtype=dtype)
         tokenizer = model.tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:

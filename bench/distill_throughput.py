@@ -164,10 +164,10 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     from spellm_ds.charset import Charset
     from spellm_ds.config import DEFAULTS, RunConfig, native_bf16
     from spellm_ds.data import load_texts, pack
-    from spellm_ds.decoding import CharDecoder
     from spellm_ds.forward import synchronized_clock, teacher_and_student
+    from spellm_ds.hf.char_decoding import CharDecoder
     from spellm_ds.losses import distillation_loss
-    from spellm_ds.model import SpeLLMForCausalLM, shared_trunk_layer
+    from spellm_ds.model import Student, shared_trunk_layer
     from spellm_ds.spelling import SpellingTable, model_vocab_size
 
     torch.set_num_threads(threads)
@@ -182,7 +182,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))
     decoder = CharDecoder(table, tau=None)
     run.fit_to_model(base.config.num_hidden_layers, base.config.hidden_size)
-    student = SpeLLMForCausalLM(base, run.spellm_config(), charset)
+    student = Student(base, run.spellm_config(base.config, charset))
     student.char_heads.init_from_embeddings(base.get_output_embeddings().weight.detach(), table.chars, table.spellable)
     student.freeze_for_distillation()
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -21,15 +21,14 @@ same stated thread count (``--threads``, default the cores).
 
 from __future__ import annotations
 
-
 import torch
 
 from bench.common import add_threads_arg, median_seconds, write
 from spellm_ds import cli
 from spellm_ds.charset import Charset
 from spellm_ds.config import READOUT_PER_HIDDEN
-from spellm_ds.decoding import CharDecoder
-from spellm_ds.heads import CharHeads
+from spellm_ds.hf.char_decoding import CharDecoder
+from spellm_ds.hf.char_heads import CharHeads
 
 
 def spelling_table(quick: bool, k: int):

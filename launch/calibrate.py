@@ -3,11 +3,10 @@
     python launch/calibrate.py --model DIR [--data FILE ...] [--max_tokens 8192]
 
 Export already fits it, on the run's own held-out blocks. This is for a model exported before
-export did (its ``spellm_config.json`` has no ``spelling_temperature``: it scores at T = 1), or to
-fit on text of the domain the model will score. The default text is what a default run holds
-out: the held-out documents of the default corpus. Writes ``spelling_temperature`` into the
-model's ``spellm_config.json`` and the fit into ``calibration.json``; never fit on text you will
-evaluate on.
+export did (it scores at T = 1), or to fit on text of the domain the model will score. The
+default text is what a default run holds out: the held-out documents of the default corpus.
+Writes ``spelling_temperature`` into the model's ``config.json`` and the fit into
+``calibration.json`` (each replaced atomically); never fit on text you will evaluate on.
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ from pathlib import Path
 from spellm_ds import cli
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.calibration import calibrate
-from spellm_ds.checkpoint import run_eval_blocks
 from spellm_ds.config import RunConfig
 from spellm_ds.data import load_texts, pack
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import SpeLLMConfig
+from spellm_ds.export import run_eval_blocks
+from spellm_ds.model import read_spellm_config
 
 
 def main() -> None:
@@ -35,7 +34,7 @@ def main() -> None:
                         help="positions to fit on, rounded up to whole 256-token blocks (default: %(default)s)")
     args = parser.parse_args()
     model_dir = Path(args.model)
-    SpeLLMConfig.load(model_dir)  # a clear error for a directory that is no SpeLLM model, before any text loads
+    read_spellm_config(model_dir)  # a clear error for a directory that is no SpeLLM model, before any text loads
     tokenizer = load_tokenizer(model_dir)
     run = RunConfig(eval_blocks=-(-args.max_tokens // RunConfig.seq_len))
     if args.data:

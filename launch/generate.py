@@ -13,8 +13,9 @@ import json
 import torch
 
 from spellm_ds import cli
+from spellm_ds.decoding import generate
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.model import load
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     args = p.parse_args()
     if args.sample and args.rerank_k:
         raise SpellmError("--rerank_k re-ranks greedy decoding only; drop --sample or --rerank_k")
-    model = SpeLLMForCausalLM.from_pretrained(args.model)
+    model = load(args.model)
     tokenizer = model.tokenizer
     if args.chat and not tokenizer.chat_template:
         raise SpellmError(f"{args.model} has no chat template; drop --chat")
@@ -45,9 +46,10 @@ def main() -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
-    out = model.generate(batch["input_ids"], batch["attention_mask"], args.max_new_tokens, args.tau,
-                         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=torch.Generator().manual_seed(args.seed), rerank_k=args.rerank_k)
+    out = generate(model, batch["input_ids"], batch["attention_mask"], args.max_new_tokens, args.tau,
+                   do_sample=args.sample,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   generator=torch.Generator().manual_seed(args.seed), rerank_k=args.rerank_k)
     texts = [tokenizer.decode(row[row_origin >= 0], skip_special_tokens=True)
              for row, row_origin in zip(out.sequences, out.provenance)]
     if args.json:

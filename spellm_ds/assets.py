@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,17 +52,43 @@ def cached_dir(final: Path, ready: str, build) -> Path:
 
 # ---------------------------------------------------------------------------- model
 def resolve_model(name_or_path: str) -> Path:
-    """A local HF model directory for ``--model``: the embedded name or a directory path."""
+    """A local HF model directory for ``--model``: the embedded name, a directory path, or a
+    Hugging Face Hub ID (``org/name``, optionally ``@revision``) resolved through the Hugging Face
+    cache (:func:`from_hub`)."""
     if name_or_path == EMBEDDED_MODEL:
         return embedded_model_dir()
     path = Path(name_or_path)
     if not path.exists():
-        raise SpellmError(
-            f"model {name_or_path!r} not found: pass --model {EMBEDDED_MODEL} or a local HF model directory"
-        )
+        if HUB_ID.fullmatch(name_or_path):
+            return from_hub(name_or_path)
+        raise SpellmError(f"model {name_or_path!r} not found: pass --model {EMBEDDED_MODEL}, a local HF model "
+                          "directory or a Hub ID (org/name)")
     if not (path / "config.json").is_file():
         raise SpellmError(f"model directory {path} has no config.json; pass a directory written by save_pretrained")
     return path
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]
+"""What a model needs from its Hub repository: config, weights, tokenizer, custom code."""
+
+
+def from_hub(repo: str) -> Path:
+    """The snapshot of Hub repository ``repo`` (``org/name[@revision]``) in the Hugging Face cache,
+    downloaded into it unless the hub is offline (``HF_HUB_OFFLINE=1``: the cache alone)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        where = "the hub is offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise SpellmError(f"model {repo} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {where}; "
+                          f"download it once (huggingface-cli download {repo_id}) or pass a local directory") from None
+    except HfHubHTTPError as e:
+        raise SpellmError(f"model {repo} could not be fetched from the hub ({str(e).splitlines()[0]}); check the "
+                          "name and your access, or pass a local directory") from None
 
 
 def embedded_model_dir() -> Path:

@@ -11,20 +11,22 @@ top-1 agreement, AutoCorrect and the fallback rule are untouched. (A temperature
 char logits instead spreads it less well: it also softens the characters a spelling does not read.)
 
 The fit is a grid search: one pass computes every valid spelling's score per position once and
-the NLL at every grid temperature from it. :func:`calibrate` writes the winner into the model's
-``spellm_config.json`` and the whole curve into ``calibration.json`` beside it.
+the NLL at every grid temperature from it. Export fits it before writing the model;
+:func:`calibrate` refits an exported model, writing the winner into its ``config.json`` and the
+whole curve into ``calibration.json`` beside it (each replaced atomically).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from spellm_ds.decoding import log_normaliser, tempered_log_probs
 from spellm_ds.errors import SpellmError
+from spellm_ds.hf.char_decoding import log_normaliser, tempered_log_probs
 
 TEMPERATURES = tuple(round(2 ** (i / 8), 4) for i in range(-8, 25))
 """0.5 to 8, 9% apart: the NLL is flat within a step of its minimum."""
@@ -46,12 +48,15 @@ class Calibration:
 def fit_spelling_temperature(model, blocks: torch.Tensor, batch_size: int = 4) -> Calibration:
     """The grid temperature with the lowest mean NLL of each block's next tokens under the char
     heads' token distribution; ``blocks`` ``[n, seq_len]`` of held-out token ids."""
+    from spellm_ds.model import spellm_outputs
+
     decoder = model.char_decoder(None)
     sums = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
     positions = 0
     for batch in blocks.split(batch_size):
         batch = batch.to(model.base.device)
-        char_logp = torch.log_softmax(model(input_ids=batch).char_logits[:, :-1].flatten(0, 1).float(), -1)
+        char_logits = spellm_outputs(model, input_ids=batch).char_logits
+        char_logp = torch.log_softmax(char_logits[:, :-1].flatten(0, 1).float(), -1)
         targets = batch[:, 1:].flatten()
         spellable = decoder.table.spellable[targets]
         char_logp, targets = char_logp[spellable], targets[spellable]
@@ -69,11 +74,19 @@ def fit_spelling_temperature(model, blocks: torch.Tensor, batch_size: int = 4) -
 
 def calibrate(model_dir: Path, blocks: torch.Tensor) -> Calibration:
     """Fit the spelling temperature of the SpeLLM directory ``model_dir`` on ``blocks`` and record it."""
-    from spellm_ds.model import SpeLLMForCausalLM
+    from spellm_ds.model import load
 
-    model = SpeLLMForCausalLM.from_pretrained(model_dir)
+    model = load(model_dir)
     found = fit_spelling_temperature(model, blocks)  # reads the heads' scores, whatever T is recorded
     model.config.spelling_temperature = found.temperature
-    model.config.save(model_dir)
-    (model_dir / CALIBRATION_FILE).write_text(json.dumps(asdict(found), indent=2) + "\n")
+    replace_file(model_dir / "config.json", model.config.to_json_string())
+    replace_file(model_dir / CALIBRATION_FILE, json.dumps(asdict(found), indent=2) + "\n")
     return found
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old
+    file or the new one, never half of one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    os.replace(partial, path)

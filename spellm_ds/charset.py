@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.hf.char_decoding import END_ID, UNK_ID
 
 END = "<end>"
 UNK = "<unk>"
 NUM_RESERVED = 6
 RESERVED = tuple(f"<sp{i}>" for i in range(NUM_RESERVED))
-END_ID = 0
-UNK_ID = 1
 MAX_SYMBOLS = 256
 """Upper bound on |C|: keeps char ids in one byte and the heads small (k * |C| outputs)."""
 

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, exact resume, export to an HF-format SpeLLM directory.
+"""Checkpoints: atomic save and exact resume (export: :mod:`spellm_ds.export`).
 
 Layout: ``output_dir/checkpoints/step{N}/`` holds DeepSpeed's files (ZeRO partitions, optimizer
 and LR-schedule state), ``spellm_state.json`` (step, world size, run config, charset, base model
@@ -8,7 +8,6 @@ without it is a half-written checkpoint that resume never picks.
 
 Frozen parameters are not stored (they are 95% of the model and never change): resume reloads
 them from the base model, and export copies them bit-identically from the base model's files.
-Trainable parameters are exported from the fp32 master weights, not their bf16 copies.
 
 The data position needs no state of its own: a batch is a pure function of the step
 (:func:`spellm_ds.data.step_rows`), so restoring the step restores the sample order; the teacher
@@ -22,24 +21,18 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-from spellm_ds.calibration import calibrate
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig
-from spellm_ds.data import load_texts, pack, split_documents
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import write_directory
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "spellm_state.json"
-BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
 RUN_DEFINING_FLAGS = ("model", "data", "text_field", "train_blocks", "k", "trainable_layers", "train_attention",
                       "head_init", "readout_width", "seq_len", "micro_batch", "grad_accum", "lr", "ffn_lr", "warmup",
                       "max_steps", "reg_weight", "reg_target", "soft_char_weight", "soft_char_candidates",
@@ -202,65 +195,3 @@ def load(engine, checkpoint: Path) -> int:
         raise SpellmError(f"checkpoint {checkpoint} has no DeepSpeed state; resume from an earlier one")
     _restore_rng(torch.load(rng_file(checkpoint, dist.get_rank()), weights_only=False))
     return int(state["step"])
-
-
-# ---------------------------------------------------------------------------- export
-def load_base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise SpellmError(f"no .safetensors weights in {model_dir}; re-save the model with safe_serialization")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
-    return state
-
-
-def run_eval_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
-    """The run's evaluation blocks: its first ``eval_blocks`` blocks of held-out documents."""
-    for path in run.data or []:
-        if not Path(path).exists():
-            raise SpellmError(f"the run's data {path} is gone; restore it to export (the spelling temperature "
-                              "is fitted on the run's held-out documents)")
-    _, held_out = split_documents(load_texts(run.data, run.text_field)["text"], run.eval_fraction, run.seed)
-    return pack(held_out, tokenizer, run.seq_len, max_blocks=run.eval_blocks)
-
-
-def export(checkpoint: Path, out_dir: Path) -> Path:
-    """One process, no engine: a complete checkpoint -> an HF-format SpeLLM directory, its
-    spelling temperature fitted on the run's held-out blocks (:mod:`spellm_ds.calibration`)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig
-
-    from spellm_ds.assets import load_tokenizer
-
-    state = read_state(checkpoint)
-    model_dir = Path(state["model_dir"])
-    if not model_dir.is_dir():
-        raise SpellmError(f"the base model {model_dir} of checkpoint {checkpoint} is gone; restore it to export")
-    run = RunConfig(**saved_run(state))
-    tokenizer = load_tokenizer(model_dir)
-    held_out = run_eval_blocks(run, tokenizer)
-    trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
-                                                       exclude_frozen_parameters=True)
-    base_state = load_base_weights(model_dir)
-    for name, tensor in trained.items():
-        if name.startswith(BASE_PREFIX):
-            key = name.removeprefix(BASE_PREFIX)
-            if key not in base_state:
-                raise SpellmError(f"checkpoint {checkpoint} does not match base model {model_dir} ({key}); "
-                                  "export with the base model it was trained from")
-            base_state[key] = tensor  # the fp32 master weight, whatever the base dtype
-    heads = {n.removeprefix(HEADS_PREFIX): t.float() for n, t in trained.items() if n.startswith(HEADS_PREFIX)}
-    # Written beside out_dir and renamed into place: a crash mid-export leaves no half-written model.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
-        write_directory(staging, AutoConfig.from_pretrained(model_dir), run.spellm_config(),
-                        Charset(tuple(state["charset"])), base_state, heads, tokenizer)
-        print(calibrate(staging, held_out).summary(), flush=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir

@@ -81,7 +81,8 @@ def check_output_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
 
 def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=EMBEDDED_MODEL,
-                        help=f"'{EMBEDDED_MODEL}' (the embedded SmolLM2-135M-Instruct) or a local HF model directory "
+                        help=f"'{EMBEDDED_MODEL}' (the embedded SmolLM2-135M-Instruct), a local HF model directory or a "
+                             "Hub ID org/name[@revision] (through the Hugging Face cache) "
                              "(default: %(default)s)")
     parser.add_argument("--data", nargs="*", default=None, metavar="PATH",
                         help=".txt/.jsonl/.json/.parquet files or datasets.save_to_disk directories "

@@ -14,9 +14,16 @@ from typing import Any
 
 from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
-from spellm_ds.heads import HEAD_INITS
-from spellm_ds.losses import (LABEL_RULES, MAX_SOFT_CHAR_CANDIDATES, REG_TARGETS, TOP_K, LabelRule, LossRecipe,
-                              label_rule_of)
+from spellm_ds.hf.char_heads import HEAD_INITS
+from spellm_ds.losses import (
+    LABEL_RULES,
+    MAX_SOFT_CHAR_CANDIDATES,
+    REG_TARGETS,
+    TOP_K,
+    LabelRule,
+    LossRecipe,
+    label_rule_of,
+)
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 3e-3, "ffn_lr": 1e-3}
 """Used where neither a flag nor the DeepSpeed config gives a value. ``lr`` is the char heads' peak,
@@ -169,17 +176,19 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def spellm_config(self):
-        """The :class:`~spellm_ds.model.SpeLLMConfig` a model trained by this run records."""
-        from spellm_ds.model import SpeLLMConfig
+    def spellm_config(self, base_config, charset):
+        """The :class:`~spellm_ds.hf.SpeLLMConfig` a model trained by this run records (``base_config``:
+        the base model's, ``charset``: the run's)."""
+        from spellm_ds.model import spellm_config
 
         if self.readout_width is None:
             raise ValueError("readout_width is unresolved: call fit_to_model() first")
-        return SpeLLMConfig(k=self.k, trainable_layers=self.trainable_layers, train_attention=self.train_attention,
-                            head_init=self.head_init, readout_width=self.readout_width, teacher=self.model,
-                            label_selection=self.label_selection, label_prior_weight=self.label_prior_weight,
-                            label_per_char=self.label_per_char, label_gate=self.label_gate,
-                            ignore_after_end=self.ignore_after_end)
+        return spellm_config(base_config, charset, k=self.k, trainable_layers=self.trainable_layers,
+                             train_attention=self.train_attention, head_init=self.head_init,
+                             readout_width=self.readout_width, teacher=self.model,
+                             label_selection=self.label_selection, label_prior_weight=self.label_prior_weight,
+                             label_per_char=self.label_per_char, label_gate=self.label_gate,
+                             ignore_after_end=self.ignore_after_end)
 
     def label_rule(self) -> LabelRule:
         return label_rule_of(self)

@@ -18,7 +18,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig, mixed_precision_dtype
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.model import Student
 from spellm_ds.spelling import SpellingTable
 
 
@@ -57,7 +57,7 @@ def keep_whole_without_hooks(engine) -> bool:
     return True
 
 
-def parameter_groups(model: SpeLLMForCausalLM, run: RunConfig) -> list:
+def parameter_groups(model: Student, run: RunConfig) -> list:
     """The trainable parameters: the char heads (at ``--lr``) and the pretrained blocks that train
     (at ``--ffn_lr``), in the order of the scheduler's peak list; one group when no blocks train."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +75,7 @@ def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, ch
     unless the loss needs token logits."""
     base = load_base(model_dir, ds_config)
     torch.manual_seed(run.seed)  # identical head init on every rank
-    model = SpeLLMForCausalLM(base, run.spellm_config(), charset)
+    model = Student(base, run.spellm_config(base.config, charset))
     if run.head_init == "embedding":
         embedding = base.get_output_embeddings().weight
         with deepspeed.zero.GatheredParameters([embedding]):

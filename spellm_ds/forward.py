@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-import deepspeed
 import torch
 
+from spellm_ds.hf import SpeLLMForCausalLM
 from spellm_ds.losses import TOP_K, LabelRule, Labels, choose_labels
-from spellm_ds.model import SpeLLMOutput
+from spellm_ds.model import SpeLLMOutput, spellm_outputs
 from spellm_ds.spelling import SpellingTable
 from spellm_ds.teacher import TeacherSignal, teacher_signal
 
@@ -22,6 +22,8 @@ from spellm_ds.teacher import TeacherSignal, teacher_signal
 def synchronized_clock() -> float:
     """``perf_counter`` after the accelerator finished its queued work, so a timed region holds
     the kernels it launched (a no-op wait on CPU)."""
+    import deepspeed
+
     deepspeed.get_accelerator().synchronize()
     return time.perf_counter()
 
@@ -38,10 +40,13 @@ def student_and_labels(student, input_ids: torch.Tensor, signal: TeacherSignal, 
     """The student's forward given the teacher's output (``signal``, and ``trunk``, the hidden state
     a shared-trunk student starts from, see :func:`spellm_ds.teacher.teacher_signal`), and the labels.
 
-    ``student`` is a SpeLLM model or its DeepSpeed engine. With ``trunk`` the student's frozen lower
-    layers are not run: they are the teacher's. Without it the student runs from ``input_ids``.
+    ``student`` is a :class:`~spellm_ds.model.Student`, its DeepSpeed engine, or an exported model.
+    With ``trunk`` the student's frozen lower layers are not run: they are the teacher's. Without it
+    the student runs from ``input_ids``.
     """
-    if trunk is None:
+    if isinstance(student, SpeLLMForCausalLM):  # its own forward() is transformers' (token logits)
+        out = spellm_outputs(student, input_ids, with_token_logits=with_token_logits, trunk_hidden=trunk)
+    elif trunk is None:
         out = student(input_ids, with_token_logits=with_token_logits)
     else:
         out = student(trunk_hidden=trunk, with_token_logits=with_token_logits)

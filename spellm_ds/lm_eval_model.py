@@ -11,7 +11,7 @@
   ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there.
   With ``rerank_k=K`` both follow re-ranking: the heads' probability of their top-K spellings is
   shared among them by the LM head's softmax over them (the rest keep the heads' probability).
-- ``generate_until``: the project's :meth:`~spellm_ds.model.SpeLLMForCausalLM.generate` (greedy or
+- ``generate_until``: the project's decode loop (:func:`spellm_ds.decoding.generate`; greedy or
   sampled; ``autocorrect=false`` ends a row at a string that is no token; ``rerank_k=K`` re-ranks
   the decided rows by the LM head, greedy only), ``batch_size`` left-padded prompts at a time.
   Token provenance counts (exact / AutoCorrect / fallback / re-ranked) are kept in
@@ -30,9 +30,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from spellm_ds.decoding import Provenance
+from spellm_ds.decoding import generate
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.hf.char_decoding import Provenance
+from spellm_ds.model import load
 from spellm_ds.teacher import lm_head_log_probs
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class SpeLLMEvalModel(TemplateLM):
         if device and device.startswith("cuda") and available == "cpu":
             logger.warning("device %s is not available (lm_eval asks for cuda by default); using the CPU", device)
             device = None
-        self.model = SpeLLMForCausalLM.from_pretrained(pretrained, dtype=DTYPES[dtype]).to(device or available)
+        self.model = load(pretrained, dtype=DTYPES[dtype], device=device or available)
         self.tokenizer = self.model.tokenizer
         self.tau = None if not flag(fallback) or str(tau).lower() == "none" else float(tau)
         self.autocorrect = flag(autocorrect)
@@ -193,8 +194,9 @@ class SpeLLMEvalModel(TemplateLM):
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             mask[r, width - len(ids) :] = 1
         device = self.model.base.device
-        out = self.model.generate(input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                  tau=self.tau, autocorrect=self.autocorrect, rerank_k=self.rerank_k, **sampling)
+        out = generate(self.model, input_ids.to(device), attention_mask=mask.to(device),
+                       max_new_tokens=max_new_tokens, tau=self.tau, autocorrect=self.autocorrect,
+                       rerank_k=self.rerank_k, **sampling)
         for code, count in out.counts().items():
             self.provenance[code] += count
         texts = []

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from spellm_ds.spelling import after_first_end
+from spellm_ds.hf.char_decoding import after_first_end
 
 if TYPE_CHECKING:
-    from spellm_ds.decoding import CharDecoder
+    from spellm_ds.hf.char_decoding import CharDecoder
     from spellm_ds.spelling import SpellingTable
     from spellm_ds.teacher import TeacherSignal
 

@@ -18,13 +18,16 @@ Functions return *sums* so ranks can all-reduce them before dividing.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from spellm_ds.losses import Labels
-from spellm_ds.spelling import SpellingTable, after_first_end, read_string
-from spellm_ds.teacher import TeacherSignal
+from spellm_ds.hf.char_decoding import mean_head_entropy, read_string
+
+if TYPE_CHECKING:
+    from spellm_ds.losses import Labels
+    from spellm_ds.spelling import SpellingTable
+    from spellm_ds.teacher import TeacherSignal
 
 
 BAND_EDGES = (0, 1, 10, 100, 1000, 10000)
@@ -45,15 +48,6 @@ def group_name(edges: tuple[int, ...], index: int) -> str:
         return f"{low}+" if edges is LENGTH_EDGES else f">={low}"
     high = edges[index + 1] - 1
     return str(low) if low == high else f"{low}-{high}"
-
-
-def mean_head_entropy(char_logits: torch.Tensor) -> torch.Tensor:
-    """Mean entropy (nats, fp32) of the heads the predicted string reads, up to and including its
-    first END: ``[..., k, C]`` -> ``[...]``. Heads past the END name nothing, so their (possibly
-    untrained) uncertainty does not count."""
-    logp = torch.log_softmax(char_logits.float(), -1)
-    read = (~after_first_end(char_logits.argmax(-1))).float()
-    return -((logp.exp() * logp).sum(-1) * read).sum(-1) / read.sum(-1)
 
 
 class MatchFlags(NamedTuple):

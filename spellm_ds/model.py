@@ -1,74 +1,34 @@
-"""SpeLLMForCausalLM: a Hugging Face causal LM plus k character heads.
+"""The student a distillation trains, and the exported model it becomes.
 
-The heads read the base model's final normed hidden state. The original LM head stays (frozen;
-on SmolLM2 it is the tied input embedding): the distillation uses it for the token-level
-regularisation loss and decoding falls back to it when the char heads are uncertain.
+The student (:class:`Student`) is the base Hugging Face causal LM plus k char heads: the heads
+read the base model's final normed hidden state. The original LM head stays (frozen; on SmolLM2
+it is the tied input embedding): the distillation uses it for the token-level regularisation loss
+and decoding falls back to it when the char heads are uncertain. Under the shared trunk the
+student holds only what it trains and runs (:meth:`Student.drop_layers_below`).
 
-A saved SpeLLM directory is an ordinary HF model directory (``config.json``,
-``model.safetensors``, tokenizer) holding the student's full weights, plus ``char_heads.safetensors``,
-``spellm_config.json`` (k, trainable layers, head init, the teacher it came from) and
-``charset.json``. It loads on one process without DeepSpeed.
+An exported model is a transformers model of type ``spellm``
+(:class:`spellm_ds.hf.SpeLLMForCausalLM`): its own config (the base model's inside), weights named
+as the student's (``base.*``, ``char_heads.*``) plus every token's spelling, the tokenizer, a
+generation config, a model card and the code transformers needs to load it anywhere
+(:func:`save_export`). :func:`load` reads it back for this package's analyses, with the
+tokenizer and the spelling table attached. Neither needs DeepSpeed.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spellm_ds.charset import Charset
-from spellm_ds.decoding import CharDecoder, GenerationOutput, generate
 from spellm_ds.errors import SpellmError
-from spellm_ds.heads import CharHeads
-from spellm_ds.losses import LabelRule, label_rule_of
-from spellm_ds.spelling import SpellingTable, model_vocab_size
-
-SPELLM_CONFIG_FILE = "spellm_config.json"
-HEADS_FILE = "char_heads.safetensors"
-BASE_WEIGHTS_FILE = "model.safetensors"
-
-
-@dataclass
-class SpeLLMConfig:
-    k: int = 10
-    trainable_layers: int = 5
-    train_attention: bool = False
-    """Beyond the paper: the attention blocks of the trainable layers train too."""
-    head_init: str = "embedding"
-    readout_width: int = 0
-    """Beyond the paper: the width of a residual MLP read-out before the heads (0: none)."""
-    teacher: str = ""
-    """The model this student was distilled from: the embedded name or a directory path."""
-    label_selection: str = "joint"
-    """The label rule it was trained with (:data:`spellm_ds.losses.LABEL_RULES`); analysis uses the same."""
-    label_prior_weight: float = 1.0
-    label_per_char: bool = False
-    label_gate: float | None = None
-    ignore_after_end: bool = False
-    """Whether training ignored the characters after a label's first END."""
-    spelling_temperature: float = 1.0
-    """The char heads' token distribution's temperature (scoring and sampling), fitted on held-out
-    text at export (:mod:`spellm_ds.calibration`); 1: as trained."""
-
-    def label_rule(self) -> LabelRule:
-        return label_rule_of(self)
-
-    def save(self, directory: Path) -> None:
-        (directory / SPELLM_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: Path) -> SpeLLMConfig:
-        path = directory / SPELLM_CONFIG_FILE
-        if not path.is_file():
-            raise SpellmError(f"{directory} is not a SpeLLM model directory (no {SPELLM_CONFIG_FILE}); "
-                              "pass a directory written by distill/export")
-        return cls(**json.loads(path.read_text()))
+from spellm_ds.hf import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.hf.char_heads import CharHeads
+from spellm_ds.spelling import SpellingTable
 
 
 class SpeLLMOutput(NamedTuple):
@@ -156,20 +116,41 @@ def starting_from_trunk(decoder: nn.Module, first_layer: int | None, trunk_hidde
         setattr(decoder, name, layers)
 
 
-class SpeLLMForCausalLM(nn.Module):
-    def __init__(self, base: nn.Module, config: SpeLLMConfig, charset: Charset) -> None:
+def spellm_outputs(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                   with_token_logits: bool = False, trunk_hidden: torch.Tensor | None = None) -> SpeLLMOutput:
+    """Char logits (and token logits) of a :class:`Student` or an exported model for ``input_ids``,
+    or, with ``trunk_hidden``, from the hidden state entering the first trainable layer: the lower
+    layers are frozen copies of the teacher's, so the teacher's hidden state there is exactly what
+    they would compute. With no trainable layers ``trunk_hidden`` is the teacher's final normed
+    hidden state: only the heads run."""
+    decoder = model.base.get_decoder()
+    if trunk_hidden is None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    elif model.config.trainable_layers == 0:  # the whole decoder is the teacher's: its final state
+        hidden = trunk_hidden
+    else:
+        first = shared_trunk_layer(len(decoder_layers_of(decoder)), model.config.trainable_layers)
+        with starting_from_trunk(decoder, first, trunk_hidden):
+            # inputs_embeds only sets shapes and positions: the stand-in layers replace it
+            hidden = decoder(inputs_embeds=trunk_hidden, attention_mask=attention_mask).last_hidden_state
+    char_logits = model.char_heads(hidden)
+    token_logits = model.base.get_output_embeddings()(hidden) if with_token_logits else None
+    return SpeLLMOutput(hidden, char_logits, token_logits)
+
+
+class Student(nn.Module):
+    """The base model plus char heads, as a distillation trains it (``config``: the
+    :class:`~spellm_ds.hf.SpeLLMConfig` the export records; its ``text_config`` is ``base``'s)."""
+
+    def __init__(self, base: nn.Module, config: SpeLLMConfig) -> None:
         super().__init__()
         if config.k < 1:
             raise SpellmError(f"k={config.k} is out of range; choose k >= 1 (the paper uses 10)")
         self.base = base
         self.config = config
-        self.charset = charset
-        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(charset),
+        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(config.charset),
                                     config.readout_width).to(base.dtype)
-        self.tokenizer = None
-        self.spelling: SpellingTable | None = None
 
-    # ----------------------------------------------------------------- training set-up
     def freeze_for_distillation(self) -> int:
         """Train only the char heads and the FFN blocks (and with ``train_attention`` the attention
         blocks) of the last ``trainable_layers`` layers.
@@ -219,86 +200,117 @@ class SpeLLMForCausalLM(nn.Module):
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
-    # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 with_token_logits: bool = False, trunk_hidden: torch.Tensor | None = None) -> SpeLLMOutput:
-        """Char logits (and token logits) for ``input_ids``, or, with ``trunk_hidden``, from the
-        hidden state entering the first trainable layer: the lower layers are frozen copies of the
-        teacher's, so the teacher's hidden state there is exactly what they would compute. With no
-        trainable layers ``trunk_hidden`` is the teacher's final normed hidden state: only the heads run."""
-        decoder = self.base.get_decoder()
-        if trunk_hidden is None:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        elif self.config.trainable_layers == 0:  # the whole decoder is the teacher's: its final state
-            hidden = trunk_hidden
-        else:
-            first = shared_trunk_layer(len(decoder_layers_of(decoder)), self.config.trainable_layers)
-            with starting_from_trunk(decoder, first, trunk_hidden):
-                # inputs_embeds only sets shapes and positions: the stand-in layers replace it
-                hidden = decoder(inputs_embeds=trunk_hidden, attention_mask=attention_mask).last_hidden_state
-        char_logits = self.char_heads(hidden)
-        token_logits = self.base.get_output_embeddings()(hidden) if with_token_logits else None
-        return SpeLLMOutput(hidden, char_logits, token_logits)
-
-    # ----------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        """Write the full model (weights must be whole, not ZeRO-3 partitions)."""
-        write_directory(Path(directory), self.base.config, self.config, self.charset,
-                        base_state={n: p.detach() for n, p in self.base.named_parameters()},
-                        heads_state=self.char_heads.state_dict(), tokenizer=tokenizer)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> SpeLLMForCausalLM:
-        """Load a saved SpeLLM directory; with its tokenizer, ``generate`` is ready to use."""
-        from transformers import AutoModelForCausalLM
-
-        from spellm_ds.assets import load_tokenizer
-
-        directory = Path(directory)
-        config = SpeLLMConfig.load(directory)
-        base = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-        model = cls(base, config, Charset.load(directory))
-        model.char_heads.load_state_dict(load_file(directory / HEADS_FILE))
-        model.attach_tokenizer(load_tokenizer(directory))
-        return model.to(dtype).eval()
-
-    # ----------------------------------------------------------------- decoding
-    def attach_tokenizer(self, tokenizer) -> None:
-        """Build the spelling table that decoding maps characters back to tokens with."""
-        self.tokenizer = tokenizer
-        self.spelling = SpellingTable.from_tokenizer(tokenizer, self.charset, self.config.k,
-                                                     model_vocab_size(self.base.config))
-
-    def char_decoder(self, tau: float | None = 0.22) -> CharDecoder:
-        if self.spelling is None:
-            raise SpellmError("this model has no tokenizer attached; call attach_tokenizer(tokenizer) first")
-        return CharDecoder(self.spelling, tau, self.config.spelling_temperature).to(self.base.device)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 64, tau: float | None = 0.22, **sampling) -> GenerationOutput:
-        """Greedy (or ``do_sample=True`` with temperature/top_k/top_p) decoding with the char
-        heads, AutoCorrect and entropy fallback (``rerank_k=K``: greedy, re-ranked by the LM head;
-        :func:`spellm_ds.decoding.spellm_picker`); returns new ids and each token's provenance."""
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        return generate(self, self.char_decoder(tau), input_ids, attention_mask, max_new_tokens,
-                        eos_token_id=sampling.pop("eos_token_id", eos), **sampling)
+        return spellm_outputs(self, input_ids, attention_mask, with_token_logits, trunk_hidden)
 
 
-def write_directory(directory: Path, base_config, config: SpeLLMConfig, charset: Charset,
-                    base_state: dict[str, torch.Tensor], heads_state: dict[str, torch.Tensor],
-                    tokenizer=None) -> None:
-    """Write a SpeLLM directory from whole state dicts (shared by save_pretrained and export).
+# ---------------------------------------------------------------------------- export and load
+SPELLM_MODEL_TYPE = SpeLLMConfig.model_type
+MODEL_CARD = "README.md"
 
-    ``base_state`` comes from ``named_parameters()``, which lists a tied LM head once, as HF
-    checkpoints do; ``from_pretrained`` re-ties it.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    base_config.save_pretrained(directory)
-    save_file({n: t.contiguous().cpu() for n, t in base_state.items()}, directory / BASE_WEIGHTS_FILE,
-              metadata={"format": "pt"})
-    save_file({n: t.contiguous().cpu() for n, t in heads_state.items()}, directory / HEADS_FILE,
-              metadata={"format": "pt"})
-    config.save(directory)
-    charset.save(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+
+def spellm_config(base_config, charset: Charset, **settings) -> SpeLLMConfig:
+    """The config an exported model records: the base model's config inside, the charset's
+    symbols and the recipe's settings (:meth:`spellm_ds.config.RunConfig.spellm_settings`)."""
+    return SpeLLMConfig(text_config=base_config.get_text_config().to_dict(), charset=list(charset.symbols),
+                        **settings)
+
+
+@torch.no_grad()
+def build_export(config: SpeLLMConfig, base, trained: dict[str, torch.Tensor], heads_state: dict[str, torch.Tensor],
+                 table: SpellingTable) -> SpeLLMForCausalLM:
+    """The exported model: ``base`` (the loaded base model, frozen weights as they are) with the
+    ``trained`` base weights copied in (cast to its dtype), and the char heads and spellings."""
+    missing = sorted(set(trained) - set(base.state_dict()))
+    if missing:
+        raise SpellmError(f"the trained weights do not fit the base model ({missing[:3]}); export with the base "
+                          "model the run was trained from")
+    base.load_state_dict(trained, strict=False)
+    model = SpeLLMForCausalLM(config, base=base)
+    model.char_heads.load_state_dict(heads_state)
+    model.char_heads.to(base.dtype)
+    model.spelling_chars.copy_(table.chars)
+    model.spelling_lengths.copy_(table.lengths)
+    model.config.dtype = base.dtype
+    return model.eval()
+
+
+def save_export(model: SpeLLMForCausalLM, directory: Path, tokenizer, generation_source: Path | None = None,
+                max_shard_size: str = "5GB", card: str = "") -> None:
+    """Write ``model`` like ``save_pretrained`` (sharded safetensors, ``config.json`` with its
+    ``auto_map`` and the modeling code, ``generation_config.json``), plus the tokenizer and the
+    model card ``card``. The generation config is ``generation_source``'s (the base model's) if
+    it has one."""
+    from transformers import GenerationConfig
+
+    if generation_source is not None and (Path(generation_source) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(generation_source)
+    else:
+        model.generation_config = GenerationConfig.from_model_config(model.config.get_text_config())
+    model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(directory)
+    if card:
+        (directory / MODEL_CARD).write_text(card)
+
+
+def read_spellm_config(directory: Path) -> SpeLLMConfig:
+    """The config of an exported SpeLLM directory; a clear error for anything else."""
+    path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpellmError(f"{directory} is not a model directory (no config.json); pass a directory written by "
+                          "distill or export") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SpellmError(f"{path} is not readable JSON ({e}); re-export the model") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != SPELLM_MODEL_TYPE:
+        raise SpellmError(f"{directory} is not a SpeLLM model (config.json model_type "
+                          f"{raw.get('model_type') if isinstance(raw, dict) else None!r}, not {SPELLM_MODEL_TYPE!r}); "
+                          "pass a directory written by distill or export")
+    try:
+        return SpeLLMConfig.from_pretrained(directory)
+    except (TypeError, ValueError, KeyError) as e:
+        raise SpellmError(f"{path} is not a valid SpeLLM config ({e}); re-export the model") from None
+
+
+def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """An exported model for this package's analyses and decoding, in eval mode, with its tokenizer
+    (``model.tokenizer``) and spelling table with charset (``model.spelling``) attached."""
+    from spellm_ds.assets import load_tokenizer
+
+    directory = Path(directory)
+    config = read_spellm_config(directory)
+    model = SpeLLMForCausalLM.from_pretrained(directory, config=config, dtype=dtype).to(device).eval()
+    return with_tokenizer(model, load_tokenizer(directory))
+
+
+def with_tokenizer(model: SpeLLMForCausalLM, tokenizer) -> SpeLLMForCausalLM:
+    """``model`` with ``tokenizer`` and its spelling table with charset (``model.spelling``) attached."""
+    model.tokenizer = tokenizer
+    charset = Charset(tuple(model.config.charset))
+    model.spelling = SpellingTable.from_chars(len(charset), model.spelling_chars.cpu(), model.spelling_lengths.cpu(),
+                                              charset=charset).to(model.spelling_chars.device)
+    return model
+
+
+@torch.no_grad()
+def untrained(base_dir: str | Path, charset: Charset | None = None, **settings) -> SpeLLMForCausalLM:
+    """A SpeLLM model around the base model in ``base_dir`` whose heads are as a distillation
+    starts them (``head_init``), untrained: for tests and benchmarks, with its tokenizer attached."""
+    from transformers import AutoModelForCausalLM
+
+    from spellm_ds.assets import load_tokenizer
+    from spellm_ds.spelling import model_vocab_size
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    tokenizer = load_tokenizer(base_dir)
+    charset = charset or Charset.default()
+    config = spellm_config(base.config, charset, **{"teacher": str(base_dir), **settings})
+    table = SpellingTable.from_tokenizer(tokenizer, charset, config.k, model_vocab_size(base.config))
+    student = Student(base, config)
+    if config.head_init == "embedding":
+        student.char_heads.init_from_embeddings(base.get_output_embeddings().weight.float(), table.chars,
+                                                table.spellable)
+    return with_tokenizer(build_export(config, base, {}, student.char_heads.state_dict(), table), tokenizer)

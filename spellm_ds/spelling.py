@@ -29,26 +29,9 @@ import torch
 
 from spellm_ds.charset import END_ID, UNK_ID, Charset
 from spellm_ds.errors import SpellmError
-
-MAX_K = 64
-"""Keeps the spelling hash (k <= 2**6 products of a char id < 2**8 and a weight < 2**46) inside int64."""
+from spellm_ds.hf.char_decoding import MAX_K, Spellings
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-def after_first_end(chars: torch.Tensor) -> torch.Tensor:
-    """``[..., k]`` bool: the positions after a string's first END. A string ends at its first END,
-    so these characters carry no information (``'a<end>b'`` names the same token as ``'a'``)."""
-    is_end = (chars == END_ID).long()
-    return (is_end.cumsum(-1) - is_end) > 0
-
-
-def read_string(char_logits: torch.Tensor) -> torch.Tensor:
-    """The string the heads name, ``[..., k, C]`` -> ``[..., k]``: each head's argmax, ended at the
-    first END (END after it)."""
-    predicted = char_logits.argmax(-1)
-    return predicted.masked_fill(after_first_end(predicted), END_ID)
-
 
 def _byte_level_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> byte value."""
@@ -135,28 +118,12 @@ def model_vocab_size(model_config) -> int:
     return model_config.get_text_config().vocab_size
 
 
-def _hash_weights(k: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 2**46, (k,), generator=generator, dtype=torch.int64)
-
-
 @dataclass
-class SpellingTable:
-    """``chars[v]`` is token v's spelling as k char ids; ``lookup`` maps spellings back to ids.
-
-    All tensors live on one device (``to``); lookup is a hash, a ``searchsorted`` and a gather,
-    with no Python loop over rows.
-    """
+class SpellingTable(Spellings):
+    """:class:`~spellm_ds.hf.char_decoding.Spellings` built from a tokenizer and a charset, which it
+    keeps for readable reports (an exported model carries the spellings alone)."""
 
     charset: Charset
-    k: int
-    chars: torch.Tensor  # [V, k] int64 char ids, END-padded (all END when unspellable)
-    lengths: torch.Tensor  # [V] int64 normalised text length (0 when unspellable)
-    spellable: torch.Tensor  # [V] bool
-    canonical: torch.Tensor  # [V] bool: the token lookup returns for its spelling
-    hash_weights: torch.Tensor  # [k] int64
-    keys: torch.Tensor  # [N] int64 sorted hashes of the canonical spellings
-    key_token_ids: torch.Tensor  # [N] int64 token id of each key
 
     @classmethod
     def from_tokenizer(cls, tokenizer, charset: Charset, k: int, vocab_size: int) -> SpellingTable:
@@ -177,64 +144,8 @@ class SpellingTable:
                 ids = []
             rows.append(ids)
         lengths = torch.tensor([len(ids) for ids in rows], dtype=torch.int64)
-        spellable = lengths > 0
         chars = torch.tensor([ids[:k] + [END_ID] * (k - len(ids[:k])) for ids in rows], dtype=torch.int64)
-        canonical = cls._choose_canonical(chars, lengths, spellable, k)
-        return cls._with_index(charset, k, chars, lengths, spellable, canonical)
-
-    @staticmethod
-    def _choose_canonical(chars: torch.Tensor, lengths: torch.Tensor, spellable: torch.Tensor,
-                          k: int) -> torch.Tensor:
-        """Per spelling: the token that fits in k characters if any, then the lowest id."""
-        canonical = torch.zeros_like(spellable)
-        candidates = spellable.nonzero().squeeze(1)
-        # Sort by (fits first, then id) and keep the first occurrence of each spelling.
-        order = candidates[torch.argsort((lengths[candidates] > k).long() * len(spellable) + candidates,
-                                         stable=True)]
-        _, inverse = torch.unique(chars[order], dim=0, return_inverse=True)
-        first = torch.full((int(inverse.max()) + 1,), len(order), dtype=torch.int64)
-        first.scatter_reduce_(0, inverse, torch.arange(len(order)), reduce="amin")
-        canonical[order[first]] = True
-        return canonical
-
-    @classmethod
-    def _with_index(cls, charset: Charset, k: int, chars, lengths, spellable, canonical) -> SpellingTable:
-        token_ids = canonical.nonzero().squeeze(1)
-        for seed in range(8):
-            weights = _hash_weights(k, seed)
-            hashes = (chars[token_ids] * weights).sum(-1)
-            keys, order = torch.sort(hashes)
-            if len(keys) < 2 or bool((keys[1:] != keys[:-1]).all()):
-                return cls(charset, k, chars, lengths, spellable, canonical, weights, keys, token_ids[order])
-        raise SpellmError("could not build a collision-free spelling hash; report this as a bug")
-
-    # ----------------------------------------------------------------- use
-    @property
-    def vocab_size(self) -> int:
-        return self.chars.shape[0]
-
-    @property
-    def truncated(self) -> torch.Tensor:
-        """Spellable tokens longer than k: only their first k characters can be predicted."""
-        return self.spellable & (self.lengths > self.k)
-
-    @property
-    def exact(self) -> torch.Tensor:
-        """Tokens a prediction can name exactly: spellable, fit in k, and canonical."""
-        return self.canonical & (self.lengths <= self.k)
-
-    def to(self, device: torch.device | str) -> SpellingTable:
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("chars", "lengths", "spellable", "canonical", "hash_weights", "keys", "key_token_ids")}
-        return SpellingTable(self.charset, self.k, **moved)
-
-    def lookup(self, chars: torch.Tensor) -> torch.Tensor:
-        """Token ids for predicted spellings ``[..., k]``; -1 where no token has that spelling."""
-        hashes = (chars.long() * self.hash_weights).sum(-1)
-        pos = torch.searchsorted(self.keys, hashes).clamp_(max=len(self.keys) - 1)
-        candidate = self.key_token_ids[pos]
-        hit = (self.chars[candidate] == chars).all(-1)
-        return torch.where(hit, candidate, torch.full_like(candidate, -1))
+        return cls.from_chars(len(charset), chars, lengths, charset=charset)
 
     def spelling_text(self, token_id: int) -> str:
         """Readable spelling of one token, for reports and logs."""

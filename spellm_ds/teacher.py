@@ -13,12 +13,11 @@ gathered once and applied with ``F.linear``, which no DeepSpeed hook sees.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
-import deepspeed
 import torch
 import torch.nn.functional as F
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 
@@ -37,11 +36,16 @@ def lm_head_log_probs(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(F.linear(hidden, lm_head.weight, lm_head.bias).float(), dim=-1)
 
 
-def gathered_if_partitioned(params: list[nn.Parameter]) -> deepspeed.zero.GatheredParameters:
-    """Gather ZeRO-3 parameters for a block, unless they are whole already (persistent ones, or a
-    teacher without hooks): leaving the block would free them. Their status is the same on every
-    rank, so every rank takes the same collectives."""
-    partitioned = any(getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE for p in params)
+def gathered_if_partitioned(params: list[nn.Parameter]) -> AbstractContextManager:
+    """Gather ZeRO-3 parameters for a block, unless they are whole already (persistent ones, a
+    teacher without hooks, or no DeepSpeed at all, as in analysis): leaving the block would free
+    them. Their status is the same on every rank, so every rank takes the same collectives."""
+    if not any(hasattr(p, "ds_status") for p in params):
+        return nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    partitioned = any(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in params)
     return deepspeed.zero.GatheredParameters(params, enabled=partitioned)
 
 

@@ -68,15 +68,23 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from spellm_ds import assets, checkpoint, distributed
+from spellm_ds import assets, checkpoint, distributed, export
 from spellm_ds.charset import Charset
-from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
-                              native_bf16, parameter_sizes, resolve_student_config, resolve_teacher_config)
+from spellm_ds.config import (
+    RunConfig,
+    auto_persistence_threshold,
+    memory_per_rank,
+    mixed_precision_dtype,
+    native_bf16,
+    parameter_sizes,
+    resolve_student_config,
+    resolve_teacher_config,
+)
 from spellm_ds.data import first_read_steps, load_texts, pack_documents, step_rows
-from spellm_ds.decoding import CharDecoder
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.errors import SpellmError
 from spellm_ds.forward import student_and_labels, synchronized_clock
+from spellm_ds.hf.char_decoding import CharDecoder
 from spellm_ds.losses import TOP_K, LossParts, distillation_loss, rare_label_weights
 from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import shared_trunk_layer
@@ -104,7 +112,7 @@ def run(config: RunConfig) -> Path | None:
         return None
     exported = Path(config.output_dir) / "model"
     if rank == 0:
-        checkpoint.export(final, exported)
+        export.export(final, exported)
         print(f"exported SpeLLM model: {exported}", flush=True)
     return exported
 

@@ -167,15 +167,11 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from spellm_ds.assets import load_tokenizer
-    from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+    from spellm_ds.model import load
 
     texts = tiny.corpus_texts(60)
     base_dir = tiny.tiny_llama_dir(tmp_path / "base", texts)
-    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=6, trainable_layers=2, teacher=str(base_dir)),
-                              Charset.default())
-    torch.manual_seed(0)
-    torch.nn.init.normal_(model.char_heads.proj.weight, std=0.3)
-    model.save_pretrained(tmp_path / "spellm", tokenizer=load_tokenizer(base_dir))
+    tiny.spellm_dir(tmp_path / "spellm", base_dir, std=0.3, k=6, trainable_layers=2)
     data = tmp_path / "held_out.txt"
     data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in tiny.corpus_texts(200)[150:]))
     common = ["--model", str(tmp_path / "spellm"), "--data", str(data), "--max_tokens", "600", "--seq_len", "64"]
@@ -206,7 +202,7 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
         teacher_logits = AutoModelForCausalLM.from_pretrained(base_dir)(blocks).logits.float()
     logp = torch.log_softmax(teacher_logits[:, :-1], -1)
     nexts = blocks[:, 1:]
-    table = SpeLLMForCausalLM.from_pretrained(tmp_path / "spellm").spelling
+    table = load(tmp_path / "spellm").spelling
     teacher_nll = -logp.gather(-1, nexts.unsqueeze(-1)).squeeze(-1)[table.spellable[nexts]]
     lik = report["likelihood"]
     assert lik["positions"] == 10 * 63 and lik["scored"] == len(teacher_nll)

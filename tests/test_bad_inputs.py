@@ -4,12 +4,12 @@ path, no traceback, and no output written. Table-driven, real subprocesses."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import subprocess
-import sys
 
 from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env
@@ -19,17 +19,9 @@ from tests.test_data import one_line_error
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny base model, a tiny SpeLLM directory, a corpus and assorted broken files."""
-    from transformers import AutoModelForCausalLM
-
-    from spellm_ds.assets import load_tokenizer
-    from spellm_ds.charset import Charset
-    from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
-
     root = tmp_path_factory.mktemp("bad")
     base, corpus = tiny.tiny_setup(root, n_texts=40)
-    spellm = root / "spellm"
-    SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base), SpeLLMConfig(k=6, trainable_layers=2,
-                      teacher=str(base)), Charset.default()).save_pretrained(spellm, tokenizer=load_tokenizer(base))
+    spellm = tiny.spellm_dir(root / "spellm", base, k=6, trainable_layers=2)
     (root / "no_tokenizer").mkdir()
     (root / "no_tokenizer" / "config.json").write_text((base / "config.json").read_text())
     (root / "bad.json").write_text("{oops")
@@ -111,7 +103,7 @@ CASES = [
     (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--tau", "-1"), "--tau"),
     (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--rerank_k", "-2"), "--rerank_k"),
     (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--sample", "--rerank_k", "4"), "--rerank_k"),
-    (lambda f: ["launch/generate.py", "--model", str(f["base"]), "--prompt", "x"], "spellm_config.json"),
+    (lambda f: ["launch/generate.py", "--model", str(f["base"]), "--prompt", "x"], "not a SpeLLM model"),
     # launch/evaluate.py
     (lambda f: spellm_cli("launch/evaluate.py", f, "--batch_size", "0"), "--batch_size"),
     (lambda f: spellm_cli("launch/evaluate.py", f, "--limit", "0"), "--limit"),
@@ -124,7 +116,7 @@ CASES = [
                 str(f["root"] / "a_file")], f"{R}/a_file"),
     # launch/calibrate.py
     (lambda f: spellm_cli("launch/calibrate.py", f, "--max_tokens", "0"), "--max_tokens"),
-    (lambda f: ["launch/calibrate.py", "--model", str(f["base"])], "spellm_config.json"),
+    (lambda f: ["launch/calibrate.py", "--model", str(f["base"])], "not a SpeLLM model"),
     (lambda f: spellm_cli("launch/calibrate.py", f, "--data", str(f["root"] / "missing.txt")), f"{R}/missing.txt"),
     # analysis modules
     (lambda f: analysis("report", f, "--batch_size", "0", "--out", str(f["root"] / "report")), "--batch_size"),

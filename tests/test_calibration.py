@@ -6,14 +6,12 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.calibration import CALIBRATION_FILE, TEMPERATURES, calibrate, fit_spelling_temperature
-from spellm_ds.charset import Charset
 from spellm_ds.data import load_texts, pack
-from spellm_ds.decoding import CharDecoder
-from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.hf.char_decoding import CharDecoder
+from spellm_ds.model import load, spellm_outputs
 from tests import tiny
 from tests.distributed import ROOT, rank_env
 
@@ -25,22 +23,17 @@ def overconfident(request, tmp_path_factory):
     texts = tiny.corpus_texts(120)
     root = tmp_path_factory.mktemp(f"calibration-{request.param}")
     base_dir = tiny.tiny_model_dir(root / "base", texts[:80], family=request.param)
-    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=6), Charset.default())
-    torch.manual_seed(0)
-    torch.nn.init.normal_(model.char_heads.proj.weight, std=4.0)
-    tokenizer = load_tokenizer(base_dir)
-    model.attach_tokenizer(tokenizer)
-    model.save_pretrained(root / "model", tokenizer)
-    return root / "model", pack(texts[80:], tokenizer, 32, max_blocks=6)
+    tiny.spellm_dir(root / "model", base_dir, std=4.0, k=6)
+    return root / "model", pack(texts[80:], load_tokenizer(base_dir), 32, max_blocks=6)
 
 
 def test_the_fit_is_the_grid_minimum_of_the_held_out_nll(overconfident):
     model_dir, blocks = overconfident
-    model = SpeLLMForCausalLM.from_pretrained(model_dir)
+    model = load(model_dir)
     found = fit_spelling_temperature(model, blocks, batch_size=4)  # two batches, the second partial
 
     with torch.no_grad():
-        char_logits = model(input_ids=blocks).char_logits[:, :-1].flatten(0, 1)
+        char_logits = spellm_outputs(model, blocks).char_logits[:, :-1].flatten(0, 1)
     targets = blocks[:, 1:].flatten()
     spellable = model.spelling.spellable[targets]
     assert found.positions == int(spellable.sum()) > 100
@@ -60,7 +53,7 @@ def test_calibrate_records_the_temperature_that_scoring_then_uses(overconfident)
     model_dir, blocks = overconfident
     found = calibrate(model_dir, blocks)
     assert json.loads((model_dir / CALIBRATION_FILE).read_text())["temperature"] == found.temperature
-    model = SpeLLMForCausalLM.from_pretrained(model_dir)
+    model = load(model_dir)
     assert model.config.spelling_temperature == found.temperature
     assert model.char_decoder().temperature == found.temperature
     assert calibrate(model_dir, blocks).temperature == found.temperature  # a refit ignores the recorded T
@@ -71,14 +64,14 @@ def test_the_calibrate_command_fits_a_model_on_the_text_given(overconfident, tmp
     texts = tiny.corpus_texts(120)[80:]
     data = tmp_path / "held_out.txt"
     data.write_text("\n\n".join(texts))
-    config = json.loads((model_dir / "spellm_config.json").read_text())
-    config["spelling_temperature"] = 1.0  # as exported before export fitted one
-    (model_dir / "spellm_config.json").write_text(json.dumps(config))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["spelling_temperature"] = 1.0  # as if fitted on no text
+    (model_dir / "config.json").write_text(json.dumps(config))
     result = subprocess.run([sys.executable, "launch/calibrate.py", "--model", str(model_dir), "--data", str(data),
                              "--max_tokens", "512"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=rank_env())
     assert result.returncode == 0, result.stderr
-    model = SpeLLMForCausalLM.from_pretrained(model_dir)
+    model = load(model_dir)
     blocks = pack(load_texts([str(data)])["text"], model.tokenizer, 256, max_blocks=2)  # 512 tokens
     expected = fit_spelling_temperature(model, blocks)
     assert f"spelling temperature {expected.temperature} " in result.stdout
-    assert SpeLLMForCausalLM.from_pretrained(model_dir).config.spelling_temperature == expected.temperature > 1.5
+    assert load(model_dir).config.spelling_temperature == expected.temperature > 1.5

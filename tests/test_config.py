@@ -56,13 +56,20 @@ def test_learning_rates_default_to_the_piloted_recipe(trainable_layers, ffn_lr, 
 @pytest.mark.parametrize("flag, hidden, width", [(None, 576, 2304), (None, 64, 256), (0, 576, 0), (100, 576, 100)])
 def test_the_default_recipe_is_a_read_out_four_times_the_hidden_size_on_the_teachers_state(flag, hidden, width):
     """The default trains no decoder layer and sizes its read-out by the model; 0 is the paper's heads."""
+    from transformers import LlamaConfig
+
+    from spellm_ds.charset import Charset
+
     run = RunConfig(readout_width=flag)
+    base, charset = LlamaConfig(hidden_size=hidden, num_hidden_layers=30), Charset.default()
     assert run.trainable_layers == 0 and not run.needs_token_logits
     if flag is None:
         with pytest.raises(ValueError, match="fit_to_model"):
-            run.spellm_config()
+            run.spellm_config(base, charset)
     run.fit_to_model(num_layers=30, hidden_size=hidden)
-    assert run.readout_width == run.spellm_config().readout_width == width
+    recorded = run.spellm_config(base, charset)
+    assert run.readout_width == recorded.readout_width == width
+    assert recorded.text_config.hidden_size == hidden and recorded.charset == list(charset.symbols)
     assert RunConfig(trainable_layers=5).needs_token_logits and not RunConfig(trainable_layers=5,
                                                                                reg_weight=0).needs_token_logits
 

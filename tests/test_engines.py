@@ -10,13 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from spellm_ds import checkpoint, distributed
-from spellm_ds import teacher as teacher_module
+from spellm_ds import distributed, export, teacher as teacher_module
 from spellm_ds.config import RunConfig
 from spellm_ds.data import step_rows
 from spellm_ds.errors import SpellmError
 from spellm_ds.losses import distillation_loss
-from spellm_ds.model import SpeLLMForCausalLM, decoder_layers
+from spellm_ds.model import Student, decoder_layers, load, spellm_outputs
 from spellm_ds.teacher import ANCHOR_SHIFT, StateAnchors, noised_states, teacher_signal, top_tokens_from_hidden
 from spellm_ds.train import Distillation
 from tests import tiny
@@ -29,11 +28,11 @@ def gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in params.items()}
 
 
-def whole_student(run: Distillation) -> SpeLLMForCausalLM:
+def whole_student(run: Distillation) -> Student:
     """The student as one unsharded model that runs from ``input_ids``: the base model with the
     engine's weights on top (the lower layers the engine let go of are the base model's)."""
-    model = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32),
-                              run.config.spellm_config(), run.charset)
+    base = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32)
+    model = Student(base, run.config.spellm_config(base.config, run.charset))
     _, unexpected = model.load_state_dict(gathered(run.student.module), strict=False)
     assert not unexpected
     return model.eval()
@@ -156,25 +155,25 @@ def test_teacher_never_changes_and_export_reproduces_the_student(distillation, t
     assert moved == set(distillation.student.module.trainable_parameter_names())
 
     saved = distillation.save(3)
-    exported = checkpoint.export(saved, tmp_path / "model")
+    exported = export.export(saved, tmp_path / "model")
     base = load_file(distillation.model_dir / "model.safetensors")
     written = load_file(exported / "model.safetensors")
     for name in base:
         trained = student_after.get("base." + name)
         if "base." + name in moved:
-            assert torch.equal(written[name], trained), name  # fp32 run: master == model weight
+            assert torch.equal(written["base." + name], trained), name  # fp32 run: master == model weight
         else:
-            assert torch.equal(written[name], base[name]), name
+            assert torch.equal(written["base." + name], base[name]), name
     ids = distillation.data.held_out[:2, :16]
     distillation.student.eval()
     with torch.no_grad():
         _, trunk = teacher_signal(distillation.teacher.module, ids, trunk_layer=distillation.trunk_layer)
         expected = distillation.student(trunk_hidden=trunk).char_logits
-    reloaded = SpeLLMForCausalLM.from_pretrained(exported)
+    reloaded = load(exported)
     with torch.no_grad():
-        assert torch.allclose(reloaded(ids).char_logits, expected, atol=1e-5)
+        assert torch.allclose(spellm_outputs(reloaded, ids).char_logits, expected, atol=1e-5)
     # the spelling temperature is fitted on the run's own evaluation blocks, and recorded
-    held_out = checkpoint.run_eval_blocks(distillation.config, reloaded.tokenizer)
+    held_out = export.run_eval_blocks(distillation.config, reloaded.tokenizer)
     assert torch.equal(held_out, distillation.data.held_out[: distillation.config.eval_blocks])
     calibration = json.loads((exported / "calibration.json").read_text())
     assert calibration["positions"] > 0
@@ -206,9 +205,9 @@ def test_the_default_recipe_trains_a_readout_on_the_teachers_final_state(process
         _, final = teacher_signal(run.teacher.module, ids, trunk_layer=run.trunk_layer)
         expected = run.student(trunk_hidden=final).char_logits
         assert torch.allclose(whole_student(run)(ids).char_logits, expected, atol=1e-5)
-    exported = checkpoint.export(run.save(12), tmp_path / "model")
+    exported = export.export(run.save(12), tmp_path / "model")
     with torch.no_grad():
-        assert torch.allclose(SpeLLMForCausalLM.from_pretrained(exported)(ids).char_logits, expected, atol=1e-5)
+        assert torch.allclose(spellm_outputs(load(exported), ids).char_logits, expected, atol=1e-5)
 
 
 def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path):

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from spellm_ds.assets import load_tokenizer
 from spellm_ds.charset import Charset
+from spellm_ds.decoding import generate
 from spellm_ds.losses import select_labels
-from spellm_ds.model import (SpeLLMConfig, SpeLLMForCausalLM, attention, decoder_layers, feed_forward,
-                            shared_trunk_layer)
+from spellm_ds.model import attention, decoder_layers, feed_forward, shared_trunk_layer, untrained
 from spellm_ds.spelling import SpellingTable, model_vocab_size
 from spellm_ds.teacher import teacher_signal
 from tests import tiny
@@ -33,8 +33,8 @@ def test_shared_trunk_equals_the_full_student_forward(family_dir, trainable_laye
     final state with an MLP read-out, the student computes what it computes from the tokens."""
     teacher = AutoModelForCausalLM.from_pretrained(family_dir).eval()
     torch.manual_seed(0)
-    config = SpeLLMConfig(k=6, trainable_layers=trainable_layers, readout_width=readout_width)
-    student = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(family_dir), config, Charset.default()).eval()
+    student = tiny.student(AutoModelForCausalLM.from_pretrained(family_dir), k=6, trainable_layers=trainable_layers,
+                           readout_width=readout_width).eval()
     for weight in student.char_heads.parameters():  # the read-out's output layer starts at zero
         torch.nn.init.normal_(weight, std=0.3)
     layer = shared_trunk_layer(teacher.config.num_hidden_layers, trainable_layers)
@@ -57,10 +57,8 @@ def test_tables_cover_the_model_vocabulary(family_dir):
     table = SpellingTable.from_tokenizer(tokenizer, Charset.default(), 6, vocab)
     assert table.vocab_size == vocab == model.get_output_embeddings().weight.shape[0] >= len(tokenizer)
     assert not table.spellable[len(tokenizer):].any()
-    student = SpeLLMForCausalLM(model, SpeLLMConfig(k=6, trainable_layers=1), Charset.default())
-    student.char_heads.init_from_embeddings(model.get_output_embeddings().weight.detach(), table.chars, table.spellable)
-    student.attach_tokenizer(tokenizer)
-    assert student.spelling.vocab_size == vocab
+    spellm = untrained(family_dir, k=6, trainable_layers=1)
+    assert spellm.spelling.vocab_size == vocab and torch.equal(spellm.spelling_chars, table.chars)
 
 
 def test_a_padding_row_in_the_top_5_is_never_a_label(padded_dir):
@@ -80,7 +78,7 @@ def test_a_padding_row_in_the_top_5_is_never_a_label(padded_dir):
 def test_train_attention_adds_exactly_the_top_layers_attention(family_dir):
     """--train_attention: the heads, and the FFN and attention blocks of the top layers, nothing else."""
     base = AutoModelForCausalLM.from_pretrained(family_dir)
-    model = SpeLLMForCausalLM(base, SpeLLMConfig(k=6, trainable_layers=2, train_attention=True), Charset.default())
+    model = tiny.student(base, k=6, trainable_layers=2, train_attention=True)
     model.freeze_for_distillation()
     layers = decoder_layers(base)
     expected = {id(p) for p in model.char_heads.parameters()}
@@ -97,14 +95,13 @@ def test_rerank_over_every_spelling_is_greedy_decoding_over_the_nameable_tokens(
     """With every valid spelling a candidate, re-ranked decoding is the LM head's greedy choice
     among the tokens the char heads can name (never a padding row); its provenance marks each
     token that is not the heads' own argmax string."""
-    from spellm_ds.decoding import Provenance, decode_loop
+    from spellm_ds.decoding import decode_loop
+    from spellm_ds.hf.char_decoding import Provenance
 
-    base = AutoModelForCausalLM.from_pretrained(family_dir)
-    student = SpeLLMForCausalLM(base, SpeLLMConfig(k=6), Charset.default())
+    student = untrained(family_dir, k=6)
     torch.manual_seed(0)
     torch.nn.init.normal_(student.char_heads.proj.weight, std=0.3)
-    student.attach_tokenizer(load_tokenizer(family_dir))
-    student.eval()
+    base = student.base
     nameable = student.spelling.canonical
     lm_head = base.get_output_embeddings()
 
@@ -113,7 +110,7 @@ def test_rerank_over_every_spelling_is_greedy_decoding_over_the_nameable_tokens(
         return logits.argmax(-1), torch.zeros_like(finished, dtype=torch.long)
 
     ids = torch.randint(0, len(student.tokenizer), (3, 7), generator=torch.Generator().manual_seed(1))
-    out = student.generate(ids, max_new_tokens=12, tau=None, eos_token_id=None, rerank_k=int(nameable.sum()))
+    out = generate(student, ids, max_new_tokens=12, tau=None, eos_token_id=None, rerank_k=int(nameable.sum()))
     expected = decode_loop(base, masked_greedy, ids, None, 12).sequences
     assert torch.equal(out.sequences, expected)
     assert nameable[out.sequences].all()

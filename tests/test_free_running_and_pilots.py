@@ -12,11 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from analysis import free_running, pilots
 from analysis.common import paired_difference, rate
-from spellm_ds.assets import load_tokenizer
-from spellm_ds.charset import Charset
+from spellm_ds.decoding import generate
 from spellm_ds.errors import SpellmError
 from spellm_ds.metrics import wilson_interval
-from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.model import untrained
 from tests import tiny
 from tests.distributed import ROOT, rank_env
 
@@ -35,10 +34,9 @@ def test_agreed_tokens_count_the_shared_prefix():
 def student_and_teacher(tmp_path_factory):
     base_dir = tiny.tiny_llama_dir(tmp_path_factory.mktemp("free") / "base", tiny.corpus_texts(60))
     teacher = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    student = SpeLLMForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SpeLLMConfig(k=6), Charset.default())
+    student = untrained(base_dir, k=6)
     torch.manual_seed(0)
     torch.nn.init.normal_(student.char_heads.proj.weight, std=0.3)
-    student.attach_tokenizer(load_tokenizer(base_dir))
     return student.eval(), teacher
 
 
@@ -54,7 +52,7 @@ def test_a_student_that_always_falls_back_to_the_teachers_head_agrees_everywhere
     expected = free_running.agreed_tokens(
         free_running.decode_loop(teacher, free_running.lm_head_picker(teacher), prompt_ids, None, 10,
                                  student.tokenizer.eos_token_id).sequences,
-        student.generate(prompt_ids, max_new_tokens=10, tau=None).sequences)
+        generate(student, prompt_ids, max_new_tokens=10, tau=None).sequences)
     assert result["raw"]["agreed_tokens"] == expected.tolist()
     assert result["raw"]["mean_agreed_tokens"] < 10
 
@@ -166,7 +164,7 @@ def test_pilots_run_score_and_resume(tmp_path):
     by_band = {k: v for k, v in base["shares"].items() if k.startswith("band ")}
     assert by_length and by_band and sum(by_length.values()) == pytest.approx(sum(by_band.values()))
     assert all(f"label_is_top1/{group}" in end["vs_baseline"] for group in by_length)
-    config = json.loads((tmp_path / "pilots" / "end" / "model" / "spellm_config.json").read_text())
+    config = json.loads((tmp_path / "pilots" / "end" / "model" / "config.json").read_text())
     assert config["ignore_after_end"] is True
     run = json.loads((tmp_path / "pilots" / "end" / "run_config.json").read_text())["run"]
     assert run["max_steps"] == 3 and run["reg_target"] == "teacher"

@@ -2,10 +2,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spellm_ds.charset import Charset
-from spellm_ds.heads import CharHeads
-from spellm_ds.model import SpeLLMConfig, SpeLLMForCausalLM
+from spellm_ds.hf.char_heads import CharHeads
+from spellm_ds.model import Student, load, save_export, spellm_config, untrained
 from spellm_ds.spelling import SpellingTable
-from spellm_ds.assets import load_tokenizer
 from tests import tiny
 
 
@@ -44,8 +43,8 @@ def test_embedding_init_is_the_mean_embedding_per_position_and_char():
 def build(tmp_path, trainable_layers=2):
     model_dir = tiny.tiny_llama_dir(tmp_path / "base", tiny.corpus_texts(50))
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    return model_dir, SpeLLMForCausalLM(base, SpeLLMConfig(k=6, trainable_layers=trainable_layers, teacher="x"),
-                                        Charset.default())
+    config = spellm_config(base.config, Charset.default(), k=6, trainable_layers=trainable_layers, teacher="x")
+    return model_dir, Student(base, config)
 
 
 def test_exactly_heads_and_last_ffns_train_and_get_gradients(tmp_path):
@@ -66,16 +65,21 @@ def test_exactly_heads_and_last_ffns_train_and_get_gradients(tmp_path):
             assert p.grad is None, name
 
 
-def test_save_and_reload_reproduce_char_logits(tmp_path):
-    model_dir, model = build(tmp_path)
+def test_export_and_load_reproduce_char_logits(tmp_path):
+    model_dir = tiny.tiny_llama_dir(tmp_path / "base", tiny.corpus_texts(50))
+    model = untrained(model_dir, k=6, trainable_layers=2, readout_width=16)
     torch.nn.init.normal_(model.char_heads.proj.weight)
-    model.eval()
     ids = torch.randint(0, 300, (2, 12))
-    expected = model(ids).char_logits
-    model.save_pretrained(tmp_path / "saved", tokenizer=load_tokenizer(model_dir))
-    loaded = SpeLLMForCausalLM.from_pretrained(tmp_path / "saved")
-    assert loaded.config == model.config and loaded.charset == model.charset
-    assert torch.equal(loaded(ids).char_logits, expected)
+    from spellm_ds.model import spellm_outputs
+
+    expected = spellm_outputs(model, ids).char_logits
+    save_export(model, tmp_path / "saved", model.tokenizer, model_dir)
+    loaded = load(tmp_path / "saved")
+    settings = {key: value for key, value in model.config.to_dict().items() if key != "_name_or_path"}
+    assert {key: loaded.config.to_dict()[key] for key in settings} == settings
+    assert loaded.spelling.charset == Charset.default()
+    assert torch.equal(spellm_outputs(loaded, ids).char_logits, expected)
+    assert torch.equal(loaded.spelling.chars, model.spelling_chars) and loaded.spelling.exact.any()
     tied = loaded.base.get_output_embeddings().weight
     assert tied.data_ptr() == loaded.base.get_input_embeddings().weight.data_ptr()
 

@@ -59,7 +59,7 @@ def test_two_node_job_completes(cluster, tiny_run, tmp_path):
     assert re.search(r"rank 0/2 local 0 node 0 ", text) and re.search(r"rank 1/2 local 0 node 1 ", text)
     assert (out / "checkpoints" / "step6" / "COMPLETE").is_file()
     assert [s for s, _ in scalars(out / "tensorboard")["loss/total"]] == list(range(1, 7))
-    assert json.loads((out / "model" / "spellm_config.json").read_text())["k"] == 6
+    assert json.loads((out / "model" / "config.json").read_text())["k"] == 6
 
 
 def test_preempted_job_is_requeued_and_resumes(cluster, tiny_run, tmp_path):
@@ -78,7 +78,7 @@ def test_preempted_job_is_requeued_and_resumes(cluster, tiny_run, tmp_path):
     assert int(info.get("Restarts", "0")) == 1, text[-2000:]
     stopped = int(re.search(r"stopped by signal after step (\d+)", text).group(1))
     assert f"resumed from {out / 'checkpoints' / f'step{stopped}'} at step {stopped}" in text
-    assert "restart 1" in text and (out / "model" / "spellm_config.json").is_file()
+    assert "restart 1" in text and (out / "model" / "config.json").is_file()
     steps = [s for s, _ in scalars(out / "tensorboard")["loss/total"]]
     assert steps == list(range(1, 61))  # the step count continued where the first run stopped
 
@@ -99,7 +99,7 @@ def test_mpirun_two_ranks(tiny_run, tmp_path):
     assert result.stdout.count(f" threads {threads}\n") == 2, result.stdout
     losses = scalars(out / "tensorboard")["loss/total"]
     assert [s for s, _ in losses] == [1, 2, 3] and all(0 < v < 100 for _, v in losses)
-    assert json.loads((out / "model" / "spellm_config.json").read_text())["k"] == 6
+    assert json.loads((out / "model" / "config.json").read_text())["k"] == 6
 
 
 def test_dry_run_prints_each_node_command():

@@ -82,8 +82,7 @@ def tiny_model_dir(directory, texts: list[str], family: str = "llama", layers: i
                    seed: int = 0):
     """A random tiny model of ``family`` with a tokenizer trained on ``texts``, saved as an HF directory."""
     import torch
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = trained_tokenizer(texts)
     ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=tokenizer.pad_token_id)
@@ -125,3 +124,26 @@ def tiny_setup(root, n_texts: int = 150, layers: int = 4, family: str = "llama")
     data = root / "corpus.txt"
     data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
     return tiny_model_dir(root / "base", texts, family, layers=layers), data
+
+
+def spellm_dir(directory, base_dir, std: float | None = None, **settings):
+    """An exported SpeLLM model around the base model in ``base_dir`` with untrained heads (their
+    projection drawn from N(0, ``std``) when given, for heads that decide something)."""
+    import torch
+
+    from spellm_ds.model import save_export, untrained
+
+    model = untrained(base_dir, **settings)
+    if std is not None:
+        torch.manual_seed(0)
+        torch.nn.init.normal_(model.char_heads.proj.weight, std=std)
+    save_export(model, directory, model.tokenizer, base_dir)
+    return directory
+
+
+def student(base, **settings):
+    """A distillation's student around ``base`` (the default charset)."""
+    from spellm_ds.charset import Charset
+    from spellm_ds.model import Student, spellm_config
+
+    return Student(base, spellm_config(base.config, Charset.default(), **settings))

@@ -27,8 +27,8 @@ from spellm_ds.checkpoint import run_eval_blocks
 from spellm_ds.config import RunConfig
 from spellm_ds.corpus import out_of_domain_texts
 from spellm_ds.data import pack
-from spellm_ds.model import SpeLLMForCausalLM
-from spellm_ds.spelling import after_first_end
+from spellm_ds.hf.char_decoding import after_first_end
+from spellm_ds.model import load
 
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 BUDGETS = (0.15, 0.3)
@@ -103,7 +103,7 @@ def add_next_token_nll(decoder, char_logits, targets, heads_read, token_heads_re
 
 
 def main() -> None:
-    model = SpeLLMForCausalLM.from_pretrained(sys.argv[1]).eval()
+    model = load(sys.argv[1]).eval()
     texts = {
         "boolq_dev": pack(assets.held_out_texts(), model.tokenizer, 256, max_blocks=32),
         "run_eval_blocks": run_eval_blocks(RunConfig(), model.tokenizer),

@@ -25,8 +25,8 @@ from analysis.common import paired_difference
 from spellm_ds import assets
 from spellm_ds.corpus import out_of_domain_texts
 from spellm_ds.data import pack
-from spellm_ds.decoding import best_candidate
-from spellm_ds.model import SpeLLMForCausalLM
+from spellm_ds.hf.char_decoding import best_candidate
+from spellm_ds.model import load
 
 KS = (1, 2, 4, 8, 16, 32, 64)
 PAIRED_K = 16
@@ -89,7 +89,7 @@ def main() -> None:
     document: dict = {"models": paths, "results": {}, "vs_first": {}}
     first: dict[str, dict[str, torch.Tensor]] = {}
     for path in paths:
-        model = SpeLLMForCausalLM.from_pretrained(path).eval()
+        model = load(path).eval()
         texts = {"boolq_dev": pack(assets.held_out_texts(), model.tokenizer, 256, max_blocks=32),
                  "out_of_domain": pack(out_of_domain_texts(), model.tokenizer, 256, max_blocks=32)}
         scored = {name: probe(model, blocks) for name, blocks in texts.items()}

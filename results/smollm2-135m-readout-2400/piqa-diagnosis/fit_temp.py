@@ -11,10 +11,8 @@ import sys
 import torch
 
 from analysis.collect import held_out_blocks
-from spellm_ds.decoding import falls_back
-from spellm_ds.metrics import mean_head_entropy
+from spellm_ds.hf.char_decoding import falls_back, mean_head_entropy, read_string
 from spellm_ds.model import SpeLLMForCausalLM
-from spellm_ds.spelling import read_string
 from spellm_ds.teacher import lm_head_log_probs
 
 model_dir, max_tokens, tau = sys.argv[1], int(sys.argv[2]), 0.22

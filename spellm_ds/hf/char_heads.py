@@ -8,6 +8,8 @@ The read-out (``readout_width`` > 0, beyond the paper) is one residual block
 ``h + W2 gelu(W1 h)`` shared by the heads. It lets the heads spell well from a hidden state the
 student does not change (``trainable_layers`` 0: the fallback path is then exactly the teacher);
 its output layer starts at zero, so an untrained read-out is the identity.
+
+Torch only: this file is copied into every exported model (``trust_remote_code``).
 """
 
 from __future__ import annotations

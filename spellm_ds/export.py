@@ -1,0 +1,139 @@
+"""Export: a complete distillation checkpoint -> a transformers model of type ``spellm``.
+
+One process, no engine. The base model's frozen weights are copied bit-identically from its
+files, the trained ones come from the fp32 master copies; the char heads' spelling temperature is
+fitted on the run's held-out blocks (:mod:`spellm_ds.calibration`) before anything is written.
+The directory (``config.json`` with ``auto_map``, sharded safetensors, the modeling code, the
+tokenizer, ``generation_config.json``, ``calibration.json`` and a model card) is written beside
+the target and renamed into place, so a crash mid-export leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from spellm_ds.calibration import CALIBRATION_FILE, fit_spelling_temperature
+from spellm_ds.charset import Charset
+from spellm_ds.checkpoint import read_state, saved_run
+from spellm_ds.config import RunConfig
+from spellm_ds.data import load_texts, pack, split_documents
+from spellm_ds.errors import SpellmError
+from spellm_ds.model import build_export, save_export
+from spellm_ds.spelling import SpellingTable, model_vocab_size
+
+BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
+
+
+def load_base(model_dir: Path):
+    """The base model as its files hold it (their dtype), frozen weights bit-identical."""
+    from transformers import AutoModelForCausalLM
+
+    if not any(Path(model_dir).glob("*.safetensors")):
+        raise SpellmError(f"no .safetensors weights in {model_dir}; re-save the model with safe_serialization")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+
+
+def run_eval_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
+    """The run's evaluation blocks: its first ``eval_blocks`` blocks of held-out documents."""
+    for path in run.data or []:
+        if not Path(path).exists():
+            raise SpellmError(f"the run's data {path} is gone; restore it to export (the spelling temperature "
+                              "is fitted on the run's held-out documents)")
+    _, held_out = split_documents(load_texts(run.data, run.text_field)["text"], run.eval_fraction, run.seed)
+    return pack(held_out, tokenizer, run.seq_len, max_blocks=run.eval_blocks)
+
+
+def last_evaluation(output_dir: Path) -> dict[str, float]:
+    """The run's last in-training held-out evaluation (``eval/*`` scalars), or {} without a log."""
+    from analysis.training_curves import load_events
+
+    try:
+        events = load_events(output_dir / "tensorboard")
+    except Exception:  # no log, or one TensorBoard cannot read: the card then says nothing
+        return {}
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("eval/")}
+
+
+def model_card(run: RunConfig, step: int, world_size: int, evaluation: dict[str, float], temperature: float) -> str:
+    """A short README for the exported directory: what it is, how it was made, how to load it."""
+    tokens = step * run.micro_batch * run.grad_accum * world_size * run.seq_len
+    agreement = (f"{100 * evaluation['eval/match/exact_or_prefix']:.1f}% of held-out positions (raw argmax "
+                 f"characters, exact or prefix match with the teacher's top-1), "
+                 f"{100 * evaluation['eval/match/at5']:.1f}% with any of its top-5"
+                 if "eval/match/exact_or_prefix" in evaluation else "not logged")
+    return f"""# SpeLLM model distilled from `{run.model}`
+
+A [SpeLLM](https://arxiv.org/abs/2507.16323) model made by spellm-ds: the base causal LM with its
+output projection replaced by {run.k} character heads, trained by self-distillation from the base
+model; the original LM head stays as the fallback for positions the heads are unsure of
+(mean head entropy >= tau, `config.tau`).
+
+- base / teacher: `{run.model}`
+- recipe: {"read-out " + str(run.readout_width) + " wide" if run.readout_width else "linear heads"}, \
+{run.trainable_layers} trainable FFN layers, label rule `{run.label_selection}`
+- data: {", ".join(run.data) if run.data else "the spellm-ds default corpus"}; {step} steps, \
+{tokens:,} training positions
+- held-out agreement at the end of training: {agreement}
+- spelling temperature: {temperature}
+
+Load and run it like any causal LM (`trust_remote_code=True` runs the modeling code shipped here;
+with `spellm_ds` installed and imported it is not needed):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("DIR")
+model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)
+ids = tok("The capital of France is", return_tensors="pt")
+print(tok.decode(model.generate(**ids, max_new_tokens=20)[0]))
+```
+
+`generate()` decodes with the char heads (AutoCorrect and fallback as configured; pass `tau=None`
+to never fall back); `forward()` returns SpeLLM's own next-token distribution as `logits`.
+"""
+
+
+def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path:
+    """Write the SpeLLM model of ``checkpoint`` to ``out_dir`` (see the module docstring)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from spellm_ds.assets import load_tokenizer
+
+    state = read_state(checkpoint)
+    model_dir = Path(state["model_dir"])
+    if not model_dir.is_dir():
+        raise SpellmError(f"the base model {model_dir} of checkpoint {checkpoint} is gone; restore it to export")
+    run = RunConfig(**saved_run(state))
+    tokenizer = load_tokenizer(model_dir)
+    held_out = run_eval_blocks(run, tokenizer)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
+                                                       exclude_frozen_parameters=True)
+    base = load_base(model_dir)
+    charset = Charset(tuple(state["charset"]))
+    table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))
+    model = build_export(run.spellm_config(base.config, charset), base,
+                         {n.removeprefix(BASE_PREFIX): t for n, t in trained.items() if n.startswith(BASE_PREFIX)},
+                         {n.removeprefix(HEADS_PREFIX): t for n, t in trained.items() if n.startswith(HEADS_PREFIX)},
+                         table)
+    calibration = fit_spelling_temperature(model, held_out)
+    model.config.spelling_temperature = calibration.temperature
+    print(calibration.summary(), flush=True)
+    card = model_card(run, int(state["step"]), int(state["world_size"]),
+                      last_evaluation(checkpoint.parent.parent), calibration.temperature)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        save_export(model, staging, tokenizer, model_dir, max_shard_size, card)
+        (staging / CALIBRATION_FILE).write_text(json.dumps(asdict(calibration), indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

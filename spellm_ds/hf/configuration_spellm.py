@@ -1,0 +1,55 @@
+"""SpeLLM's configuration for transformers: the base model's own config plus the char heads'.
+
+Copied into every exported model (``trust_remote_code``); importing :mod:`spellm_ds` registers it
+as model type ``spellm`` instead.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .char_decoding import DEFAULT_TAU
+
+
+class SpeLLMConfig(PretrainedConfig):
+    """``text_config`` is the base causal LM's config (any family); the rest describe the char
+    heads, how they were trained and how they decode (``tau``, ``rerank_k``: the defaults of
+    ``generate()`` and of the distribution ``forward()`` returns)."""
+
+    model_type = "spellm"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PretrainedConfig | None = None
+    k: int = 10
+    """Characters per token = char heads."""
+    charset: list[str] | None = None
+    """The symbols the heads predict, in char-id order (``<end>``, ``<unk>``, ...)."""
+    readout_width: int = 0
+    """Beyond the paper: the width of a residual MLP read-out before the heads (0: none)."""
+    trainable_layers: int = 5
+    """The last decoder layers whose FFN blocks trained (0: the trunk is the teacher's)."""
+    train_attention: bool = False
+    """Beyond the paper: the attention blocks of the trainable layers trained too."""
+    head_init: str = "embedding"
+    teacher: str = ""
+    """The model this one was distilled from: the embedded name, a directory or a Hub ID."""
+    label_selection: str = "joint"
+    """The label rule it was trained with; analysis uses the same."""
+    label_prior_weight: float = 1.0
+    label_per_char: bool = False
+    label_gate: float | None = None
+    ignore_after_end: bool = False
+    """Whether training ignored the characters after a label's first END."""
+    spelling_temperature: float = 1.0
+    """The char heads' token distribution's temperature (scoring and sampling), fitted on held-out
+    text at export; 1: as trained."""
+    tau: float | None = DEFAULT_TAU
+    """Fall back to the LM head at this mean head entropy (nats); None: never."""
+    rerank_k: int = 0
+    """Beyond the paper: re-rank the heads' top-K valid spellings by the LM head (0: off)."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.charset is not None and len(self.charset) < 2:
+            raise ValueError("a SpeLLM charset lists at least <end> and <unk>")

@@ -1,0 +1,180 @@
+"""SpeLLM as a transformers model: a base causal LM whose output head is k character heads.
+
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` returns
+:class:`SpeLLMForCausalLM` (or, where :mod:`spellm_ds` is imported, without remote code), and it
+works where other causal LMs do: ``generate()`` (greedy, sampling, beams, streamers, stopping
+criteria, left-padded batches, the KV cache), ``pipeline("text-generation")``, ``lm_eval --model
+hf``, perplexity scripts, ``Trainer.evaluate``, ``device_map`` and ``dtype``.
+
+- ``forward()`` returns SpeLLM's own next-token distribution as ``logits`` (fp32 log-probabilities:
+  ``log_softmax`` leaves them unchanged): the char heads' distribution over the tokens they can
+  spell where they decide, the original LM head's where the row falls back (mean head entropy at or
+  above ``tau``, or an unknown character), re-ranked by ``rerank_k`` LM-head rows when set
+  (:meth:`~.char_decoding.CharDecoder.mixture_log_probs`). Tokens the heads cannot spell get
+  probability 0 where the heads decide. Cost per position: the base decoder, the heads, the scores
+  of every valid spelling (about V x k / 2 gathers and a ``[V]`` row, cheaper than the LM head's
+  V x d products on CPU), and the full LM head on the positions that fall back.
+- ``generate()`` decodes as SpeLLM does: in greedy search the token emitted is the heads' argmax
+  string where it spells a token (the paper's rule), else AutoCorrect's, else (fallback) the LM
+  head's; that token is raised to the top of the row's logits, so logits processors still act on
+  SpeLLM's distribution. Sampling and beam search read the distribution as it is. ``tau``,
+  ``rerank_k`` and ``autocorrect`` may be passed to ``generate()``; the config holds the defaults.
+
+The spelling of every token (its first k char ids and its length) is stored with the weights, so
+decoding needs no tokenizer. Torch and transformers only: this file, ``configuration_spellm.py``,
+``char_decoding.py`` and ``char_heads.py`` are copied into every exported model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .char_decoding import CharDecoder, Spellings, greedy_tokens
+from .char_heads import CharHeads
+from .configuration_spellm import SpeLLMConfig
+
+_UNSET = object()
+
+
+@dataclass
+class _Decoding:
+    """The settings of one ``generate()`` call, read by ``forward()`` while it runs."""
+
+    tau: float | None
+    rerank_k: int
+    autocorrect: bool
+    greedy: bool
+    eos_token_id: int | None
+
+
+class SpeLLMPreTrainedModel(PreTrainedModel):
+    config_class = SpeLLMConfig
+    config: SpeLLMConfig
+    base_model_prefix = "base"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: SpeLLMConfig, base: PreTrainedModel | None = None) -> None:
+        """``base``: an already loaded base causal LM of ``config.text_config`` (export wraps the
+        base model it loaded); by default one is built from the config (``from_pretrained`` then
+        loads its weights)."""
+        super().__init__(config)
+        text = config.get_text_config()
+        self.base = AutoModelForCausalLM.from_config(text) if base is None else base
+        self.char_heads = CharHeads(text.hidden_size, config.k, len(config.charset), config.readout_width)
+        vocab = self.base.get_output_embeddings().weight.shape[0]
+        # each token's spelling: its first k char ids (END-padded) and its length (0: unspellable)
+        self.register_buffer("spelling_chars", torch.zeros(vocab, config.k, dtype=torch.long))
+        self.register_buffer("spelling_lengths", torch.zeros(vocab, dtype=torch.long))
+        self._decoders: dict = {}
+        self._decoding: _Decoding | None = None
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Nothing to do: the char heads initialise themselves when built, the base model its own
+        modules, and ``from_pretrained`` loads both."""
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.base.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.base.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        """The original LM head: what SpeLLM falls back to."""
+        return self.base.get_output_embeddings()
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.base.get_decoder()
+
+    # ----------------------------------------------------------------- decoding
+    def spellings(self) -> Spellings:
+        """The spelling table from the stored buffers, on the model's device."""
+        return self.char_decoder(None).table
+
+    def char_decoder(self, tau: float | None | object = _UNSET) -> CharDecoder:
+        """The decoder at ``tau`` (default: the config's), with the model's spelling temperature;
+        built once per device, setting and content of the spelling buffers."""
+        tau = self.config.tau if tau is _UNSET else tau
+        chars = self.spelling_chars
+        key = (chars.device, chars.data_ptr(), chars._version, self.spelling_lengths._version, tau,
+               self.config.spelling_temperature)
+        if key not in self._decoders:
+            table = Spellings.from_chars(len(self.config.charset), chars, self.spelling_lengths).to(chars.device)
+            self._decoders[key] = CharDecoder(table, tau, self.config.spelling_temperature)
+        return self._decoders[key]
+
+    def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """SpeLLM's next-token log-probabilities ``[..., V]`` (fp32) from final hidden states ``[..., d]``
+        (see the module docstring; inside ``generate()``, with its settings)."""
+        decoding = self._decoding
+        tau, rerank_k = (self.config.tau, self.config.rerank_k) if decoding is None else (decoding.tau,
+                                                                                           decoding.rerank_k)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        decoder = self.char_decoder(tau)
+        lm_head = self.get_output_embeddings()
+        char_logits = self.char_heads(rows)
+        log_probs, proposal = decoder.mixture_log_probs(char_logits, rows, lm_head, rerank_k)
+        if decoding is not None and decoding.greedy:
+            host = torch.cat([proposal.fallback, proposal.hit]).cpu()
+            ids, _ = greedy_tokens(decoder, char_logits, rows, lm_head, proposal, host[: len(rows)], host[len(rows):],
+                                   rerank_k, decoding.autocorrect, decoding.eos_token_id)
+            top = log_probs.max(-1, keepdim=True).values
+            log_probs = log_probs.scatter(1, ids.unsqueeze(1), top + 1.0)
+        return log_probs.view(*hidden.shape[:-1], -1)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                     use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.next_token_logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *, tau=_UNSET,
+                 rerank_k: int | None = None, autocorrect: bool = True, **kwargs):
+        """transformers' ``generate()`` with SpeLLM's output head (module docstring). ``tau`` (None:
+        never fall back), ``rerank_k`` (greedy only) and ``autocorrect`` (False: greedy only, a
+        string that spells no token ends its row with EOS) override the config for this call."""
+        settings = generation_config if generation_config is not None else self.generation_config
+        do_sample = kwargs.get("do_sample", settings.do_sample)
+        beams = kwargs.get("num_beams", settings.num_beams) or 1
+        rerank_k = self.config.rerank_k if rerank_k is None else rerank_k
+        if (rerank_k or not autocorrect) and (do_sample or beams > 1):
+            raise ValueError("rerank_k and autocorrect=False are greedy decoding; drop do_sample/num_beams, "
+                             "or set rerank_k=0 and autocorrect=True")
+        eos = kwargs.get("eos_token_id", settings.eos_token_id)
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        if not autocorrect and eos is None:
+            raise ValueError("autocorrect=False ends a row at a string that spells no token, which needs an eos_token_id")
+        self._decoding = _Decoding(self.config.tau if tau is _UNSET else tau, rerank_k, autocorrect,
+                                   greedy=not do_sample and beams == 1, eos_token_id=eos)
+        try:
+            return super().generate(inputs, generation_config, **kwargs)
+        finally:
+            self._decoding = None
