@@ -32,9 +32,10 @@ def hardware() -> dict[str, Any]:
         import deepspeed
         import transformers
 
-        from spellm_ds.config import native_bf16
+        from spellm_ds import precision
 
-        info.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__, native_bf16=native_bf16())
+        info.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__,
+                    precision_auto=precision.choose("cuda" if torch.cuda.is_available() else "cpu").describe())
     except ImportError:
         pass
     return info

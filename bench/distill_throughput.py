@@ -162,7 +162,8 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
 
     from spellm_ds import assets
     from spellm_ds.charset import Charset
-    from spellm_ds.config import DEFAULTS, RunConfig, native_bf16
+    from spellm_ds import precision
+    from spellm_ds.config import DEFAULTS, RunConfig
     from spellm_ds.data import load_texts, pack
     from spellm_ds.forward import synchronized_clock, teacher_and_student
     from spellm_ds.hf.char_decoding import CharDecoder
@@ -175,7 +176,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     share = DEFAULTS["micro_batch"] * VARIANTS["default"].ranks // processes  # of the default job's global batch
     model_dir = assets.resolve_model(run.model)
     tokenizer = assets.load_tokenizer(model_dir)
-    dtype = torch.bfloat16 if native_bf16() else torch.float32  # what the job's "auto" picks
+    dtype = precision.choose("cpu").dtype  # what the job's "auto" picks
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().requires_grad_(False)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     charset = Charset.default()

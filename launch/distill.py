@@ -17,6 +17,7 @@ import argparse
 from spellm_ds import cli
 from spellm_ds.config import DEFAULTS as BUILT_IN, READOUT_PER_HIDDEN, RunConfig
 from spellm_ds.losses import LABEL_RULES, REG_TARGETS
+from spellm_ds.precision import PRECISIONS
 from spellm_ds.train import run
 
 DEFAULTS = RunConfig()
@@ -148,6 +149,10 @@ def parse_args() -> RunConfig:
     p.add_argument("--no_shared_trunk", dest="shared_trunk", action="store_false",
                    help="run the student's frozen lower layers itself instead of starting from the teacher's "
                         "hidden state (slower; the result is the same)")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                   help="bf16 or fp32 compute; auto: bf16 where the hardware computes it fast (a GPU with bf16, a "
+                        "CPU with avx512_bf16 or AMX, or an emulating CPU where a matmul probe finds it faster), fp32 "
+                        "elsewhere; the DeepSpeed config's bf16 \"auto\" follows it (default: %(default)s)")
     p.add_argument("--collective_timeout_s", type=float, default=DEFAULTS.collective_timeout_s,
                    help="a collective waiting longer than this ends the job (default: %(default)s)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher

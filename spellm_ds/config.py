@@ -15,15 +15,9 @@ from typing import Any
 from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_heads import HEAD_INITS
-from spellm_ds.losses import (
-    LABEL_RULES,
-    MAX_SOFT_CHAR_CANDIDATES,
-    REG_TARGETS,
-    TOP_K,
-    LabelRule,
-    LossRecipe,
-    label_rule_of,
-)
+from spellm_ds.precision import PRECISIONS
+from spellm_ds.losses import (LABEL_RULES, MAX_SOFT_CHAR_CANDIDATES, REG_TARGETS, TOP_K, LabelRule, LossRecipe,
+                              label_rule_of)
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 3e-3, "ffn_lr": 1e-3}
 """Used where neither a flag nor the DeepSpeed config gives a value. ``lr`` is the char heads' peak,
@@ -88,6 +82,7 @@ class RunConfig:
     activation_checkpointing: bool = True
     shared_trunk: bool = True
     collective_timeout_s: float = 300.0
+    precision: str = "auto"
     extend_schedule: bool = False
     teacher_cache: bool = False
     teacher_cache_from: str | None = None
@@ -143,6 +138,7 @@ class RunConfig:
              f"--stop_at {self.stop_at} must be a step in 1..--max_steps ({self.max_steps})"),
             (self.collective_timeout_s > 0, f"--collective_timeout_s {self.collective_timeout_s} must be positive"),
             (self.teacher_stage in (None, 0, 3), f"--teacher_stage {self.teacher_stage} must be 0 or 3"),
+            (self.precision in PRECISIONS, f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"),
             (self.label_selection in LABEL_RULES,
              f"--label_selection {self.label_selection!r}: use one of {', '.join(LABEL_RULES)}"),
             (self.teacher_cache_from is None or self.teacher_cache,
@@ -269,19 +265,6 @@ def memory_per_rank(world_size: int) -> float:
     return accelerator.total_memory() / ranks
 
 
-def native_bf16() -> bool:
-    """Whether the accelerator computes bf16 at full speed, which is what ``"bf16": {"enabled":
-    "auto"}`` becomes: a GPU that supports it, or a CPU with oneDNN's bf16 path (AVX512/AMX). On an
-    AVX2-only CPU bf16 matmuls are emulated: measured 54x slower than fp32 (1024x576 @ 576x1536, 2 threads)."""
-    import deepspeed
-    import torch
-
-    accelerator = deepspeed.get_accelerator()
-    if accelerator.device_name() == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return bool(accelerator.is_bf16_supported())
-
-
 def _fill_persistence(config: dict[str, Any], auto_persistence: int) -> None:
     zero = config.get("zero_optimization", {})
     if zero.get("stage3_param_persistence_threshold") == "auto":
@@ -289,15 +272,20 @@ def _fill_persistence(config: dict[str, Any], auto_persistence: int) -> None:
 
 
 def resolve_student_config(run: RunConfig, world_size: int, auto_persistence: int = FULL_SHARDING_PERSISTENCE,
-                           bf16_is_native: bool = True) -> dict[str, Any]:
+                           bf16: bool = True) -> dict[str, Any]:
     """The student's DeepSpeed config with batch sizes, lr and schedule filled from ``run``, an
     ``"auto"`` persistence threshold with ``auto_persistence`` (:func:`auto_persistence_threshold`)
-    and an ``"auto"`` bf16 switch with ``bf16_is_native`` (:func:`native_bf16`)."""
+    and an ``"auto"`` bf16 switch with ``bf16`` (:func:`spellm_ds.precision.choose`); a concrete
+    switch that contradicts ``--precision`` is an error."""
     config = load_json_config(run.deepspeed, "--deepspeed")
     source = f"DeepSpeed config {run.deepspeed}"
     _fill_persistence(config, auto_persistence)
-    if config.get("bf16", {}).get("enabled") == "auto":
-        config["bf16"]["enabled"] = bf16_is_native
+    setting = config.get("bf16", {}).get("enabled")
+    if setting == "auto":
+        config["bf16"]["enabled"] = bf16
+    elif setting is not None and run.precision != "auto" and bool(setting) != (run.precision == "bf16"):
+        raise SpellmError(f"{source} sets bf16.enabled={setting} but --precision is {run.precision}; "
+                          "drop one of them or make them agree")
     micro = _settle(config, "train_micro_batch_size_per_gpu", run.micro_batch, "--micro_batch", source)
     accum = _settle(config, "gradient_accumulation_steps", run.grad_accum, "--grad_accum", source)
     micro = DEFAULTS["micro_batch"] if micro is None else micro

@@ -68,18 +68,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from spellm_ds import assets, checkpoint, distributed, export
+from spellm_ds import assets, checkpoint, distributed, export, precision
 from spellm_ds.charset import Charset
-from spellm_ds.config import (
-    RunConfig,
-    auto_persistence_threshold,
-    memory_per_rank,
-    mixed_precision_dtype,
-    native_bf16,
-    parameter_sizes,
-    resolve_student_config,
-    resolve_teacher_config,
-)
+from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
+                              parameter_sizes, resolve_student_config, resolve_teacher_config)
 from spellm_ds.data import first_read_steps, load_texts, pack_documents, step_rows
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.errors import SpellmError
@@ -141,12 +133,14 @@ class Distillation:
         self.tokenizer = assets.load_tokenizer(self.model_dir)
         self.charset = Charset.from_file(config.charset) if config.charset else Charset.default()
         persistence = auto_persistence_threshold(*parameter_sizes(self.model_dir), memory_per_rank(self.world_size))
-        bf16_is_native = native_bf16()
-        self.student_ds = resolve_student_config(config, self.world_size, persistence, bf16_is_native)
+        chosen = precision.choose(self.device.type, config.precision)
+        bf16 = self._on_every_rank(chosen.bf16)  # a timing probe could differ between ranks: all take the safe one
+        self.student_ds = resolve_student_config(config, self.world_size, persistence, bf16)
         self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size, persistence)
+        used = mixed_precision_dtype(self.student_ds) == torch.bfloat16
+        self.precision = chosen if used == chosen.bf16 else precision.Precision(used, "the DeepSpeed config sets it")
         if self.rank == 0:
-            print(f"precision: {mixed_precision_dtype(self.student_ds)} (bf16 native here: {bf16_is_native})",
-                  flush=True)
+            print(f"precision: {self.precision.describe()}", flush=True)
         self.resume_from = checkpoint.find_resume_point(config.resume, self.output_dir)
         if self.resume_from is not None:  # refuse before anything is built or written
             checkpoint.check_compatible(checkpoint.read_state(self.resume_from), config.to_dict(), self.charset,
@@ -213,6 +207,7 @@ class Distillation:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / PREEMPTED).unlink(missing_ok=True)
         resolved = {"run": self.config.to_dict(), "world_size": self.world_size,
+                    "precision": {"bf16": self.precision.bf16, "reason": self.precision.reason},
                     "packed_train_blocks": len(self.data.train),
                     "student_deepspeed": self.student_ds,
                     "teacher_deepspeed": self.teacher_ds, "model_dir": str(self.model_dir),

@@ -29,17 +29,43 @@ def test_auto_values_are_filled_from_the_run(tmp_path):
     assert teacher["zero_optimization"]["stage"] == 3 and teacher["train_batch_size"] == 6
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_auto_follows_what_the_accelerator_computes_natively(tmp_path, native):
-    """The shipped configs leave bf16 "auto": on, unless the accelerator emulates it (an AVX2 CPU);
-    the teacher follows the student; a concrete setting is kept."""
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_auto_follows_the_precision_chosen(tmp_path, bf16):
+    """The shipped configs leave bf16 "auto": it follows the precision chosen; the teacher follows
+    the student; a concrete setting is kept, and one that contradicts --precision is refused."""
     run = RunConfig(deepspeed="ds_configs/zero3.json")
-    student = resolve_student_config(run, world_size=2, bf16_is_native=native)
+    student = resolve_student_config(run, world_size=2, bf16=bf16)
     teacher = resolve_teacher_config(run, student, world_size=2)
-    assert student["bf16"] == teacher["bf16"] == {"enabled": native}
-    assert mixed_precision_dtype(student) == (torch.bfloat16 if native else torch.float32)
+    assert student["bf16"] == teacher["bf16"] == {"enabled": bf16}
+    assert mixed_precision_dtype(student) == (torch.bfloat16 if bf16 else torch.float32)
     forced = RunConfig(deepspeed=write(tmp_path, {"bf16": {"enabled": True}}))
-    assert resolve_student_config(forced, world_size=1, bf16_is_native=False)["bf16"] == {"enabled": True}
+    assert resolve_student_config(forced, world_size=1, bf16=False)["bf16"] == {"enabled": True}
+    with pytest.raises(SpellmError, match="bf16.enabled=True but --precision is fp32"):
+        resolve_student_config(RunConfig(deepspeed=forced.deepspeed, precision="fp32"), world_size=1, bf16=False)
+
+
+def test_precision_is_bf16_only_where_the_hardware_makes_it_fast(monkeypatch):
+    from spellm_ds import precision
+
+    probe = precision.bf16_speedup
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    chosen = precision.choose("cpu")
+    assert chosen.bf16 and "avx512_bf16" in chosen.reason and chosen.dtype == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})  # oneDNN would emulate bf16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: 0.36)  # the Intel VM's 2.8x slower matmul
+    slow = precision.choose("cpu")
+    assert not slow.bf16 and "0.36x" in slow.reason
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: 1.8)
+    assert precision.choose("cpu").bf16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # AVX2 only
+    assert not precision.choose("cpu").bf16
+    assert precision.choose("cpu", "bf16") == precision.Precision(True, "--precision bf16")
+    assert precision.choose("cpu", "fp32").dtype == torch.float32
+    with pytest.raises(SpellmError, match="--precision 'half'"):
+        RunConfig(precision="half").validate()
+    measured = probe(repeats=1)  # the probe itself times both dtypes
+    assert measured > 0
 
 
 @pytest.mark.parametrize("trainable_layers, ffn_lr, peak", [(5, None, [3e-3, 1e-3]), (5, 2e-4, [3e-3, 2e-4]),

@@ -6,17 +6,8 @@ import pytest
 import torch
 
 from spellm_ds.charset import END_ID
-from spellm_ds.losses import (
-    LabelRule,
-    Labels,
-    LossRecipe,
-    candidate_nll,
-    choose_labels,
-    distillation_loss,
-    rare_label_weights,
-    select_labels,
-    token_regulariser,
-)
+from spellm_ds.losses import (LabelRule, Labels, LossRecipe, candidate_nll, choose_labels, distillation_loss,
+                              rare_label_weights, select_labels, token_regulariser)
 from spellm_ds.teacher import TeacherSignal, top_tokens_from_hidden
 
 
