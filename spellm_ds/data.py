@@ -8,11 +8,14 @@ Every input is checked up front so a bad file fails with one clear line, not dee
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 
 from spellm_ds import corpus
@@ -190,3 +193,80 @@ def first_read_steps(num_blocks: int, blocks_per_step: int, seed: int) -> torch.
     steps = torch.empty(num_blocks, dtype=torch.int64)
     steps[epoch_order(num_blocks, 0, seed)] = torch.arange(num_blocks) // blocks_per_step
     return steps
+
+
+# ---------------------------------------------------------------------------- packed once
+PACKING_VERSION = 1
+"""Bumped when packing changes what it writes for the same inputs."""
+
+
+def data_files(paths: Sequence[str] | None) -> list[Path]:
+    """The files whose bytes ``--data`` reads (a dataset directory's every file; the default corpus's file)."""
+    if not paths:
+        return [corpus.corpus_dir() / "train.jsonl"]
+    files = []
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise SpellmError(f"data path {path} does not exist; pass existing files or directories with --data")
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return files
+
+
+def content_hash(files: Sequence[Path]) -> str:
+    """sha256 over the files' bytes (and their order): what a run's data is, wherever it lies."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary and rules (what token ids text becomes)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{rules}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def packing_key(paths: Sequence[str] | None, text_field: str, tokenizer, seq_len: int, eval_fraction: float,
+                seed: int, max_train_blocks: int | None) -> dict:
+    """Everything packed blocks depend on: the data's content, the tokenizer and the packing settings."""
+    return {"version": PACKING_VERSION, "data_sha256": content_hash(data_files(paths)), "text_field": text_field,
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "seq_len": seq_len, "eval_fraction": eval_fraction,
+            "seed": seed, "max_train_blocks": max_train_blocks}
+
+
+def packed_dir(key: dict) -> Path:
+    """Where blocks of ``key`` are cached: ``$SPELLM_CACHE/packed/<hash of the key>``."""
+    from spellm_ds import assets
+
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return assets.cache_root() / "packed" / name
+
+
+def cached_packing(paths: Sequence[str] | None, text_field: str, tokenizer, seq_len: int, eval_fraction: float,
+                   seed: int, max_train_blocks: int | None = None, build: bool = True) -> PackedData:
+    """:func:`pack_documents` of ``paths``' documents, tokenised once: the blocks are cached on disk
+    (written atomically, memory-mapped when read) under a key of the data's content, the tokenizer
+    and the settings, so a restart, a resume or another run of the same data reads them in a
+    fraction of a second. ``build=False`` only reads (the ranks that wait for one to write)."""
+    from spellm_ds import assets
+
+    key = packing_key(paths, text_field, tokenizer, seq_len, eval_fraction, seed, max_train_blocks)
+
+    def write(directory: Path) -> None:
+        data = pack_documents(load_texts(paths, text_field)["text"], tokenizer, seq_len, eval_fraction, seed,
+                              max_train_blocks)
+        for split in ("train", "held_out"):
+            np.save(directory / f"{split}.npy", getattr(data, split).numpy())
+        (directory / "key.json").write_text(json.dumps(key, indent=2) + "\n")
+
+    directory = packed_dir(key)
+    if not build and not (directory / "key.json").is_file():
+        raise SpellmError(f"the packed data {directory} is missing (the rank that writes it failed); see its error")
+    assets.cached_dir(directory, "key.json", write)
+    return PackedData(*(torch.from_numpy(np.load(directory / f"{split}.npy", mmap_mode="c"))
+                        for split in ("train", "held_out")))

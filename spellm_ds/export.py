@@ -23,7 +23,7 @@ from spellm_ds.calibration import CALIBRATION_FILE, fit_spelling_temperature
 from spellm_ds.charset import Charset
 from spellm_ds.checkpoint import read_state, saved_run
 from spellm_ds.config import RunConfig
-from spellm_ds.data import load_texts, pack, split_documents
+from spellm_ds.data import cached_packing
 from spellm_ds.errors import SpellmError
 from spellm_ds.model import build_export, save_export
 from spellm_ds.spelling import SpellingTable, model_vocab_size
@@ -41,13 +41,14 @@ def load_base(model_dir: Path):
 
 
 def run_eval_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
-    """The run's evaluation blocks: its first ``eval_blocks`` blocks of held-out documents."""
+    """The run's evaluation blocks: its first ``eval_blocks`` blocks of held-out documents (read from
+    the packed-data cache the run wrote)."""
     for path in run.data or []:
         if not Path(path).exists():
             raise SpellmError(f"the run's data {path} is gone; restore it to export (the spelling temperature "
                               "is fitted on the run's held-out documents)")
-    _, held_out = split_documents(load_texts(run.data, run.text_field)["text"], run.eval_fraction, run.seed)
-    return pack(held_out, tokenizer, run.seq_len, max_blocks=run.eval_blocks)
+    return cached_packing(run.data, run.text_field, tokenizer, run.seq_len, run.eval_fraction, run.seed,
+                          run.train_blocks).held_out[: run.eval_blocks]
 
 
 def last_evaluation(output_dir: Path) -> dict[str, float]:

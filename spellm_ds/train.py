@@ -72,7 +72,7 @@ from spellm_ds import assets, checkpoint, distributed, export, precision
 from spellm_ds.charset import Charset
 from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
                               parameter_sizes, resolve_student_config, resolve_teacher_config)
-from spellm_ds.data import first_read_steps, load_texts, pack_documents, step_rows
+from spellm_ds.data import PackedData, cached_packing, first_read_steps, step_rows
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.errors import SpellmError
 from spellm_ds.forward import student_and_labels, synchronized_clock
@@ -151,8 +151,7 @@ class Distillation:
         self.decoder = CharDecoder(self.table, tau=None)  # the valid spellings, for the spelling KL
         self.trunk_layer = (shared_trunk_layer(text_config.num_hidden_layers,
                                                config.trainable_layers) if config.shared_trunk else None)
-        self.data = pack_documents(load_texts(config.data, config.text_field)["text"], self.tokenizer,
-                                   config.seq_len, config.eval_fraction, config.seed, config.train_blocks)
+        self.data = self._packed_data()
         # the tokens' counts in the training text, the same on every rank (metrics split by them)
         counts = torch.bincount(self.data.train.flatten(), minlength=self.table.vocab_size)
         self.token_counts = counts.to(self.device)
@@ -173,6 +172,16 @@ class Distillation:
         if self.resume_from and self.rank == 0:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)
         self.writer = self._tensorboard()
+
+    def _packed_data(self) -> PackedData:
+        """The run's blocks, tokenised once (:func:`spellm_ds.data.cached_packing`): rank 0 packs them
+        if no earlier run did, the others read what it wrote."""
+        cfg = self.config
+        settings = (cfg.data, cfg.text_field, self.tokenizer, cfg.seq_len, cfg.eval_fraction, cfg.seed,
+                    cfg.train_blocks)
+        data = cached_packing(*settings) if self.rank == 0 else None
+        dist.barrier()
+        return data if data is not None else cached_packing(*settings, build=False)
 
     def _teacher_cache(self) -> TeacherCache:
         """The run's teacher cache, started anew (rank 0, before any rank uses it) unless it was

@@ -166,3 +166,35 @@ def test_each_pass_reads_every_block_once_and_every_rank_knows_when_each_was_fir
     assert all(first_read[b] == step for p, b, step in reads if p == 0)
     assert all(first_read[b] <= step for _, b, step in reads)
     assert len({tuple(b for p, b, _ in reads if p == epoch) for epoch in range(3)}) == 3  # a new order each pass
+
+
+def test_blocks_are_packed_once_per_content_tokenizer_and_settings(tmp_path, monkeypatch):
+    """The second read of the same data (here through another path) tokenises nothing and gives the
+    same blocks, memory-mapped; other content or settings pack anew."""
+    from spellm_ds import data
+    from tests import tiny
+
+    monkeypatch.setenv("SPELLM_CACHE", str(tmp_path / "cache"))
+    texts = tiny.corpus_texts(60)
+    first, copy = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
+    copy.write_bytes(first.read_bytes())
+    tokenizer = tiny.trained_tokenizer(texts)
+    packed = data.cached_packing([str(first)], "text", tokenizer, 64, 0.1, 0)
+    expected = data.pack_documents(load_texts([str(first)])["text"], tokenizer, 64, 0.1, 0)
+    assert torch.equal(packed.train, expected.train) and torch.equal(packed.held_out, expected.held_out)
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(data, "pack_documents", no_packing)
+    again = data.cached_packing([str(copy)], "text", tokenizer, 64, 0.1, 0)  # same bytes, another path
+    assert torch.equal(again.train, packed.train) and torch.equal(again.held_out, packed.held_out)
+    assert len(list((tmp_path / "cache" / "packed").iterdir())) == 1
+    with pytest.raises(AssertionError, match="tokenised again"):
+        data.cached_packing([str(copy)], "text", tokenizer, 32, 0.1, 0)  # another block length
+    copy.write_text(copy.read_text() + "\n\nOne more document at the end.")
+    with pytest.raises(AssertionError, match="tokenised again"):
+        data.cached_packing([str(copy)], "text", tokenizer, 64, 0.1, 0)  # other content
+    with pytest.raises(SpellmError, match="packed data .* is missing"):
+        data.cached_packing([str(first)], "text", tokenizer, 64, 0.2, 0, build=False)
