@@ -2,9 +2,13 @@
 
 Layout: ``output_dir/checkpoints/step{N}/`` holds DeepSpeed's files (ZeRO partitions, optimizer
 and LR-schedule state), ``spellm_state.json`` (step, world size, run config, charset, base model
-directory), one ``rng_rank{r}.pt`` per rank, and last of all ``COMPLETE``. ``COMPLETE`` is written
-by rank 0 after every rank has finished writing (a barrier), by an atomic rename, so a directory
-without it is a half-written checkpoint that resume never picks.
+directory), one ``rng_rank{r}.safetensors`` per rank, and last of all ``COMPLETE``. ``COMPLETE`` is
+written by rank 0 after every rank has finished writing (a barrier), by an atomic rename, so a
+directory without it is a half-written checkpoint that resume never picks.
+
+Nothing this package writes is a pickle; DeepSpeed's own files are loaded with ``torch.load``
+forced to ``weights_only=True`` (:func:`no_code_from_pickles`), so a planted pickle is refused,
+never run.
 
 Frozen parameters are not stored (they are 95% of the model and never change): resume reloads
 them from the base model, and export copies them bit-identically from the base model's files.
@@ -18,14 +22,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig
@@ -131,21 +139,77 @@ def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charse
 
 
 def rng_file(checkpoint: Path, rank: int) -> Path:
-    return checkpoint / f"rng_rank{rank}.pt"
+    return checkpoint / f"rng_rank{rank}.safetensors"
 
 
-def _rng_state() -> dict[str, Any]:
+def _save_rng(path: Path) -> None:
+    """This rank's torch, numpy and Python RNG states as safetensors (numbers only: nothing to unpickle)."""
     import numpy as np
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    save_file({"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+               "python": torch.tensor(internal, dtype=torch.int64)}, path,
+              metadata={"numpy": json.dumps([name, int(position), int(has_gauss), float(gauss)]),
+                        "python": json.dumps([version, python_gauss])})
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def _restore_rng(path: Path) -> None:
     import numpy as np
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in ("torch", "numpy_keys", "python")}
+            meta = f.metadata()
+        name, position, has_gauss, gauss = json.loads(meta["numpy"])
+        version, python_gauss = json.loads(meta["python"])
+        torch.set_rng_state(tensors["torch"])
+        np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), position, has_gauss, gauss))
+        random.setstate((version, tuple(tensors["python"].tolist()), python_gauss))
+    except Exception as e:  # a damaged file fails in safetensors, JSON or the RNGs' own checks
+        raise SpellmError(f"{path} is not a valid RNG state ({type(e).__name__}); resume from an earlier "
+                          "checkpoint with --resume PATH") from None
+
+
+TRUSTED_PICKLE_CLASSES = ("deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
+"""The only classes DeepSpeed's checkpoint files may name besides tensors and containers."""
+
+
+@contextmanager
+def no_code_from_pickles():
+    """Every ``torch.load`` inside (DeepSpeed's own, which asks for ``weights_only=False``) is forced
+    to ``weights_only=True`` with only :data:`TRUSTED_PICKLE_CLASSES` allowed: a checkpoint file
+    that names anything else (a planted ``os.system``, say) is refused instead of run."""
+    import importlib
+
+    classes = []
+    for dotted in TRUSTED_PICKLE_CLASSES:
+        module, _, name = dotted.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), name))
+    saved = {var: os.environ.pop(var, None) for var in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(classes):
+            yield
+    finally:
+        for var, value in saved.items():
+            os.environ.pop(var, None)
+            if value is not None:
+                os.environ[var] = value
+
+
+def refusal(error: Exception, checkpoint: Path) -> SpellmError:
+    """The one-line error for a checkpoint DeepSpeed could not load (refused pickles named as such)."""
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
+        return SpellmError(f"checkpoint {checkpoint} holds a file that names code to run when loaded, beyond "
+                           "tensors and DeepSpeed's own state; refused (it was not run): resume or export from "
+                           "a checkpoint you trust")
+    detail = str(error).splitlines()[0] if str(error) else ""
+    return SpellmError(f"checkpoint {checkpoint} could not be loaded ({type(error).__name__}: {detail}); "
+                       "resume from an earlier one")
 
 
 def save(engine, output_dir: str | Path, step: int, run: dict[str, Any], charset: Charset, model_dir: Path,
@@ -158,7 +222,7 @@ def save(engine, output_dir: str | Path, step: int, run: dict[str, Any], charset
     dist.barrier()
     engine.save_checkpoint(str(checkpoint.parent), tag=checkpoint.name, save_latest=False,
                            exclude_frozen_parameters=True)
-    torch.save(_rng_state(), rng_file(checkpoint, rank))
+    _save_rng(rng_file(checkpoint, rank))
     if rank == 0:
         state = {"step": step, "world_size": world_size, "run": run, "charset": list(charset.symbols),
                  "model_dir": str(model_dir)}
@@ -187,11 +251,11 @@ def load(engine, checkpoint: Path) -> int:
     """Restore engine, optimizer, LR schedule and this rank's RNG; returns the step to continue from."""
     state = read_state(checkpoint)
     try:
-        path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=False)
+        with no_code_from_pickles():
+            path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=False)
     except Exception as e:  # DeepSpeed raises many types for damaged files
-        raise SpellmError(f"checkpoint {checkpoint} could not be loaded ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); resume from an earlier one") from None
+        raise refusal(e, checkpoint) from None
     if path is None:
         raise SpellmError(f"checkpoint {checkpoint} has no DeepSpeed state; resume from an earlier one")
-    _restore_rng(torch.load(rng_file(checkpoint, dist.get_rank()), weights_only=False))
+    _restore_rng(rng_file(checkpoint, dist.get_rank()))
     return int(state["step"])

@@ -21,7 +21,7 @@ import torch
 
 from spellm_ds.calibration import CALIBRATION_FILE, fit_spelling_temperature
 from spellm_ds.charset import Charset
-from spellm_ds.checkpoint import read_state, saved_run
+from spellm_ds.checkpoint import no_code_from_pickles, read_state, refusal, saved_run
 from spellm_ds.config import RunConfig
 from spellm_ds.data import cached_packing
 from spellm_ds.errors import SpellmError
@@ -113,8 +113,12 @@ def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path
     run = RunConfig(**saved_run(state))
     tokenizer = load_tokenizer(model_dir)
     held_out = run_eval_blocks(run, tokenizer)
-    trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
-                                                       exclude_frozen_parameters=True)
+    try:
+        with no_code_from_pickles():
+            trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
+                                                               exclude_frozen_parameters=True)
+    except Exception as e:  # DeepSpeed raises many types for damaged files
+        raise refusal(e, checkpoint) from None
     base = load_base(model_dir)
     charset = Charset(tuple(state["charset"]))
     table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))

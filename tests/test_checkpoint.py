@@ -196,8 +196,9 @@ def test_bad_resume_and_export(base, tmp_path):
     assert f"was made with --model '{base[0]}'" in one_line_error(result)
     damaged = tmp_path / "damaged" / "step2"
     shutil.copytree(step2, damaged)
-    (damaged / "rng_rank0.pt").unlink()
-    assert "lacks rng_rank0.pt" in one_line_error(run_single(base, out, "--resume", str(damaged), "--max_steps", "2"))
+    (damaged / "rng_rank0.safetensors").unlink()
+    assert "lacks rng_rank0.safetensors" in one_line_error(run_single(base, out, "--resume", str(damaged),
+                                                                      "--max_steps", "2"))
     corrupt = out / "checkpoints" / "step7"
     corrupt.mkdir()
     (corrupt / "COMPLETE").write_text("x")
@@ -229,6 +230,52 @@ def test_bad_resume_and_export(base, tmp_path):
                           cwd=ROOT, env=rank_env())
     assert f"the run's data {tmp_path / 'moved.txt'} is gone; restore it" in one_line_error(gone)
     assert not (tmp_path / "not-written").exists()
+
+
+class Planted:
+    """A pickle that runs a command when it is unpickled."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_pickle_in_any_checkpoint_file_is_refused_and_runs_nothing(base, tmp_path):
+    """Resume and export load DeepSpeed's files with torch.load forced to weights_only=True: a file
+    that names code (os.system here) stops them with one line, and the command never runs; the RNG
+    state is safetensors, which carries no code, and a garbage one is refused the same way."""
+    out = tmp_path / "run"
+    ok(run_single(base, out, "--max_steps", "2", "--save_every", "1", "--keep_checkpoints", "2"))
+    step2 = out / "checkpoints" / "step2"
+    pickled = sorted(step2.glob("*.pt"))
+    assert {p.name for p in pickled} == {"zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                         "zero_pp_rank_0_mp_rank_00_optim_states.pt"} \
+        and not list(step2.glob("rng*.pt"))
+    for victim in pickled:
+        planted = tmp_path / f"planted-{victim.stem}"
+        shutil.copytree(step2, planted)
+        marker = tmp_path / f"ran-{victim.stem}"
+        state = torch.load(victim, weights_only=False)
+        state["payload"] = Planted(marker)
+        torch.save(state, planted / victim.name)
+        refused = one_line_error(run_single(base, out, "--resume", str(planted), "--max_steps", "3",
+                                            "--extend_schedule"))
+        assert "names code to run when loaded" in refused and "refused" in refused, refused
+        exported = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(planted),
+                                   "--out", str(tmp_path / "never")], capture_output=True, text=True, timeout=300,
+                                  cwd=ROOT, env=rank_env())
+        if victim.name.startswith("zero_pp"):  # export reads the optimizer states (the fp32 masters)
+            assert "names code to run when loaded" in one_line_error(exported)
+        assert not marker.exists() and not (tmp_path / "never").exists()
+    garbage = tmp_path / "garbage-rng"
+    shutil.copytree(step2, garbage)
+    (garbage / "rng_rank0.safetensors").write_bytes(b"\x00" * 64)
+    assert "is not a valid RNG state" in one_line_error(run_single(base, out, "--resume", str(garbage),
+                                                                   "--max_steps", "3", "--extend_schedule"))
+    resumed = ok(run_single(base, out, "--max_steps", "3", "--extend_schedule"))  # the untouched one still resumes
+    assert "at step 2" in resumed.stdout
 
 
 def test_extend_schedule_trains_on_from_a_finished_run(base, tmp_path):
