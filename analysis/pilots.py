@@ -225,7 +225,7 @@ def main() -> None:
         raise SpellmError(f"pilot names must differ: {names}")
     out = cli.check_output_dir(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    from bench.common import commit
+    from spellm_ds.provenance import commit
 
     results: dict = {"commit": commit(), "steps": args.steps, "held_out": args.data or "BoolQ dev passages", "positions": args.max_tokens,
                      "tau": args.tau, "rerank_k": args.rerank_k, "pilots": {}}

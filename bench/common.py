@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from spellm_ds.provenance import commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -87,20 +89,6 @@ def median_interval(values: list[float], confidence: float = 0.95) -> dict[str, 
         j += 1
     return {"median": statistics.median(ordered), "low": ordered[j], "high": ordered[n - 1 - j],
             "coverage": coverage(j)}
-
-
-def commit() -> str:
-    """The commit measured (``-dirty`` when the tree has uncommitted changes)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=root, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def write(name: str, settings: dict[str, Any], results: Any, out: str | None = None) -> Path:

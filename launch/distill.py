@@ -58,6 +58,9 @@ def parse_args() -> RunConfig:
                    help="beyond the paper: a residual MLP read-out of this width before the char heads, trained "
                         f"with them at --lr; 0 = the paper's linear heads (default: {READOUT_PER_HIDDEN} x the "
                         "model's hidden size)")
+    p.add_argument("--wide_heads", action="store_true",
+                   help="beyond the paper: the read-out's hidden layer also feeds the char logits directly (width x "
+                        "k|C| weights), not only through its hidden-size output")
     p.add_argument("--head_init", choices=("embedding", "random"), default=DEFAULTS.head_init,
                    help="char head start: mean token embeddings per (position, char), or random (default: %(default)s)")
     p.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="tokens per packed block (default: %(default)s)")
@@ -138,6 +141,9 @@ def parse_args() -> RunConfig:
     p.add_argument("--resume", default=DEFAULTS.resume, metavar="auto|none|PATH",
                    help="auto: continue from the latest complete checkpoint in --output_dir; none: start fresh; "
                         "PATH: a checkpoints/stepN directory (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew in an --output_dir that holds a run (checkpoints or a model): the old run is "
+                        "renamed aside (OUTPUT_DIR.replaced-TIME), never mixed or deleted")
     p.add_argument("--extend_schedule", action="store_true",
                    help="allow resuming with a larger --max_steps than the checkpoint's run; the LR decay is then "
                         "laid over the new total from the resumed step on (any other changed run flag is refused)")

@@ -19,12 +19,12 @@ whole curve into ``calibration.json`` beside it (each replaced atomically).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from spellm_ds.atomic import replace_file
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_decoding import log_normaliser, tempered_log_probs
 
@@ -82,11 +82,3 @@ def calibrate(model_dir: Path, blocks: torch.Tensor) -> Calibration:
     replace_file(model_dir / "config.json", model.config.to_json_string())
     replace_file(model_dir / CALIBRATION_FILE, json.dumps(asdict(found), indent=2) + "\n")
     return found
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old
-    file or the new one, never half of one."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(text)
-    os.replace(partial, path)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from spellm_ds.atomic import set_aside
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig
 from spellm_ds.errors import SpellmError
@@ -46,7 +47,7 @@ RUN_DEFINING_FLAGS = ("model", "data", "text_field", "train_blocks", "k", "train
                       "max_steps", "reg_weight", "reg_target", "soft_char_weight", "soft_char_candidates",
                       "soft_char_prefix", "spelling_kl_weight", "spelling_kl_fraction", "state_noise", "anchored_rows",
                       "rare_label_power", "label_selection", "label_prior_weight", "label_per_char",
-                      "label_gate", "ignore_after_end", "eval_fraction",
+                      "label_gate", "ignore_after_end", "wide_heads", "eval_fraction",
                       "seed")
 """Flags a resumed run must share with its checkpoint: they fix the model, the held-out split, the
 data order and the schedule. The rest (evaluation, saving, speed settings) may change."""
@@ -54,7 +55,7 @@ BEFORE_THE_FLAG = {"train_attention": False, "ffn_lr": None, "reg_target": "labe
                    "soft_char_candidates": 5, "soft_char_prefix": False, "spelling_kl_weight": 0.0,
                    "spelling_kl_fraction": 1.0, "state_noise": 0.0, "anchored_rows": 0, "rare_label_power": 0.0,
                    "label_prior_weight": 1.0, "ignore_after_end": False, "readout_width": 0, "label_per_char": False,
-                   "label_gate": None}
+                   "label_gate": None, "wide_heads": False}
 """What a checkpoint written before a flag existed did, which is not always today's default."""
 _TAG = re.compile(r"^step(\d+)$")
 
@@ -107,27 +108,39 @@ def saved_run(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charset, world_size: int,
-                     checkpoint: Path) -> None:
-    """Refuse a resume that would silently change the run (``run`` holds the resolved flags).
+                     checkpoint: Path, content: dict[str, str] | None = None) -> None:
+    """Refuse a resume that would silently change the run (``run`` holds the resolved flags,
+    ``content`` the data's and model's content hashes, :mod:`spellm_ds.provenance`).
 
-    The one change allowed, with ``--extend_schedule``, is a larger ``--max_steps``: the LR
-    schedule's linear decay is then laid over the new total from the resumed step on (the LR
-    rises to where the longer schedule would be at that step).
+    The model and data are compared by content where the checkpoint recorded it: the same files
+    through another path resume, edited files do not. The one flag change allowed, with
+    ``--extend_schedule``, is a larger ``--max_steps``: the LR schedule's linear decay is then laid
+    over the new total from the resumed step on (the LR rises to where the longer schedule would be
+    at that step).
     """
     saved = saved_run(state)
+    recorded = state.get("content", {})
+    for what in ("data", "model"):
+        old, new = recorded.get(f"{what}_sha256"), (content or {}).get(f"{what}_sha256")
+        if old is not None and new is not None and old != new:
+            raise SpellmError(f"checkpoint {checkpoint} was made from other {what} content (sha256 {old[:12]}, "
+                              f"this run's is {new[:12]}): resume with the {what} it was trained on, or start anew in "
+                              "another --output_dir")
     for key in RUN_DEFINING_FLAGS:
         old, new = saved[key], run[key]
-        if old == new or (key == "max_steps" and run["extend_schedule"] and new > old):
+        by_content = key in ("model", "data") and f"{key}_sha256" in recorded and content is not None
+        if old == new or by_content or (key == "max_steps" and run["extend_schedule"] and new > old):
             continue
         if key == "ffn_lr" and old is None and saved["trainable_layers"] > 0:
             raise SpellmError(f"checkpoint {checkpoint} trained its pretrained blocks at --lr in one parameter "
                               "group (made before --ffn_lr had a default), which this version cannot resume: "
-                              "export it with launch/export.py, or start anew with --resume none")
+                              "export it with launch/export.py, or start anew in another --output_dir")
         hint = "; to train on, pass a larger --max_steps with --extend_schedule" if key == "max_steps" else ""
         raise SpellmError(f"checkpoint {checkpoint} was made with --{key} {old!r}, this run has {new!r}: resume "
-                          f"with the same --{key}{hint}, or start anew with another --output_dir or --resume none")
+                          f"with the same --{key}{hint}, or start anew in another --output_dir (or here with "
+                          "--resume none --overwrite)")
     if state["charset"] != list(charset.symbols):
-        raise SpellmError(f"checkpoint {checkpoint} uses another charset; pass the same --charset or --resume none")
+        raise SpellmError(f"checkpoint {checkpoint} uses another charset; pass the same --charset, or start anew in another --output_dir")
     if state["world_size"] != world_size:
         raise SpellmError(f"checkpoint {checkpoint} was written by {state['world_size']} ranks, this run has "
                           f"{world_size}; resume with {state['world_size']} ranks (ZeRO partitions are per rank) "
@@ -213,11 +226,13 @@ def refusal(error: Exception, checkpoint: Path) -> SpellmError:
 
 
 def save(engine, output_dir: str | Path, step: int, run: dict[str, Any], charset: Charset, model_dir: Path,
-         keep: int) -> Path:
+         keep: int, content: dict[str, str] | None = None) -> Path:
     """Collective: every rank writes its part; rank 0 commits with COMPLETE and prunes old ones."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     checkpoint = checkpoints_dir(output_dir) / f"step{step}"
-    if rank == 0 and checkpoint.exists():  # a half-written leftover of a run that died at this step
+    if rank == 0 and (checkpoint / COMPLETE).is_file():  # a resume from an earlier step got here again
+        print(f"kept the earlier {checkpoint} as {set_aside(checkpoint, 'superseded')}", flush=True)
+    elif rank == 0 and checkpoint.exists():  # a half-written leftover of a run that died at this step
         shutil.rmtree(checkpoint)
     dist.barrier()
     engine.save_checkpoint(str(checkpoint.parent), tag=checkpoint.name, save_latest=False,
@@ -225,7 +240,7 @@ def save(engine, output_dir: str | Path, step: int, run: dict[str, Any], charset
     _save_rng(rng_file(checkpoint, rank))
     if rank == 0:
         state = {"step": step, "world_size": world_size, "run": run, "charset": list(charset.symbols),
-                 "model_dir": str(model_dir)}
+                 "model_dir": str(model_dir), "content": content or {}}
         (checkpoint / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()  # every rank's files are on disk
     if rank == 0:

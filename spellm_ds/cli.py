@@ -69,11 +69,14 @@ def add_rerank_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def check_output_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
-    """Refuse an output directory that is a file (or, with ``empty``, one that holds files) before
-    any work is done."""
+    """Refuse an output directory that is a file or lies under one (or, with ``empty``, one that
+    holds files) before any work is done."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SpellmError(f"{flag} {path} is a file; pass a directory")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise SpellmError(f"{flag} {path} lies under {blocking}, which is a file; pass another directory")
     if empty and path.is_dir() and any(path.iterdir()):
         raise SpellmError(f"{flag} {path} exists and is not empty; choose a new directory")
     return path

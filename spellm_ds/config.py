@@ -8,6 +8,7 @@ contradicts a command-line flag is an error rather than a silent choice.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class RunConfig:
     train_attention: bool = False
     head_init: str = "embedding"
     readout_width: int | None = None  # None: READOUT_PER_HIDDEN x the model's hidden size
+    wide_heads: bool = False
     seq_len: int = 256
     micro_batch: int | None = None
     grad_accum: int | None = None
@@ -83,12 +85,16 @@ class RunConfig:
     shared_trunk: bool = True
     collective_timeout_s: float = 300.0
     precision: str = "auto"
+    overwrite: bool = False
     extend_schedule: bool = False
     teacher_cache: bool = False
     teacher_cache_from: str | None = None
 
     def validate(self) -> None:
         """Every flag that can be checked without loading anything; one line per problem."""
+        for name, value in self.to_dict().items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SpellmError(f"--{name} {value} is not a finite number; pass a real value")
         checks = [
             (self.k >= 1, f"--k {self.k} must be at least 1 (the paper uses 10)"),
             (self.seq_len >= 2, f"--seq_len {self.seq_len} must be at least 2"),
@@ -98,6 +104,7 @@ class RunConfig:
             (self.trainable_layers >= 0, f"--trainable_layers {self.trainable_layers} must be >= 0"),
             (self.readout_width is None or self.readout_width >= 0,
              f"--readout_width {self.readout_width} must be >= 0 (0: the paper's linear heads)"),
+            (not self.wide_heads or self.readout_width != 0, "--wide_heads needs a read-out; drop --readout_width 0"),
             (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
             (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
             (self.eval_every >= 1, f"--eval_every {self.eval_every} must be at least 1"),
@@ -132,7 +139,7 @@ class RunConfig:
              f"--label_gate {self.label_gate} must be in (0, 1] (leave it out to never gate)"),
             (self.label_gate is None or self.label_selection != "teacher_top1",
              "--label_gate has nothing to gate with --label_selection teacher_top1; drop one of them"),
-            (self.warmup >= 0, f"--warmup {self.warmup} must be >= 0"),
+            (self.warmup >= 1, f"--warmup {self.warmup} must be at least 1 (DeepSpeed's schedule needs a warm-up step)"),
             (self.save_every >= 0, f"--save_every {self.save_every} must be >= 0 (0: only at the end)"),
             (self.stop_at is None or 1 <= self.stop_at <= self.max_steps,
              f"--stop_at {self.stop_at} must be a step in 1..--max_steps ({self.max_steps})"),
@@ -181,7 +188,7 @@ class RunConfig:
             raise ValueError("readout_width is unresolved: call fit_to_model() first")
         return spellm_config(base_config, charset, k=self.k, trainable_layers=self.trainable_layers,
                              train_attention=self.train_attention, head_init=self.head_init,
-                             readout_width=self.readout_width, teacher=self.model,
+                             readout_width=self.readout_width, wide_heads=self.wide_heads, teacher=self.model,
                              label_selection=self.label_selection, label_prior_weight=self.label_prior_weight,
                              label_per_char=self.label_per_char, label_gate=self.label_gate,
                              ignore_after_end=self.ignore_after_end)
@@ -220,11 +227,17 @@ def _settle(config: dict[str, Any], key: str, cli_value: Any, flag: str, source:
 
 
 def _reject_auto(config: Any, source: str, path: str = "") -> None:
+    """Refuse what DeepSpeed would take silently: an ``"auto"`` left unfilled, a NaN or infinity."""
     if isinstance(config, dict):
         for key, value in config.items():
             _reject_auto(value, source, f"{path}.{key}" if path else key)
+    elif isinstance(config, list):
+        for index, value in enumerate(config):
+            _reject_auto(value, source, f"{path}[{index}]")
     elif config == "auto":
         raise SpellmError(f"{source} leaves {path}=\"auto\" that spellm-ds cannot fill; set a value")
+    elif isinstance(config, float) and not math.isfinite(config):
+        raise SpellmError(f"{source} sets {path}={config}, not a finite number; set a real value")
 
 
 def parameter_sizes(model_dir: str | Path) -> tuple[int, int]:

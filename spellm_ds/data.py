@@ -20,6 +20,7 @@ import torch
 
 from spellm_ds import corpus
 from spellm_ds.errors import SpellmError
+from spellm_ds.provenance import content_hash
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -211,17 +212,6 @@ def data_files(paths: Sequence[str] | None) -> list[Path]:
             raise SpellmError(f"data path {path} does not exist; pass existing files or directories with --data")
         files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return files
-
-
-def content_hash(files: Sequence[Path]) -> str:
-    """sha256 over the files' bytes (and their order): what a run's data is, wherever it lies."""
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
 
 
 def tokenizer_hash(tokenizer) -> str:

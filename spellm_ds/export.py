@@ -5,20 +5,20 @@ files, the trained ones come from the fp32 master copies; the char heads' spelli
 fitted on the run's held-out blocks (:mod:`spellm_ds.calibration`) before anything is written.
 The directory (``config.json`` with ``auto_map``, sharded safetensors, the modeling code, the
 tokenizer, ``generation_config.json``, ``calibration.json`` and a model card) is written beside
-the target and renamed into place, so a crash mid-export leaves no half-written model.
+the target and swapped in (:mod:`spellm_ds.atomic`): a kill at any point leaves the old model or
+the new one, and the next export clears what it left.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from spellm_ds.atomic import recover_dir, replace_dir, staging_dir
 from spellm_ds.calibration import CALIBRATION_FILE, fit_spelling_temperature
 from spellm_ds.charset import Charset
 from spellm_ds.checkpoint import no_code_from_pickles, read_state, refusal, saved_run
@@ -131,14 +131,12 @@ def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path
     print(calibration.summary(), flush=True)
     card = model_card(run, int(state["step"]), int(state["world_size"]),
                       last_evaluation(checkpoint.parent.parent), calibration.temperature)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    recover_dir(out_dir)
+    staging = staging_dir(out_dir)
     try:
         save_export(model, staging, tokenizer, model_dir, max_shard_size, card)
         (staging / CALIBRATION_FILE).write_text(json.dumps(asdict(calibration), indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -148,8 +148,8 @@ class Student(nn.Module):
             raise SpellmError(f"k={config.k} is out of range; choose k >= 1 (the paper uses 10)")
         self.base = base
         self.config = config
-        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(config.charset),
-                                    config.readout_width).to(base.dtype)
+        self.char_heads = CharHeads(base.config.hidden_size, config.k, len(config.charset), config.readout_width,
+                                    config.wide_heads).to(base.dtype)
 
     def freeze_for_distillation(self) -> int:
         """Train only the char heads and the FFN blocks (and with ``train_attention`` the attention

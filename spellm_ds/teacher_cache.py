@@ -19,7 +19,8 @@ micro-batch whether all of them read it (a ZeRO-3 teacher that still gathers its
 collectives: one rank running it alone would hang the others). Entries are renamed into place,
 so a run that dies leaves none half-written. The cache belongs to one output directory:
 ``fingerprint.json`` records what the values depend on (model, precision, blocks, batch
-composition), and a run with another fingerprint starts the cache anew. Runs of one fingerprint
+composition), and a run with another fingerprint starts the cache anew, the old one set aside
+(renamed beside it, never deleted). Runs of one fingerprint
 that differ only in how the student trains (pilots of a loss weight, say) can share the teacher's
 work: entries are never rewritten, so linking them into another run's cache is safe.
 """
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from spellm_ds.atomic import set_aside
 from spellm_ds.teacher import TeacherSignal
 
 FINGERPRINT = "fingerprint.json"
@@ -53,12 +55,14 @@ class TeacherCache:
         self.fingerprint = fingerprint
 
     def prepare(self) -> bool:
-        """Keep a cache written with the same fingerprint, or start it anew; returns whether it was
-        kept. One rank calls it, before any rank reads or writes."""
+        """Keep a cache written with the same fingerprint, or start it anew, setting one of another
+        fingerprint aside (renamed, never deleted: it holds hours of teacher compute); returns
+        whether it was kept. One rank calls it, before any rank reads or writes."""
         stamp = self.directory / FINGERPRINT
         if stamp.is_file() and json.loads(stamp.read_text()) == self.fingerprint:
             return True
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.directory.exists():
+            print(f"teacher cache of another fingerprint kept as {set_aside(self.directory, 'other')}", flush=True)
         for split in SPLITS:
             (self.directory / split).mkdir(parents=True)
         stamp.write_text(json.dumps(self.fingerprint, indent=2) + "\n")

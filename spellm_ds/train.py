@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import resource
 from pathlib import Path
 
@@ -68,11 +69,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from spellm_ds import assets, checkpoint, distributed, export, precision
+from spellm_ds import assets, checkpoint, cli, distributed, export, precision, provenance
+from spellm_ds.atomic import recover_dir, set_aside
 from spellm_ds.charset import Charset
 from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
                               parameter_sizes, resolve_student_config, resolve_teacher_config)
-from spellm_ds.data import PackedData, cached_packing, first_read_steps, step_rows
+from spellm_ds.data import PackedData, cached_packing, data_files, first_read_steps, step_rows
 from spellm_ds.engines import build_student, build_teacher
 from spellm_ds.errors import SpellmError
 from spellm_ds.forward import student_and_labels, synchronized_clock
@@ -80,6 +82,7 @@ from spellm_ds.hf.char_decoding import CharDecoder
 from spellm_ds.losses import TOP_K, LossParts, distillation_loss, rare_label_weights
 from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import shared_trunk_layer
+from spellm_ds.provenance import content_hash, model_files
 from spellm_ds.shutdown import GracefulShutdown
 from spellm_ds.spelling import SpellingTable, model_vocab_size
 from spellm_ds.teacher import StateAnchors, joined_signals, noised_states, teacher_signal, top_tokens_from_hidden
@@ -92,6 +95,7 @@ def run(config: RunConfig) -> Path | None:
     """Distil ``config.model`` into a SpeLLM model; returns the exported model directory, or None
     when a signal or ``--stop_at`` stopped the run early (after saving a checkpoint)."""
     config.validate()
+    cli.check_output_dir(config.output_dir, "--output_dir")
     rank, _ = distributed.init(config.collective_timeout_s)
     distillation = None
     try:
@@ -141,10 +145,14 @@ class Distillation:
         self.precision = chosen if used == chosen.bf16 else precision.Precision(used, "the DeepSpeed config sets it")
         if self.rank == 0:
             print(f"precision: {self.precision.describe()}", flush=True)
+        self.content = {"data_sha256": content_hash(data_files(config.data)),
+                        "model_sha256": content_hash(model_files(self.model_dir))}
         self.resume_from = checkpoint.find_resume_point(config.resume, self.output_dir)
-        if self.resume_from is not None:  # refuse before anything is built or written
+        if self.resume_from is None:
+            self._start_anew()
+        else:  # refuse before anything is built or written
             checkpoint.check_compatible(checkpoint.read_state(self.resume_from), config.to_dict(), self.charset,
-                                        self.world_size, self.resume_from)
+                                        self.world_size, self.resume_from, self.content)
         self.recipe = config.loss_recipe()
         self.table = SpellingTable.from_tokenizer(self.tokenizer, self.charset, config.k,
                                                   model_vocab_size(model_config)).to(self.device)
@@ -173,6 +181,20 @@ class Distillation:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)
         self.writer = self._tensorboard()
 
+    def _start_anew(self) -> None:
+        """A fresh run never mixes with or overwrites another in its ``--output_dir``: one there (a
+        complete checkpoint or an exported model) is refused, or with ``--overwrite`` renamed aside."""
+        found = checkpoint.complete_checkpoints(self.output_dir) or (self.output_dir / "model").exists()
+        if found and not self.config.overwrite:
+            raise SpellmError(f"--output_dir {self.output_dir} holds a run that starting anew would overwrite; resume "
+                              "it (--resume auto), choose another --output_dir, or pass --overwrite to set it aside "
+                              "(renamed, not deleted)")
+        if found and self.rank == 0:
+            print(f"--overwrite: the earlier run is kept as {set_aside(self.output_dir, 'replaced')}", flush=True)
+        if self.rank == 0:
+            recover_dir(self.output_dir / "model")  # what a killed export left
+        dist.barrier()
+
     def _packed_data(self) -> PackedData:
         """The run's blocks, tokenised once (:func:`spellm_ds.data.cached_packing`): rank 0 packs them
         if no earlier run did, the others read what it wrote."""
@@ -189,9 +211,10 @@ class Distillation:
         ``--teacher_cache_from``'s entries linked in; the blocks it holds are marked as read before
         the first step in ``first_read``."""
         cfg = self.config
-        fingerprint = {"model_dir": str(self.model_dir), "dtype": str(mixed_precision_dtype(self.teacher_ds)),
+        fingerprint = {"model_sha256": self.content["model_sha256"],
+                       "dtype": str(mixed_precision_dtype(self.teacher_ds)),
                        "trunk_layer": self.trunk_layer, "wide_k": cfg.wide_k, "micro_batch": cfg.micro_batch,
-                       "world_size": self.world_size, "eval_blocks": cfg.eval_blocks, "seed": cfg.seed,
+                       "world_size": self.world_size, "seed": cfg.seed,
                        **{f"{split}_sha1": hashlib.sha1(getattr(self.data, split).numpy().tobytes()).hexdigest()
                           for split in ("train", "held_out")}}
         cache = TeacherCache(self.output_dir / "teacher_cache", fingerprint)
@@ -220,7 +243,7 @@ class Distillation:
                     "packed_train_blocks": len(self.data.train),
                     "student_deepspeed": self.student_ds,
                     "teacher_deepspeed": self.teacher_ds, "model_dir": str(self.model_dir),
-                    "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
+                    "content": self.content, "commit": provenance.commit(), "versions": provenance.versions()}
         (self.output_dir / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
         # purge_step drops events a dead run logged after its last checkpoint
         return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.start_step + 1)
@@ -362,7 +385,21 @@ class Distillation:
 
     def save(self, step: int) -> Path:
         return checkpoint.save(self.student, self.output_dir, step, self.config.to_dict(), self.charset,
-                               self.model_dir, self.config.keep_checkpoints)
+                               self.model_dir, self.config.keep_checkpoints, self.content)
+
+    def _stop_if_not_finite(self, metrics: dict[str, float], step: int) -> None:
+        """A non-finite loss or gradient norm ends the run here, before anything is saved or exported:
+        the last complete checkpoint stays the last good one. The values are all-reduced, so every
+        rank stops at the same step."""
+        norm = self.student.get_global_grad_norm()
+        metrics["grad_norm"] = float(norm) if norm is not None else 0.0
+        bad = {name: metrics[name] for name in ("loss/total", "grad_norm") if not math.isfinite(metrics[name])}
+        if bad:
+            found = checkpoint.complete_checkpoints(self.output_dir)
+            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+            raise SpellmError(f"step {step}: {', '.join(f'{name} is {value}' for name, value in bad.items())}; "
+                              f"training stopped without saving ({kept}): lower --lr or check the data, and start "
+                              "anew in another --output_dir")
 
     def train(self) -> Path | None:
         """Train to ``max_steps``; returns the final checkpoint (None when stopped early)."""
@@ -396,6 +433,7 @@ class Distillation:
             metrics.update({"perf/tokens_per_s": tokens_per_step / elapsed, "perf/step_s": elapsed,
                             "mem/rss_gb": psutil.Process().memory_info().rss / 2**30})
             metrics.update(zip(("lr", "lr/ffn"), self.student.get_lr()))  # the heads', the blocks'
+            self._stop_if_not_finite(metrics, step + 1)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
                 metrics.update(self.evaluate())
             self._log(metrics, step + 1)

@@ -88,3 +88,16 @@ def test_table_for_trained_tokenizer_is_mostly_spellable(tmp_path):
     tokenizer = tiny.trained_tokenizer(tiny.corpus_texts(50))
     table = SpellingTable.from_tokenizer(tokenizer, Charset.default(), k=6, vocab_size=len(tokenizer))
     assert table.spellable.float().mean() > 0.5
+
+
+def test_wide_heads_read_the_readouts_hidden_layer_directly():
+    torch.manual_seed(0)
+    plain, wide = CharHeads(16, k=3, num_chars=5), CharHeads(16, k=3, num_chars=5, readout_width=32, wide_heads=True)
+    wide.proj.load_state_dict(plain.proj.state_dict())
+    hidden = torch.randn(2, 4, 16)
+    assert torch.equal(wide(hidden), plain(hidden))  # its output layer starts at zero
+    assert wide.readout[2].weight.shape == (3 * 5, 32)
+    torch.nn.init.normal_(wide.readout[2].weight)
+    w1, b1 = wide.readout[0].weight, wide.readout[0].bias
+    direct = torch.nn.functional.gelu(hidden @ w1.T + b1) @ wide.readout[2].weight.T
+    assert torch.allclose(wide(hidden), plain(hidden) + direct.unflatten(-1, (3, 5)), atol=1e-5)

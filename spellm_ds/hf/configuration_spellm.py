@@ -27,6 +27,8 @@ class SpeLLMConfig(PretrainedConfig):
     """The symbols the heads predict, in char-id order (``<end>``, ``<unk>``, ...)."""
     readout_width: int = 0
     """Beyond the paper: the width of a residual MLP read-out before the heads (0: none)."""
+    wide_heads: bool = False
+    """Beyond the paper: the read-out's hidden layer also feeds the char logits directly."""
     trainable_layers: int = 5
     """The last decoder layers whose FFN blocks trained (0: the trunk is the teacher's)."""
     train_attention: bool = False
