@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -78,8 +80,37 @@ def threads_per_rank(env: dict[str, str], cores: int) -> int | None:
     return None
 
 
+STALE_BUILD_LOCK_S = 600
+"""A just-in-time build lock older than this has no build behind it (DeepSpeed's ops build in under a minute)."""
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the locks a killed just-in-time op build left in torch's extension cache: torch waits
+    on such a lock forever, so every later start would hang without a word. A younger lock is
+    reported (a build may be running). Returns the locks removed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in sorted(root.glob("**/lock")) if root.is_dir() else []:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # another rank removed it
+            continue
+        if age > max_age_s:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            print(f"removed a stale op-build lock {lock} ({age / 60:.0f} minutes old: an interrupted build)",
+                  flush=True)
+        else:
+            print(f"an op build holds {lock} ({age:.0f} s old); waiting for it (delete the file if no build runs)",
+                  flush=True)
+    return removed
+
+
 def init(timeout_s: float) -> tuple[int, int]:
     """Join (or, alone, create) the process group; returns (rank, world size)."""
+    clear_stale_build_locks()
     os.environ.update(discover_environment(dict(os.environ)))
     threads = threads_per_rank(dict(os.environ), len(os.sched_getaffinity(0)))
     if threads is not None:

@@ -286,6 +286,35 @@ def test_a_planted_pickle_in_any_checkpoint_file_is_refused_and_runs_nothing(bas
     assert "at step 2" in resumed.stdout
 
 
+def test_a_fresh_run_never_overwrites_one_without_overwrite(base, tmp_path):
+    """--resume none into a finished run is refused and writes nothing; with --overwrite the old run
+    is renamed aside whole and the new one starts in an empty directory."""
+    out = tmp_path / "run"
+    ok(run_single(base, out, "--max_steps", "2", "--save_every", "0"))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = one_line_error(run_single(base, out, "--max_steps", "2", "--resume", "none"))
+    assert "holds a run that starting anew would overwrite" in refused and "--overwrite" in refused
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    replaced = ok(run_single(base, out, "--max_steps", "3", "--resume", "none", "--overwrite"))
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and str(aside[0]) in replaced.stdout
+    assert {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file()} == before
+    assert [step_of(p) for p in complete_checkpoints(out)] == [3]
+
+
+def test_a_non_finite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_exports_nothing(base, tmp_path):
+    out = tmp_path / "run"
+    result = run_single(base, out, "--max_steps", "8", "--save_every", "1", "--keep_checkpoints", "8",
+                        "--lr", "1e30", "--warmup", "1")
+    line = one_line_error(result)
+    assert "is nan" in line or "is inf" in line, line
+    step = int(line.split("step ")[1].split(":")[0])
+    kept = [step_of(p) for p in complete_checkpoints(out)]
+    assert kept == list(range(1, step)) and f"the last good checkpoint is {out / 'checkpoints'}" in line
+    assert not (out / "model").exists()
+    assert "--lr inf is not a finite number" in one_line_error(run_single(base, tmp_path / "x", "--lr", "inf"))
+
+
 def test_extend_schedule_trains_on_from_a_finished_run(base, tmp_path):
     out, straight = tmp_path / "run", tmp_path / "straight"
     ok(run_single(base, out, "--max_steps", "2", "--save_every", "0"))

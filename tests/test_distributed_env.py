@@ -61,3 +61,25 @@ def test_threads_share_the_node_cores_between_its_ranks():
     assert threads_per_rank({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, cores=16) == 8  # mpirun
     assert threads_per_rank({"SLURM_NTASKS_PER_NODE": "4"}, cores=2) == 1  # never 0
     assert threads_per_rank({}, cores=16) is None  # unknown: torch's own default
+
+
+def test_a_stale_op_build_lock_is_removed_and_a_fresh_one_reported(tmp_path, monkeypatch, capsys):
+    """A killed just-in-time build leaves a lock torch would wait on forever; an old one is removed
+    before the process group starts, a fresh one (a build may be running) only reported."""
+    import os
+    import time
+
+    from spellm_ds.distributed import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks() == [stale]
+    assert not stale.exists() and fresh.exists()
+    out = capsys.readouterr().out
+    assert f"removed a stale op-build lock {stale}" in out and f"an op build holds {fresh}" in out
