@@ -43,6 +43,22 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def add_dtypes_arg(parser) -> None:
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=None,
+                        help="dtypes to time (default: fp32, and bf16 where the hardware computes it fast: "
+                             "spellm_ds.precision)")
+
+
+def dtypes_to_time(requested: list[str] | None) -> list[torch.dtype]:
+    """``--dtypes``, or fp32 plus bf16 where it is fast (timing emulated bf16 measures the emulation)."""
+    from spellm_ds import precision
+
+    if requested is None:
+        fast = precision.choose("cuda" if torch.cuda.is_available() else "cpu").bf16
+        requested = ["fp32", "bf16"] if fast else ["fp32"]
+    return [torch.bfloat16 if name == "bf16" else torch.float32 for name in requested]
+
+
 def add_threads_arg(parser) -> None:
     from spellm_ds.cli import positive_int
 

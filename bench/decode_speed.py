@@ -3,7 +3,7 @@
     python -m bench.decode_speed --model SPELLM_DIR [--new_tokens 128] [--repeats 7] [--threads N] [--tau 0.22]
         [--rerank_k 16] [--quick] [--out FILE]
 
-Same prompts (BoolQ dev questions), batch 1 and 8, fp32 and bf16, every variant generating exactly
+Same prompts (BoolQ dev questions), batch 1 and 8, fp32 and (where it is fast) bf16, every variant generating exactly
 ``--new_tokens`` tokens (EOS ignored), one warm-up and ``--repeats`` interleaved rounds, medians
 with distribution-free 95% intervals, at one stated thread count:
   (1) hf_generate      transformers' generate() on the base model (greedy)
@@ -12,6 +12,8 @@ with distribution-free 95% intervals, at one stated thread count:
   (4) spellm_fallback  our loop, SpeLLM with fallback at --tau (the fallback rate is reported)
   (5) loop_no_head     our loop with no output head at all (the upper bound of any head saving)
   (6) spellm_rerank    with --rerank_k K only: (4) with the decided rows re-ranked by K LM-head rows
+  (7) spellm_hf_generate  (4) through transformers' own generate() on the SpeLLM model (its exported
+                       interface: the same tokens, plus the full-vocabulary distribution each step)
 Reported: tokens/s, ratios to (1) and (2), and each variant's gain over (2), the fair baseline
 (the same loop with the LM head), as a share of (5)'s, paired round by round. The output head's own
 time inside the loop (each step's token pick, from the last hidden state to the next ids) is timed
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import add_threads_arg, interleaved_times, median_interval, write
+from bench.common import add_dtypes_arg, add_threads_arg, dtypes_to_time, interleaved_times, median_interval, write
 from spellm_ds import cli
 from spellm_ds.decoding import TokenPicker, decode_loop, lm_head_picker, spellm_picker
 from spellm_ds.errors import SpellmError
@@ -91,6 +93,9 @@ def variants(model, ids, mask, new_tokens: int, tau: float, rerank_k: int, recor
         "spellm_fallback": loop("spellm_fallback", spellm_picker(model, with_fallback_decoder)),
         "loop_no_head": loop("loop_no_head", no_head_pick),
         **(rerank if rerank_k else {}),
+        "spellm_hf_generate": lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                     do_sample=False, tau=tau, eos_token_id=None,
+                                                     pad_token_id=model.tokenizer.pad_token_id or 0),
     }
 
 
@@ -123,6 +128,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=cli.positive_int, default=7,
                         help="interleaved rounds; at least 6 for a 95%% interval (default: %(default)s)")
     add_threads_arg(parser)
+    add_dtypes_arg(parser)
     cli.add_tau_arg(parser)
     cli.add_rerank_arg(parser)
     parser.add_argument("--quick", action="store_true", help="a tiny random model, few tokens, for CI")
@@ -139,7 +145,7 @@ def main() -> None:
         parser.error(f"--repeats {args.repeats}: at least 6 rounds are needed for a 95% interval of the median")
     torch.set_num_threads(args.threads)
     results = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes_to_time(args.dtypes):
         model = load(args.model, dtype=dtype)
         tokenizer = model.tokenizer
         tokenizer.padding_side = "left"
@@ -165,6 +171,7 @@ def main() -> None:
                 "tokens_per_s_interval": intervals,
                 "vs_hf_generate": {n: t / tps["hf_generate"] for n, t in tps.items()},
                 "vs_loop_lm_head": {n: t / tps["loop_lm_head"] for n, t in tps.items()},
+                "hf_generate_vs_loop": tps["spellm_hf_generate"] / tps["spellm_fallback"],
                 "share_of_no_head_gain": paired_share(speeds),
                 "head_ms_per_step": {n: median_interval([1e3 * s / args.new_tokens for s in spent])
                                      for n, spent in head_seconds.items()},

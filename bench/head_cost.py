@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import add_threads_arg, median_seconds, write
+from bench.common import add_dtypes_arg, add_threads_arg, dtypes_to_time, median_seconds, write
 from spellm_ds import cli
 from spellm_ds.charset import Charset
 from spellm_ds.config import READOUT_PER_HIDDEN
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--rerank_k", type=cli.positive_int, default=16,
                         help="spellings re-ranked per row in (h) (default: %(default)s)")
     add_threads_arg(parser)
+    add_dtypes_arg(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     k = 10
@@ -64,7 +65,7 @@ def main() -> None:
     decoder = CharDecoder(table, tau=0.22)
     min_time = 0.05 if args.quick else 1.0
     results = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes_to_time(args.dtypes):
         torch.manual_seed(0)
         lm_head = torch.nn.Linear(d, vocab, bias=False).to(dtype)
         heads = CharHeads(d, k, num_chars).to(dtype)

@@ -27,7 +27,7 @@ def positive(value):
 
 
 def test_head_cost(tmp_path):
-    document = run_bench("head_cost", tmp_path)
+    document = run_bench("head_cost", tmp_path, "--dtypes", "fp32", "bf16")
     assert document["settings"]["readout_width"] == 4 * document["settings"]["hidden"]
     assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == os.cpu_count()
     results = document["results"]
@@ -42,14 +42,16 @@ def test_head_cost(tmp_path):
 
 
 def test_decode_speed(tmp_path):
-    document = run_bench("decode_speed", tmp_path, "--threads", "1", "--rerank_k", "4")
+    document = run_bench("decode_speed", tmp_path, "--threads", "1", "--rerank_k", "4", "--dtypes", "fp32", "bf16")
     assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == 1
     assert document["settings"]["rerank_k"] == 4
     results = document["results"]
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8)}
     for row in results:
         assert set(row["tokens_per_s"]) == {"hf_generate", "loop_lm_head", "spellm", "spellm_fallback", "loop_no_head",
-                                            "spellm_rerank"}
+                                            "spellm_rerank", "spellm_hf_generate"}
+        assert row["hf_generate_vs_loop"] == row["tokens_per_s"]["spellm_hf_generate"] / row["tokens_per_s"][
+            "spellm_fallback"]
         assert all(positive(v) for v in row["tokens_per_s"].values())
         for name, interval in row["tokens_per_s_interval"].items():
             assert interval["low"] <= interval["median"] == row["tokens_per_s"][name] <= interval["high"]
@@ -114,3 +116,16 @@ def test_distill_throughput(tmp_path):
     assert document["settings"]["variants"]["default"] == {"flags": [], "ranks": 2, "threads_per_rank": 1,
                                                            "persistence_threshold": "auto",
                                                            "memory_efficient_linear": None}
+
+
+def test_benchmarks_time_bf16_only_where_it_is_fast(monkeypatch):
+    import torch
+
+    from bench.common import dtypes_to_time
+    from spellm_ds import precision
+
+    monkeypatch.setattr(precision, "choose", lambda device, requested="auto": precision.Precision(False, "emulated"))
+    assert dtypes_to_time(None) == [torch.float32]
+    monkeypatch.setattr(precision, "choose", lambda device, requested="auto": precision.Precision(True, "native"))
+    assert dtypes_to_time(None) == [torch.float32, torch.bfloat16]
+    assert dtypes_to_time(["bf16"]) == [torch.bfloat16]

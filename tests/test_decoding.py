@@ -343,3 +343,16 @@ def test_rerank_is_greedy_and_repairs_every_row(model):
     everywhere = generate(model, ids, max_new_tokens=6, tau=0.0, eos_token_id=None, rerank_k=4)
     assert torch.equal(everywhere.sequences, generate(model, ids, max_new_tokens=6, tau=0.0, eos_token_id=None).sequences)
     assert (everywhere.provenance == Provenance.FALLBACK).all()
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 5, 7, 8])
+def test_the_lm_head_of_some_rows_is_theirs_whatever_the_padding(count):
+    from spellm_ds.hf.char_decoding import lm_head_logits, lm_head_logits_of_rows
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(8, 16)
+    rows = torch.randperm(8)[:count]
+    got = lm_head_logits_of_rows(lm_head, hidden, rows)
+    assert got.shape == (count, 50)
+    assert torch.allclose(got, lm_head_logits(lm_head, hidden)[rows], atol=1e-6)

@@ -212,6 +212,21 @@ def lm_head_logits(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tens
     return torch.nn.functional.linear(hidden, lm_head.weight, lm_head.bias).float()
 
 
+def lm_head_logits_of_rows(lm_head: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`lm_head_logits` of ``hidden[rows]``, the rows padded (with copies of the first) to a
+    power of two of at least 4, or to the whole batch: BLAS computes a matmul of 2-3 rows row by row.
+    Measured on a 2-core EPYC (fp32, one thread), SmolLM2's LM head took 11.6 ms for 1 row, 23.4 for
+    2, 34.6 for 3, 21.3 for 4 and 26.0 for 8; an Intel Xeon took longer for 2, 3, 6 or 7 of 8 rows
+    than for all 8. So a fallback step never costs more than the LM head on the whole batch."""
+    count = len(rows)
+    padded = count if count <= 1 else 1 << max(2, (count - 1).bit_length())
+    if padded >= len(hidden):
+        return lm_head_logits(lm_head, hidden)[rows]
+    if padded > count:
+        rows = torch.cat([rows, rows[:1].expand(padded - count)])
+    return lm_head_logits(lm_head, hidden[rows])[:count]
+
+
 class CharDecoder:
     """Maps char logits to tokens; holds the valid spellings on the model's device."""
 
@@ -393,7 +408,7 @@ class CharDecoder:
         log_probs = self.spread(spelling_logp)
         rows = proposal.fallback.nonzero().squeeze(1)
         if len(rows):
-            log_probs[rows] = torch.log_softmax(lm_head_logits(lm_head, hidden[rows]), -1)
+            log_probs[rows] = torch.log_softmax(lm_head_logits_of_rows(lm_head, hidden, rows), -1)
         return log_probs, proposal
 
 
@@ -429,7 +444,7 @@ def greedy_tokens(decoder: CharDecoder, char_logits: torch.Tensor, hidden: torch
     rows = fallback.nonzero().squeeze(1).to(device)
     if len(rows):
         ids = ids.clone()
-        ids[rows] = lm_head_logits(lm_head, hidden[rows]).argmax(-1)
+        ids[rows] = lm_head_logits_of_rows(lm_head, hidden, rows).argmax(-1)
     return ids, origin
 
 
