@@ -129,3 +129,28 @@ def test_benchmarks_time_bf16_only_where_it_is_fast(monkeypatch):
     monkeypatch.setattr(precision, "choose", lambda device, requested="auto": precision.Precision(True, "native"))
     assert dtypes_to_time(None) == [torch.float32, torch.bfloat16]
     assert dtypes_to_time(["bf16"]) == [torch.bfloat16]
+
+
+def test_operating_points(tmp_path):
+    """Every tau's held-out fallback rate and agreement, and its speed against the LM-head loop: at tau
+    0 every position falls back (the LM head decides: full agreement), with 'none' none does."""
+    from tests import tiny
+
+    base_dir = tiny.tiny_llama_dir(tmp_path / "base", tiny.corpus_texts(40))
+    model = tiny.spellm_dir(tmp_path / "spellm", base_dir, std=0.3, k=6, trainable_layers=0)
+    out = tmp_path / "points.json"
+    result = subprocess.run([sys.executable, "-m", "bench.operating_points", "--model", str(model), "--taus", "0",
+                             "1.5", "none", "--rerank_k", "3", "--max_tokens", "512", "--batch", "2",
+                             "--new_tokens", "4", "--repeats", "6", "--threads", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT, env=rank_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [(row["tau"], row["rerank_k"]) for row in rows] == [(0.0, 0), (1.5, 0), (None, 0), (0.0, 3), (1.5, 3),
+                                                                (None, 3)]
+    everything, nothing = rows[0], rows[2]
+    assert everything["fallback_rate"]["rate"] == 1.0 and everything["agreement"]["rate"] == 1.0
+    assert everything["generated_fallback_rate"] == 1.0
+    assert nothing["fallback_rate"]["rate"] == 0.0 and nothing["generated_fallback_rate"] == 0.0
+    assert nothing["agreement"]["rate"] < 1.0  # untrained heads
+    assert all(positive(row["speed_vs_lm_head"]["median"]) for row in rows)
+    assert "fastest at >= 95% agreement: tau 0.0" in result.stdout
