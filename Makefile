@@ -14,14 +14,9 @@ test: setup
 	DS_ACCELERATOR=cpu $(VENV)/python scripts/warm_deepspeed.py
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/python -m pytest -q
 
-# The reference conversion's schedule (results/smollm2-135m/, under 2 hours on 2 CPU cores): the
-# teacher reads 15,000 blocks (3.8M tokens) once, then cached passes over them fill 20,500 steps,
-# at half the library's peak lr (3e-3 is the optimum at 300 steps of new text; over cached passes
-# 1.5e-3 gives +4.0 raw top-1 on BoolQ dev, and in seven-pass pilots 1e-3 was 1.4 points worse).
-# 15,000 blocks rather than 11,800 (4.5 cached passes, not 5.9): +0.4 raw top-1 on BoolQ dev, +1.3 out of
-# domain, paired, in 110 minutes instead of 98 (results/smollm2-135m/README.md, "More new text").
-# `make distill SCHEDULE=` runs the library defaults (300 steps of new text) instead.
-SCHEDULE ?= --teacher_cache --train_blocks 15000 --max_steps 20500 --lr 1.5e-3 --eval_every 500 --save_every 1000
+# The reference conversion's schedule (configs/reference.yaml); `make distill SCHEDULE=` runs the
+# library defaults (300 steps of new text) instead, and ARGS adds flags: ARGS="--max_steps 50".
+SCHEDULE ?= --config configs/reference.yaml
 
 # One thread per rank: on CPU the launcher would leave two per rank on a 2-core machine.
 distill: setup

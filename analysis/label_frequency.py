@@ -1,10 +1,10 @@
 """Exact+prefix match by how often the teacher's top-1 token was its top-1 in the training text.
 
-    python -m analysis.label_frequency --model DIR --teacher_cache RUN/teacher_cache [--data FILE] --out FILE.json
+    python -m analysis.label_frequency --model DIR --teacher_cache_dir RUN/teacher_cache [--data FILE] --out FILE.json
 
 It shows where the misses sit: on tokens the heads rarely saw as labels, or on tokens seen
 thousands of times. Rarity goes with length (rare tokens are mostly long ones), so a band mixes
-both (``docs/fidelity-pilots.md``, "Rare labels weighted up": more loss weight does not help
+both (``experiments/fidelity-pilots.md``, "Rare labels weighted up": more loss weight does not help
 rare tokens). The counts come from a ``--teacher_cache`` run's cache, which holds the teacher's
 top-5 at every training position the run read. A position trains on one of the teacher's top-5
 (the label rule), mostly its top-1, so a token's count is about how often its spelling was a
@@ -74,8 +74,8 @@ def compute_from_counts(analysis: Analysis, counts: torch.Tensor) -> dict:
 
 
 def compute(analysis: Analysis, args: argparse.Namespace) -> dict:
-    counts = training_top1_counts(args.teacher_cache, analysis.table.vocab_size)
-    return {"teacher_cache": str(args.teacher_cache), **compute_from_counts(analysis, counts)}
+    counts = training_top1_counts(args.teacher_cache_dir, analysis.table.vocab_size)
+    return {"teacher_cache": str(args.teacher_cache_dir), **compute_from_counts(analysis, counts)}
 
 
 def teacher_cache_dir(value: str) -> Path:
@@ -87,7 +87,7 @@ def teacher_cache_dir(value: str) -> Path:
 
 
 def extra_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher_cache", type=teacher_cache_dir, required=True,
+    parser.add_argument("--teacher_cache_dir", type=teacher_cache_dir, required=True,
                         help="the teacher_cache/ folder of the model's --teacher_cache run (its training counts)")
 
 

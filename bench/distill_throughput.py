@@ -79,7 +79,7 @@ VARIANTS: dict[str, Variant] = {
     "micro_batch_4": Variant(["--micro_batch", "4"]),
     "micro_batch_8": Variant(["--micro_batch", "8"]),
     "one_rank_two_threads": Variant(["--micro_batch", "4"], ranks=1, threads=CORES),
-    "no_shared_trunk": Variant(["--no_shared_trunk"]),
+    "no_shared_trunk": Variant(["--no-shared_trunk"]),
     # the paper's recipe: linear heads and the FFNs of the last 5 layers train
     "paper_recipe": Variant(["--trainable_layers", "5", "--readout_width", "0"]),
     # the spelling KL (off by default): scores every valid spelling at every position

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
 
 USER_ERROR_EXIT = 2
@@ -82,20 +83,114 @@ def check_output_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
     return path
 
 
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list}
+
+
+def option_type(annotation: str) -> tuple[type, bool]:
+    """The base type of a declared option's annotation (a string under postponed annotations) and
+    whether it may be None."""
+    name, _, none = annotation.partition(" | ")
+    return _TYPES[name], none == "None"
+
+
+def add_options(parser: argparse.ArgumentParser, config_class, names: tuple[str, ...] | None = None) -> None:
+    """One ``--name`` per option declared in ``config_class`` (:func:`spellm_ds.config.option`), or
+    per one of ``names``, in the declaration's ``--help`` groups: booleans as ``--x``/``--no-x``,
+    lists as zero or more values."""
+    from spellm_ds.config import GROUPS
+
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for declared in fields(config_class):
+        if "help" not in declared.metadata or (names is not None and declared.name not in names):
+            continue
+        settings = {key: value for key, value in declared.metadata.items() if key not in ("help", "group")}
+        kind, _ = option_type(declared.type)
+        help_text = declared.metadata["help"]
+        if kind is bool:
+            settings["action"] = argparse.BooleanOptionalAction  # it states the default itself
+        elif kind is list:
+            settings["nargs"] = "*"
+        else:
+            settings["type"] = kind
+            if declared.default is not None and "(default" not in help_text:
+                help_text += " (default: %(default)s)"
+        groups[declared.metadata["group"]].add_argument(f"--{declared.name}", default=declared.default,
+                                                        help=help_text, **settings)
+
+
+def read_recipe(path: str | Path, config_class) -> dict[str, Any]:
+    """A recipe file (YAML): option names of ``config_class`` and their values, each checked
+    against the option's type; a bad file is one line naming the problem."""
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpellmError(f"recipe file {path} does not exist; pass an existing YAML file with --config") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SpellmError(f"recipe file {path} is not readable YAML ({str(e).splitlines()[0]}); fix it") from None
+    if not isinstance(values, dict):
+        raise SpellmError(f"recipe file {path} must map option names to values (name: value per line)")
+    declared = {f.name: f for f in fields(config_class) if "help" in f.metadata}
+    for name, value in values.items():
+        if name not in declared:
+            raise SpellmError(f"recipe file {path}: unknown option {name!r}; see --help for the options")
+        kind, optional = option_type(declared[name].type)
+        fits = (value is None and optional) or (kind is float and isinstance(value, (int, float))
+                                                and not isinstance(value, bool)) \
+            or (kind is int and isinstance(value, int) and not isinstance(value, bool)) \
+            or (kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value)) \
+            or (kind in (str, bool) and isinstance(value, kind))
+        if not fits:
+            raise SpellmError(f"recipe file {path}: {name} is {value!r}, not a {declared[name].type}; fix the value")
+    return values
+
+
 def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=EMBEDDED_MODEL,
-                        help=f"'{EMBEDDED_MODEL}' (the embedded SmolLM2-135M-Instruct), a local HF model directory or a "
-                             "Hub ID org/name[@revision] (through the Hugging Face cache) "
-                             "(default: %(default)s)")
-    parser.add_argument("--data", nargs="*", default=None, metavar="PATH",
-                        help=".txt/.jsonl/.json/.parquet files or datasets.save_to_disk directories "
-                             "(default: the built-in five-source English corpus, spellm_ds/corpus.py)")
-    parser.add_argument("--text_field", default="text",
-                        help="field holding the text in .jsonl/.json/.parquet/dataset inputs (default: %(default)s)")
+    """``--model``, ``--data`` and ``--text_field`` as the run declares them."""
+    from spellm_ds.config import RunConfig
+
+    add_options(parser, RunConfig, ("model", "data", "text_field"))
+
+
+KNOWN_NOISE = (r"`torch\.distributed\.\w+` is deprecated", r"Attempting to get learning rate from scheduler before",
+               r"`use_cache=True` is incompatible with gradient checkpointing")
+"""Third-party messages a run prints at every start or step that tell its user nothing."""
+
+
+def quiet_known_noise() -> None:
+    """Silence :data:`KNOWN_NOISE` (Python warnings and DeepSpeed's log), DeepSpeed's note that it
+    picked the CPU where no GPU is there, and transformers' weight-loading progress bars, which fill
+    a log with carriage returns. Called once per process, before DeepSpeed is imported."""
+    import logging
+    import os
+    import re
+    import warnings
+
+    import torch
+
+    for pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not sys.stderr.isatty():  # progress bars in a log file are one endless line of carriage returns
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+    def useful(record: logging.LogRecord) -> bool:
+        return not any(re.match(pattern, record.getMessage()) for pattern in KNOWN_NOISE)
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").addFilter(useful)
+    for handler in transformers_logging._get_library_root_logger().handlers:
+        handler.addFilter(useful)
 
 
 def run(main: Callable[[], int | None]) -> None:
     """Call ``main`` and exit with its code; user errors print one line and exit 2."""
+    quiet_known_noise()
     try:
         code = main()
     except SpellmError as error:

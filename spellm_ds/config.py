@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from spellm_ds.losses import (LABEL_RULES, MAX_SOFT_CHAR_CANDIDATES, REG_TARGETS
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 3e-3, "ffn_lr": 1e-3}
 """Used where neither a flag nor the DeepSpeed config gives a value. ``lr`` is the char heads' peak,
 ``ffn_lr`` the pretrained blocks': new heads learn faster than the blocks can move without losing the
-teacher (docs/fidelity-pilots.md, "Label rule, batch size and learning rates")."""
+teacher (experiments/fidelity-pilots.md, "Label rule, batch size and learning rates")."""
 FULL_SHARDING_PERSISTENCE = 100_000
 """DeepSpeed's own default ``stage3_param_persistence_threshold``: only small tensors (norms,
 biases) stay whole; every weight matrix is sharded and gathered when used."""
@@ -33,62 +33,129 @@ RESIDENT_SHARE = 0.25
 """``"auto"`` keeps whole models resident when teacher + student take at most this share of a rank's memory."""
 
 
+ESSENTIALS = "essentials"
+RECIPE = "recipe"
+RUNTIME = "runtime and parallelism"
+EXPERIMENTAL = "experimental levers (beyond the paper, off by default)"
+GROUPS = (ESSENTIALS, RECIPE, RUNTIME, EXPERIMENTAL)
+"""The order ``--help`` shows them in: what every run sets first, the levers last."""
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def option(default: Any, help: str, group: str = RECIPE, **argparse: Any) -> Any:
+    """A run option declared once: its default, its help, its ``--help`` group and any argparse
+    settings (``choices``, ``metavar``); the command line is built from these
+    (:func:`spellm_ds.cli.add_options`) and a recipe file (``--config``) may set any of them."""
+    return field(default=default, metadata={"help": help, "group": group, **argparse})
+
+
 @dataclass
 class RunConfig:
-    model: str = EMBEDDED_MODEL
-    data: list[str] | None = None
-    text_field: str = "text"
-    train_blocks: int | None = None  # None: every training block
-    output_dir: str = "outputs/spellm"
-    deepspeed: str = "ds_configs/zero3.json"
-    teacher_deepspeed: str = "ds_configs/teacher.json"
-    teacher_stage: int | None = None
-    teacher_offload: bool = False
-    k: int = 10
-    charset: str | None = None
-    trainable_layers: int = 0
-    train_attention: bool = False
-    head_init: str = "embedding"
-    readout_width: int | None = None  # None: READOUT_PER_HIDDEN x the model's hidden size
-    wide_heads: bool = False
-    seq_len: int = 256
-    micro_batch: int | None = None
-    grad_accum: int | None = None
-    lr: float | None = None
-    ffn_lr: float | None = None
-    warmup: int = 20
-    max_steps: int = 300
-    reg_weight: float = 3.0
-    reg_target: str = "teacher"
-    soft_char_weight: float = 0.5
-    soft_char_candidates: int = 5
-    soft_char_prefix: bool = False
-    spelling_kl_weight: float = 0.0
-    spelling_kl_fraction: float = 1.0
-    state_noise: float = 0.0
-    anchored_rows: int = 0
-    rare_label_power: float = 0.0
-    label_selection: str = "joint"
-    label_prior_weight: float = 1.0
-    label_per_char: bool = False
-    label_gate: float | None = None
-    ignore_after_end: bool = True
-    eval_every: int = 50
-    eval_fraction: float = 0.02
-    eval_blocks: int = 32
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    resume: str = "auto"
-    stop_at: int | None = None
-    seed: int = 0
-    activation_checkpointing: bool = True
-    shared_trunk: bool = True
-    collective_timeout_s: float = 300.0
-    precision: str = "auto"
-    overwrite: bool = False
-    extend_schedule: bool = False
-    teacher_cache: bool = False
-    teacher_cache_from: str | None = None
+    model: str = option(EMBEDDED_MODEL, f"'{EMBEDDED_MODEL}' (the embedded SmolLM2-135M-Instruct), a local HF model "
+                        "directory or a Hub ID org/name[@revision] (through the Hugging Face cache)", ESSENTIALS)
+    data: list[str] | None = option(None, ".txt/.jsonl/.json/.parquet files or datasets.save_to_disk directories "
+                                    "(default: the built-in five-source English corpus)", ESSENTIALS, metavar="PATH")
+    text_field: str = option("text", "field holding the text in .jsonl/.json/.parquet/dataset inputs", ESSENTIALS)
+    output_dir: str = option("outputs/spellm", "checkpoints, tensorboard/, run_config.json and the exported model/",
+                             ESSENTIALS)
+    deepspeed: str = option(str(REPOSITORY / "ds_configs" / "zero3.json"), "the student's DeepSpeed config",
+                            ESSENTIALS, metavar="JSON")
+    max_steps: int = option(300, "optimizer steps", ESSENTIALS)
+    train_blocks: int | None = option(None, "train on the first N packed training blocks only (a random subset of "
+                                      "the documents), read again pass after pass (default: every block)",
+                                      ESSENTIALS, metavar="N")
+    teacher_cache: bool = option(False, "store the teacher's output per block in OUTPUT_DIR/teacher_cache the first "
+                                 "time a block is read and read it back on later passes and evaluations (a pass "
+                                 "after the first skips the teacher); about 1.2 KB per position for SmolLM2-135M",
+                                 ESSENTIALS)
+    resume: str = option("auto", "auto: continue from the latest complete checkpoint in OUTPUT_DIR; none: start "
+                         "fresh; PATH: a checkpoints/stepN directory", ESSENTIALS, metavar="auto|none|PATH")
+    overwrite: bool = option(False, "start anew in an OUTPUT_DIR that holds a run (checkpoints or a model): the old "
+                             "run is renamed aside (OUTPUT_DIR.replaced-TIME), never mixed or deleted", ESSENTIALS)
+    precision: str = option("auto", "bf16 or fp32 compute; auto: bf16 where the hardware computes it fast (a GPU "
+                            "with bf16, a CPU with avx512_bf16 or AMX, or an emulating CPU where a matmul probe finds "
+                            "it faster), fp32 elsewhere; the DeepSpeed config's bf16 \"auto\" follows it", ESSENTIALS,
+                            choices=PRECISIONS)
+    k: int = option(10, "characters per token = number of char heads (the paper: 10)")
+    charset: str | None = option(None, "charset.json or a text file of extra characters (default: the 105 symbols)",
+                                 metavar="FILE")
+    trainable_layers: int = option(0, "train the FFN blocks of this many last decoder layers (the paper: 5); 0 trains "
+                                   "only the heads and read-out on the teacher's own final hidden state, so the "
+                                   "fallback path is the teacher")
+    readout_width: int | None = option(None, "a residual MLP read-out of this width before the char heads (beyond "
+                                       f"the paper); 0: the paper's linear heads (default: {READOUT_PER_HIDDEN} x the "
+                                       "model's hidden size)")
+    head_init: str = option("embedding", "char head start: mean token embeddings per (position, char), or random",
+                            choices=HEAD_INITS)
+    seq_len: int = option(256, "tokens per packed block")
+    micro_batch: int | None = option(None, f"blocks per rank per micro step (default: the DeepSpeed config's, else "
+                                     f"{DEFAULTS['micro_batch']})")
+    grad_accum: int | None = option(None, f"micro steps per optimizer step (default: the DeepSpeed config's, else "
+                                    f"{DEFAULTS['grad_accum']})")
+    lr: float | None = option(None, f"peak learning rate of the char heads (default: the DeepSpeed config's, else "
+                              f"{DEFAULTS['lr']:g})")
+    ffn_lr: float | None = option(None, "peak learning rate of the pretrained blocks that train (default: "
+                                  f"{DEFAULTS['ffn_lr']:g})")
+    warmup: int = option(20, "linear warm-up steps")
+    reg_weight: float = option(3.0, "weight of the token-level regularisation loss when FFNs train (unused with "
+                               "--trainable_layers 0, where the LM head reads the teacher's own state)")
+    reg_target: str = option("teacher", "what the token regulariser pulls the student's LM-head distribution "
+                             "towards: the selected label (CE) or the teacher (KL over its top-5 plus the rest)",
+                             choices=REG_TARGETS)
+    soft_char_weight: float = option(0.5, "weight of an auxiliary per-head CE with the characters of the teacher's "
+                                     "top candidates, weighted by its probabilities")
+    label_selection: str = option("joint", "label among the teacher's top-5: the one the student spells best "
+                                  "(student_nll, the paper's rule), best by char NLL - w x log p_teacher (joint), or "
+                                  "the teacher's first spellable candidate (teacher_top1)", choices=LABEL_RULES)
+    label_prior_weight: float = option(1.0, "w, the weight of the teacher's log-probability in the joint rule")
+    ignore_after_end: bool = option(True, "leave the characters after a label's first <end> out of the char loss "
+                                    "and the label score (decoding always ignores them)")
+    eval_every: int = option(50, "steps between held-out evaluations")
+    eval_fraction: float = option(0.02, "share of documents held out")
+    eval_blocks: int = option(32, "held-out blocks evaluated")
+    save_every: int = option(100, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = option(2, "complete checkpoints to keep")
+    stop_at: int | None = option(None, "save and exit 0 after this step; the schedule still runs to --max_steps "
+                                 "(time-boxed jobs)", metavar="STEP")
+    extend_schedule: bool = option(False, "allow resuming with a larger --max_steps than the checkpoint's run; the "
+                                   "LR decay is then laid over the new total from the resumed step on")
+    teacher_cache_from: str | None = option(None, "with --teacher_cache: first link in the entries of "
+                                            "RUN_DIR/teacher_cache, a run of the same model, precision, blocks and "
+                                            "batch composition, and read them instead of running the teacher",
+                                            metavar="RUN_DIR")
+    seed: int = option(0, "the data split, order and head initialisation")
+    teacher_deepspeed: str = option(str(REPOSITORY / "ds_configs" / "teacher.json"), "the teacher's DeepSpeed "
+                                    "config (no optimizer)", RUNTIME, metavar="JSON")
+    teacher_stage: int | None = option(None, "override the teacher's ZeRO stage: 0 = replicated (fast when it fits), "
+                                       "3 = sharded", RUNTIME, choices=(0, 3))
+    teacher_offload: bool = option(False, "keep the ZeRO-3 teacher's parameters in CPU memory", RUNTIME)
+    activation_checkpointing: bool = option(True, "recompute activations in backward (non-reentrant)", RUNTIME)
+    shared_trunk: bool = option(True, "start the student from the teacher's hidden state below its trainable layers "
+                                "instead of running its frozen lower layers itself (the result is the same)", RUNTIME)
+    collective_timeout_s: float = option(300.0, "a collective waiting longer than this ends the job", RUNTIME)
+    train_attention: bool = option(False, "train the attention blocks of the trainable layers too", EXPERIMENTAL)
+    wide_heads: bool = option(False, "the read-out's hidden layer also feeds the char logits directly "
+                              "(width x k|C| weights), not only through its hidden-size output", EXPERIMENTAL)
+    soft_char_candidates: int = option(5, "how many of the teacher's top candidates the soft targets read, 5..1024 "
+                                       "(the labels keep its top-5)", EXPERIMENTAL)
+    soft_char_prefix: bool = option(False, "head i's soft targets only from the candidates that share the selected "
+                                    "label's first i characters", EXPERIMENTAL)
+    spelling_kl_weight: float = option(0.0, "weight of the KL from the teacher's top-5 to the char heads' token "
+                                       "distribution (costs a [positions x valid tokens] score per micro step)",
+                                       EXPERIMENTAL)
+    spelling_kl_fraction: float = option(1.0, "share of the positions the spelling KL is computed on, a fresh "
+                                         "uniform sample each micro step", EXPERIMENTAL)
+    state_noise: float = option(0.0, "train on the teacher's final state plus Gaussian noise of SIGMA x its RMS, "
+                                "labelled by the teacher's LM head there (read-out recipe only)", EXPERIMENTAL,
+                                metavar="SIGMA")
+    anchored_rows: int = option(0, "add N rows of states moved towards tokens of the training text, labelled by "
+                                "the teacher's LM head there (read-out recipe only)", EXPERIMENTAL, metavar="N")
+    rare_label_power: float = option(0.0, "weight each position's char loss by (count + 1)^-POWER, count being how "
+                                     "often its label occurs in the training text", EXPERIMENTAL, metavar="POWER")
+    label_per_char: bool = option(False, "score label candidates by char NLL per counted character, not summed",
+                                  EXPERIMENTAL)
+    label_gate: float | None = option(None, "where the teacher gives its top-1 probability >= P, that token is the "
+                                      "label whatever the rule scores", EXPERIMENTAL, metavar="P")
 
     def validate(self) -> None:
         """Every flag that can be checked without loading anything; one line per problem."""

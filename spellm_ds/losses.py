@@ -195,7 +195,7 @@ def soft_char_targets(top_ids: torch.Tensor, top_probs: torch.Tensor, table: Spe
     has any weighs 1 / their number: the heads' marginals then follow the label's path, where the
     plain targets pull head i towards characters of candidates that left it earlier (`' to'` and
     `','` make head 1 `t` or END: the blend `' '`). Off by default: in a pilot it cost 2.1 raw top-1
-    points and left the blends as many (``docs/fidelity-pilots.md``)."""
+    points and left the blends as many (``experiments/fidelity-pilots.md``)."""
     chars = table.chars[top_ids]  # [B, T, n, k]
     keep = scored_chars(chars, ignore_after_end)
     weights = candidate_weights(top_ids, top_probs, table).unsqueeze(-1)
@@ -265,7 +265,7 @@ def rare_label_weights(token_counts: torch.Tensor, power: float) -> torch.Tensor
     The heads spell rarely seen tokens far worse (:mod:`analysis.label_frequency`);
     ``--rare_label_power`` (beyond the paper) moves gradient from the spellings they see often to
     those they see rarely, the char loss staying a weighted mean. In pilots it cost raw agreement
-    and barely helped the rare tokens (``docs/fidelity-pilots.md``, "Rare labels weighted up"), so
+    and barely helped the rare tokens (``experiments/fidelity-pilots.md``, "Rare labels weighted up"), so
     it is off by default."""
     return (token_counts.double() + 1).pow(-power).float()
 

@@ -110,7 +110,7 @@ class StateAnchors:
     of SmolLM2's states. The LM head labels the moved state exactly, for its cost alone (the
     decoder does not run), as with ``--state_noise``; here the new states cover every token of
     ``tokens`` alike, where the text gives a rare token few contexts. Off by default: it helped a
-    read-out probe and cost raw agreement in the pipeline's pilots (``docs/fidelity-pilots.md``).
+    read-out probe and cost raw agreement in the pipeline's pilots (``experiments/fidelity-pilots.md``).
     """
 
     @torch.no_grad()

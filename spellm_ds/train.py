@@ -66,7 +66,6 @@ import deepspeed
 import psutil
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from transformers import AutoConfig
 
 from spellm_ds import assets, checkpoint, cli, distributed, export, precision, provenance
@@ -83,6 +82,7 @@ from spellm_ds.losses import TOP_K, LossParts, distillation_loss, rare_label_wei
 from spellm_ds.metrics import match_sums, rates
 from spellm_ds.model import shared_trunk_layer
 from spellm_ds.provenance import content_hash, model_files
+from spellm_ds.progress import Progress
 from spellm_ds.shutdown import GracefulShutdown
 from spellm_ds.spelling import SpellingTable, model_vocab_size
 from spellm_ds.teacher import StateAnchors, joined_signals, noised_states, teacher_signal, top_tokens_from_hidden
@@ -143,8 +143,6 @@ class Distillation:
         self.teacher_ds = resolve_teacher_config(config, self.student_ds, self.world_size, persistence)
         used = mixed_precision_dtype(self.student_ds) == torch.bfloat16
         self.precision = chosen if used == chosen.bf16 else precision.Precision(used, "the DeepSpeed config sets it")
-        if self.rank == 0:
-            print(f"precision: {self.precision.describe()}", flush=True)
         self.content = {"data_sha256": content_hash(data_files(config.data)),
                         "model_sha256": content_hash(model_files(self.model_dir))}
         self.resume_from = checkpoint.find_resume_point(config.resume, self.output_dir)
@@ -180,6 +178,8 @@ class Distillation:
         if self.resume_from and self.rank == 0:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)
         self.writer = self._tensorboard()
+        if self.rank == 0:
+            print(self.header(), flush=True)
 
     def _start_anew(self) -> None:
         """A fresh run never mixes with or overwrites another in its ``--output_dir``: one there (a
@@ -421,37 +421,64 @@ class Distillation:
             if self.writer is not None:
                 self.writer.close()
 
+    def phases(self) -> list[tuple[str, int]]:
+        """The run's phases as (name, step it ends at): with a teacher cache the first pass runs the
+        teacher and the passes after it read the cache, about ten times faster per step."""
+        cfg = self.config
+        first_pass = int(self.first_read.max()) + 1  # the steps until every block has been read once
+        if cfg.teacher_cache and first_pass < cfg.max_steps:
+            return [("first pass", first_pass), ("cached passes", cfg.max_steps)]
+        return [("training", cfg.max_steps)]
+
+    def header(self) -> str:
+        """What the run is about to do, in a few lines (rank 0 prints it)."""
+        cfg = self.config
+        blocks_per_step = cfg.micro_batch * cfg.grad_accum * self.world_size
+        teacher_blocks = min(len(self.data.train), cfg.max_steps * blocks_per_step)
+        plan = ", then ".join(f"{name} to step {end:,}" for name, end in self.phases())
+        return "\n".join([
+            f"model: {cfg.model} ({self.model_dir})",
+            f"data: {', '.join(cfg.data) if cfg.data else 'the default corpus'}: {len(self.data.train):,} training "
+            f"blocks of {cfg.seq_len} tokens, {len(self.data.held_out):,} held out",
+            f"plan: {cfg.max_steps:,} steps of {blocks_per_step} blocks ({blocks_per_step * cfg.seq_len:,} tokens); "
+            f"{teacher_blocks * cfg.seq_len:,} tokens through the teacher"
+            f"{' once (teacher cache)' if cfg.teacher_cache else ''}; {plan}",
+            f"ranks: {self.world_size} x {torch.get_num_threads()} threads on {self.device.type}; "
+            f"precision {self.precision.describe()}",
+            f"output: {self.output_dir} (TensorBoard: {self.output_dir / 'tensorboard'})"])
+
     def _loop(self, shutdown: GracefulShutdown) -> Path | None:
         cfg = self.config
         tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
-        bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=self.rank != 0, dynamic_ncols=True,
-                   desc="distill")
+        progress = Progress(cfg.max_steps, self.start_step, self.phases(), self.rank == 0)
         for step in range(self.start_step, cfg.max_steps):
             started = synchronized_clock()
             metrics = self.train_step(step)
             elapsed = synchronized_clock() - started
-            metrics.update({"perf/tokens_per_s": tokens_per_step / elapsed, "perf/step_s": elapsed,
-                            "mem/rss_gb": psutil.Process().memory_info().rss / 2**30})
+            metrics.update({"perf/tokens_per_s": tokens_per_step / elapsed,
+                            "perf/tokens_per_s_all": tokens_per_step * self.world_size / elapsed,
+                            "perf/step_s": elapsed, "mem/rss_gb": psutil.Process().memory_info().rss / 2**30})
             metrics.update(zip(("lr", "lr/ffn"), self.student.get_lr()))  # the heads', the blocks'
             self._stop_if_not_finite(metrics, step + 1)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
                 metrics.update(self.evaluate())
+                progress.note(f"step {step + 1}: held-out exact+prefix {metrics['eval/match/exact_or_prefix']:.1%}, "
+                              f"match@5 {metrics['eval/match/at5']:.1%}")
             self._log(metrics, step + 1)
-            bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", exact=f"{metrics['match/exact_or_prefix']:.2f}",
-                            tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
-            bar.update()
+            progress.update(step + 1, metrics)
             stop_reason = "signal" if shutdown.agreed(self.device) else "--stop_at" if step + 1 == cfg.stop_at else ""
             if stop_reason and step + 1 < cfg.max_steps:
                 saved = self.save(step + 1)
                 if self.rank == 0 and stop_reason == "signal":  # tells a job script to requeue
                     (self.output_dir / PREEMPTED).write_text(f"{step + 1}\n")
+                progress.close()
                 if self.rank == 0:
                     print(f"stopped by {stop_reason} after step {step + 1}; checkpoint {saved}; rerun the same "
                           "command to resume", flush=True)
                 return None
             if step + 1 < cfg.max_steps and cfg.save_every and (step + 1) % cfg.save_every == 0:
-                self.save(step + 1)
-        bar.close()
+                progress.note(f"step {step + 1}: checkpoint {self.save(step + 1)}")
+        progress.close()
         final = self.save(cfg.max_steps)
         print(f"rank {self.rank} peak RSS: {_peak_rss_gb():.2f} GB", flush=True)
         return final

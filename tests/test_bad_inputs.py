@@ -75,7 +75,7 @@ CASES = [
     (lambda f: distill(f, "--state_noise", "-0.1"), "--state_noise -0.1"),
     (lambda f: distill(f, "--state_noise", "0.2", "--trainable_layers", "1"), "--state_noise 0.2 needs the read-out"),
     (lambda f: distill(f, "--anchored_rows", "-1"), "--anchored_rows -1"),
-    (lambda f: distill(f, "--anchored_rows", "1", "--no_shared_trunk"), "--anchored_rows 1 needs the read-out"),
+    (lambda f: distill(f, "--anchored_rows", "1", "--no-shared_trunk"), "--anchored_rows 1 needs the read-out"),
     (lambda f: distill(f, "--rare_label_power", "-1"), "--rare_label_power -1"),
     (lambda f: distill(f, "--label_prior_weight", "-0.5"), "--label_prior_weight -0.5"),
     (lambda f: distill(f, "--ffn_lr", "0"), "--ffn_lr 0"),
@@ -124,7 +124,7 @@ CASES = [
     (lambda f: analysis("report", f, "--tau", "high", "--out", str(f["root"] / "report")), "--tau"),
     (lambda f: analysis("report", f, "--out", str(f["root"] / "a_file")), f"{R}/a_file"),
     (lambda f: analysis("match_rates", f, "--out", str(f["root"] / "no_checkpoints")), f"{R}/no_checkpoints"),
-    (lambda f: analysis("label_frequency", f, "--teacher_cache", str(f["root"]), "--out", str(f["root"] / "lf.json")),
+    (lambda f: analysis("label_frequency", f, "--teacher_cache_dir", str(f["root"]), "--out", str(f["root"] / "lf.json")),
      "holds no training entries"),
     # benchmarks
     (lambda f: ["-m", "bench.decode_speed", "--repeats", "0"], "--repeats"),

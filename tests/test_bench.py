@@ -103,7 +103,7 @@ def test_decode_speed_pairs_the_gain_share_by_round():
 def test_distill_throughput(tmp_path):
     cores = os.cpu_count()
     names = sorted({f"bound_1x{cores}", f"bound_{cores}x1"})
-    # one job variant: each launch costs half a minute here (--no_shared_trunk is tested in test_engines)
+    # one job variant: each launch costs half a minute here (--no-shared_trunk is tested in test_engines)
     document = run_bench("distill_throughput", tmp_path, "--variants", *names, "default")
     results = document["results"]
     bounds = [results[name] for name in names]

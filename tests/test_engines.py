@@ -131,7 +131,7 @@ def test_the_student_holds_no_layer_the_teacher_runs(distillation):
 
 
 def test_without_the_shared_trunk_the_student_keeps_and_runs_every_layer(process_group, tmp_path):
-    """--no_shared_trunk: the student holds all its layers, runs from input_ids and trains."""
+    """--no-shared_trunk: the student holds all its layers, runs from input_ids and trains."""
     run = tiny_distillation(tmp_path, shared_trunk=False, max_steps=2)
     assert run.trunk_layer is None
     assert all(sum(1 for _ in layer.parameters()) > 0 for layer in decoder_layers(run.student.module.base))

@@ -1,6 +1,6 @@
-"""Features for docs/pilots/anchor_probe.py: SmolLM2-135M's frozen final states and top-5 on N blocks of the
+"""Features for experiments/pilots/anchor_probe.py: SmolLM2-135M's frozen final states and top-5 on N blocks of the
 shuffled default corpus, BoolQ dev and the out-of-domain source, and the corpus's input-token counts.
-Run as it was (it imports the read-out probe's helpers from ../shared/tools): python docs/pilots/anchor_probe_features.py 1000
+Run as it was (it imports the read-out probe's helpers from ../shared/tools): python experiments/pilots/anchor_probe_features.py 1000
 """
 import sys, time, torch
 sys.path.insert(0, "."); sys.path.insert(0, "../shared/tools")

@@ -1,7 +1,7 @@
 """Probe input: text a run trained on and unseen text of the same sources, as JSONL for ``--data``
 of the analyses, to tell a fit short of capacity from one short of data.
 
-    PYTHONPATH=. python docs/pilots/fit_texts.py runs/fit-texts 1700   # OUT TRAIN_BLOCKS
+    PYTHONPATH=. python experiments/pilots/fit_texts.py runs/fit-texts 1700   # OUT TRAIN_BLOCKS
 
 For a default-corpus run with ``--train_blocks TRAIN_BLOCKS`` (seed 0, the default split), writes
 ``train.jsonl``: documents drawn at random from those whose every token lies in the run's training

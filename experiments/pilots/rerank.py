@@ -1,6 +1,6 @@
 """Probe: how much does re-ranking the char heads' top-K spellings by the LM head agree with the teacher?
 
-    PYTHONPATH=. python docs/pilots/rerank.py docs/pilots/rerank.json runs/smollm2-135m/model [MODEL ...]
+    PYTHONPATH=. python experiments/pilots/rerank.py experiments/pilots/rerank.json runs/smollm2-135m/model [MODEL ...]
 
 For each K, every position's char-path token is :meth:`CharDecoder.rerank`'s (``--rerank_k K`` of
 decoding; every K from one pass over the vocabulary, as the first K of the top 64) instead of the

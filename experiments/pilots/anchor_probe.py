@@ -1,13 +1,13 @@
 """Probe behind ``--anchored_rows``: a read-out (residual MLP + k heads) trained on SmolLM2-135M's frozen
 final states, with and without anchored states (real states moved towards a token along row t of
 E (E^T E)^-1, labelled by the LM head there); agreement on BoolQ dev and the out-of-domain source, by
-band of the label's training count. Summary: docs/pilots/anchor-probe.json. After
-docs/pilots/anchor_probe_features.py 1000, from the repository root (the paths as run, /work/probe, made relative):
+band of the label's training count. Summary: experiments/pilots/anchor-probe.json. After
+experiments/pilots/anchor_probe_features.py 1000, from the repository root (the paths as run, /work/probe, made relative):
 
-    python docs/pilots/anchor_probe.py --geometry --direction raw|centered|dual   # how often t becomes the top-1
-    python docs/pilots/anchor_probe.py --out base.json
-    python docs/pilots/anchor_probe.py --aug 0.5 --lo 0.2 --hi 0.4 [--q_power 0.5] --out aug.json   # also --aug 1.0
-    python docs/pilots/anchor_probe.py --epochs 12 [--aug 0.5 --lo 0.2 --hi 0.4] --out base12.json  # and aug12.json
+    python experiments/pilots/anchor_probe.py --geometry --direction raw|centered|dual   # how often t becomes the top-1
+    python experiments/pilots/anchor_probe.py --out base.json
+    python experiments/pilots/anchor_probe.py --aug 0.5 --lo 0.2 --hi 0.4 [--q_power 0.5] --out aug.json   # also --aug 1.0
+    python experiments/pilots/anchor_probe.py --epochs 12 [--aug 0.5 --lo 0.2 --hi 0.4] --out base12.json  # and aug12.json
 
 (the first aug run computed the LM head in fp32, the later ones in bf16, as the pipeline does.)
 """

@@ -1,6 +1,6 @@
 """Probe: would a per-character length bonus in the vocabulary argmax agree with the teacher more?
 
-    PYTHONPATH=. python docs/pilots/length_bonus.py runs/smollm2-135m/model docs/pilots/length-bonus.json
+    PYTHONPATH=. python experiments/pilots/length_bonus.py runs/smollm2-135m/model experiments/pilots/length-bonus.json
 
 The summed spelling score s(v) reads a token's characters up to its first END only, so a short
 token pays for fewer heads than a long one. This scores every valid spelling by s(v) + beta * n(v)
