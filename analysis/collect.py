@@ -65,6 +65,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=cli.positive_int, default=4, help="blocks per forward (default: %(default)s)")
     cli.add_tau_arg(parser)
     cli.add_rerank_arg(parser)
+    cli.add_device_args(parser)
 
 
 @dataclass
@@ -104,9 +105,11 @@ def held_out_blocks(tokenizer, data: list[str] | None, text_field: str, seq_len:
 def collect(args: argparse.Namespace) -> Analysis:
     from transformers import AutoModelForCausalLM
 
-    student = load(args.model)
+    device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
+    student = load(args.model, dtype=dtype, device=device)
     teacher_name = args.teacher or student.config.teacher
-    teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(teacher_name), dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(teacher_name),
+                                                   dtype=student.dtype).to(device).eval()
     table = student.spelling
     decoder = student.char_decoder(args.tau)  # with the model's spelling temperature
     lm_head = student.base.get_output_embeddings()
@@ -117,7 +120,7 @@ def collect(args: argparse.Namespace) -> Analysis:
                                                                  student.config.trainable_layers)
     parts = []
     for start in tqdm(range(0, len(blocks), args.batch_size), desc="analyse", disable=len(blocks) <= args.batch_size):
-        batch = blocks[start : start + args.batch_size]
+        batch = blocks[start : start + args.batch_size].to(device)
         next_ids = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], 1)
         targets = next_ids.clamp(min=0)  # the last position's is scored, then masked by next_ids
         signal, out, labels = teacher_and_student(teacher, student, batch, table, label_rule_of(student.config),
@@ -127,7 +130,7 @@ def collect(args: argparse.Namespace) -> Analysis:
         proposal, heads_next_logp = decoder.propose_and_score(char_logits, targets.flatten(), args.rerank_k,
                                                               out.hidden.flatten(0, 1), lm_head)
         lm_logp = torch.log_softmax(out.token_logits.float(), -1)
-        parts.append(Records(
+        parts.append(Records(**{name: column.cpu() for name, column in dict(
             top_ids=signal.top_ids.flatten(0, 1), top_probs=signal.top_probs.flatten(0, 1),
             teacher_entropy=signal.entropy.flatten(), raw_chars=read_string(char_logits), hit=proposal.hit,
             autocorrected=proposal.token_ids, fallback_token=out.token_logits.flatten(0, 1).argmax(-1),
@@ -135,7 +138,7 @@ def collect(args: argparse.Namespace) -> Analysis:
             label_valid=labels.valid.flatten(), next_ids=next_ids.flatten(),
             teacher_next_logp=signal.target_logp.flatten(),
             heads_next_logp=heads_next_logp,
-            lm_next_logp=lm_logp.gather(-1, targets.unsqueeze(-1)).flatten()))
+            lm_next_logp=lm_logp.gather(-1, targets.unsqueeze(-1)).flatten()).items()}))
     counts = torch.bincount(blocks.flatten(), minlength=table.vocab_size)
-    return Analysis(Records.concat(parts), table, args.tau, args.rerank_k, teacher_name, counts, student.tokenizer,
-                    args.seq_len)
+    return Analysis(Records.concat(parts), table.to("cpu"), args.tau, args.rerank_k, teacher_name, counts,
+                    student.tokenizer, args.seq_len)

@@ -89,6 +89,7 @@ def main() -> None:
                         help="greedy tokens per continuation (default: %(default)s)")
     cli.add_tau_arg(parser)
     cli.add_rerank_arg(parser)
+    cli.add_device_args(parser)
     parser.add_argument("--out", required=True, help="JSON report path")
     args = parser.parse_args()
     out = Path(args.out)
@@ -99,10 +100,11 @@ def main() -> None:
 def run(args: argparse.Namespace, out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    student = load(args.model)
+    student = load(args.model, dtype=args.dtype, device=args.device)
     teacher_dir = assets.resolve_model(args.teacher or student.config.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    prompt_ids = prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, args.prompt_tokens)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=student.dtype).to(args.device).eval()
+    prompt_ids = prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts,
+                         args.prompt_tokens).to(args.device)
     result = compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

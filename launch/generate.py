@@ -32,10 +32,11 @@ def main() -> None:
     p.add_argument("--top_p", type=cli.probability, default=1.0, help="nucleus mass in (0, 1] (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
+    cli.add_device_args(p)
     args = p.parse_args()
     if args.sample and args.rerank_k:
         raise SpellmError("--rerank_k re-ranks greedy decoding only; drop --sample or --rerank_k")
-    model = load(args.model)
+    model = load(args.model, dtype=args.dtype, device=args.device)
     tokenizer = model.tokenizer
     if args.chat and not tokenizer.chat_template:
         raise SpellmError(f"{args.model} has no chat template; drop --chat")
@@ -46,6 +47,7 @@ def main() -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
+    batch = batch.to(args.device)
     out = generate(model, batch["input_ids"], batch["attention_mask"], args.max_new_tokens, args.tau,
                    do_sample=args.sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -72,11 +72,12 @@ def fit_spelling_temperature(model, blocks: torch.Tensor, batch_size: int = 4) -
                        {str(t): float(v) for t, v in zip(TEMPERATURES, nll)})
 
 
-def calibrate(model_dir: Path, blocks: torch.Tensor) -> Calibration:
+def calibrate(model_dir: Path, blocks: torch.Tensor, dtype: torch.dtype | str = torch.float32,
+              device: str = "cpu") -> Calibration:
     """Fit the spelling temperature of the SpeLLM directory ``model_dir`` on ``blocks`` and record it."""
     from spellm_ds.model import load
 
-    model = load(model_dir)
+    model = load(model_dir, dtype=dtype, device=device)
     found = fit_spelling_temperature(model, blocks)  # reads the heads' scores, whatever T is recorded
     model.config.spelling_temperature = found.temperature
     replace_file(model_dir / "config.json", model.config.to_json_string())

@@ -69,6 +69,22 @@ def add_rerank_arg(parser: argparse.ArgumentParser) -> None:
                              "decoding (default: %(default)s)")
 
 
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    from spellm_ds.precision import INFERENCE_DTYPES
+
+    parser.add_argument("--device", default=default_device(),
+                        help="where the models run, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("auto", *INFERENCE_DTYPES), default="auto",
+                        help="the models' dtype; auto: the model's own where the device computes it fast, else "
+                             "float32 (default: %(default)s)")
+
+
 def check_output_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
     """Refuse an output directory that is a file or lies under one (or, with ``empty``, one that
     holds files) before any work is done."""

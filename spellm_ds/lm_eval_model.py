@@ -34,10 +34,10 @@ from spellm_ds.decoding import generate
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_decoding import Provenance
 from spellm_ds.model import load
+from spellm_ds.precision import INFERENCE_DTYPES
 from spellm_ds.teacher import lm_head_log_probs
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def flag(value: str | bool) -> bool:
@@ -56,13 +56,13 @@ class SpeLLMEvalModel(TemplateLM):
                  fallback: str | bool = True, rerank_k: int | str = 0, dtype: str = "float32", batch_size: int | str = 8,
                  device: str | None = None, max_length: int | str | None = None, **unused) -> None:
         super().__init__()
-        if dtype not in DTYPES:
-            raise SpellmError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+        if dtype not in INFERENCE_DTYPES:
+            raise SpellmError(f"dtype={dtype!r}: use one of {', '.join(INFERENCE_DTYPES)}")
         available = "cuda" if torch.cuda.is_available() else "cpu"
         if device and device.startswith("cuda") and available == "cpu":
             logger.warning("device %s is not available (lm_eval asks for cuda by default); using the CPU", device)
             device = None
-        self.model = load(pretrained, dtype=DTYPES[dtype], device=device or available)
+        self.model = load(pretrained, dtype=INFERENCE_DTYPES[dtype], device=device or available)
         self.tokenizer = self.model.tokenizer
         self.tau = None if not flag(fallback) or str(tau).lower() == "none" else float(tau)
         self.autocorrect = flag(autocorrect)

@@ -275,13 +275,17 @@ def read_spellm_config(directory: Path) -> SpeLLMConfig:
         raise SpellmError(f"{path} is not a valid SpeLLM config ({e}); re-export the model") from None
 
 
-def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load(directory: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
     """An exported model for this package's analyses and decoding, in eval mode, with its tokenizer
-    (``model.tokenizer``) and spelling table with charset (``model.spelling``) attached."""
+    (``model.tokenizer``) and spelling table with charset (``model.spelling``) attached. ``dtype``
+    ``"auto"``: :func:`spellm_ds.precision.inference_dtype` of the model's own on ``device``."""
     from spellm_ds.assets import load_tokenizer
+    from spellm_ds.precision import inference_dtype
 
     directory = Path(directory)
     config = read_spellm_config(directory)
+    if isinstance(dtype, str):
+        dtype = inference_dtype(dtype, config.dtype or torch.float32, torch.device(device).type)
     model = SpeLLMForCausalLM.from_pretrained(directory, config=config, dtype=dtype).to(device).eval()
     return with_tokenizer(model, load_tokenizer(directory))
 

@@ -64,6 +64,19 @@ def bf16_speedup(repeats: int = 5) -> float:
     return seconds(torch.float32) / seconds(torch.bfloat16)
 
 
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_dtype(requested: str, model_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype to run a model in: ``requested``, or for ``auto`` the model's own where the device
+    computes it fast (a bf16 model on a CPU that only emulates bf16 runs in fp32), else fp32."""
+    if requested != "auto":
+        return INFERENCE_DTYPES[requested]
+    if model_dtype == torch.float32 or device_type == "cuda":
+        return model_dtype
+    return model_dtype if choose(device_type).bf16 else torch.float32
+
+
 def choose(device_type: str, requested: str = "auto") -> Precision:
     """The precision on a ``device_type`` (``cpu``, ``cuda``) accelerator, and why."""
     if requested != "auto":
