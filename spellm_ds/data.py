@@ -21,6 +21,7 @@ import torch
 from spellm_ds import corpus
 from spellm_ds.errors import SpellmError
 from spellm_ds.provenance import content_hash
+from spellm_ds.text_overlap import without_shared_sentences
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -90,31 +91,6 @@ def load_texts(paths: Sequence[str] | None = None, text_field: str = "text") -> 
     if len(dataset) == 0:
         raise SpellmError(f"no non-empty documents in {', '.join(paths)}; check --data and --text_field")
     return dataset
-
-
-# ---------------------------------------------------------------------------- deduplication
-SHARED_TEXT_CHARS = 60
-
-
-def normalized(text: str) -> str:
-    """Lower case, whitespace collapsed: the form texts are compared in."""
-    return " ".join(text.lower().split())
-
-
-def text_windows(text: str, width: int = SHARED_TEXT_CHARS) -> set[str]:
-    """Every ``width``-character window of the normalised text that starts at a word: two texts
-    share a sentence (or any passage) of ``width``+ characters exactly when they share a window."""
-    flat = normalized(text)
-    starts = [0] + [i + 1 for i, c in enumerate(flat) if c == " "]
-    return {flat[i : i + width] for i in starts if i + width <= len(flat)}
-
-
-def without_shared_sentences(texts: list[str], held_out: list[str]) -> list[str]:
-    """``texts`` less every document that shares 60+ characters of text with ``held_out`` (the
-    same passage under another title, a sentence two articles have in common): evaluation text
-    must be unseen text."""
-    reserved = set().union(*map(text_windows, held_out)) if held_out else set()
-    return [text for text in texts if reserved.isdisjoint(text_windows(text))]
 
 
 # ---------------------------------------------------------------------------- packing

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from spellm_ds import assets, corpus
-from spellm_ds.data import first_read_steps, load_texts, step_rows, without_shared_sentences
+from spellm_ds.data import first_read_steps, load_texts, step_rows
+from spellm_ds.text_overlap import without_shared_sentences
 from spellm_ds.errors import SpellmError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def word_start_windows(texts: list[str], width: int = 60) -> set[str]:
 
 
 def test_wikipedia_part_shares_no_text_with_boolq_dev_and_is_one_document_per_article():
-    texts = assets.boolq_training_articles()
+    texts = corpus.boolq_training_articles()
     assert len(texts) == len(set(texts)) > 5000
     passages = [p for text in texts for p in text.split("\n")]
     titles = [p.split(" -- ", 1)[0].strip().lower() for p in passages]

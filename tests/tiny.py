@@ -54,9 +54,9 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
 
 def corpus_texts(n: int = 300) -> list[str]:
     """Real English for tiny runs: the first ``n`` passages of the embedded corpus."""
-    from spellm_ds import assets
+    from spellm_ds import corpus
 
-    return assets.boolq_training_articles()[:n]
+    return corpus.boolq_training_articles()[:n]
 
 
 def trained_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:

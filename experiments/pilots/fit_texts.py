@@ -20,7 +20,8 @@ from pathlib import Path
 
 from spellm_ds import assets
 from spellm_ds.config import RunConfig
-from spellm_ds.data import load_texts, split_documents, without_shared_sentences
+from spellm_ds.data import load_texts, split_documents
+from spellm_ds.text_overlap import without_shared_sentences
 
 CHARS = 1000  # about 250 tokens of English
 MAX_TOKENS = 8192  # the analyses' default positions

@@ -1,0 +1,93 @@
+"""The package's imports go one way, down the pipeline: no cycles (imports inside functions
+included), no stage importing a later one, and the exported model's code importing nothing of the
+package outside it."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = [
+    ("foundations", {"errors", "text_overlap", "precision", "provenance", "atomic", "progress", "hf"}),
+    ("data", {"charset", "assets", "corpus", "data", "spelling"}),
+    ("model", {"model", "decoding"}),
+    ("distillation", {"teacher", "losses", "metrics", "forward", "teacher_cache", "config", "cli", "engines",
+                      "distributed", "shutdown", "checkpoint"}),
+    ("export", {"calibration", "export"}),
+    ("recipe", {"train"}),
+    ("evaluation", {"lm_eval_model", "lm_eval_tasks", "downstream"}),
+    ("entry", {"__init__", "__main__"}),
+]
+"""The stages in pipeline order; ``hf`` is the subpackage shipped with every export."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
+    """The package modules ``path`` imports anywhere in its code, except under ``if TYPE_CHECKING``."""
+    tree = ast.parse(path.read_text())
+    skipped = {id(node) for branch in ast.walk(tree)
+               if isinstance(branch, ast.If) and getattr(branch.test, "id", None) == "TYPE_CHECKING"
+               for node in ast.walk(branch)}
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1] + [node.module] if node.module else
+                            package[: len(package) - node.level + 1]) if node.level else node.module
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {module for module in found if module in known and module != name}
+
+
+def package_graph() -> dict[str, set[str]]:
+    files = {module_name(path): path for path in (ROOT / "spellm_ds").rglob("*.py")}
+    return {name: imports_of(path, name, set(files)) for name, path in files.items()}
+
+
+def stage_of(module: str) -> int:
+    parts = module.split(".")
+    short = parts[1] if len(parts) > 1 else "__init__"
+    return next(index for index, (_, members) in enumerate(STAGES) if short in members)
+
+
+def test_every_module_has_a_stage():
+    for module in package_graph():
+        stage_of(module)
+
+
+def test_no_import_cycles():
+    graph = package_graph()
+    finished, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in finished:
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        finished.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_no_stage_imports_a_later_one():
+    later = [(module, imported) for module, imported_set in package_graph().items() for imported in imported_set
+             if stage_of(imported) > stage_of(module)]
+    assert not later, [f"{m} ({STAGES[stage_of(m)][0]}) imports {i} ({STAGES[stage_of(i)][0]})" for m, i in later]
+
+
+def test_the_exported_model_code_needs_nothing_else_of_the_package():
+    graph = package_graph()
+    for module in (m for m in graph if m.startswith("spellm_ds.hf")):
+        assert all(imported.startswith("spellm_ds.hf") for imported in graph[module]), (module, graph[module])
