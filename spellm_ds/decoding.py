@@ -105,7 +105,7 @@ def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperat
         if do_sample:
             if finished.all():
                 return None, None
-            log_probs, proposal = decoder.mixture_log_probs(char_logits, hidden, lm_head)
+            log_probs, proposal, _ = decoder.mixture_log_probs(char_logits, hidden, lm_head)
             return sample(log_probs, temperature, top_k, top_p, generator), provenance(proposal)
         proposal = decoder.propose(char_logits, autocorrect=False)
         batch = len(hidden)

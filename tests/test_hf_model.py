@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from spellm_ds.decoding import generate
 from spellm_ds.hf import SpeLLMForCausalLM
-from spellm_ds.hf.char_decoding import Provenance
+from spellm_ds.hf.char_decoding import Provenance, greedy_tokens
 from spellm_ds.model import load
 from tests import tiny
 from tests.distributed import ROOT, rank_env
@@ -100,6 +100,26 @@ def test_greedy_generate_follows_rerank_and_autocorrect_settings(exported):
             == Provenance.RERANKED).any()
     with pytest.raises(ValueError, match="greedy"):
         model.generate(**exported.batch, do_sample=True, rerank_k=4)
+
+
+@pytest.mark.parametrize("settings", [{"rerank_k": 0}, {"rerank_k": 4}, {"autocorrect": False}])
+def test_greedy_picks_read_from_the_mixture_are_the_ones_computed_afresh(exported, settings):
+    """generate()'s greedy step reuses mixture_log_probs' AutoCorrect, rerank and LM-head rows: the
+    tokens and provenance must be those greedy_tokens computes on its own."""
+    model = AutoModelForCausalLM.from_pretrained(exported.directory)
+    torch.manual_seed(0)
+    hidden = torch.randn(16, model.config.get_text_config().hidden_size) * 4
+    decoder, lm_head = model.char_decoder(exported.tau), model.get_output_embeddings()
+    char_logits = model.char_heads(hidden)
+    rerank_k, autocorrect, eos = settings.get("rerank_k", 0), settings.get("autocorrect", True), 7
+    mixed, mixture_proposal, fallback_logits = decoder.mixture_log_probs(char_logits, hidden, lm_head, rerank_k)
+    plain = decoder.propose(char_logits, autocorrect=False)
+    masks = plain.fallback, plain.hit
+    afresh = greedy_tokens(decoder, char_logits, hidden, lm_head, plain, *masks, rerank_k, autocorrect, eos)
+    reused = greedy_tokens(decoder, char_logits, hidden, lm_head, mixture_proposal, *masks, rerank_k, autocorrect,
+                           eos, fallback_logits)
+    assert torch.equal(reused[0], afresh[0]) and torch.equal(reused[1], afresh[1])
+    assert 0 < int(plain.fallback.sum()) < len(hidden) and bool((~plain.hit & ~plain.fallback).any())
 
 
 def test_sampled_generate_is_the_packages_sampling(exported):

@@ -390,10 +390,11 @@ class CharDecoder:
         return Proposal(token_ids, hit, falls_back(entropy, predicted, self.tau), entropy)
 
     def mixture_log_probs(self, char_logits: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Module,
-                          rerank_k: int = 0) -> tuple[torch.Tensor, Proposal]:
-        """SpeLLM's next-token distribution ``[B, V]`` (fp32 log-probs) and the proposal: the char
-        heads' (re-ranked with ``rerank_k``, as :meth:`propose_and_score` scores it) on the rows
-        they decide, the LM head's on the rows that fall back (the head runs on those rows only).
+                          rerank_k: int = 0) -> tuple[torch.Tensor, Proposal, torch.Tensor]:
+        """SpeLLM's next-token distribution ``[B, V]`` (fp32 log-probs), the proposal, and the LM
+        head's logits on the fallback rows (``[0, V]`` without any): the char heads' distribution
+        (re-ranked with ``rerank_k``, as :meth:`propose_and_score` scores it) on the rows they
+        decide, the LM head's on the rows that fall back (the head runs on those rows only).
         Sampling draws from it, scoring reads it. Cost per row: the valid spellings' scores
         (O(N k / 2) gathers), a ``[V]`` row, and the LM head (O(V d)) on fallback rows."""
         char_logp = torch.log_softmax(char_logits.float(), -1)
@@ -407,15 +408,16 @@ class CharDecoder:
             proposal = proposal._replace(token_ids=best_candidate(found.ids, found.logits))
         log_probs = self.spread(spelling_logp)
         rows = proposal.fallback.nonzero().squeeze(1)
-        if len(rows):
-            log_probs[rows] = torch.log_softmax(lm_head_logits_of_rows(lm_head, hidden, rows), -1)
-        return log_probs, proposal
+        fallback_logits = lm_head_logits_of_rows(lm_head, hidden, rows) if len(rows) else log_probs[:0]
+        log_probs[rows] = torch.log_softmax(fallback_logits, -1)
+        return log_probs, proposal, fallback_logits
 
 
 @torch.no_grad()
 def greedy_tokens(decoder: CharDecoder, char_logits: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Module,
                   proposal: Proposal, fallback: torch.Tensor, hit: torch.Tensor, rerank_k: int = 0,
-                  autocorrect: bool = True, eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  autocorrect: bool = True, eos_token_id: int | None = None,
+                  fallback_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy SpeLLM decoding of one step: ``(token ids [B], Provenance codes [B])`` from a
     ``proposal`` made without AutoCorrect (:meth:`CharDecoder.propose` with ``autocorrect=False``)
     and its ``fallback`` and ``hit`` masks on the host (the caller's one device->host transfer).
@@ -425,10 +427,20 @@ def greedy_tokens(decoder: CharDecoder, char_logits: torch.Tensor, hidden: torch
     ``rerank_k``, :meth:`CharDecoder.rerank`'s token on every decided row (EXACT where it is the
     heads' argmax string, RERANKED otherwise); the LM head's argmax on the fallback rows, computed
     for those rows alone.
+
+    ``fallback_logits``: given where ``proposal`` and they come from :meth:`CharDecoder.mixture_log_probs`
+    with the same ``rerank_k``: that proposal already holds AutoCorrect's or rerank's tokens, and
+    these are its fallback rows' LM-head logits, so both are read, not computed again.
     """
     ids, origin = proposal.token_ids, provenance(proposal)
     device = ids.device
-    if rerank_k:
+    if fallback_logits is not None:
+        if rerank_k:
+            exact = ids == decoder.table.lookup(read_string(char_logits))
+            origin = torch.where(proposal.fallback | exact, origin, int(Provenance.RERANKED))
+        elif not autocorrect:
+            ids = torch.where(hit.to(device) | fallback.to(device), ids, eos_token_id)
+    elif rerank_k:
         decided = (~fallback).nonzero().squeeze(1).to(device)
         if len(decided):
             chosen = decoder.rerank(char_logits[decided], hidden[decided], lm_head, rerank_k)
@@ -444,7 +456,8 @@ def greedy_tokens(decoder: CharDecoder, char_logits: torch.Tensor, hidden: torch
     rows = fallback.nonzero().squeeze(1).to(device)
     if len(rows):
         ids = ids.clone()
-        ids[rows] = lm_head_logits_of_rows(lm_head, hidden, rows).argmax(-1)
+        logits = lm_head_logits_of_rows(lm_head, hidden, rows) if fallback_logits is None else fallback_logits
+        ids[rows] = logits.argmax(-1)
     return ids, origin
 
 

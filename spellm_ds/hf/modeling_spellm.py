@@ -126,11 +126,11 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
         decoder = self.char_decoder(tau)
         lm_head = self.get_output_embeddings()
         char_logits = self.char_heads(rows)
-        log_probs, proposal = decoder.mixture_log_probs(char_logits, rows, lm_head, rerank_k)
+        log_probs, proposal, fallback_logits = decoder.mixture_log_probs(char_logits, rows, lm_head, rerank_k)
         if decoding is not None and decoding.greedy:
             host = torch.cat([proposal.fallback, proposal.hit]).cpu()
             ids, _ = greedy_tokens(decoder, char_logits, rows, lm_head, proposal, host[: len(rows)], host[len(rows):],
-                                   rerank_k, decoding.autocorrect, decoding.eos_token_id)
+                                   rerank_k, decoding.autocorrect, decoding.eos_token_id, fallback_logits)
             top = log_probs.max(-1, keepdim=True).values
             log_probs = log_probs.scatter(1, ids.unsqueeze(1), top + 1.0)
         return log_probs.view(*hidden.shape[:-1], -1)
