@@ -160,9 +160,8 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     """One process's share of the bound: (median step seconds, tokens per step)."""
     from transformers import AutoModelForCausalLM
 
-    from spellm_ds import assets
+    from spellm_ds import assets, precision
     from spellm_ds.charset import Charset
-    from spellm_ds import precision
     from spellm_ds.config import DEFAULTS, RunConfig
     from spellm_ds.data import load_texts, pack
     from spellm_ds.forward import synchronized_clock, teacher_and_student

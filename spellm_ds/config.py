@@ -16,9 +16,9 @@ from typing import Any
 from spellm_ds.assets import EMBEDDED_MODEL
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_heads import HEAD_INITS
-from spellm_ds.precision import PRECISIONS
 from spellm_ds.losses import (LABEL_RULES, MAX_SOFT_CHAR_CANDIDATES, REG_TARGETS, TOP_K, LabelRule, LossRecipe,
                               label_rule_of)
+from spellm_ds.precision import PRECISIONS
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 3e-3, "ffn_lr": 1e-3}
 """Used where neither a flag nor the DeepSpeed config gives a value. ``lr`` is the char heads' peak,

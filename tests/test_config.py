@@ -153,8 +153,8 @@ def test_bad_values():
 
 
 def test_auto_persistence_keeps_small_models_whole_and_shards_large_ones(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from spellm_ds.config import FULL_SHARDING_PERSISTENCE, auto_persistence_threshold, parameter_sizes
 

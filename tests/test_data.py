@@ -10,8 +10,8 @@ import torch
 
 from spellm_ds import assets, corpus
 from spellm_ds.data import first_read_steps, load_texts, step_rows
-from spellm_ds.text_overlap import without_shared_sentences
 from spellm_ds.errors import SpellmError
+from spellm_ds.text_overlap import without_shared_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 
