@@ -22,7 +22,7 @@ from spellm_ds.errors import SpellmError
 from spellm_ds.forward import teacher_and_student
 from spellm_ds.hf.char_decoding import read_string
 from spellm_ds.losses import label_rule_of
-from spellm_ds.model import load, shared_trunk_layer
+from spellm_ds.model import load, load_teacher, shared_trunk_layer
 from spellm_ds.spelling import SpellingTable
 
 
@@ -103,13 +103,10 @@ def held_out_blocks(tokenizer, data: list[str] | None, text_field: str, seq_len:
 
 @torch.no_grad()
 def collect(args: argparse.Namespace) -> Analysis:
-    from transformers import AutoModelForCausalLM
-
     device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
     student = load(args.model, dtype=dtype, device=device)
     teacher_name = args.teacher or student.config.teacher
-    teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(teacher_name),
-                                                   dtype=student.dtype).to(device).eval()
+    teacher = load_teacher(student, teacher_name)
     table = student.spelling
     decoder = student.char_decoder(args.tau)  # with the model's spelling temperature
     lm_head = student.base.get_output_embeddings()

@@ -14,7 +14,6 @@ import torch
 
 from analysis.collect import Analysis, add_args, collect
 from spellm_ds import cli
-from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_decoding import falls_back
 from spellm_ds.metrics import match_flags, wilson_interval
 
@@ -107,14 +106,12 @@ def run_cli(description: str, compute: Callable[[Analysis, argparse.Namespace], 
     """Parse the common flags, collect records, compute, write ``--out`` JSON (and a PNG beside it)."""
     parser = cli.ArgumentParser(description)
     add_args(parser)
-    parser.add_argument("--out", required=True, help="JSON report path (a PNG is written beside it)")
+    parser.add_argument("--out", type=cli.output_file, required=True,
+                        help="JSON report path (a PNG is written beside it)")
     if extra_args:
         extra_args(parser)
     args = parser.parse_args()
-    out = Path(args.out)
-    if out.is_dir():
-        raise SpellmError(f"--out {out} is a directory; pass a .json file path")
-    cli.check_output_dir(out.parent, "--out's folder")
+    out = args.out
     result = compute(collect(args), args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

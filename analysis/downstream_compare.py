@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("candidate", help="downstream.json of the model compared with it")
     parser.add_argument("--system", default="spellm_fallback", choices=("spellm", "spellm_fallback"),
                         help="which of each report's SpeLLM systems to compare (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="also write the comparison as JSON to this file")
+    parser.add_argument("--out", type=cli.output_file, default=None,
+                        help="also write the comparison as JSON to this file")
     args = parser.parse_args()
     baseline, candidate = read_report(args.baseline), read_report(args.candidate)
     try:

@@ -119,8 +119,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def extra_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target_accuracy", type=float, default=0.95)
-    parser.add_argument("--max_fallback_rate", type=float, default=0.10)
+    parser.add_argument("--target_accuracy", type=cli.probability, default=0.95,
+                        help="the largest tau whose exact match reaches this (default: %(default)s)")
+    parser.add_argument("--max_fallback_rate", type=cli.fraction, default=0.10,
+                        help="the smallest tau whose fallback rate stays within this (default: %(default)s)")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from analysis.collect import held_out_texts
-from spellm_ds import assets, cli
+from spellm_ds import cli
 from spellm_ds.decoding import decode_loop, generate, lm_head_picker
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf import SpeLLMForCausalLM
-from spellm_ds.model import load
+from spellm_ds.model import load, load_teacher
 
 
 def prompts(tokenizer, texts: list[str], count: int, length: int) -> torch.Tensor:
@@ -90,19 +90,14 @@ def main() -> None:
     cli.add_tau_arg(parser)
     cli.add_rerank_arg(parser)
     cli.add_device_args(parser)
-    parser.add_argument("--out", required=True, help="JSON report path")
+    parser.add_argument("--out", type=cli.output_file, required=True, help="JSON report path")
     args = parser.parse_args()
-    out = Path(args.out)
-    cli.check_output_dir(out.parent, "--out's folder")
-    print(json.dumps(summary(run(args, out)), indent=2))
+    print(json.dumps(summary(run(args, args.out)), indent=2))
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
-    from transformers import AutoModelForCausalLM
-
     student = load(args.model, dtype=args.dtype, device=args.device)
-    teacher_dir = assets.resolve_model(args.teacher or student.config.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=student.dtype).to(args.device).eval()
+    teacher = load_teacher(student, args.teacher)
     prompt_ids = prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts,
                          args.prompt_tokens).to(args.device)
     result = compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)

@@ -125,13 +125,10 @@ def score(model: Path, args: argparse.Namespace,
     flags["likelihood/nll"] = likelihood.spellm_nll(analysis, args.tau)
     matched = next(p for p in next_token["at_fallback_rates"] if p["target"] == MATCHED_RATE)
     flags["likelihood/nll_matched"] = likelihood.spellm_nll(analysis, matched["tau"])
-    from transformers import AutoModelForCausalLM
-
-    from spellm_ds import assets
-    from spellm_ds.model import load
+    from spellm_ds.model import load, load_teacher
 
     student = load(model)
-    teacher = AutoModelForCausalLM.from_pretrained(assets.resolve_model(student.config.teacher)).eval()
+    teacher = load_teacher(student)
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
     free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
     flags["free_running/agreed_tokens"] = torch.tensor(free["autocorrect_fallback"]["agreed_tokens"], dtype=torch.float64)

@@ -147,7 +147,8 @@ def plot_log_token_fit(axis, scalars: dict[str, list[tuple[int, float]]], result
 def main() -> None:
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--logdir", required=True)
-    parser.add_argument("--out", required=True, help="PNG path (a JSON summary is written beside it)")
+    parser.add_argument("--out", type=cli.output_file, required=True,
+                        help="PNG path (a JSON summary is written beside it)")
     parser.add_argument("--fit_from", type=cli.positive_int, default=None, metavar="STEP",
                         help="fit the evaluations from this step on, later passes included (default: the first pass)")
     args = parser.parse_args()

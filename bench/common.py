@@ -107,7 +107,7 @@ def median_interval(values: list[float], confidence: float = 0.95) -> dict[str, 
             "coverage": coverage(j)}
 
 
-def write(name: str, settings: dict[str, Any], results: Any, out: str | None = None) -> Path:
+def write(name: str, settings: dict[str, Any], results: Any, out: Path | None = None) -> Path:
     """The result document at ``out``, or at a new dated file under bench/results/ (never over an old one)."""
     path = Path(out) if out else RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,7 @@ def main() -> None:
     cli.add_tau_arg(parser)
     cli.add_rerank_arg(parser)
     parser.add_argument("--quick", action="store_true", help="a tiny random model, few tokens, for CI")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=cli.output_file, default=None)
     args = parser.parse_args()
     if args.quick:
         import tempfile

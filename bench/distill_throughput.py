@@ -222,7 +222,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=[*BOUNDS, *VARIANTS], default=[*BOUNDS, *VARIANTS],
                         help="what to measure (default: all)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 3 steps, for CI")
-    parser.add_argument("--out", default=None, help="JSON path (default: a new file under bench/results/)")
+    parser.add_argument("--out", type=cli.output_file, default=None,
+                        help="JSON path (default: a new file under bench/results/)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="distill-bench-"))
     overrides: dict[str, int] = {}

@@ -48,7 +48,7 @@ def spelling_table(quick: bool, k: int):
 def main() -> None:
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=cli.output_file, default=None)
     parser.add_argument("--readout_width", type=cli.positive_int, default=None,
                         help="width of the read-out timed in (g) (default: 4 x the hidden size)")
     parser.add_argument("--rerank_k", type=cli.positive_int, default=16,

@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=cli.positive_int, default=64)
     parser.add_argument("--repeats", type=cli.positive_int, default=6, help="interleaved timing rounds (>= 6)")
     add_threads_arg(parser)
-    parser.add_argument("--out", default=None, help="JSON file (default: bench/results/)")
+    parser.add_argument("--out", type=cli.output_file, default=None, help="JSON file (default: bench/results/)")
     args = parser.parse_args()
     if args.repeats < 6:
         parser.error(f"--repeats {args.repeats}: at least 6 rounds are needed for a 95% interval of the median")

@@ -47,6 +47,8 @@ def main() -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
+    if (empty := [text for text, mask in zip(args.prompt, batch["attention_mask"]) if not mask.any()]):
+        raise SpellmError(f"--prompt {empty[0]!r} has no tokens; pass some text")
     batch = batch.to(args.device)
     out = generate(model, batch["input_ids"], batch["attention_mask"], args.max_new_tokens, args.tau,
                    do_sample=args.sample,

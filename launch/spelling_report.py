@@ -9,9 +9,8 @@ import argparse
 import json
 
 import torch
-from transformers import AutoConfig
 
-from spellm_ds import assets, cli
+from spellm_ds import assets, cli, model_loading
 from spellm_ds.charset import Charset
 from spellm_ds.data import load_texts
 from spellm_ds.spelling import SpellingTable, model_vocab_size
@@ -41,7 +40,7 @@ def main() -> None:
     model_dir = assets.resolve_model(args.model)
     tokenizer = assets.load_tokenizer(model_dir)
     charset = Charset.from_file(args.charset) if args.charset else Charset.default()
-    vocab_size = model_vocab_size(AutoConfig.from_pretrained(model_dir))
+    vocab_size = model_vocab_size(model_loading.load_config(model_dir))
     counts = corpus_token_counts(tokenizer, load_texts(args.data, args.text_field)["text"], vocab_size)
     rows = [SpellingTable.from_tokenizer(tokenizer, charset, k, vocab_size).stats(counts) for k in args.k]
     if args.json:

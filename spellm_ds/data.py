@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from spellm_ds import corpus
-from spellm_ds.errors import SpellmError
+from spellm_ds.errors import SpellmError, first_line
 from spellm_ds.provenance import content_hash
 from spellm_ds.text_overlap import without_shared_sentences
 
@@ -62,7 +62,7 @@ def _load_one(path: Path, text_field: str) -> datasets.Dataset:
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         except Exception as e:  # datasets wraps parser errors in many types
-            raise SpellmError(f"could not read data file {path}: {str(e).splitlines()[0]}") from None
+            raise SpellmError(f"could not read data file {path}: {first_line(e)}") from None
     field = "text" if path.suffix == ".txt" else text_field
     if field not in dataset.column_names:
         raise SpellmError(

@@ -16,6 +16,7 @@ from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
+from spellm_ds import model_loading
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig, mixed_precision_dtype
 from spellm_ds.model import Student
@@ -25,7 +26,7 @@ from spellm_ds.spelling import SpellingTable
 def load_base(model_dir: Path, ds_config: dict[str, Any]):
     # HfDeepSpeedConfig must stay alive while from_pretrained runs so weights load partitioned.
     keep_alive = HfDeepSpeedConfig(ds_config)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=mixed_precision_dtype(ds_config))
+    base = model_loading.from_pretrained(AutoModelForCausalLM, model_dir, dtype=mixed_precision_dtype(ds_config))
     del keep_alive
     return base
 

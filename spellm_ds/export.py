@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from spellm_ds import model_loading
 from spellm_ds.atomic import recover_dir, replace_dir, staging_dir
 from spellm_ds.calibration import CALIBRATION_FILE, fit_spelling_temperature
 from spellm_ds.charset import Charset
@@ -37,7 +38,7 @@ def load_base(model_dir: Path):
 
     if not any(Path(model_dir).glob("*.safetensors")):
         raise SpellmError(f"no .safetensors weights in {model_dir}; re-save the model with safe_serialization")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    return model_loading.from_pretrained(AutoModelForCausalLM, model_dir, dtype="auto")
 
 
 def run_eval_blocks(run: RunConfig, tokenizer) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from spellm_ds import model_loading
 from spellm_ds.charset import Charset
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf import SpeLLMConfig, SpeLLMForCausalLM
@@ -286,8 +287,20 @@ def load(directory: str | Path, dtype: torch.dtype | str = torch.float32, device
     config = read_spellm_config(directory)
     if isinstance(dtype, str):
         dtype = inference_dtype(dtype, config.dtype or torch.float32, torch.device(device).type)
-    model = SpeLLMForCausalLM.from_pretrained(directory, config=config, dtype=dtype).to(device).eval()
+    model = model_loading.from_pretrained(SpeLLMForCausalLM, directory, config=config, dtype=dtype).to(device).eval()
     return with_tokenizer(model, load_tokenizer(directory))
+
+
+def load_teacher(student: SpeLLMForCausalLM, name: str | None = None):
+    """The model ``student`` was distilled from (or the model ``name``), in eval mode, in the
+    student's dtype on its device."""
+    from transformers import AutoModelForCausalLM
+
+    from spellm_ds.assets import resolve_model
+
+    teacher = model_loading.from_pretrained(AutoModelForCausalLM, resolve_model(name or student.config.teacher),
+                                            dtype=student.dtype)
+    return teacher.to(student.device).eval()
 
 
 def with_tokenizer(model: SpeLLMForCausalLM, tokenizer) -> SpeLLMForCausalLM:
@@ -308,7 +321,7 @@ def untrained(base_dir: str | Path, charset: Charset | None = None, **settings) 
     from spellm_ds.assets import load_tokenizer
     from spellm_ds.spelling import model_vocab_size
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base = model_loading.from_pretrained(AutoModelForCausalLM, base_dir)
     tokenizer = load_tokenizer(base_dir)
     charset = charset or Charset.default()
     config = spellm_config(base.config, charset, **{"teacher": str(base_dir), **settings})

@@ -66,9 +66,8 @@ import deepspeed
 import psutil
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig
 
-from spellm_ds import assets, checkpoint, cli, distributed, export, precision, provenance
+from spellm_ds import assets, checkpoint, cli, distributed, export, model_loading, precision, provenance
 from spellm_ds.atomic import recover_dir, set_aside
 from spellm_ds.charset import Charset
 from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
@@ -131,7 +130,8 @@ class Distillation:
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.output_dir = Path(config.output_dir)
         self.model_dir = assets.resolve_model(config.model)
-        model_config = AutoConfig.from_pretrained(self.model_dir)
+        model_config = model_loading.load_config(self.model_dir)
+        model_loading.check_weight_files(self.model_dir)
         text_config = model_config.get_text_config()
         config.fit_to_model(text_config.num_hidden_layers, text_config.hidden_size)
         self.tokenizer = assets.load_tokenizer(self.model_dir)

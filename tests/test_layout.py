@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
-    ("foundations", {"errors", "text_overlap", "precision", "provenance", "atomic", "progress", "hf"}),
+    ("foundations", {"errors", "text_overlap", "precision", "provenance", "atomic", "progress", "hf", "model_loading"}),
     ("data", {"charset", "assets", "corpus", "data", "spelling"}),
     ("model", {"model", "decoding"}),
     ("distillation", {"teacher", "losses", "metrics", "forward", "teacher_cache", "config", "cli", "engines",

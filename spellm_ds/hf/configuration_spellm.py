@@ -6,6 +6,8 @@ as model type ``spellm`` instead.
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -53,5 +55,24 @@ class SpeLLMConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.charset is not None and len(self.charset) < 2:
-            raise ValueError("a SpeLLM charset lists at least <end> and <unk>")
+        self.check_values()
+
+    def check_values(self) -> None:
+        """A ValueError naming the first value no export writes (a hand-edited or corrupt
+        ``config.json``), instead of a crash deep inside the model."""
+        for name, least in (("k", 1), ("readout_width", 0), ("trainable_layers", 0), ("rerank_k", 0)):
+            value = getattr(self, name)
+            if type(value) is not int or value < least:
+                raise ValueError(f"{name} {value!r} is not an integer >= {least}")
+        charset = self.charset
+        if charset is not None and (not isinstance(charset, (list, tuple)) or len(charset) < 2
+                                    or not all(isinstance(symbol, str) for symbol in charset)):
+            raise ValueError("charset must list its symbols as strings, at least <end> and <unk>")
+        if not _finite(self.spelling_temperature) or self.spelling_temperature <= 0:
+            raise ValueError(f"spelling_temperature {self.spelling_temperature!r} is not a positive number")
+        if self.tau is not None and (not _finite(self.tau) or self.tau < 0):
+            raise ValueError(f"tau {self.tau!r} is not a number >= 0 or null")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
