@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 
-.PHONY: setup test distill spelling-report
+.PHONY: setup test test-fast distill spelling-report
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,10 @@ setup:
 test: setup
 	DS_ACCELERATOR=cpu $(VENV)/python scripts/warm_deepspeed.py
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/python -m pytest -q
+
+# The edit-test loop: in-process tests only (no launched ranks or commands, no SLURM, not the whole corpus).
+test-fast: setup
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/python -m pytest -q -m "not processes and not slurm and not corpus"
 
 # The reference conversion's schedule (configs/reference.yaml); `make distill SCHEDULE=` runs the
 # library defaults (300 steps of new text) instead, and ARGS adds flags: ARGS="--max_steps 50".

@@ -163,6 +163,7 @@ def test_next_token_likelihood_against_the_teacher(table, byte_level_tokenizer):
     assert sweep[0.03]["fallback_rate"] == 1.0 and sweep[0.03]["nll"] == pytest.approx(7 / 3)  # the LM head's
 
 
+@pytest.mark.processes
 def test_report_writes_every_file_and_matches_single_modules(tmp_path):
     from transformers import AutoModelForCausalLM
 

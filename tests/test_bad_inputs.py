@@ -1,18 +1,22 @@
 """Every entry point refuses bad input the same way: exit 2, one ``error:`` line naming the flag or
-path, no traceback, and no output written. Table-driven, real subprocesses."""
+path, no traceback, and no output written. Table-driven: each case runs its command's module as
+``__main__`` in this process (as ``spellm SUBCOMMAND`` does), a few as real subprocesses."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env
+from tests.entry_points import run_script
 from tests.test_data import one_line_error
 
 
@@ -31,7 +35,37 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "binary_charset.txt").write_bytes(b"\xff\xfe\x00abc")
     (root / "a_file").write_text("not a directory")
     (root / "no_checkpoints").mkdir()
-    return {"root": root, "base": base, "corpus": corpus, "spellm": spellm}
+    return {"root": root, "base": base, "corpus": corpus, "spellm": spellm,
+            **broken_models(root, spellm, base)}
+
+
+def broken_models(root: Path, spellm: Path, base: Path) -> dict[str, Path]:
+    """Copies of the SpeLLM (``m_*``) and base (``b_*``) directories, each with one defect."""
+    weights = load_file(spellm / "model.safetensors")
+    config = json.loads((spellm / "config.json").read_text())
+    defects = {
+        "m_bad_config": lambda d: (d / "config.json").write_text("{oops"),
+        "m_k_type": lambda d: (d / "config.json").write_text(json.dumps({**config, "k": "ten"})),
+        "m_charset_type": lambda d: (d / "config.json").write_text(json.dumps({**config, "charset": 5})),
+        "m_tau_inf": lambda d: (d / "config.json").write_text(json.dumps({**config, "tau": float("inf")})),
+        "m_no_weights": lambda d: (d / "model.safetensors").unlink(),
+        "m_truncated": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+        "m_head_shape": lambda d: save_file({**weights, "char_heads.proj.weight": weights["char_heads.proj.weight"][:-3]
+                                             .contiguous()}, d / "model.safetensors"),
+        "m_no_heads": lambda d: save_file({n: t for n, t in weights.items() if not n.startswith("char_heads")},
+                                          d / "model.safetensors"),
+        "m_nan_heads": lambda d: save_file({**weights, "char_heads.proj.weight": torch.full_like(
+            weights["char_heads.proj.weight"], float("nan"))}, d / "model.safetensors"),
+        "m_no_tokenizer": lambda d: (d / "tokenizer.json").unlink(),
+        "b_no_weights": lambda d: [p.unlink() for p in d.glob("*.safetensors")],
+        "b_bad_config": lambda d: (d / "config.json").write_text("[1, 2"),
+        "b_truncated": lambda d: [p.write_bytes(p.read_bytes()[:100]) for p in d.glob("*.safetensors")],
+    }
+    copies = {}
+    for name, damage in defects.items():
+        copies[name] = shutil.copytree(spellm if name.startswith("m_") else base, root / name)
+        damage(copies[name])
+    return copies
 
 
 def distill(f, *flags):
@@ -48,6 +82,25 @@ def analysis(module, f, *flags):
 
 
 R = "{root}"  # placeholder for the fixture's folder inside expected messages
+MODEL_DEFECTS = {  # each broken copy of the SpeLLM directory and the end of the path its error names
+    "m_bad_config": "/config.json is not readable JSON",
+    "m_k_type": "/config.json is not a valid SpeLLM config (k 'ten'",
+    "m_charset_type": "/config.json is not a valid SpeLLM config (charset",
+    "m_tau_inf": "/config.json is not a valid SpeLLM config (tau inf",
+    "m_no_weights": " has no weights",
+    "m_truncated": "/model.safetensors is not a readable safetensors file",
+    "m_head_shape": " do not fit the model (1 wrong tensors: char_heads.proj.weight",
+    "m_no_heads": " do not fit the model (2 wrong tensors: char_heads.proj.bias missing",
+    "m_nan_heads": " hold non-finite values (char_heads.proj.weight)",
+    "m_no_tokenizer": " does not load",
+}
+MODEL_COMMANDS = [  # every kind of command that loads an exported model
+    lambda f, name: ["launch/generate.py", "--model", str(f[name]), "--prompt", "x"],
+    lambda f, name: ["launch/calibrate.py", "--model", str(f[name]), "--data", str(f["corpus"])],
+    lambda f, name: ["-m", "analysis.report", "--model", str(f[name]), "--data", str(f["corpus"]),
+                     "--out", str(f["root"] / "report")],
+    lambda f, name: ["-m", "bench.operating_points", "--model", str(f[name]), "--out", str(f["root"] / "op.json")],
+]
 CASES = [
     # launch/distill.py: every flag checked before any weights load
     (lambda f: distill(f, "--eval_every", "0"), "--eval_every 0"),
@@ -133,23 +186,60 @@ CASES = [
     (lambda f: ["-m", "bench.distill_throughput", "--steps", "0"], "--steps"),
     # launch/spelling_report.py
     (lambda f: ["launch/spelling_report.py", "--model", str(f["base"]), "--k", "0"], "--k"),
+    (lambda f: ["launch/spelling_report.py", "--model", str(f["b_bad_config"])], f"{R}/b_bad_config"),
+    # --out paths refused before any work; flags that take numbers refuse inf and nan
+    *[(lambda f, args=args: [*args, "--out", str(f["root"] / "a_file" / "out.json")], f"{R}/a_file, which is a file")
+      for args in (["-m", "bench.head_cost", "--quick"], ["-m", "bench.decode_speed", "--quick"],
+                   ["-m", "bench.distill_throughput"], ["-m", "analysis.training_curves", "--logdir", "x"],
+                   ["-m", "bench.operating_points", "--model", "x"], ["-m", "analysis.entropy", "--model", "x"],
+                   ["-m", "analysis.free_running", "--model", "x"])],
+    (lambda f: ["-m", "analysis.match_rates", "--model", "x", "--out", str(f["root"])], "is a directory"),
+    (lambda f: distill(f, "--lr", "inf"), "--lr inf"),
+    (lambda f: distill(f, "--state_noise", "nan"), "--state_noise nan"),
+    (lambda f: distill(f, "--output_dir", str(f["root"] / "a_file")), f"{R}/a_file is a file"),
+    (lambda f: distill(f, "--output_dir", str(f["root"] / "a_file" / "run")), f"{R}/a_file, which is a file"),
+    (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--temperature", "inf"), "--temperature"),
+    (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--tau", "inf"), "--tau"),
+    (lambda f: spellm_cli("launch/generate.py", f, "--prompt", ""), "--prompt '' has no tokens"),
+    (lambda f: spellm_cli("launch/generate.py", f, "--prompt", "x", "--device", "tpu"), "--device"),
+    (lambda f: analysis("entropy", f, "--target_accuracy", "1.5", "--out", str(f["root"] / "e.json")),
+     "--target_accuracy"),
+    (lambda f: analysis("entropy", f, "--max_fallback_rate", "-0.1", "--out", str(f["root"] / "e.json")),
+     "--max_fallback_rate"),
+    # a base model directory with one defect, found before any engine is built
+    (lambda f: [*distill(f), "--model", str(f["b_no_weights"])], f"{R}/b_no_weights has no weights"),
+    (lambda f: [*distill(f), "--model", str(f["b_bad_config"])], f"{R}/b_bad_config/config.json does not load"),
+    (lambda f: [*distill(f), "--model", str(f["b_truncated"])], "is not a readable safetensors file"),
+    # a SpeLLM directory with one defect, in every command that loads one
+    *[(lambda f, command=command, name=name: [*command(f, name)], f"{R}/{name}{expected}")
+      for name, expected in MODEL_DEFECTS.items() for command in MODEL_COMMANDS],
 ]
-OUTPUTS = ("out", "report", "exported", "lf.json")  # what a refused command must not have created
+OUTPUTS = ("out", "report", "exported", "lf.json", "op.json", "e.json")  # what a refused command must not have created
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    env = rank_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-
-
-def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(files):
-    assert len(CASES) >= 30
-    commands = [make(files) for make, _ in CASES]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(run, commands))
-    for (_, expected), command, result in zip(CASES, commands, results):
-        line = one_line_error(result)
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(files, monkeypatch, capfd):
+    assert len(CASES) >= 120
+    for make, expected in CASES:
+        command = make(files)
+        line = one_line_error(run_script(command, monkeypatch, capfd))
         assert expected.replace(R, str(files["root"])) in line, (command, line)
     for name in OUTPUTS:
         assert not (files["root"] / name).exists(), name
     assert (files["root"] / "a_file").read_text() == "not a directory"
+
+
+SMOKE = [  # a flag, a file read once the process group is up, the spellm command's dispatch
+    (lambda f: distill(f, "--eval_every", "0"), "--eval_every 0"),
+    (lambda f: distill(f, "--data", str(f["root"] / "binary.txt")), f"{R}/binary.txt"),
+    (lambda f: ["-m", "spellm_ds", "report", "--model", str(f["spellm"]), "--tau", "high"], "--tau"),
+]
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("case", range(len(SMOKE)))
+def test_a_bad_input_in_a_real_process_is_one_line_exit_2(files, case):
+    make, expected = SMOKE[case]
+    env = rank_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
+    result = subprocess.run([sys.executable, *make(files)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=env)
+    assert expected.replace(R, str(files["root"])) in one_line_error(result)

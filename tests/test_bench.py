@@ -26,6 +26,7 @@ def positive(value):
     return isinstance(value, float) and value > 0
 
 
+@pytest.mark.processes
 def test_head_cost(tmp_path):
     document = run_bench("head_cost", tmp_path, "--dtypes", "fp32", "bf16")
     assert document["settings"]["readout_width"] == 4 * document["settings"]["hidden"]
@@ -41,6 +42,7 @@ def test_head_cost(tmp_path):
         assert row["speedup_vs_lm_head"] == pytest.approx({n: seconds["a_lm_head"] / s for n, s in seconds.items()})
 
 
+@pytest.mark.processes
 def test_decode_speed(tmp_path):
     document = run_bench("decode_speed", tmp_path, "--threads", "1", "--rerank_k", "4", "--dtypes", "fp32", "bf16")
     assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == 1
@@ -100,6 +102,7 @@ def test_decode_speed_pairs_the_gain_share_by_round():
     assert paired_share(speeds)["spellm"]["median"] == pytest.approx(0.9 * 8.0 / 8.2)  # in speed: x t5 / t3
 
 
+@pytest.mark.processes
 def test_distill_throughput(tmp_path):
     cores = os.cpu_count()
     names = sorted({f"bound_1x{cores}", f"bound_{cores}x1"})
@@ -131,6 +134,7 @@ def test_benchmarks_time_bf16_only_where_it_is_fast(monkeypatch):
     assert dtypes_to_time(["bf16"]) == [torch.bfloat16]
 
 
+@pytest.mark.processes
 def test_operating_points(tmp_path):
     """Every tau's held-out fallback rate and agreement, and its speed against the LM-head loop: at tau
     0 every position falls back (the LM head decides: full agreement), with 'none' none does."""

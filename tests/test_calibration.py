@@ -59,6 +59,7 @@ def test_calibrate_records_the_temperature_that_scoring_then_uses(overconfident)
     assert calibrate(model_dir, blocks).temperature == found.temperature  # a refit ignores the recorded T
 
 
+@pytest.mark.processes
 def test_the_calibrate_command_fits_a_model_on_the_text_given(overconfident, tmp_path):
     model_dir, _ = overconfident
     texts = tiny.corpus_texts(120)[80:]

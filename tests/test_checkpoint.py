@@ -45,6 +45,7 @@ def losses(out):
     return [v for _, v in scalars(out / "tensorboard")["loss/total"]]
 
 
+@pytest.mark.processes
 def test_resume_is_the_same_run(base, tmp_path):
     """Bit for bit, with a sampled spelling KL (its sample, like the batch, is fixed by the step),
     soft targets from the teacher's top-16, and the teacher cache over six blocks, the resumed run
@@ -114,6 +115,7 @@ def wait_for_checkpoint(out, process, timeout=240):
         time.sleep(0.1)
 
 
+@pytest.mark.processes
 def test_sigterm_to_one_rank_saves_and_exits_zero(base, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -134,6 +136,7 @@ def test_sigterm_to_one_rank_saves_and_exits_zero(base, tmp_path):
     assert steps == list(range(1, stop_step + 3))
 
 
+@pytest.mark.processes
 def test_killed_rank_ends_the_job_and_resume_ignores_half_written(base, tmp_path):
     """Ranks started directly (as srun or mpirun would), so only the collective time-out can end rank 0."""
     out = tmp_path / "run"
@@ -164,6 +167,7 @@ def run_single(base, out, *extra):
                           env=rank_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port())))
 
 
+@pytest.mark.processes
 def test_bad_resume_and_export(base, tmp_path):
     out = tmp_path / "run"
     ok(run_single(base, out, "--max_steps", "2", "--save_every", "0"))
@@ -250,6 +254,7 @@ class Planted:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.processes
 def test_a_planted_pickle_in_any_checkpoint_file_is_refused_and_runs_nothing(base, tmp_path):
     """Resume and export load DeepSpeed's files with torch.load forced to weights_only=True: a file
     that names code (os.system here) stops them with one line, and the command never runs; the RNG
@@ -286,6 +291,7 @@ def test_a_planted_pickle_in_any_checkpoint_file_is_refused_and_runs_nothing(bas
     assert "at step 2" in resumed.stdout
 
 
+@pytest.mark.processes
 def test_a_fresh_run_never_overwrites_one_without_overwrite(base, tmp_path):
     """--resume none into a finished run is refused and writes nothing; with --overwrite the old run
     is renamed aside whole and the new one starts in an empty directory."""
@@ -302,6 +308,7 @@ def test_a_fresh_run_never_overwrites_one_without_overwrite(base, tmp_path):
     assert [step_of(p) for p in complete_checkpoints(out)] == [3]
 
 
+@pytest.mark.processes
 def test_a_non_finite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_exports_nothing(base, tmp_path):
     out = tmp_path / "run"
     result = run_single(base, out, "--max_steps", "8", "--save_every", "1", "--keep_checkpoints", "8",
@@ -315,6 +322,7 @@ def test_a_non_finite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_expo
     assert "--lr inf is not a finite number" in one_line_error(run_single(base, tmp_path / "x", "--lr", "inf"))
 
 
+@pytest.mark.processes
 def test_extend_schedule_trains_on_from_a_finished_run(base, tmp_path):
     out, straight = tmp_path / "run", tmp_path / "straight"
     ok(run_single(base, out, "--max_steps", "2", "--save_every", "0"))

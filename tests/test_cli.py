@@ -12,6 +12,7 @@ from spellm_ds.config import RunConfig
 from spellm_ds.errors import SpellmError
 from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env
+from tests.entry_points import run_module
 
 DECLARED = [f.name for f in fields(RunConfig) if "help" in f.metadata]
 
@@ -54,14 +55,14 @@ def test_every_recipe_file_in_configs_reads():
 
 
 @pytest.mark.parametrize("name", [*spellm.COMMANDS, *(f"bench {name}" for name in spellm.BENCHMARKS)])
-def test_every_subcommand_answers_help(name):
-    result = subprocess.run([sys.executable, "-m", "spellm_ds", *name.split(), "--help"], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT, env=rank_env())
+def test_every_subcommand_answers_help(name, monkeypatch, capfd):
+    result = run_module("spellm_ds", [*name.split(), "--help"], monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-2000:]
     # lm-eval is lm-evaluation-harness's own command line, with this package's model and tasks added
     assert result.stdout.startswith("usage: lm-eval" if name == "lm-eval" else f"usage: spellm {name}")
 
 
+@pytest.mark.processes
 def test_spellm_lists_its_subcommands_and_refuses_an_unknown_one():
     listing = subprocess.run([sys.executable, "-m", "spellm_ds"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert all(f"  {name} " in listing.stdout for name in [*spellm.COMMANDS, *spellm.BENCHMARKS])
@@ -69,6 +70,7 @@ def test_spellm_lists_its_subcommands_and_refuses_an_unknown_one():
     assert unknown.returncode == 2 and unknown.stderr.strip() == "error: unknown subcommand 'distil'; see spellm --help"
 
 
+@pytest.mark.processes
 def test_a_quick_run_logs_a_header_its_evaluations_and_short_lines(tmp_path):
     model_dir, data = tiny.tiny_setup(tmp_path, 40)
     result = subprocess.run([sys.executable, "-m", "spellm_ds", "distill", "--config", "configs/quick.yaml",

@@ -37,6 +37,7 @@ def word_start_windows(texts: list[str], width: int = 60) -> set[str]:
     return windows
 
 
+@pytest.mark.corpus
 def test_wikipedia_part_shares_no_text_with_boolq_dev_and_is_one_document_per_article():
     texts = corpus.boolq_training_articles()
     assert len(texts) == len(set(texts)) > 5000
@@ -60,6 +61,7 @@ def test_wikipedia_part_shares_no_text_with_boolq_dev_and_is_one_document_per_ar
     assert leaked == []
 
 
+@pytest.mark.corpus
 def test_default_corpus_is_five_sources_over_5m_tokens_with_no_evaluation_text():
     rows = assets.read_jsonl(corpus.corpus_dir() / "train.jsonl")
     held_out = corpus.out_of_domain_texts()
@@ -121,6 +123,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.processes
 def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)
     (tmp_path / "rows.jsonl").write_text('{"body": "x"}\n')
@@ -139,6 +142,7 @@ def test_cli_errors_are_one_line(tmp_path):
         assert message in one_line_error(run_cli(*args)), args
 
 
+@pytest.mark.processes
 def test_spelling_report_json(tmp_path):
     (tmp_path / "t.txt").write_text("The cafe is open.\n\nThe café is closed.\n")
     result = run_cli("--k", "5", "10", "--json", "--data", str(tmp_path / "t.txt"))
@@ -175,8 +179,8 @@ def test_blocks_are_packed_once_per_content_tokenizer_and_settings(tmp_path, mon
     from spellm_ds import data
     from tests import tiny
 
+    texts = tiny.corpus_texts(60)  # from the shared cache, before this test's own one
     monkeypatch.setenv("SPELLM_CACHE", str(tmp_path / "cache"))
-    texts = tiny.corpus_texts(60)
     first, copy = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts))
     copy.write_bytes(first.read_bytes())

@@ -33,6 +33,7 @@ def run(tmp_path_factory):
     return model_dir, out, result
 
 
+@pytest.mark.processes
 def test_logs_every_documented_tag(run):
     _, out, result = run
     tags = scalars(out / "tensorboard")
@@ -46,6 +47,7 @@ def test_logs_every_documented_tag(run):
     assert (out / "run_config.json").is_file()
 
 
+@pytest.mark.processes
 def test_loss_falls_and_held_out_match_rises(run):
     _, out, _ = run
     tags = scalars(out / "tensorboard")
@@ -55,6 +57,7 @@ def test_loss_falls_and_held_out_match_rises(run):
     assert held_out[STEPS] > held_out[0] + 0.05
 
 
+@pytest.mark.processes
 def test_only_heads_and_last_ffns_changed(run):
     model_dir, out, _ = run
     base = load_file(model_dir / "model.safetensors")
@@ -67,6 +70,7 @@ def test_only_heads_and_last_ffns_changed(run):
     assert model.config.k == K and model.config.teacher == str(model_dir)
 
 
+@pytest.mark.processes
 def test_training_curves_plot_and_summary(run, tmp_path):
     import json
     import subprocess
@@ -144,6 +148,7 @@ def test_run_shape_reads_tokens_per_step_and_the_first_pass(tmp_path):
         assert run_shape(tmp_path / "tensorboard") == (1024, first_pass)
 
 
+@pytest.mark.processes
 def test_two_ranks_equal_one_rank_on_the_same_global_batch(tmp_path):
     """2 ranks x 2 blocks and 1 rank x 4 blocks read the same blocks each step (fp32 ZeRO-3, the
     default recipe, whose ranks count different numbers of characters after END): the same losses

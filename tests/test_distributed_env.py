@@ -11,6 +11,7 @@ def found(env):
     return int(out["RANK"]), int(out["WORLD_SIZE"]), int(out["LOCAL_RANK"]), out["MASTER_ADDR"], out["MASTER_PORT"]
 
 
+@pytest.mark.processes
 def test_deepspeed_launcher_and_torchrun():
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"}
     assert found(env) == (3, 4, 1, "10.0.0.1", "6000")

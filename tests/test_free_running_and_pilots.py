@@ -133,6 +133,7 @@ def test_pilot_speed_counts_wall_clock_between_the_first_and_last_step(tmp_path)
     assert speed["tokens_per_hour"] == pytest.approx(4 * 256 / (36 / 3600))  # 4 steps in 36 s
 
 
+@pytest.mark.processes
 def test_pilots_run_score_and_resume(tmp_path):
     """Two 3-step pilots on a tiny model: both trained and scored on the same positions; a rerun
     trains nothing and scores the same."""

@@ -178,6 +178,7 @@ def test_forward_follows_rerank_k_from_the_config(exported):
         assert logits[cut - 1, text[cut]].item() == pytest.approx(score, abs=1e-4)
 
 
+@pytest.mark.processes
 def test_pipeline_and_remote_code_without_the_package(exported, tmp_path):
     """In a process that cannot import spellm_ds: the Auto classes refuse without trust_remote_code,
     load the shipped code with it, and its greedy generate() gives the package's tokens."""
@@ -244,6 +245,7 @@ def test_lm_eval_hf_scores_the_export_as_the_spellm_model(exported):
         assert hf_score == pytest.approx(our_score, abs=1e-3) or hf_score == our_score == float("-inf")
 
 
+@pytest.mark.processes
 def test_the_inference_path_imports_no_deepspeed_and_sets_no_offline_mode():
     script = """
 import os, sys

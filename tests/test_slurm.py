@@ -15,6 +15,7 @@ from tests.distributed import ROOT, VENV_BIN, free_port, rank_env, scalars
 from tests.slurm_cluster import Cluster, Unavailable
 
 SBATCH = str(ROOT / "launch" / "slurm" / "distill.sbatch")
+pytestmark = pytest.mark.processes
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def distill_flags(tiny_run, steps, save_every):
             "--eval_blocks", "4", "--collective_timeout_s", "60"]
 
 
+@pytest.mark.slurm
 def test_two_node_job_completes(cluster, tiny_run, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "job.out"
@@ -62,6 +64,7 @@ def test_two_node_job_completes(cluster, tiny_run, tmp_path):
     assert json.loads((out / "model" / "config.json").read_text())["k"] == 6
 
 
+@pytest.mark.slurm
 def test_preempted_job_is_requeued_and_resumes(cluster, tiny_run, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "job.out"
