@@ -28,10 +28,10 @@ def main() -> None:
     out = cli.check_output_dir(args.out, "--out", empty=True)
     source = Path(args.checkpoint)
     if checkpoint.step_of(source) < 0 and not (source / checkpoint.COMPLETE).exists():
-        found = checkpoint.complete_checkpoints(source)
-        if not found:
-            raise SpellmError(f"no complete checkpoint in {source}; pass a checkpoints/stepN directory")
-        source = found[-1]
+        found = checkpoint.latest_intact(source)
+        if found is None:
+            raise SpellmError(f"no intact complete checkpoint in {source}; pass a checkpoints/stepN directory")
+        source = found
     print(f"exported {source} -> {export.export(source, out, args.max_shard_size)}")
 
 

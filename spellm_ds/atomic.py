@@ -17,10 +17,25 @@ from pathlib import Path
 
 
 def replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file, flushed to disk, and a rename."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     partial.write_text(text)
+    sync_to_disk(partial)
     os.replace(partial, path)
+    sync_to_disk(path.parent)
+
+
+def sync_to_disk(path: Path) -> None:
+    """Flush a file, or every file and folder under a directory, from the page cache to the disk:
+    a rename that commits them must not reach the disk before their bytes do (a power cut would
+    leave a committed name on empty or short files)."""
+    items = [*sorted(path.rglob("*")), path] if path.is_dir() else [path]
+    for item in items:
+        descriptor = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def staging_dir(target: Path) -> Path:
@@ -32,9 +47,11 @@ def staging_dir(target: Path) -> Path:
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap the written ``staging`` in as ``target`` (see the module docstring)."""
     aside = target.with_name(f".{target.name}-old-{os.getpid()}")
+    sync_to_disk(staging)
     if target.exists():
         os.rename(target, aside)
     os.rename(staging, target)
+    sync_to_disk(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 

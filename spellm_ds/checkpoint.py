@@ -3,8 +3,11 @@
 Layout: ``output_dir/checkpoints/step{N}/`` holds DeepSpeed's files (ZeRO partitions, optimizer
 and LR-schedule state), ``spellm_state.json`` (step, world size, run config, charset, base model
 directory), one ``rng_rank{r}.safetensors`` per rank, and last of all ``COMPLETE``. ``COMPLETE`` is
-written by rank 0 after every rank has finished writing (a barrier), by an atomic rename, so a
-directory without it is a half-written checkpoint that resume never picks.
+written by rank 0 after every rank has finished writing (a barrier) and every file is flushed to
+disk, by an atomic rename, so a directory without it is a half-written checkpoint that resume
+never picks. It lists every file's size: a checkpoint damaged later (a file truncated, lost or
+replaced by a copy that stopped short) is found before loading, and ``--resume auto`` and export
+take the newest intact one instead.
 
 Nothing this package writes is a pickle; DeepSpeed's own files are loaded with ``torch.load``
 forced to ``weights_only=True`` (:func:`no_code_from_pickles`), so a planted pickle is refused,
@@ -35,7 +38,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from spellm_ds.atomic import set_aside
+from spellm_ds.atomic import replace_file, set_aside, sync_to_disk
 from spellm_ds.charset import Charset
 from spellm_ds.config import RunConfig
 from spellm_ds.errors import SpellmError
@@ -78,13 +81,43 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def damage(checkpoint: Path) -> str | None:
+    """How a complete checkpoint's files differ from what ``COMPLETE`` recorded (a file missing or
+    of another size), or None. A ``COMPLETE`` from before the file list (``step N``) is taken as is."""
+    text = (checkpoint / COMPLETE).read_text()
+    if text.startswith("step "):
+        return None
+    try:
+        recorded = json.loads(text)["bytes"]
+    except (ValueError, KeyError, TypeError):
+        return f"its {COMPLETE} marker is unreadable"
+    for name, size in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} holds {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def latest_intact(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files are as written; each damaged newer one is named."""
+    for found in reversed(complete_checkpoints(output_dir)):
+        if (problem := damage(found)) is None:
+            return found
+        print(f"checkpoint {found} is damaged ({problem}); taking the one before it", flush=True)
+    return None
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    """The run state of a checkpoint; clear errors for missing, half-written or corrupt ones."""
+    """The run state of a checkpoint; clear errors for missing, half-written, damaged or corrupt ones."""
     if not checkpoint.is_dir():
         raise SpellmError(f"checkpoint {checkpoint} does not exist; pass a checkpoints/stepN directory to --resume")
     if not (checkpoint / COMPLETE).is_file():
         raise SpellmError(f"checkpoint {checkpoint} is incomplete (no {COMPLETE} marker: the run died while "
                           "saving); resume from an earlier one")
+    if (problem := damage(checkpoint)) is not None:
+        raise SpellmError(f"checkpoint {checkpoint} is damaged ({problem}); resume from an earlier one")
     try:
         return json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -97,8 +130,7 @@ def find_resume_point(resume: str, output_dir: str | Path) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        return latest_intact(output_dir)
     return Path(resume)
 
 
@@ -244,9 +276,10 @@ def save(engine, output_dir: str | Path, step: int, run: dict[str, Any], charset
         (checkpoint / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
-        tmp = checkpoint / f".{COMPLETE}.tmp"
-        tmp.write_text(f"step {step}\n")
-        os.replace(tmp, checkpoint / COMPLETE)
+        sync_to_disk(checkpoint)
+        files = {str(path.relative_to(checkpoint)): path.stat().st_size
+                 for path in sorted(checkpoint.rglob("*")) if path.is_file()}
+        replace_file(checkpoint / COMPLETE, json.dumps({"step": step, "bytes": files}, indent=1) + "\n")
         _prune(output_dir, keep, newest=checkpoint)
     dist.barrier()
     return checkpoint

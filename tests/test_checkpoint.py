@@ -1,5 +1,6 @@
 """Checkpoints with real ranks: exact resume, SIGTERM, kill -9, bad --resume, export."""
 
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from spellm_ds.errors import SpellmError
 from spellm_ds.model import load
 from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env, scalars, torchrun
+from tests.entry_points import run_script
 from tests.test_data import one_line_error
 
 
@@ -168,12 +170,20 @@ def run_single(base, out, *extra):
 
 
 @pytest.mark.processes
-def test_bad_resume_and_export(base, tmp_path):
+def test_bad_resume_and_export(base, tmp_path, monkeypatch, capfd):
+    """A checkpoint that does not match the run, or is damaged or corrupt, is refused with one line
+    (the refusals run in this process: they come before any engine is built) and nothing in it
+    changes; export writes the same model as the run did, only into an empty directory."""
     out = tmp_path / "run"
+
+    def refused(*extra: str, command: list[str] | None = None) -> str:
+        command = command or ["launch/distill.py", *args(base, out, *extra)]
+        return one_line_error(run_script(command, monkeypatch, capfd))
+
     ok(run_single(base, out, "--max_steps", "2", "--save_every", "0"))
     step2 = out / "checkpoints" / "step2"
     before = {p.name: p.read_bytes() for p in step2.iterdir() if p.is_file()}
-    assert "does not exist" in one_line_error(run_single(base, out, "--resume", str(out / "nope"), "--max_steps", "4"))
+    assert "does not exist" in refused("--resume", str(out / "nope"), "--max_steps", "4")
     # every flag that defines the run (model, split, data order, schedule) must match the checkpoint's
     changed = {("--k", "5"): "--k 6, this run has 5", ("--seed", "1"): "--seed 0, this run has 1",
                ("--eval_fraction", "0.1"): "--eval_fraction 0.02, this run has 0.1",
@@ -184,7 +194,7 @@ def test_bad_resume_and_export(base, tmp_path):
                ("--data", str(base[0] / "config.json")): "other data content",
                ("--max_steps", "4"): "--max_steps 2, this run has 4"}
     for flags, message in changed.items():
-        line = one_line_error(run_single(base, out, "--max_steps", "2", *flags))
+        line = refused("--max_steps", "2", *flags)
         assert message in line and str(step2) in line, line
     # the same data through another path is the same run; edited data is not
     moved_data = tmp_path / "elsewhere.txt"
@@ -192,7 +202,7 @@ def test_bad_resume_and_export(base, tmp_path):
     same = ok(run_single(base, out, "--max_steps", "2", "--save_every", "0", "--data", str(moved_data)))
     assert "the run already finished" in same.stdout
     moved_data.write_text(moved_data.read_text() + "\n\nAn edited last paragraph.")
-    edited = one_line_error(run_single(base, out, "--max_steps", "2", "--data", str(moved_data)))
+    edited = refused("--max_steps", "2", "--data", str(moved_data))
     assert "made from other data content" in edited and str(step2) in edited, edited
     # resuming a finished run says so and exports the same model again
     first_export = load_file(out / "model" / "model.safetensors")
@@ -202,20 +212,16 @@ def test_bad_resume_and_export(base, tmp_path):
     other = tiny.tiny_llama_dir(tmp_path / "other", tiny.corpus_texts(20), layers=3)
     other_args = args(base, out, "--max_steps", "4")
     other_args[1] = str(other)
-    result = subprocess.run([sys.executable, str(ROOT / "launch" / "distill.py"), *other_args], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT,
-                            env=rank_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port())))
-    assert "was made from other model content" in one_line_error(result)
+    assert "was made from other model content" in refused(command=["launch/distill.py", *other_args])
     damaged = tmp_path / "damaged" / "step2"
     shutil.copytree(step2, damaged)
     (damaged / "rng_rank0.safetensors").unlink()
-    assert "lacks rng_rank0.safetensors" in one_line_error(run_single(base, out, "--resume", str(damaged),
-                                                                      "--max_steps", "2"))
+    assert "is damaged (rng_rank0.safetensors is missing)" in refused("--resume", str(damaged), "--max_steps", "2")
     corrupt = out / "checkpoints" / "step7"
     corrupt.mkdir()
-    (corrupt / "COMPLETE").write_text("x")
+    (corrupt / "COMPLETE").write_text("step 7\n")  # as checkpoints before the file list have it
     (corrupt / "spellm_state.json").write_text("{garbage")
-    assert "is corrupt" in one_line_error(run_single(base, out, "--resume", str(corrupt), "--max_steps", "8"))
+    assert "is corrupt" in refused("--resume", str(corrupt), "--max_steps", "8")
     assert {p.name: p.read_bytes() for p in step2.iterdir() if p.is_file()} == before  # nothing overwritten
 
     exported = tmp_path / "exported"
@@ -228,20 +234,25 @@ def test_bad_resume_and_export(base, tmp_path):
     frozen = [n for n in base_weights if ".mlp." not in n or ".layers.0." in n or ".layers.1." in n]
     assert all(torch.equal(a["base." + n], base_weights[n]) for n in frozen)
     assert load(exported).config.k == 6
-    again = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(step2),
-                            "--out", str(exported)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=rank_env())
-    assert "not empty" in one_line_error(again)
+    assert "not empty" in refused(command=["launch/export.py", "--checkpoint", str(step2), "--out", str(exported)])
     # the spelling temperature is fitted on the run's held-out documents: export needs its data
     moved = tmp_path / "moved" / "step2"
     shutil.copytree(step2, moved)
     state = json.loads((moved / "spellm_state.json").read_text())
     state["run"]["data"] = [str(tmp_path / "moved.txt")]
-    (moved / "spellm_state.json").write_text(json.dumps(state))
-    gone = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(moved),
-                           "--out", str(tmp_path / "not-written")], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env=rank_env())
-    assert f"the run's data {tmp_path / 'moved.txt'} is gone; restore it" in one_line_error(gone)
+    tamper(moved, "spellm_state.json", json.dumps(state).encode())
+    gone = refused(command=["launch/export.py", "--checkpoint", str(moved), "--out", str(tmp_path / "not-written")])
+    assert f"the run's data {tmp_path / 'moved.txt'} is gone; restore it" in gone
     assert not (tmp_path / "not-written").exists()
+
+
+def tamper(checkpoint, name: str, data: bytes) -> None:
+    """Replace a checkpoint's file and the size its COMPLETE marker records, as someone editing both
+    would: the file's content, not the marker, must stop the load."""
+    (checkpoint / name).write_bytes(data)
+    marker = json.loads((checkpoint / "COMPLETE").read_text())
+    marker["bytes"][name] = len(data)
+    (checkpoint / "COMPLETE").write_text(json.dumps(marker))
 
 
 class Planted:
@@ -255,7 +266,7 @@ class Planted:
 
 
 @pytest.mark.processes
-def test_a_planted_pickle_in_any_checkpoint_file_is_refused_and_runs_nothing(base, tmp_path):
+def test_a_planted_pickle_in_any_checkpoint_file_is_refused_and_runs_nothing(base, tmp_path, monkeypatch, capfd):
     """Resume and export load DeepSpeed's files with torch.load forced to weights_only=True: a file
     that names code (os.system here) stops them with one line, and the command never runs; the RNG
     state is safetensors, which carries no code, and a garbage one is refused the same way."""
@@ -272,19 +283,20 @@ def test_a_planted_pickle_in_any_checkpoint_file_is_refused_and_runs_nothing(bas
         marker = tmp_path / f"ran-{victim.stem}"
         state = torch.load(victim, weights_only=False)
         state["payload"] = Planted(marker)
-        torch.save(state, planted / victim.name)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        tamper(planted, victim.name, buffer.getvalue())
         refused = one_line_error(run_single(base, out, "--resume", str(planted), "--max_steps", "3",
                                             "--extend_schedule"))
         assert "names code to run when loaded" in refused and "refused" in refused, refused
-        exported = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(planted),
-                                   "--out", str(tmp_path / "never")], capture_output=True, text=True, timeout=300,
-                                  cwd=ROOT, env=rank_env())
+        exported = run_script(["launch/export.py", "--checkpoint", str(planted), "--out", str(tmp_path / "never")],
+                              monkeypatch, capfd)
         if victim.name.startswith("zero_pp"):  # export reads the optimizer states (the fp32 masters)
             assert "names code to run when loaded" in one_line_error(exported)
         assert not marker.exists() and not (tmp_path / "never").exists()
     garbage = tmp_path / "garbage-rng"
     shutil.copytree(step2, garbage)
-    (garbage / "rng_rank0.safetensors").write_bytes(b"\x00" * 64)
+    tamper(garbage, "rng_rank0.safetensors", b"\x00" * 64)
     assert "is not a valid RNG state" in one_line_error(run_single(base, out, "--resume", str(garbage),
                                                                    "--max_steps", "3", "--extend_schedule"))
     resumed = ok(run_single(base, out, "--max_steps", "3", "--extend_schedule"))  # the untouched one still resumes
