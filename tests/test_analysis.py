@@ -2,8 +2,6 @@
 
 import argparse
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from spellm_ds.spelling import SpellingTable
 from spellm_ds.teacher import TeacherSignal
 from spellm_ds.teacher_cache import TeacherCache
 from tests import tiny
-from tests.distributed import ROOT, rank_env
+from tests.entry_points import run_module
 
 K = 8
 
@@ -163,8 +161,7 @@ def test_next_token_likelihood_against_the_teacher(table, byte_level_tokenizer):
     assert sweep[0.03]["fallback_rate"] == 1.0 and sweep[0.03]["nll"] == pytest.approx(7 / 3)  # the LM head's
 
 
-@pytest.mark.processes
-def test_report_writes_every_file_and_matches_single_modules(tmp_path):
+def test_report_writes_every_file_and_matches_single_modules(tmp_path, monkeypatch, capfd):
     from transformers import AutoModelForCausalLM
 
     from spellm_ds.assets import load_tokenizer
@@ -177,9 +174,8 @@ def test_report_writes_every_file_and_matches_single_modules(tmp_path):
     data.write_text("\n\n".join(t.replace("\n\n", "\n") for t in tiny.corpus_texts(200)[150:]))
     common = ["--model", str(tmp_path / "spellm"), "--data", str(data), "--max_tokens", "600", "--seq_len", "64"]
 
-    def module(name, *extra):
-        result = subprocess.run([sys.executable, "-m", f"analysis.{name}", *common, *extra], capture_output=True,
-                                text=True, timeout=300, cwd=ROOT, env=rank_env())
+    def module(name, *extra):  # in this process, as `python -m analysis.NAME` would run it
+        result = run_module(f"analysis.{name}", [*common, *extra], monkeypatch, capfd)
         assert result.returncode == 0, result.stderr[-3000:]
 
     module("report", "--out", str(tmp_path / "report"))

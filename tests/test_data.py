@@ -12,6 +12,7 @@ from spellm_ds import assets, corpus
 from spellm_ds.data import first_read_steps, load_texts, step_rows
 from spellm_ds.errors import SpellmError
 from spellm_ds.text_overlap import without_shared_sentences
+from tests.entry_points import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,8 +124,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.processes
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capfd):
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)
     (tmp_path / "rows.jsonl").write_text('{"body": "x"}\n')
     (tmp_path / "empty.txt").write_text("")
@@ -139,7 +139,7 @@ def test_cli_errors_are_one_line(tmp_path):
         ("--data", str(tmp_path / "rows.jsonl")): "--text_field",
     }
     for args, message in cases.items():
-        assert message in one_line_error(run_cli(*args)), args
+        assert message in one_line_error(run_script(["launch/spelling_report.py", *args], monkeypatch, capfd)), args
 
 
 @pytest.mark.processes
