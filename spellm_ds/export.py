@@ -120,6 +120,9 @@ def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path
                                                                exclude_frozen_parameters=True)
     except Exception as e:  # DeepSpeed raises many types for damaged files
         raise refusal(e, checkpoint) from None
+    if broken := model_loading.non_finite(trained.items()):
+        raise SpellmError(f"checkpoint {checkpoint} holds non-finite weights ({', '.join(broken[:3])}); "
+                          "export an earlier one")
     base = load_base(model_dir)
     charset = Charset(tuple(state["charset"]))
     table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))

@@ -8,6 +8,7 @@ that runs and is silently wrong. Here each is refused, and so are non-finite wei
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
 
@@ -46,6 +47,12 @@ def check_weight_files(directory: str | Path) -> None:
             raise SpellmError(f"{file} is not a readable safetensors file ({first_line(error)}); {FIX}") from None
 
 
+def non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity."""
+    return [name for name, tensor in named_tensors
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def from_pretrained(model_class, directory: str | Path, **kwargs):
     """``model_class.from_pretrained(directory, **kwargs)``, refusing a model whose files lack
     tensors it needs, hold them in another shape, or hold non-finite values (parameters that
@@ -63,8 +70,7 @@ def from_pretrained(model_class, directory: str | Path, **kwargs):
     if wrong:
         raise SpellmError(f"the weights in {directory} do not fit the model ({len(wrong)} wrong tensors: "
                           f"{', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}); {FIX}")
-    broken = [name for name, tensor in chain(model.named_parameters(), model.named_buffers())
-              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    broken = non_finite(chain(model.named_parameters(), model.named_buffers()))
     if broken:
         raise SpellmError(f"the weights in {directory} hold non-finite values ({', '.join(broken[:3])}); "
                           "the model cannot be used: export it again from a finite checkpoint")

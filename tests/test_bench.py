@@ -157,4 +157,7 @@ def test_operating_points(tmp_path):
     assert nothing["fallback_rate"]["rate"] == 0.0 and nothing["generated_fallback_rate"] == 0.0
     assert nothing["agreement"]["rate"] < 1.0  # untrained heads
     assert all(positive(row["speed_vs_lm_head"]["median"]) for row in rows)
-    assert "fastest at >= 95% agreement: tau 0.0" in result.stdout
+    best = json.loads(out.read_text())["results"]["fastest_at_target"]  # which one is a matter of timing
+    reaching = [row for row in rows if row["agreement"]["rate"] >= 0.95]
+    assert everything in reaching and best == max(reaching, key=lambda row: row["speed_vs_lm_head"]["median"])
+    assert f"fastest at >= 95% agreement: tau {best['tau']}, rerank_k {best['rerank_k']}:" in result.stdout

@@ -235,6 +235,18 @@ def test_bad_resume_and_export(base, tmp_path, monkeypatch, capfd):
     assert all(torch.equal(a["base." + n], base_weights[n]) for n in frozen)
     assert load(exported).config.k == 6
     assert "not empty" in refused(command=["launch/export.py", "--checkpoint", str(step2), "--out", str(exported)])
+    # non-finite weights in a checkpoint (edited, or written by something else) are never exported
+    poisoned = tmp_path / "poisoned" / "step2"
+    shutil.copytree(step2, poisoned)
+    optimizer = next(poisoned.glob("*optim_states.pt"))
+    states = torch.load(optimizer, weights_only=False)
+    with torch.no_grad():  # the flat fp32 masters are saved as leaves that require grad
+        states["optimizer_state_dict"]["fp32_flat_groups"][0][:10] = float("nan")
+    buffer = io.BytesIO()
+    torch.save(states, buffer)
+    tamper(poisoned, optimizer.name, buffer.getvalue())
+    nan_export = refused(command=["launch/export.py", "--checkpoint", str(poisoned), "--out", str(tmp_path / "nan")])
+    assert "holds non-finite weights" in nan_export and not (tmp_path / "nan").exists()
     # the spelling temperature is fitted on the run's held-out documents: export needs its data
     moved = tmp_path / "moved" / "step2"
     shutil.copytree(step2, moved)
