@@ -21,7 +21,7 @@ from tests.distributed import ROOT, free_port, rank_env
 from tests.test_checkpoint import args
 
 TRAINING_KILLS = 20
-EXPORT_KILLS = 10
+EXPORT_KILLS = 6
 
 
 @pytest.fixture(scope="module")
