@@ -101,11 +101,13 @@ def damage(checkpoint: Path) -> str | None:
 
 
 def latest_intact(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint whose files are as written; each damaged newer one is named."""
+    """The newest complete checkpoint whose files are as written; each damaged newer one is named
+    (once, by rank 0, where every rank looks)."""
     for found in reversed(complete_checkpoints(output_dir)):
         if (problem := damage(found)) is None:
             return found
-        print(f"checkpoint {found} is damaged ({problem}); taking the one before it", flush=True)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"checkpoint {found} is damaged ({problem}); taking the one before it", flush=True)
     return None
 
 
@@ -291,7 +293,8 @@ def _prune(output_dir: str | Path, keep: int, newest: Path) -> None:
     doomed = complete[: max(0, len(complete) - keep)]
     doomed += [p for p in checkpoints_dir(output_dir).iterdir()
                if 0 <= step_of(p) < step_of(newest) and not (p / COMPLETE).is_file()]
-    for path in doomed:
+    for path in doomed:  # the marker first: a kill inside rmtree leaves a half-written step, not a damaged complete one
+        (path / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
 
