@@ -3,9 +3,9 @@
 One process, no engine. The base model's frozen weights are copied bit-identically from its
 files, the trained ones come from the fp32 master copies; the char heads' spelling temperature is
 fitted on the run's held-out blocks (:mod:`spellm_ds.calibration`) before anything is written.
-The directory (``config.json`` with ``auto_map``, sharded safetensors, the modeling code, the
-tokenizer, ``generation_config.json``, ``calibration.json`` and a model card) is written beside
-the target and swapped in (:mod:`spellm_ds.atomic`): a kill at any point leaves the old model or
+The directory (``config.json`` with ``auto_map``, sharded safetensors (all weights, or only those
+that differ from the base model's files), the modeling code, the tokenizer,
+``generation_config.json``, ``calibration.json`` and a model card) is written beside the target and swapped in (:mod:`spellm_ds.atomic`): a kill at any point leaves the old model or
 the new one, and the next export clears what it left.
 """
 
@@ -63,7 +63,8 @@ def last_evaluation(output_dir: Path) -> dict[str, float]:
     return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("eval/")}
 
 
-def model_card(run: RunConfig, step: int, world_size: int, evaluation: dict[str, float], temperature: float) -> str:
+def model_card(run: RunConfig, step: int, world_size: int, evaluation: dict[str, float], temperature: float,
+               changed_from: Path | None = None) -> str:
     """A short README for the exported directory: what it is, how it was made, how to load it."""
     tokens = step * run.micro_batch * run.grad_accum * world_size * run.seq_len
     agreement = (f"{100 * evaluation['eval/match/exact_or_prefix']:.1f}% of held-out positions (raw argmax "
@@ -84,6 +85,8 @@ model; the original LM head stays as the fallback for positions the heads are un
 {tokens:,} training positions
 - held-out agreement at the end of training: {agreement}
 - spelling temperature: {temperature}
+- weights: {f"only those that differ from the base model's; the rest load from `{changed_from}` (checked by sha256; "
+            "`from_pretrained(..., base_model_path=DIR)` where it has moved)" if changed_from else "all of them"}
 
 Load and run it like any causal LM (`trust_remote_code=True` runs the modeling code shipped here;
 with `spellm_ds` installed and imported it is not needed):
@@ -101,8 +104,10 @@ to never fall back); `forward()` returns SpeLLM's own next-token distribution as
 """
 
 
-def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path:
-    """Write the SpeLLM model of ``checkpoint`` to ``out_dir`` (see the module docstring)."""
+def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB", changed_only: bool = False) -> Path:
+    """Write the SpeLLM model of ``checkpoint`` to ``out_dir`` (see the module docstring);
+    ``changed_only``: only the tensors that differ from the base model's, which loading reads from
+    the base model's directory (:func:`spellm_ds.model.save_export`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from spellm_ds.assets import load_tokenizer
@@ -134,11 +139,12 @@ def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB") -> Path
     model.config.spelling_temperature = calibration.temperature
     print(calibration.summary(), flush=True)
     card = model_card(run, int(state["step"]), int(state["world_size"]),
-                      last_evaluation(checkpoint.parent.parent), calibration.temperature)
+                      last_evaluation(checkpoint.parent.parent), calibration.temperature,
+                      model_dir if changed_only else None)
     recover_dir(out_dir)
     staging = staging_dir(out_dir)
     try:
-        save_export(model, staging, tokenizer, model_dir, max_shard_size, card)
+        save_export(model, staging, tokenizer, model_dir, max_shard_size, card, changed_only)
         (staging / CALIBRATION_FILE).write_text(json.dumps(asdict(calibration), indent=2) + "\n")
         replace_dir(staging, out_dir)
     finally:

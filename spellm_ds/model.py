@@ -29,6 +29,7 @@ from spellm_ds.charset import Charset
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf import SpeLLMConfig, SpeLLMForCausalLM
 from spellm_ds.hf.char_heads import CharHeads
+from spellm_ds.hf.modeling_spellm import file_sha256
 from spellm_ds.spelling import SpellingTable
 
 
@@ -237,23 +238,55 @@ def build_export(config: SpeLLMConfig, base, trained: dict[str, torch.Tensor], h
     return model.eval()
 
 
-def save_export(model: SpeLLMForCausalLM, directory: Path, tokenizer, generation_source: Path | None = None,
-                max_shard_size: str = "5GB", card: str = "") -> None:
+def save_export(model: SpeLLMForCausalLM, directory: Path, tokenizer, base_dir: Path | None = None,
+                max_shard_size: str = "5GB", card: str = "", changed_only: bool = False) -> None:
     """Write ``model`` like ``save_pretrained`` (sharded safetensors, ``config.json`` with its
     ``auto_map`` and the modeling code, ``generation_config.json``), plus the tokenizer and the
-    model card ``card``. The generation config is ``generation_source``'s (the base model's) if
-    it has one."""
+    model card ``card``. The generation config is the base model's (``base_dir``) if it has one.
+    ``changed_only``: the weights files hold only the tensors that differ from the base model's
+    files, and the config says where those are (:func:`base_reference`)."""
     from transformers import GenerationConfig
 
-    if generation_source is not None and (Path(generation_source) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(generation_source)
+    if base_dir is not None and (Path(base_dir) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(base_dir)
     else:
         model.generation_config = GenerationConfig.from_model_config(model.config.get_text_config())
     model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
-    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    state = None
+    if changed_only:
+        if base_dir is None:
+            raise ValueError("an export of only what changed needs the base model's directory")
+        state = changed_tensors(model, Path(base_dir))
+        model.config.base_weights = base_reference(Path(base_dir))
+    model.save_pretrained(directory, max_shard_size=max_shard_size, state_dict=state)
     tokenizer.save_pretrained(directory)
     if card:
         (directory / MODEL_CARD).write_text(card)
+
+
+def base_reference(base_dir: Path) -> dict:
+    """Where an export of only what changed finds the rest: the base model's directory, its Hub ID
+    and revision where it is a snapshot in the Hugging Face cache, and each weight file's sha256."""
+    path = base_dir.resolve()
+    files = sorted(path.glob("*.safetensors"))
+    reference = {"path": str(path), "sha256": {file.name: file_sha256(file) for file in files}}
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        reference["hub_id"] = path.parent.parent.name.removeprefix("models--").replace("--", "/")
+        reference["revision"] = path.name
+    return reference
+
+
+@torch.no_grad()
+def changed_tensors(model: SpeLLMForCausalLM, base_dir: Path) -> dict[str, torch.Tensor]:
+    """``model``'s tensors that the base model's files do not hold as they are (compared value by
+    value, not assumed from the recipe): the char heads, the spellings, any trained layer."""
+    from transformers import AutoModelForCausalLM
+
+    base = model_loading.from_pretrained(AutoModelForCausalLM, base_dir, dtype="auto")
+    prefix = model.base_model_prefix + "."
+    original = {prefix + name: tensor for name, tensor in base.state_dict().items()}
+    return {name: tensor for name, tensor in model.state_dict().items()
+            if name not in original or not torch.equal(original[name], tensor)}
 
 
 def read_spellm_config(directory: Path) -> SpeLLMConfig:

@@ -234,6 +234,16 @@ def test_bad_resume_and_export(base, tmp_path, monkeypatch, capfd):
     frozen = [n for n in base_weights if ".mlp." not in n or ".layers.0." in n or ".layers.1." in n]
     assert all(torch.equal(a["base." + n], base_weights[n]) for n in frozen)
     assert load(exported).config.k == 6
+    # only what changed (heads, spellings, trained weights that moved); loads as the whole export
+    changed = tmp_path / "changed"
+    ok(run_script(["launch/export.py", "--checkpoint", str(step2), "--out", str(changed), "--changed_only"],
+                  monkeypatch, capfd))
+    stored = load_file(changed / "model.safetensors")
+    moved = {"base." + n for n, t in base_weights.items() if not torch.equal(a["base." + n], t)}
+    assert {n for n in stored if n.startswith("base.")} == moved and "char_heads.proj.weight" in stored
+    whole, assembled = load(exported).state_dict(), load(changed).state_dict()
+    assert whole.keys() == assembled.keys() and all(torch.equal(whole[n], assembled[n]) for n in whole)
+    assert "only those that differ" in (changed / "README.md").read_text()
     assert "not empty" in refused(command=["launch/export.py", "--checkpoint", str(step2), "--out", str(exported)])
     # non-finite weights in a checkpoint (edited, or written by something else) are never exported
     poisoned = tmp_path / "poisoned" / "step2"

@@ -281,3 +281,46 @@ def test_a_hub_id_resolves_from_the_local_hugging_face_cache(tmp_path, monkeypat
     assert resolved == snapshot and (resolved / "config.json").is_file()
     with pytest.raises(SpellmError, match="not in the local Hugging Face cache"):
         assets.resolve_model("someone/not-there")
+
+
+def test_an_export_of_only_what_changed_loads_as_the_whole_model(exported, tmp_path):
+    """``changed_only`` stores the tensors that differ from the base model's files (here the heads,
+    the spellings and one edited FFN weight); loading assembles the same model, checks the base
+    files' sha256, and names the fix when the base model has moved or changed."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from spellm_ds.model import save_export
+
+    model = load(exported.directory)
+    edited = next(name for name, _ in model.named_parameters() if name.startswith("base.") and ".mlp." in name)
+    with torch.no_grad():
+        model.get_parameter(edited).add_(0.01)
+    save_export(model, tmp_path / "whole", model.tokenizer, exported.base_dir)
+    base_dir = tmp_path / "base"
+    shutil.copytree(exported.base_dir, base_dir)
+    save_export(model, tmp_path / "changed", model.tokenizer, base_dir, changed_only=True)
+    stored = load_file(tmp_path / "changed" / "model.safetensors")
+    assert {name for name in stored if name.startswith("base.")} == {edited}
+    assert {name.split(".")[0] for name in stored} == {"base", "char_heads", "spelling_chars", "spelling_lengths"}
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole")
+    assembled = AutoModelForCausalLM.from_pretrained(tmp_path / "changed")
+    assert isinstance(assembled, SpeLLMForCausalLM) and assembled.config.base_weights["path"] == str(base_dir)
+    expected, got = whole.state_dict(), assembled.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
+    assert torch.equal(hf_new_tokens(assembled, exported.batch, 4, do_sample=False, tau=exported.tau),
+                       hf_new_tokens(whole, exported.batch, 4, do_sample=False, tau=exported.tau))
+    moved = tmp_path / "moved"
+    base_dir.rename(moved)
+    with pytest.raises(ValueError, match="is not at .*; pass base_model_path=DIR"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "changed")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "changed", base_model_path=str(moved))
+    assert torch.equal(again.get_parameter(edited), whole.get_parameter(edited))
+    weights = moved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is not the one this SpeLLM export was made from \\(model.safetensors "
+                                         "differs\\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "changed", base_model_path=str(moved))

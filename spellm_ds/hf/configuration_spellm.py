@@ -52,6 +52,11 @@ class SpeLLMConfig(PretrainedConfig):
     """Fall back to the LM head at this mean head entropy (nats); None: never."""
     rerank_k: int = 0
     """Beyond the paper: re-rank the heads' top-K valid spellings by the LM head (0: off)."""
+    base_weights: dict | None = None
+    """Set where the export stores only what changed (``launch/export.py --changed_only``): where
+    the base model's weights are (``path``; ``hub_id`` and ``revision`` when they came from the
+    Hub) and each weight file's ``sha256``. ``from_pretrained`` loads them from there, checks them
+    and puts this directory's tensors over them."""
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -21,16 +21,21 @@ hf``, perplexity scripts, ``Trainer.evaluate``, ``device_map`` and ``dtype``.
   ``rerank_k`` and ``autocorrect`` may be passed to ``generate()``; the config holds the defaults.
 
 The spelling of every token (its first k char ids and its length) is stored with the weights, so
-decoding needs no tokenizer. Torch and transformers only: this file, ``configuration_spellm.py``,
-``char_decoding.py`` and ``char_heads.py`` are copied into every exported model.
+decoding needs no tokenizer. An export may store only what changed (``config.base_weights``): the
+base model's weights are then read from where it names, checked against their sha256, and this
+directory's tensors put over them (:meth:`SpeLLMForCausalLM.from_pretrained`). Torch and
+transformers only: this file, ``configuration_spellm.py``, ``char_decoding.py`` and
+``char_heads.py`` are copied into every exported model.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .char_decoding import CharDecoder, Spellings, greedy_tokens
@@ -81,6 +86,28 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
         self._decoders: dict = {}
         self._decoding: _Decoding | None = None
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model_path: str | None = None,
+                        **kwargs):
+        """transformers' ``from_pretrained``; an export that stores only what changed is assembled
+        from its base model's weights (from ``config.base_weights``, or ``base_model_path`` where the
+        base model has moved) and its own tensors. That costs a second copy of the model in memory
+        while it loads."""
+        config = kwargs.pop("config", None)
+        if not isinstance(config, SpeLLMConfig):
+            config = SpeLLMConfig.from_pretrained(pretrained_model_name_or_path, **_hub_settings(kwargs))
+        if config.base_weights is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        directory = _local_directory(pretrained_model_name_or_path, kwargs)
+        state = _assembled_state(directory, config.base_weights, base_model_path)
+        for name in _HUB_KEYS:
+            kwargs.pop(name, None)
+        loaded = super().from_pretrained(None, *model_args, config=config, state_dict=state, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        return loaded
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Nothing to do: the char heads initialise themselves when built, the base model its own
@@ -179,3 +206,62 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
             return super().generate(inputs, generation_config, **kwargs)
         finally:
             self._decoding = None
+
+
+# ----------------------------------------------------------------- exports that store only what changed
+_HUB_KEYS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies",
+             "trust_remote_code")
+
+
+def _hub_settings(kwargs: dict) -> dict:
+    return {name: kwargs[name] for name in _HUB_KEYS if name in kwargs}
+
+
+def _local_directory(name_or_path, kwargs: dict) -> Path:
+    """The export's directory: a local path as it is, a Hub repository through the Hugging Face cache."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"),
+                                  token=kwargs.get("token")))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _base_directory(reference: dict, override: str | None) -> Path:
+    """The base model's directory: ``override``, the recorded path, or its Hub snapshot (the cache)."""
+    if override is not None:
+        return Path(override)
+    if Path(reference["path"]).is_dir():
+        return Path(reference["path"])
+    if reference.get("hub_id"):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(reference["hub_id"], revision=reference.get("revision")))
+    raise ValueError(f"the base model this SpeLLM export builds on is not at {reference['path']}; pass "
+                     "base_model_path=DIR (the same weights) to from_pretrained")
+
+
+def _assembled_state(directory: Path, reference: dict, override: str | None) -> dict[str, torch.Tensor]:
+    """The base model's state dict (under ``base.``), checked file by file against the recorded
+    sha256, with the export's own tensors put over it."""
+    from safetensors.torch import load_file
+
+    base_dir = _base_directory(reference, override)
+    for name, expected in reference["sha256"].items():
+        if not (base_dir / name).is_file() or file_sha256(base_dir / name) != expected:
+            raise ValueError(f"the base model at {base_dir} is not the one this SpeLLM export was made from "
+                             f"({name} {'differs' if (base_dir / name).is_file() else 'is missing'}); pass "
+                             "base_model_path=DIR holding the original weights")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    state = {f"{SpeLLMPreTrainedModel.base_model_prefix}.{name}": tensor for name, tensor in base.state_dict().items()}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
