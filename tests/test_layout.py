@@ -91,3 +91,19 @@ def test_the_exported_model_code_needs_nothing_else_of_the_package():
     graph = package_graph()
     for module in (m for m in graph if m.startswith("spellm_ds.hf")):
         assert all(imported.startswith("spellm_ds.hf") for imported in graph[module]), (module, graph[module])
+
+
+def test_experiment_records_are_short_and_their_links_resolve():
+    """Each run's README stays a page (details go beside it), and every relative link in the
+    records points at a file that exists."""
+    import re
+
+    records = sorted((ROOT / "experiments").rglob("*.md"))
+    assert records
+    for page in records:
+        text = page.read_text()
+        if page.name == "README.md":
+            assert len(text.splitlines()) <= 150, f"{page} has {len(text.splitlines())} lines"
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page}: broken link {target}"
