@@ -40,6 +40,24 @@ def build_teacher(model_dir: Path, ds_config: dict[str, Any]):
     return engine
 
 
+def held_parameter_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds now, bytes of the whole model's parameters).
+
+    A ZeRO-3 parameter holds its shard (``ds_tensor``) plus, while gathered or persistent, the
+    whole tensor; any other parameter is held whole. Outside a forward pass, the first number
+    about 1/world of the second is the evidence that ZeRO-3 partitions the model."""
+    held = whole = 0
+    for p in module.parameters():
+        size = p.element_size()
+        if hasattr(p, "ds_tensor"):
+            held += (p.ds_tensor.numel() + p.data.numel()) * size
+            whole += p.ds_numel * size
+        else:
+            held += p.numel() * size
+            whole += p.numel() * size
+    return held, whole
+
+
 def keep_whole_without_hooks(engine) -> bool:
     """Gather a frozen ZeRO-3 engine's parameters once and remove its per-module hooks, when every
     parameter persists (the ``"auto"`` persistence threshold on a model that fits, see

@@ -73,7 +73,7 @@ from spellm_ds.charset import Charset
 from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
                               parameter_sizes, resolve_student_config, resolve_teacher_config)
 from spellm_ds.data import PackedData, cached_packing, data_files, first_read_steps, step_rows
-from spellm_ds.engines import build_student, build_teacher
+from spellm_ds.engines import build_student, build_teacher, held_parameter_bytes
 from spellm_ds.errors import SpellmError
 from spellm_ds.forward import student_and_labels, synchronized_clock
 from spellm_ds.hf.char_decoding import CharDecoder
@@ -480,5 +480,10 @@ class Distillation:
                 progress.note(f"step {step + 1}: checkpoint {self.save(step + 1)}")
         progress.close()
         final = self.save(cfg.max_steps)
-        print(f"rank {self.rank} peak RSS: {_peak_rss_gb():.2f} GB", flush=True)
+        held = {name: held_parameter_bytes(engine.module) for name, engine in (("teacher", self.teacher),
+                                                                             ("student", self.student))}
+        accelerator = (f", accelerator {torch.cuda.max_memory_allocated() / 2**30:.2f} GB"
+                       if self.device.type == "cuda" else "")
+        print(f"rank {self.rank} peak RSS: {_peak_rss_gb():.2f} GB{accelerator}; parameters held: " + ", ".join(
+            f"{name} {mine / 2**20:.3f} of {whole / 2**20:.3f} MB" for name, (mine, whole) in held.items()), flush=True)
         return final

@@ -161,3 +161,17 @@ def test_operating_points(tmp_path):
     reaching = [row for row in rows if row["agreement"]["rate"] >= 0.95]
     assert everything in reaching and best == max(reaching, key=lambda row: row["speed_vs_lm_head"]["median"])
     assert f"fastest at >= 95% agreement: tau {best['tau']}, rerank_k {best['rerank_k']}:" in result.stdout
+
+
+@pytest.mark.processes
+def test_scale_shows_zero3_partitioning(tmp_path):
+    document = run_bench("scale", tmp_path)
+    assert document["settings"]["ranks"] == 2 and document["settings"]["parameters"] > 0
+    assert set(document["results"]) == {"zero3", "zero3_offload"}
+    for result in document["results"].values():
+        assert result["exported"] and len(result["step_s"]) == 2
+        assert len(result["ranks"]) == 2
+        for rank in result["ranks"]:
+            # every parameter partitioned over 2 ranks: each holds half, plus the padding of odd sizes
+            assert 0.5 <= rank["teacher_held_share"] < 0.52 and 0.5 <= rank["student_held_share"] < 0.52
+            assert rank["peak_rss_gb"] > 0
