@@ -41,6 +41,7 @@ BENCHMARKS = {
     "operating-points": "bench.operating_points",
     "head-cost": "bench.head_cost",
     "distill-throughput": "bench.distill_throughput",
+    "scale": "bench.scale",
 }
 
 
