@@ -15,8 +15,8 @@ import torch
 from analysis.collect import Analysis
 from analysis.common import new_figure, rate, run_cli, save_figure
 from spellm_ds import cli
-from spellm_ds.charset import END_ID
-from spellm_ds.metrics import match_flags
+from spellm_ds.distill.metrics import match_flags
+from spellm_ds.model.charset import END_ID
 
 ENTROPY_BINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, float("inf"))
 TOP_BLENDS = 20

@@ -16,14 +16,15 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm import tqdm
 
-from spellm_ds import assets, cli
-from spellm_ds.data import load_texts, pack
+from spellm_ds import cli
+from spellm_ds.data import assets
+from spellm_ds.data.packing import load_texts, pack
+from spellm_ds.distill.forward import teacher_and_student
+from spellm_ds.distill.losses import label_rule_of
 from spellm_ds.errors import SpellmError
-from spellm_ds.forward import teacher_and_student
 from spellm_ds.hf.char_decoding import read_string
-from spellm_ds.losses import label_rule_of
-from spellm_ds.model import load, load_teacher, shared_trunk_layer
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.model.spelling import SpellingTable
+from spellm_ds.model.spellm import load, load_teacher, shared_trunk_layer
 
 
 @dataclass

@@ -14,8 +14,8 @@ import torch
 
 from analysis.collect import Analysis, add_args, collect
 from spellm_ds import cli
+from spellm_ds.distill.metrics import match_flags, wilson_interval
 from spellm_ds.hf.char_decoding import falls_back
-from spellm_ds.metrics import match_flags, wilson_interval
 
 VARIANTS = ("raw", "autocorrect", "autocorrect_fallback")
 
@@ -73,7 +73,7 @@ def paired_difference(values: torch.Tensor, baseline: torch.Tensor,
 
 
 def fallback_mask(analysis: Analysis, tau: float | None) -> torch.Tensor:
-    """Rows decoding hands to the LM head at threshold ``tau`` (:func:`spellm_ds.decoding.falls_back`)."""
+    """Rows decoding hands to the LM head at threshold ``tau`` (:func:`spellm_ds.model.decoding.falls_back`)."""
     return falls_back(analysis.records.student_entropy, analysis.records.raw_chars, tau)
 
 

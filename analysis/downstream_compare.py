@@ -5,7 +5,7 @@
 Each ``downstream.json`` (from ``launch/evaluate.py``) pairs one model with the teacher. Two such
 reports' intervals against the teacher overlap long before the models are indistinguishable; the
 per-sample scores, paired across the two reports, give the difference between the models with its
-own 95% interval (:func:`spellm_ds.downstream.compare`). The reports must come from the same
+own 95% interval (:func:`spellm_ds.eval.downstream.compare`). The reports must come from the same
 teacher, tasks and ``--limit``; their taus may differ (each report's fallback rate is shown).
 """
 
@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from spellm_ds import cli
-from spellm_ds.downstream import compare
 from spellm_ds.errors import SpellmError
+from spellm_ds.eval.downstream import compare
 
 
 def markdown(result: dict, baseline: dict, candidate: dict, system: str) -> str:

@@ -22,10 +22,10 @@ import torch
 
 from analysis.collect import held_out_texts
 from spellm_ds import cli
-from spellm_ds.decoding import decode_loop, generate, lm_head_picker
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf import SpeLLMForCausalLM
-from spellm_ds.model import load, load_teacher
+from spellm_ds.model.decoding import decode_loop, generate, lm_head_picker
+from spellm_ds.model.spellm import load, load_teacher
 
 
 def prompts(tokenizer, texts: list[str], count: int, length: int) -> torch.Tensor:

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from analysis.collect import Analysis
 from analysis.common import correct_flags, new_figure, rate, run_cli, save_figure
 from spellm_ds import cli
-from spellm_ds.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
-from spellm_ds.teacher_cache import entry_files
+from spellm_ds.distill.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
+from spellm_ds.distill.teacher_cache import entry_files
 
 LONG = 5  # characters: the report's token-length table falls from 64% to 33% here
 

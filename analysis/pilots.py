@@ -42,9 +42,9 @@ from analysis import free_running, label_frequency, likelihood, match_rates
 from analysis.collect import Analysis, collect, held_out_texts
 from analysis.common import VARIANTS, correct_flags, paired_difference
 from spellm_ds import cli
+from spellm_ds.distill.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
+from spellm_ds.distill.teacher_cache import entry_files
 from spellm_ds.errors import SpellmError
-from spellm_ds.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
-from spellm_ds.teacher_cache import entry_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "launch" / "distill.py"
@@ -125,7 +125,7 @@ def score(model: Path, args: argparse.Namespace,
     flags["likelihood/nll"] = likelihood.spellm_nll(analysis, args.tau)
     matched = next(p for p in next_token["at_fallback_rates"] if p["target"] == MATCHED_RATE)
     flags["likelihood/nll_matched"] = likelihood.spellm_nll(analysis, matched["tau"])
-    from spellm_ds.model import load, load_teacher
+    from spellm_ds.model.spellm import load, load_teacher
 
     student = load(model)
     teacher = load_teacher(student)
@@ -222,7 +222,7 @@ def main() -> None:
         raise SpellmError(f"pilot names must differ: {names}")
     out = cli.check_output_dir(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    from spellm_ds.provenance import commit
+    from spellm_ds.runtime.provenance import commit
 
     results: dict = {"commit": commit(), "steps": args.steps, "held_out": args.data or "BoolQ dev passages", "positions": args.max_tokens,
                      "tau": args.tau, "rerank_k": args.rerank_k, "pilots": {}}

@@ -13,7 +13,7 @@ from pathlib import Path
 from analysis.collect import Analysis
 from analysis.common import correct_flags, new_figure, rate, run_cli, save_figure
 from spellm_ds import cli
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.model.spelling import SpellingTable
 
 COVERAGE_K = (5, 10, 15)
 

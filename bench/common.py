@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from spellm_ds.provenance import commit
+from spellm_ds.runtime.provenance import commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,7 +34,7 @@ def hardware() -> dict[str, Any]:
         import deepspeed
         import transformers
 
-        from spellm_ds import precision
+        from spellm_ds.runtime import precision
 
         info.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__,
                     precision_auto=precision.choose("cuda" if torch.cuda.is_available() else "cpu").describe())
@@ -46,12 +46,12 @@ def hardware() -> dict[str, Any]:
 def add_dtypes_arg(parser) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=None,
                         help="dtypes to time (default: fp32, and bf16 where the hardware computes it fast: "
-                             "spellm_ds.precision)")
+                             "spellm_ds.runtime.precision)")
 
 
 def dtypes_to_time(requested: list[str] | None) -> list[torch.dtype]:
     """``--dtypes``, or fp32 plus bf16 where it is fast (timing emulated bf16 measures the emulation)."""
-    from spellm_ds import precision
+    from spellm_ds.runtime import precision
 
     if requested is None:
         fast = precision.choose("cuda" if torch.cuda.is_available() else "cpu").bf16

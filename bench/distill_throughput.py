@@ -160,15 +160,16 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     """One process's share of the bound: (median step seconds, tokens per step)."""
     from transformers import AutoModelForCausalLM
 
-    from spellm_ds import assets, precision
-    from spellm_ds.charset import Charset
-    from spellm_ds.config import DEFAULTS, RunConfig
-    from spellm_ds.data import load_texts, pack
-    from spellm_ds.forward import synchronized_clock, teacher_and_student
+    from spellm_ds.data import assets
+    from spellm_ds.data.packing import load_texts, pack
+    from spellm_ds.distill.config import DEFAULTS, RunConfig
+    from spellm_ds.distill.forward import synchronized_clock, teacher_and_student
+    from spellm_ds.distill.losses import distillation_loss
     from spellm_ds.hf.char_decoding import CharDecoder
-    from spellm_ds.losses import distillation_loss
-    from spellm_ds.model import Student, shared_trunk_layer
-    from spellm_ds.spelling import SpellingTable, model_vocab_size
+    from spellm_ds.model.charset import Charset
+    from spellm_ds.model.spelling import SpellingTable, model_vocab_size
+    from spellm_ds.model.spellm import Student, shared_trunk_layer
+    from spellm_ds.runtime import precision
 
     torch.set_num_threads(threads)
     run = RunConfig(model=model, data=data, **overrides)

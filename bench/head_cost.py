@@ -25,21 +25,21 @@ import torch
 
 from bench.common import add_dtypes_arg, add_threads_arg, dtypes_to_time, median_seconds, write
 from spellm_ds import cli
-from spellm_ds.charset import Charset
-from spellm_ds.config import READOUT_PER_HIDDEN
+from spellm_ds.distill.config import READOUT_PER_HIDDEN
 from spellm_ds.hf.char_decoding import CharDecoder
 from spellm_ds.hf.char_heads import CharHeads
+from spellm_ds.model.charset import Charset
 
 
 def spelling_table(quick: bool, k: int):
-    from spellm_ds.spelling import SpellingTable
+    from spellm_ds.model.spelling import SpellingTable
 
     if quick:
         from tests import tiny
 
         tokenizer = tiny.trained_tokenizer(tiny.corpus_texts(40), vocab_size=300)
     else:
-        from spellm_ds import assets
+        from spellm_ds.data import assets
 
         tokenizer = assets.load_tokenizer(assets.embedded_model_dir())
     return SpellingTable.from_tokenizer(tokenizer, Charset.default(), k, len(tokenizer))

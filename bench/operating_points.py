@@ -24,9 +24,9 @@ import torch
 from bench.common import add_threads_arg, interleaved_times, median_interval, write
 from bench.decode_speed import prompts
 from spellm_ds import cli
-from spellm_ds.decoding import decode_loop, lm_head_picker, spellm_picker
 from spellm_ds.hf.char_decoding import Provenance
-from spellm_ds.model import load
+from spellm_ds.model.decoding import decode_loop, lm_head_picker, spellm_picker
+from spellm_ds.model.spellm import load
 
 TARGET = 0.95
 """The agreement the table looks for the fastest operating point at."""

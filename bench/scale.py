@@ -39,7 +39,7 @@ import torch
 from bench.common import write
 from bench.distill_throughput import ROOT, free_port
 from spellm_ds import cli
-from spellm_ds.config import parameter_sizes
+from spellm_ds.distill.config import parameter_sizes
 from spellm_ds.errors import SpellmError
 
 TINYLLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
@@ -53,7 +53,7 @@ def random_model(directory: Path) -> None:
     """A TinyLlama-1.1B-shaped Llama with random weights and the embedded tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spellm_ds import assets
+    from spellm_ds.data import assets
 
     tokenizer = assets.load_tokenizer(assets.resolve_model(assets.EMBEDDED_MODEL))
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from spellm_ds import cli
-from spellm_ds.assets import load_tokenizer
-from spellm_ds.calibration import calibrate
-from spellm_ds.config import RunConfig
-from spellm_ds.data import load_texts, pack
+from spellm_ds.data.assets import load_tokenizer
+from spellm_ds.data.packing import load_texts, pack
+from spellm_ds.distill.config import RunConfig
 from spellm_ds.errors import SpellmError
-from spellm_ds.export import run_eval_blocks
-from spellm_ds.model import read_spellm_config
+from spellm_ds.export.calibration import calibrate
+from spellm_ds.export.export import run_eval_blocks
+from spellm_ds.model.spellm import read_spellm_config
 
 
 def main() -> None:

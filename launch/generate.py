@@ -13,9 +13,9 @@ import json
 import torch
 
 from spellm_ds import cli
-from spellm_ds.decoding import generate
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import load
+from spellm_ds.model.decoding import generate
+from spellm_ds.model.spellm import load
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import sys
 
-import spellm_ds.lm_eval_model  # noqa: F401  registers the "spellm" model
-from spellm_ds.lm_eval_tasks import TASK_DIR
+import spellm_ds.eval.lm_eval_model  # noqa: F401  registers the "spellm" model
+from spellm_ds.eval.lm_eval_tasks import TASK_DIR
 
 
 def main() -> None:

@@ -10,10 +10,12 @@ import json
 
 import torch
 
-from spellm_ds import assets, cli, model_loading
-from spellm_ds.charset import Charset
-from spellm_ds.data import load_texts
-from spellm_ds.spelling import SpellingTable, model_vocab_size
+from spellm_ds import cli
+from spellm_ds.data import assets
+from spellm_ds.data.packing import load_texts
+from spellm_ds.model import loading as model_loading
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable, model_vocab_size
 
 COLUMNS = ("exactly_spellable", "truncated", "unspellable", "shadowed_tokens", "corpus_exactly_spellable")
 

@@ -11,7 +11,7 @@ import time
 import deepspeed
 import torch.distributed as dist
 
-from spellm_ds.distributed import clear_stale_build_locks
+from spellm_ds.runtime.distributed import clear_stale_build_locks
 
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -78,7 +78,7 @@ def default_device() -> str:
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
-    from spellm_ds.precision import INFERENCE_DTYPES
+    from spellm_ds.runtime.precision import INFERENCE_DTYPES
 
     parser.add_argument("--device", type=device, default=default_device(),
                         help="where the models run, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
@@ -140,10 +140,10 @@ def option_type(annotation: str) -> tuple[type, bool]:
 
 
 def add_options(parser: argparse.ArgumentParser, config_class, names: tuple[str, ...] | None = None) -> None:
-    """One ``--name`` per option declared in ``config_class`` (:func:`spellm_ds.config.option`), or
+    """One ``--name`` per option declared in ``config_class`` (:func:`spellm_ds.distill.config.option`), or
     per one of ``names``, in the declaration's ``--help`` groups: booleans as ``--x``/``--no-x``,
     lists as zero or more values."""
-    from spellm_ds.config import GROUPS
+    from spellm_ds.distill.config import GROUPS
 
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for declared in fields(config_class):
@@ -195,7 +195,7 @@ def read_recipe(path: str | Path, config_class) -> dict[str, Any]:
 
 def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--data`` and ``--text_field`` as the run declares them."""
-    from spellm_ds.config import RunConfig
+    from spellm_ds.distill.config import RunConfig
 
     add_options(parser, RunConfig, ("model", "data", "text_field"))
 

@@ -65,6 +65,6 @@ def sentencepiece_tokenizer():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from spellm_ds import assets
+    from spellm_ds.data import assets
 
     return assets.load_tokenizer(assets.embedded_model_dir())

@@ -9,10 +9,10 @@ import torch
 from analysis import blending, entropy, label_frequency, likelihood, match_rates
 from analysis.collect import Analysis, Records
 from analysis.common import correct_flags
-from spellm_ds.charset import Charset
-from spellm_ds.spelling import SpellingTable
-from spellm_ds.teacher import TeacherSignal
-from spellm_ds.teacher_cache import TeacherCache
+from spellm_ds.distill.teacher import TeacherSignal
+from spellm_ds.distill.teacher_cache import TeacherCache
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable
 from tests import tiny
 from tests.entry_points import run_module
 
@@ -164,8 +164,8 @@ def test_next_token_likelihood_against_the_teacher(table, byte_level_tokenizer):
 def test_report_writes_every_file_and_matches_single_modules(tmp_path, monkeypatch, capfd):
     from transformers import AutoModelForCausalLM
 
-    from spellm_ds.assets import load_tokenizer
-    from spellm_ds.model import load
+    from spellm_ds.data.assets import load_tokenizer
+    from spellm_ds.model.spellm import load
 
     texts = tiny.corpus_texts(60)
     base_dir = tiny.tiny_llama_dir(tmp_path / "base", texts)

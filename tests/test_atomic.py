@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from spellm_ds.atomic import recover_dir, replace_dir, replace_file, set_aside, staging_dir
-from spellm_ds.teacher_cache import FINGERPRINT, TeacherCache
+from spellm_ds.distill.teacher_cache import FINGERPRINT, TeacherCache
+from spellm_ds.runtime.atomic import recover_dir, replace_dir, replace_file, set_aside, staging_dir
 
 
 def written(directory, text):

@@ -125,7 +125,7 @@ def test_benchmarks_time_bf16_only_where_it_is_fast(monkeypatch):
     import torch
 
     from bench.common import dtypes_to_time
-    from spellm_ds import precision
+    from spellm_ds.runtime import precision
 
     monkeypatch.setattr(precision, "choose", lambda device, requested="auto": precision.Precision(False, "emulated"))
     assert dtypes_to_time(None) == [torch.float32]

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from spellm_ds.assets import load_tokenizer
-from spellm_ds.calibration import CALIBRATION_FILE, TEMPERATURES, calibrate, fit_spelling_temperature
-from spellm_ds.data import load_texts, pack
+from spellm_ds.data.assets import load_tokenizer
+from spellm_ds.data.packing import load_texts, pack
+from spellm_ds.export.calibration import CALIBRATION_FILE, TEMPERATURES, calibrate, fit_spelling_temperature
 from spellm_ds.hf.char_decoding import CharDecoder
-from spellm_ds.model import load, spellm_outputs
+from spellm_ds.model.spellm import load, spellm_outputs
 from tests import tiny
 from tests.distributed import ROOT, rank_env
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from spellm_ds.charset import END_ID, RESERVED, UNK_ID, Charset, normalize
 from spellm_ds.errors import SpellmError
+from spellm_ds.model.charset import END_ID, RESERVED, UNK_ID, Charset, normalize
 
 CYRILLIC = "абвгдежзиклмнопрстуфхцчшщъыьэюяАБВГДЕЖЗИКЛМНОПРСТУФХЦЧШЩЪЫЬЭЮЯ"
 

@@ -8,7 +8,7 @@ from dataclasses import fields
 import pytest
 
 from launch import distill, spellm
-from spellm_ds.config import RunConfig
+from spellm_ds.distill.config import RunConfig
 from spellm_ds.errors import SpellmError
 from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env

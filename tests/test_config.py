@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from spellm_ds.config import RunConfig, mixed_precision_dtype, resolve_student_config, resolve_teacher_config
+from spellm_ds.distill.config import RunConfig, mixed_precision_dtype, resolve_student_config, resolve_teacher_config
+from spellm_ds.distill.losses import LossRecipe
 from spellm_ds.errors import SpellmError
-from spellm_ds.losses import LossRecipe
 
 
 def write(tmp_path, config, name="ds.json"):
@@ -45,7 +45,7 @@ def test_bf16_auto_follows_the_precision_chosen(tmp_path, bf16):
 
 
 def test_precision_is_bf16_only_where_the_hardware_makes_it_fast(monkeypatch):
-    from spellm_ds import precision
+    from spellm_ds.runtime import precision
 
     probe = precision.bf16_speedup
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
@@ -84,7 +84,7 @@ def test_the_default_recipe_is_a_read_out_four_times_the_hidden_size_on_the_teac
     """The default trains no decoder layer and sizes its read-out by the model; 0 is the paper's heads."""
     from transformers import LlamaConfig
 
-    from spellm_ds.charset import Charset
+    from spellm_ds.model.charset import Charset
 
     run = RunConfig(readout_width=flag)
     base, charset = LlamaConfig(hidden_size=hidden, num_hidden_layers=30), Charset.default()
@@ -156,7 +156,7 @@ def test_auto_persistence_keeps_small_models_whole_and_shards_large_ones(tmp_pat
     import torch
     from safetensors.torch import save_file
 
-    from spellm_ds.config import FULL_SHARDING_PERSISTENCE, auto_persistence_threshold, parameter_sizes
+    from spellm_ds.distill.config import FULL_SHARDING_PERSISTENCE, auto_persistence_threshold, parameter_sizes
 
     save_file({"a": torch.zeros(3, 4), "b": torch.zeros(10)}, str(tmp_path / "model-1.safetensors"))
     save_file({"c": torch.zeros(2, 2, 5)}, str(tmp_path / "model-2.safetensors"))

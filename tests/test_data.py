@@ -8,10 +8,10 @@ import datasets
 import pytest
 import torch
 
-from spellm_ds import assets, corpus
-from spellm_ds.data import first_read_steps, load_texts, step_rows
+from spellm_ds.data import assets, corpus
+from spellm_ds.data.packing import first_read_steps, load_texts, step_rows
+from spellm_ds.data.text_overlap import without_shared_sentences
 from spellm_ds.errors import SpellmError
-from spellm_ds.text_overlap import without_shared_sentences
 from tests.entry_points import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_each_pass_reads_every_block_once_and_every_rank_knows_when_each_was_fir
 def test_blocks_are_packed_once_per_content_tokenizer_and_settings(tmp_path, monkeypatch):
     """The second read of the same data (here through another path) tokenises nothing and gives the
     same blocks, memory-mapped; other content or settings pack anew."""
-    from spellm_ds import data
+    from spellm_ds.data import packing as data
     from tests import tiny
 
     texts = tiny.corpus_texts(60)  # from the shared cache, before this test's own one

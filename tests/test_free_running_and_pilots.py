@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from analysis import free_running, pilots
 from analysis.common import paired_difference, rate
-from spellm_ds.decoding import generate
+from spellm_ds.distill.metrics import wilson_interval
 from spellm_ds.errors import SpellmError
-from spellm_ds.metrics import wilson_interval
-from spellm_ds.model import untrained
+from spellm_ds.model.decoding import generate
+from spellm_ds.model.spellm import untrained
 from tests import tiny
 from tests.distributed import ROOT, rank_env
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from spellm_ds.decoding import generate
 from spellm_ds.hf import SpeLLMForCausalLM
 from spellm_ds.hf.char_decoding import Provenance, greedy_tokens
-from spellm_ds.model import load
+from spellm_ds.model.decoding import generate
+from spellm_ds.model.spellm import load
 from tests import tiny
 from tests.distributed import ROOT, rank_env
 
@@ -139,7 +139,7 @@ def test_sampled_generate_is_the_packages_sampling(exported):
 def test_forward_logits_are_the_packages_log_probabilities(exported):
     """forward() against the package's own per-token scoring (the lm_eval ``spellm`` model's): the
     char heads' distribution where they decide, the LM head's where the position falls back."""
-    from spellm_ds.lm_eval_model import SpeLLMEvalModel
+    from spellm_ds.eval.lm_eval_model import SpeLLMEvalModel
 
     model = AutoModelForCausalLM.from_pretrained(exported.directory)
     model.config.tau = exported.tau
@@ -165,7 +165,7 @@ def test_forward_logits_are_the_packages_log_probabilities(exported):
 
 
 def test_forward_follows_rerank_k_from_the_config(exported):
-    from spellm_ds.lm_eval_model import SpeLLMEvalModel
+    from spellm_ds.eval.lm_eval_model import SpeLLMEvalModel
 
     model = AutoModelForCausalLM.from_pretrained(exported.directory)
     model.config.tau, model.config.rerank_k = exported.tau, 4
@@ -231,7 +231,7 @@ def test_lm_eval_hf_scores_the_export_as_the_spellm_model(exported):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from spellm_ds.lm_eval_model import SpeLLMEvalModel
+    from spellm_ds.eval.lm_eval_model import SpeLLMEvalModel
 
     config = json.loads((exported.directory / "config.json").read_text())
     config["tau"] = exported.tau
@@ -250,7 +250,7 @@ def test_the_inference_path_imports_no_deepspeed_and_sets_no_offline_mode():
     script = """
 import os, sys
 os.environ.pop("HF_HUB_OFFLINE", None)
-import spellm_ds, spellm_ds.model, spellm_ds.decoding, spellm_ds.lm_eval_model, analysis.report
+import spellm_ds, spellm_ds.model.spellm, spellm_ds.model.decoding, spellm_ds.eval.lm_eval_model, analysis.report
 print("deepspeed" in sys.modules, os.environ.get("HF_HUB_OFFLINE"))
 """
     env = {key: value for key, value in rank_env().items() if key != "HF_HUB_OFFLINE"}
@@ -266,7 +266,7 @@ def test_a_hub_id_resolves_from_the_local_hugging_face_cache(tmp_path, monkeypat
 
     from huggingface_hub import constants
 
-    from spellm_ds import assets
+    from spellm_ds.data import assets
     from spellm_ds.errors import SpellmError
 
     base_dir = tiny.tiny_llama_dir(tmp_path / "base", tiny.corpus_texts(20))
@@ -291,7 +291,7 @@ def test_an_export_of_only_what_changed_loads_as_the_whole_model(exported, tmp_p
 
     from safetensors.torch import load_file
 
-    from spellm_ds.model import save_export
+    from spellm_ds.model.spellm import save_export
 
     model = load(exported.directory)
     edited = next(name for name, _ in model.named_parameters() if name.startswith("base.") and ".mlp." in name)

@@ -5,10 +5,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spellm_ds.charset import END_ID
-from spellm_ds.losses import (LabelRule, Labels, LossRecipe, candidate_nll, choose_labels, distillation_loss,
-                              rare_label_weights, select_labels, token_regulariser)
-from spellm_ds.teacher import TeacherSignal, top_tokens_from_hidden
+from spellm_ds.distill.losses import (
+    LabelRule,
+    Labels,
+    LossRecipe,
+    candidate_nll,
+    choose_labels,
+    distillation_loss,
+    rare_label_weights,
+    select_labels,
+    token_regulariser,
+)
+from spellm_ds.distill.teacher import TeacherSignal, top_tokens_from_hidden
+from spellm_ds.model.charset import END_ID
 
 
 def read_length(chars: list[int]) -> int:
@@ -321,9 +330,9 @@ def test_the_teachers_wide_top_m_leaves_its_top_k_unchanged():
 def test_spelling_kl_is_the_kl_to_the_heads_normalised_token_distribution(byte_level_tokenizer):
     """Against an explicit sum over every valid spelling; and descending it raises the probability
     the heads give a second candidate (what likelihood scoring reads)."""
-    from spellm_ds.charset import Charset
     from spellm_ds.hf.char_decoding import CharDecoder, after_first_end
-    from spellm_ds.spelling import SpellingTable
+    from spellm_ds.model.charset import Charset
+    from spellm_ds.model.spelling import SpellingTable
 
     table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=6, vocab_size=len(byte_level_tokenizer))
     g = torch.Generator().manual_seed(3)
@@ -364,9 +373,9 @@ def test_spelling_kl_is_the_kl_to_the_heads_normalised_token_distribution(byte_l
 def test_sampled_spelling_kl_keeps_the_expectation_of_the_loss_and_its_gradient(byte_level_tokenizer):
     """--spelling_kl_fraction: averaged over many samples the loss and its gradient are the full
     ones (an unscaled sample would be off by 1 / fraction); one sample is a function of its generator."""
-    from spellm_ds.charset import Charset
     from spellm_ds.hf.char_decoding import CharDecoder
-    from spellm_ds.spelling import SpellingTable
+    from spellm_ds.model.charset import Charset
+    from spellm_ds.model.spelling import SpellingTable
 
     table = SpellingTable.from_tokenizer(byte_level_tokenizer, Charset.default(), k=6,
                                          vocab_size=len(byte_level_tokenizer))

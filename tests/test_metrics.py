@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from spellm_ds.charset import Charset
-from spellm_ds.losses import Labels
-from spellm_ds.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of, match_sums, rates
-from spellm_ds.spelling import SpellingTable
-from spellm_ds.teacher import TeacherSignal
+from spellm_ds.distill.losses import Labels
+from spellm_ds.distill.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of, match_sums, rates
+from spellm_ds.distill.teacher import TeacherSignal
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable
 from tests.test_analysis import tok
 
 

@@ -1,10 +1,10 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from spellm_ds.charset import Charset
 from spellm_ds.hf.char_heads import CharHeads
-from spellm_ds.model import Student, load, save_export, spellm_config, untrained
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable
+from spellm_ds.model.spellm import Student, load, save_export, spellm_config, untrained
 from tests import tiny
 
 
@@ -70,7 +70,7 @@ def test_export_and_load_reproduce_char_logits(tmp_path):
     model = untrained(model_dir, k=6, trainable_layers=2, readout_width=16)
     torch.nn.init.normal_(model.char_heads.proj.weight)
     ids = torch.randint(0, 300, (2, 12))
-    from spellm_ds.model import spellm_outputs
+    from spellm_ds.model.spellm import spellm_outputs
 
     expected = spellm_outputs(model, ids).char_logits
     save_export(model, tmp_path / "saved", model.tokenizer, model_dir)

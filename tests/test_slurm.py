@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from spellm_ds.checkpoint import complete_checkpoints
+from spellm_ds.distill.checkpoint import complete_checkpoints
 from tests import tiny
 from tests.distributed import ROOT, VENV_BIN, free_port, rank_env, scalars
 from tests.slurm_cluster import Cluster, Unavailable

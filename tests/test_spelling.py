@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from spellm_ds.charset import END_ID, Charset
 from spellm_ds.errors import SpellmError
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.model.charset import END_ID, Charset
+from spellm_ds.model.spelling import SpellingTable
 from tests import tiny
 from tests.test_charset import CYRILLIC
 

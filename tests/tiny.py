@@ -54,7 +54,7 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
 
 def corpus_texts(n: int = 300) -> list[str]:
     """Real English for tiny runs: the first ``n`` passages of the embedded corpus."""
-    from spellm_ds import corpus
+    from spellm_ds.data import corpus
 
     return corpus.boolq_training_articles()[:n]
 
@@ -131,7 +131,7 @@ def spellm_dir(directory, base_dir, std: float | None = None, **settings):
     projection drawn from N(0, ``std``) when given, for heads that decide something)."""
     import torch
 
-    from spellm_ds.model import save_export, untrained
+    from spellm_ds.model.spellm import save_export, untrained
 
     model = untrained(base_dir, **settings)
     if std is not None:
@@ -143,7 +143,7 @@ def spellm_dir(directory, base_dir, std: float | None = None, **settings):
 
 def student(base, **settings):
     """A distillation's student around ``base`` (the default charset)."""
-    from spellm_ds.charset import Charset
-    from spellm_ds.model import Student, spellm_config
+    from spellm_ds.model.charset import Charset
+    from spellm_ds.model.spellm import Student, spellm_config
 
     return Student(base, spellm_config(base.config, Charset.default(), **settings))

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from analysis.collect import collect
-from spellm_ds.data import cached_packing
+from spellm_ds.data.packing import cached_packing
 
 analysis = collect(argparse.Namespace(model=sys.argv[1], data=None, text_field="text", teacher=None,
                                       max_tokens=int(sys.argv[3]) if len(sys.argv) > 3 else 8192, seq_len=256,

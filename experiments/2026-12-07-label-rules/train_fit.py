@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from analysis.label_frequency import training_top1_counts
+from spellm_ds.distill.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
 from spellm_ds.hf.char_decoding import read_string
-from spellm_ds.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
-from spellm_ds.model import load
+from spellm_ds.model.spellm import load
 
 model, cache = load(sys.argv[1]), Path(sys.argv[2])
 blocks = int(sys.argv[3]) if len(sys.argv) > 3 else 40

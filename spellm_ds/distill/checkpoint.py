@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save and exact resume (export: :mod:`spellm_ds.export`).
+"""Checkpoints: atomic save and exact resume (export: :mod:`spellm_ds.export.export`).
 
 Layout: ``output_dir/checkpoints/step{N}/`` holds DeepSpeed's files (ZeRO partitions, optimizer
 and LR-schedule state), ``spellm_state.json`` (step, world size, run config, charset, base model
@@ -17,8 +17,8 @@ Frozen parameters are not stored (they are 95% of the model and never change): r
 them from the base model, and export copies them bit-identically from the base model's files.
 
 The data position needs no state of its own: a batch is a pure function of the step
-(:func:`spellm_ds.data.step_rows`), so restoring the step restores the sample order; the teacher
-cache (:mod:`spellm_ds.teacher_cache`) lives beside the checkpoints and is only ever added to.
+(:func:`spellm_ds.data.packing.step_rows`), so restoring the step restores the sample order; the teacher
+cache (:mod:`spellm_ds.distill.teacher_cache`) lives beside the checkpoints and is only ever added to.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from spellm_ds.atomic import replace_file, set_aside, sync_to_disk
-from spellm_ds.charset import Charset
-from spellm_ds.config import RunConfig
+from spellm_ds.distill.config import RunConfig
 from spellm_ds.errors import SpellmError
+from spellm_ds.model.charset import Charset
+from spellm_ds.runtime.atomic import replace_file, set_aside, sync_to_disk
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "spellm_state.json"
@@ -144,7 +144,7 @@ def saved_run(state: dict[str, Any]) -> dict[str, Any]:
 def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charset, world_size: int,
                      checkpoint: Path, content: dict[str, str] | None = None) -> None:
     """Refuse a resume that would silently change the run (``run`` holds the resolved flags,
-    ``content`` the data's and model's content hashes, :mod:`spellm_ds.provenance`).
+    ``content`` the data's and model's content hashes, :mod:`spellm_ds.runtime.provenance`).
 
     The model and data are compared by content where the checkpoint recorded it: the same files
     through another path resume, edited files do not. The one flag change allowed, with

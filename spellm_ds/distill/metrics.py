@@ -25,9 +25,9 @@ import torch
 from spellm_ds.hf.char_decoding import mean_head_entropy, read_string
 
 if TYPE_CHECKING:
-    from spellm_ds.losses import Labels
-    from spellm_ds.spelling import SpellingTable
-    from spellm_ds.teacher import TeacherSignal
+    from spellm_ds.distill.losses import Labels
+    from spellm_ds.distill.teacher import TeacherSignal
+    from spellm_ds.model.spelling import SpellingTable
 
 
 BAND_EDGES = (0, 1, 10, 100, 1000, 10000)

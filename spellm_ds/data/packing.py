@@ -2,7 +2,7 @@
 
 Accepted ``--data`` inputs: ``.txt`` files (one document per blank-line-separated paragraph),
 ``.jsonl``/``.json`` and ``.parquet`` files (documents in ``text_field``), and directories written
-by ``datasets.save_to_disk``. With no paths, the default corpus (:mod:`spellm_ds.corpus`).
+by ``datasets.save_to_disk``. With no paths, the default corpus (:mod:`spellm_ds.data.corpus`).
 Every input is checked up front so a bad file fails with one clear line, not deep inside a run.
 """
 
@@ -18,10 +18,10 @@ import datasets
 import numpy as np
 import torch
 
-from spellm_ds import corpus
+from spellm_ds.data import corpus
+from spellm_ds.data.text_overlap import without_shared_sentences
 from spellm_ds.errors import SpellmError, first_line
-from spellm_ds.provenance import content_hash
-from spellm_ds.text_overlap import without_shared_sentences
+from spellm_ds.runtime.provenance import content_hash
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -207,7 +207,7 @@ def packing_key(paths: Sequence[str] | None, text_field: str, tokenizer, seq_len
 
 def packed_dir(key: dict) -> Path:
     """Where blocks of ``key`` are cached: ``$SPELLM_CACHE/packed/<hash of the key>``."""
-    from spellm_ds import assets
+    from spellm_ds.data import assets
 
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return assets.cache_root() / "packed" / name
@@ -219,7 +219,7 @@ def cached_packing(paths: Sequence[str] | None, text_field: str, tokenizer, seq_
     (written atomically, memory-mapped when read) under a key of the data's content, the tokenizer
     and the settings, so a restart, a resume or another run of the same data reads them in a
     fraction of a second. ``build=False`` only reads (the ranks that wait for one to write)."""
-    from spellm_ds import assets
+    from spellm_ds.data import assets
 
     key = packing_key(paths, text_field, tokenizer, seq_len, eval_fraction, seed, max_train_blocks)
 

@@ -1,6 +1,6 @@
 """Token id <-> k-character spelling, for any Hugging Face tokenizer.
 
-``spelling(v)`` is the token's text after normalisation (:func:`spellm_ds.charset.normalize`), cut
+``spelling(v)`` is the token's text after normalisation (:func:`spellm_ds.model.charset.normalize`), cut
 to k characters, then END symbols up to k. How a token's text is recovered:
 
 - byte-level BPE (GPT-2, Llama 3, SmolLM2): each symbol maps back to one byte (``Ġ`` = space,
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from spellm_ds.charset import END_ID, UNK_ID, Charset
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_decoding import MAX_K, Spellings
+from spellm_ds.model.charset import END_ID, UNK_ID, Charset
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 

@@ -24,13 +24,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from spellm_ds import model_loading
-from spellm_ds.charset import Charset
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf import SpeLLMConfig, SpeLLMForCausalLM
 from spellm_ds.hf.char_heads import CharHeads
 from spellm_ds.hf.modeling_spellm import file_sha256
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.model import loading as model_loading
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable
 
 
 class SpeLLMOutput(NamedTuple):
@@ -214,7 +214,7 @@ MODEL_CARD = "README.md"
 
 def spellm_config(base_config, charset: Charset, **settings) -> SpeLLMConfig:
     """The config an exported model records: the base model's config inside, the charset's
-    symbols and the recipe's settings (:meth:`spellm_ds.config.RunConfig.spellm_settings`)."""
+    symbols and the recipe's settings (:meth:`spellm_ds.distill.config.RunConfig.spellm_settings`)."""
     return SpeLLMConfig(text_config=base_config.get_text_config().to_dict(), charset=list(charset.symbols),
                         **settings)
 
@@ -312,9 +312,9 @@ def read_spellm_config(directory: Path) -> SpeLLMConfig:
 def load(directory: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
     """An exported model for this package's analyses and decoding, in eval mode, with its tokenizer
     (``model.tokenizer``) and spelling table with charset (``model.spelling``) attached. ``dtype``
-    ``"auto"``: :func:`spellm_ds.precision.inference_dtype` of the model's own on ``device``."""
-    from spellm_ds.assets import load_tokenizer
-    from spellm_ds.precision import inference_dtype
+    ``"auto"``: :func:`spellm_ds.runtime.precision.inference_dtype` of the model's own on ``device``."""
+    from spellm_ds.data.assets import load_tokenizer
+    from spellm_ds.runtime.precision import inference_dtype
 
     directory = Path(directory)
     config = read_spellm_config(directory)
@@ -329,7 +329,7 @@ def load_teacher(student: SpeLLMForCausalLM, name: str | None = None):
     student's dtype on its device."""
     from transformers import AutoModelForCausalLM
 
-    from spellm_ds.assets import resolve_model
+    from spellm_ds.data.assets import resolve_model
 
     teacher = model_loading.from_pretrained(AutoModelForCausalLM, resolve_model(name or student.config.teacher),
                                             dtype=student.dtype)
@@ -351,8 +351,8 @@ def untrained(base_dir: str | Path, charset: Charset | None = None, **settings) 
     starts them (``head_init``), untrained: for tests and benchmarks, with its tokenizer attached."""
     from transformers import AutoModelForCausalLM
 
-    from spellm_ds.assets import load_tokenizer
-    from spellm_ds.spelling import model_vocab_size
+    from spellm_ds.data.assets import load_tokenizer
+    from spellm_ds.model.spelling import model_vocab_size
 
     base = model_loading.from_pretrained(AutoModelForCausalLM, base_dir)
     tokenizer = load_tokenizer(base_dir)

@@ -11,7 +11,7 @@ import re
 
 import datasets
 
-from spellm_ds import assets
+from spellm_ds.data import assets
 
 XSUM_ARTICLE_CHARS = 2000
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

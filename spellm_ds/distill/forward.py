@@ -12,11 +12,11 @@ from typing import NamedTuple
 
 import torch
 
+from spellm_ds.distill.losses import TOP_K, LabelRule, Labels, choose_labels
+from spellm_ds.distill.teacher import TeacherSignal, teacher_signal
 from spellm_ds.hf import SpeLLMForCausalLM
-from spellm_ds.losses import TOP_K, LabelRule, Labels, choose_labels
-from spellm_ds.model import SpeLLMOutput, spellm_outputs
-from spellm_ds.spelling import SpellingTable
-from spellm_ds.teacher import TeacherSignal, teacher_signal
+from spellm_ds.model.spelling import SpellingTable
+from spellm_ds.model.spellm import SpeLLMOutput, spellm_outputs
 
 
 def synchronized_clock() -> float:
@@ -38,9 +38,9 @@ def student_and_labels(student, input_ids: torch.Tensor, signal: TeacherSignal, 
                        table: SpellingTable, label_rule: LabelRule,
                        with_token_logits: bool) -> tuple[SpeLLMOutput, Labels]:
     """The student's forward given the teacher's output (``signal``, and ``trunk``, the hidden state
-    a shared-trunk student starts from, see :func:`spellm_ds.teacher.teacher_signal`), and the labels.
+    a shared-trunk student starts from, see :func:`spellm_ds.distill.teacher.teacher_signal`), and the labels.
 
-    ``student`` is a :class:`~spellm_ds.model.Student`, its DeepSpeed engine, or an exported model.
+    ``student`` is a :class:`~spellm_ds.model.spellm.Student`, its DeepSpeed engine, or an exported model.
     With ``trunk`` the student's frozen lower layers are not run: they are the teacher's. Without it
     the student runs from ``input_ids``.
     """
@@ -57,7 +57,7 @@ def teacher_and_student(teacher: torch.nn.Module, student, input_ids: torch.Tens
                         label_rule: LabelRule, trunk_layer: int | None, with_token_logits: bool,
                         targets: torch.Tensor | None = None, wide_k: int | None = None) -> PairedForward:
     """Teacher then student forward; the same sequence on every rank (``wide_k``: the teacher's
-    top-M for the soft targets as well, see :func:`spellm_ds.teacher.top_tokens_from_hidden`;
+    top-M for the soft targets as well, see :func:`spellm_ds.distill.teacher.top_tokens_from_hidden`;
     ``trunk_layer``: the shared trunk, see :func:`student_and_labels`)."""
     signal, trunk = teacher_signal(teacher, input_ids, top_k=TOP_K, trunk_layer=trunk_layer, targets=targets,
                                    wide_k=wide_k)

@@ -1,7 +1,7 @@
 """Temperature scaling of the char heads' token distribution, fitted on held-out text at export.
 
 The heads learn one label's characters per position, so the token distribution their product
-defines (:class:`~spellm_ds.decoding.CharDecoder`) is far too sure of its argmax: where the next
+defines (:class:`~spellm_ds.model.decoding.CharDecoder`) is far too sure of its argmax: where the next
 token is not the heads' pick it gets a log-probability 15 nats below the teacher's (median, the
 reference model). Likelihood benchmarks (PIQA, OpenBookQA) and sampling read exactly those
 probabilities. One temperature ``T`` on the summed spelling log-probs,
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from spellm_ds.atomic import replace_file
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_decoding import log_normaliser, tempered_log_probs
+from spellm_ds.runtime.atomic import replace_file
 
 TEMPERATURES = tuple(round(2 ** (i / 8), 4) for i in range(-8, 25))
 """0.5 to 8, 9% apart: the NLL is flat within a step of its minimum."""
@@ -48,7 +48,7 @@ class Calibration:
 def fit_spelling_temperature(model, blocks: torch.Tensor, batch_size: int = 4) -> Calibration:
     """The grid temperature with the lowest mean NLL of each block's next tokens under the char
     heads' token distribution; ``blocks`` ``[n, seq_len]`` of held-out token ids."""
-    from spellm_ds.model import spellm_outputs
+    from spellm_ds.model.spellm import spellm_outputs
 
     decoder = model.char_decoder(None)
     sums = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
@@ -75,7 +75,7 @@ def fit_spelling_temperature(model, blocks: torch.Tensor, batch_size: int = 4) -
 def calibrate(model_dir: Path, blocks: torch.Tensor, dtype: torch.dtype | str = torch.float32,
               device: str = "cpu") -> Calibration:
     """Fit the spelling temperature of the SpeLLM directory ``model_dir`` on ``blocks`` and record it."""
-    from spellm_ds.model import load
+    from spellm_ds.model.spellm import load
 
     model = load(model_dir, dtype=dtype, device=device)
     found = fit_spelling_temperature(model, blocks)  # reads the heads' scores, whatever T is recorded

@@ -18,7 +18,7 @@ Features
 - two learning rates: the new char heads at ``lr`` (3e-3), the pretrained blocks at ``ffn_lr``
   (1e-3), one warm-up and linear decay;
 - with ``--teacher_cache``, the teacher's output per block is stored on disk the first time the
-  block is read and read back on later passes and evaluations (:mod:`spellm_ds.teacher_cache`):
+  block is read and read back on later passes and evaluations (:mod:`spellm_ds.distill.teacher_cache`):
   a second pass then costs the student's part of a step only, and ``--teacher_cache_from`` reuses
   another run's cache, so runs that differ only in the student's training share the teacher;
 - ``--rare_label_power`` (beyond the paper, off): the char loss weighted by each label token's count
@@ -28,15 +28,15 @@ Features
   of the LM head, where new text costs the whole teacher;
 - ``--anchored_rows`` (beyond the paper, read-out recipe): each micro-batch adds that many rows of
   new states, real ones moved towards tokens drawn uniformly from those the training text holds,
-  labelled by the teacher's LM head there (:class:`spellm_ds.teacher.StateAnchors`): contexts for
+  labelled by the teacher's LM head there (:class:`spellm_ds.distill.teacher.StateAnchors`): contexts for
   the tokens the text names too rarely for the heads to learn them; training metrics count the
   text's positions only (off: it cost raw agreement in pilots);
-- two DeepSpeed engines per rank (:mod:`spellm_ds.engines`: student with optimizer, teacher
+- two DeepSpeed engines per rank (:mod:`spellm_ds.distill.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
   non-reentrant activation checkpointing;
 - shared trunk (default): the student's layers below the trainable ones are frozen copies of the
-  teacher's, so they run once, in the teacher (:func:`spellm_ds.forward.teacher_and_student`), and
+  teacher's, so they run once, in the teacher (:func:`spellm_ds.distill.forward.teacher_and_student`), and
   the student engine does not hold them;
 - every rank runs the same forward sequence (same batch counts in training and evaluation);
 - rank 0 logs a progress bar and TensorBoard scalars and writes the resolved run config;
@@ -47,7 +47,7 @@ Features
   collectives time out, so a dead rank ends the job instead of hanging it;
 - the run ends with an HF-format SpeLLM export in ``output_dir/model``, written by rank 0 after
   the process group is gone (no collective waits on it, however long it takes), the char heads'
-  spelling temperature fitted there on the held-out blocks (:mod:`spellm_ds.calibration`).
+  spelling temperature fitted there on the held-out blocks (:mod:`spellm_ds.export.calibration`).
 
 Limits
 - the teacher is a second full copy of the model in memory (ZeRO-3 shards it);
@@ -67,25 +67,43 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from spellm_ds import assets, checkpoint, cli, distributed, export, model_loading, precision, provenance
-from spellm_ds.atomic import recover_dir, set_aside
-from spellm_ds.charset import Charset
-from spellm_ds.config import (RunConfig, auto_persistence_threshold, memory_per_rank, mixed_precision_dtype,
-                              parameter_sizes, resolve_student_config, resolve_teacher_config)
-from spellm_ds.data import PackedData, cached_packing, data_files, first_read_steps, step_rows
-from spellm_ds.engines import build_student, build_teacher, held_parameter_bytes
+from spellm_ds import cli
+from spellm_ds.data import assets
+from spellm_ds.data.packing import PackedData, cached_packing, data_files, first_read_steps, step_rows
+from spellm_ds.distill import checkpoint
+from spellm_ds.distill.config import (
+    RunConfig,
+    auto_persistence_threshold,
+    memory_per_rank,
+    mixed_precision_dtype,
+    parameter_sizes,
+    resolve_student_config,
+    resolve_teacher_config,
+)
+from spellm_ds.distill.engines import build_student, build_teacher, held_parameter_bytes
+from spellm_ds.distill.forward import student_and_labels, synchronized_clock
+from spellm_ds.distill.losses import TOP_K, LossParts, distillation_loss, rare_label_weights
+from spellm_ds.distill.metrics import match_sums, rates
+from spellm_ds.distill.teacher import (
+    StateAnchors,
+    joined_signals,
+    noised_states,
+    teacher_signal,
+    top_tokens_from_hidden,
+)
+from spellm_ds.distill.teacher_cache import TeacherCache
 from spellm_ds.errors import SpellmError
-from spellm_ds.forward import student_and_labels, synchronized_clock
+from spellm_ds.export import export
 from spellm_ds.hf.char_decoding import CharDecoder
-from spellm_ds.losses import TOP_K, LossParts, distillation_loss, rare_label_weights
-from spellm_ds.metrics import match_sums, rates
-from spellm_ds.model import shared_trunk_layer
-from spellm_ds.provenance import content_hash, model_files
-from spellm_ds.progress import Progress
-from spellm_ds.shutdown import GracefulShutdown
-from spellm_ds.spelling import SpellingTable, model_vocab_size
-from spellm_ds.teacher import StateAnchors, joined_signals, noised_states, teacher_signal, top_tokens_from_hidden
-from spellm_ds.teacher_cache import TeacherCache
+from spellm_ds.model import loading as model_loading
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable, model_vocab_size
+from spellm_ds.model.spellm import shared_trunk_layer
+from spellm_ds.runtime import distributed, precision, provenance
+from spellm_ds.runtime.atomic import recover_dir, set_aside
+from spellm_ds.runtime.progress import Progress
+from spellm_ds.runtime.provenance import content_hash, model_files
+from spellm_ds.runtime.shutdown import GracefulShutdown
 
 PREEMPTED = "PREEMPTED"
 
@@ -196,7 +214,7 @@ class Distillation:
         dist.barrier()
 
     def _packed_data(self) -> PackedData:
-        """The run's blocks, tokenised once (:func:`spellm_ds.data.cached_packing`): rank 0 packs them
+        """The run's blocks, tokenised once (:func:`spellm_ds.data.packing.cached_packing`): rank 0 packs them
         if no earlier run did, the others read what it wrote."""
         cfg = self.config
         settings = (cfg.data, cfg.text_field, self.tokenizer, cfg.seq_len, cfg.eval_fraction, cfg.seed,
@@ -253,7 +271,7 @@ class Distillation:
                  wide_k: int | None = None, noise: torch.Generator | None = None,
                  anchors: torch.Generator | None = None):
         """Teacher and student forward on blocks ``rows`` of ``split`` (``wide_k``: see
-        :func:`spellm_ds.teacher.top_tokens_from_hidden`). With the teacher cache, the teacher's output
+        :func:`spellm_ds.distill.teacher.top_tokens_from_hidden`). With the teacher cache, the teacher's output
         is read from it when, on every rank, ``cached`` and every row is stored (so all ranks run the
         teacher, or none: its ZeRO-3 gathers are collectives); else computed and stored where ``store``.
         With ``noise`` (``--state_noise``, on every rank alike) the student reads the teacher's state

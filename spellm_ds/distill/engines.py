@@ -16,11 +16,11 @@ from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from spellm_ds import model_loading
-from spellm_ds.charset import Charset
-from spellm_ds.config import RunConfig, mixed_precision_dtype
-from spellm_ds.model import Student
-from spellm_ds.spelling import SpellingTable
+from spellm_ds.distill.config import RunConfig, mixed_precision_dtype
+from spellm_ds.model import loading as model_loading
+from spellm_ds.model.charset import Charset
+from spellm_ds.model.spelling import SpellingTable
+from spellm_ds.model.spellm import Student
 
 
 def load_base(model_dir: Path, ds_config: dict[str, Any]):
@@ -61,7 +61,7 @@ def held_parameter_bytes(module: torch.nn.Module) -> tuple[int, int]:
 def keep_whole_without_hooks(engine) -> bool:
     """Gather a frozen ZeRO-3 engine's parameters once and remove its per-module hooks, when every
     parameter persists (the ``"auto"`` persistence threshold on a model that fits, see
-    :func:`spellm_ds.config.auto_persistence_threshold`).
+    :func:`spellm_ds.distill.config.auto_persistence_threshold`).
 
     Such an engine never needs another gather, yet DeepSpeed's hooks still run around every module
     call: measured on SmolLM2-135M, the ZeRO-3 teacher took 2.10 s per step and the same teacher at

@@ -10,7 +10,7 @@ instead of running the teacher.
 
 Exactness: a training block's entry is written once, by the rank that reads it in the first pass,
 with the values that rank computed; it is read only at a later step (every rank knows when each
-block is first read: :func:`spellm_ds.data.first_read_steps`), so what a step reads never depends
+block is first read: :func:`spellm_ds.data.packing.first_read_steps`), so what a step reads never depends
 on timing, and a resumed run reads what the uninterrupted one did. Blocks whose entries are there
 before the run starts (a resumed run's, or another run's linked in by :meth:`TeacherCache.adopt`,
 ``--teacher_cache_from``) are read from the first step on: the same values, as the fingerprint
@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from spellm_ds.atomic import set_aside
-from spellm_ds.teacher import TeacherSignal
+from spellm_ds.distill.teacher import TeacherSignal
+from spellm_ds.runtime.atomic import set_aside
 
 FINGERPRINT = "fingerprint.json"
 SPLITS = ("train", "held_out")

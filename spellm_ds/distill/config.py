@@ -13,12 +13,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from spellm_ds.assets import EMBEDDED_MODEL
+from spellm_ds.data.assets import EMBEDDED_MODEL
+from spellm_ds.distill.losses import (
+    LABEL_RULES,
+    MAX_SOFT_CHAR_CANDIDATES,
+    REG_TARGETS,
+    TOP_K,
+    LabelRule,
+    LossRecipe,
+    label_rule_of,
+)
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf.char_heads import HEAD_INITS
-from spellm_ds.losses import (LABEL_RULES, MAX_SOFT_CHAR_CANDIDATES, REG_TARGETS, TOP_K, LabelRule, LossRecipe,
-                              label_rule_of)
-from spellm_ds.precision import PRECISIONS
+from spellm_ds.runtime.precision import PRECISIONS
 
 DEFAULTS = {"micro_batch": 2, "grad_accum": 1, "lr": 3e-3, "ffn_lr": 1e-3}
 """Used where neither a flag nor the DeepSpeed config gives a value. ``lr`` is the char heads' peak,
@@ -39,7 +46,7 @@ RUNTIME = "runtime and parallelism"
 EXPERIMENTAL = "experimental levers (beyond the paper, off by default)"
 GROUPS = (ESSENTIALS, RECIPE, RUNTIME, EXPERIMENTAL)
 """The order ``--help`` shows them in: what every run sets first, the levers last."""
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def option(default: Any, help: str, group: str = RECIPE, **argparse: Any) -> Any:
@@ -249,7 +256,7 @@ class RunConfig:
     def spellm_config(self, base_config, charset):
         """The :class:`~spellm_ds.hf.SpeLLMConfig` a model trained by this run records (``base_config``:
         the base model's, ``charset``: the run's)."""
-        from spellm_ds.model import spellm_config
+        from spellm_ds.model.spellm import spellm_config
 
         if self.readout_width is None:
             raise ValueError("readout_width is unresolved: call fit_to_model() first")
@@ -355,7 +362,7 @@ def resolve_student_config(run: RunConfig, world_size: int, auto_persistence: in
                            bf16: bool = True) -> dict[str, Any]:
     """The student's DeepSpeed config with batch sizes, lr and schedule filled from ``run``, an
     ``"auto"`` persistence threshold with ``auto_persistence`` (:func:`auto_persistence_threshold`)
-    and an ``"auto"`` bf16 switch with ``bf16`` (:func:`spellm_ds.precision.choose`); a concrete
+    and an ``"auto"`` bf16 switch with ``bf16`` (:func:`spellm_ds.runtime.precision.choose`); a concrete
     switch that contradicts ``--precision`` is an error."""
     config = load_json_config(run.deepspeed, "--deepspeed")
     source = f"DeepSpeed config {run.deepspeed}"

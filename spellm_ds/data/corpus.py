@@ -35,9 +35,9 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from spellm_ds import assets
+from spellm_ds.data import assets
+from spellm_ds.data.text_overlap import normalized, text_windows, without_shared_sentences
 from spellm_ds.errors import SpellmError
-from spellm_ds.text_overlap import normalized, text_windows, without_shared_sentences
 
 VERSION = "corpus-v1"
 DEBIAN = "http://deb.debian.org/debian/pool/main"
@@ -236,7 +236,7 @@ def out_of_domain_texts() -> list[str]:
 
 def boolq_training_articles() -> list[str]:
     """BoolQ training passages, one document per article, sharing no text with BoolQ dev (the
-    Wikipedia part of the default corpus, :mod:`spellm_ds.corpus`).
+    Wikipedia part of the default corpus, :mod:`spellm_ds.data.corpus`).
 
     ``combined.jsonl`` mixes train, dev and (unlabelled) test rows without a split column: test
     rows have no label and dev rows are the ones whose question is in ``dev.jsonl``. Then, so that

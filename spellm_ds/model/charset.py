@@ -7,7 +7,7 @@ Default: 105 symbols, in this order (ids in brackets):
 - the 95 printable ASCII characters ``' '`` .. ``'~'`` [2..96];
 - newline [97] and tab [98];
 - six reserved symbols ``<sp0>`` .. ``<sp5>`` [99..104] that spell special tokens (EOS, chat
-  markers; see :mod:`spellm_ds.spelling`).
+  markers; see :mod:`spellm_ds.model.spelling`).
 
 Extra characters (for example Cyrillic letters) are appended after these. Text is normalised
 before lookup: Unicode NFKD, then combining marks are dropped (``é`` -> ``e``), as in the paper.

