@@ -17,4 +17,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
     echo "$want" > "$stamp"
 fi
-.venv/bin/python -c "from spellm_ds import corpus; corpus.prepare()"
+.venv/bin/python -c "from spellm_ds.data import corpus; corpus.prepare()"
