@@ -168,7 +168,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     from spellm_ds.hf.char_decoding import CharDecoder
     from spellm_ds.model.charset import Charset
     from spellm_ds.model.spelling import SpellingTable, model_vocab_size
-    from spellm_ds.model.spellm import Student, shared_trunk_layer
+    from spellm_ds.model.spellm import Student, init_heads, shared_trunk_layer
     from spellm_ds.runtime import precision
 
     torch.set_num_threads(threads)
@@ -184,7 +184,7 @@ def bound_share(model: str, data: list[str] | None, overrides: dict[str, int], s
     decoder = CharDecoder(table, tau=None)
     run.fit_to_model(base.config.num_hidden_layers, base.config.hidden_size)
     student = Student(base, run.spellm_config(base.config, charset))
-    student.char_heads.init_from_embeddings(base.get_output_embeddings().weight.detach(), table.chars, table.spellable)
+    init_heads(student.char_heads, base.get_output_embeddings().weight.detach(), table)
     student.freeze_for_distillation()
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     student.train()

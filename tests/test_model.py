@@ -101,3 +101,40 @@ def test_wide_heads_read_the_readouts_hidden_layer_directly():
     w1, b1 = wide.readout[0].weight, wide.readout[0].bias
     direct = torch.nn.functional.gelu(hidden @ w1.T + b1) @ wide.readout[2].weight.T
     assert torch.allclose(wide(hidden), plain(hidden) + direct.unflatten(-1, (3, 5)), atol=1e-5)
+
+
+def test_prototype_heads_start_as_the_teachers_choice_among_their_tokens():
+    """Started from the LM-head rows of every token (P >= the largest set), each head's argmax is
+    the character of the LM head's argmax token, at any state; with fewer prototypes the slots hold
+    the most frequent tokens, empty slots never win, and training moves the rows."""
+    from spellm_ds.hf.char_decoding import read_string
+
+    torch.manual_seed(0)
+    vocab, d, k, num_chars = 40, 16, 3, 6
+    lengths = torch.randint(1, k + 1, (vocab,))
+    chars = torch.randint(2, num_chars, (vocab, k)).masked_fill(torch.arange(k) >= lengths[:, None], 0)  # END = 0
+    spellable = torch.ones(vocab, dtype=torch.bool)
+    spellable[5] = False
+    lm_head = torch.randn(vocab, d)
+    heads = CharHeads(d, k, num_chars, prototypes=vocab)
+    heads.init_prototypes(lm_head, chars, spellable, torch.zeros(vocab))
+    states = torch.randn(200, d)
+    logits = states @ lm_head.T
+    logits[:, 5] = float("-inf")  # the unspellable token is never the heads' to name
+    assert torch.equal(read_string(heads(states)), chars[logits.argmax(-1)])
+    few = CharHeads(d, k, num_chars, prototypes=2)
+    counts = torch.arange(vocab, dtype=torch.float)  # token 39 the most frequent
+    few.init_prototypes(lm_head, chars, spellable, counts)
+    slots = few.proj.weight.view(k, num_chars, 2, d)
+    for j in range(k):
+        for c in range(num_chars):
+            members = [t for t in reversed(range(vocab)) if spellable[t] and chars[t, j] == c][:2]
+            assert few.empty_slots.view(k, num_chars, 2)[j, c].tolist() == [i >= len(members) for i in range(2)]
+            for i, token in enumerate(members):
+                assert torch.equal(slots[j, c, i], lm_head[token])
+    out = few(states)
+    held = torch.tensor([[any(chars[t, j] == c and spellable[t] for t in range(vocab)) for c in range(num_chars)]
+                         for j in range(k)])
+    assert bool((out[:, ~held] == -1e4).all()) and bool((out[:, held] > -1e4).all())
+    out.logsumexp(-1).sum().backward()
+    assert few.proj.weight.grad.abs().sum() > 0

@@ -143,6 +143,9 @@ class RunConfig:
     train_attention: bool = option(False, "train the attention blocks of the trainable layers too", EXPERIMENTAL)
     wide_heads: bool = option(False, "the read-out's hidden layer also feeds the char logits directly "
                               "(width x k|C| weights), not only through its hidden-size output", EXPERIMENTAL)
+    prototypes: int = option(0, "each head scores a character by the max of this many rows, started from the LM-head "
+                             "rows of the most frequent tokens spelled with it there (0: one linear row, the "
+                             "paper's)", EXPERIMENTAL)
     soft_char_candidates: int = option(5, "how many of the teacher's top candidates the soft targets read, 5..1024 "
                                        "(the labels keep its top-5)", EXPERIMENTAL)
     soft_char_prefix: bool = option(False, "head i's soft targets only from the candidates that share the selected "
@@ -179,6 +182,8 @@ class RunConfig:
             (self.readout_width is None or self.readout_width >= 0,
              f"--readout_width {self.readout_width} must be >= 0 (0: the paper's linear heads)"),
             (not self.wide_heads or self.readout_width != 0, "--wide_heads needs a read-out; drop --readout_width 0"),
+            (self.prototypes >= 0, f"--prototypes {self.prototypes} must be >= 0"),
+            (not (self.prototypes and self.wide_heads), "--prototypes and --wide_heads do not combine; drop one"),
             (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
             (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
             (self.eval_every >= 1, f"--eval_every {self.eval_every} must be at least 1"),
@@ -262,7 +267,8 @@ class RunConfig:
             raise ValueError("readout_width is unresolved: call fit_to_model() first")
         return spellm_config(base_config, charset, k=self.k, trainable_layers=self.trainable_layers,
                              train_attention=self.train_attention, head_init=self.head_init,
-                             readout_width=self.readout_width, wide_heads=self.wide_heads, teacher=self.model,
+                             readout_width=self.readout_width, wide_heads=self.wide_heads,
+                             prototypes=self.prototypes, teacher=self.model,
                              label_selection=self.label_selection, label_prior_weight=self.label_prior_weight,
                              label_per_char=self.label_per_char, label_gate=self.label_gate,
                              ignore_after_end=self.ignore_after_end)

@@ -20,7 +20,7 @@ from spellm_ds.distill.config import RunConfig, mixed_precision_dtype
 from spellm_ds.model import loading as model_loading
 from spellm_ds.model.charset import Charset
 from spellm_ds.model.spelling import SpellingTable
-from spellm_ds.model.spellm import Student
+from spellm_ds.model.spellm import Student, init_heads
 
 
 def load_base(model_dir: Path, ds_config: dict[str, Any]):
@@ -88,17 +88,18 @@ def parameter_groups(model: Student, run: RunConfig) -> list:
 
 
 def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, charset: Charset,
-                  table: SpellingTable, trunk_layer: int | None):
+                  table: SpellingTable, trunk_layer: int | None, token_counts: torch.Tensor):
     """The student engine; prints the trainable share on rank 0. With ``trunk_layer`` (the shared
     trunk) it holds no layers below it (the teacher runs them), no token embedding, and no LM head
-    unless the loss needs token logits."""
+    unless the loss needs token logits. ``token_counts`` (per token, in the training text) choose
+    the prototypes' tokens (``--prototypes``)."""
     base = load_base(model_dir, ds_config)
     torch.manual_seed(run.seed)  # identical head init on every rank
     model = Student(base, run.spellm_config(base.config, charset))
     if run.head_init == "embedding":
         embedding = base.get_output_embeddings().weight
         with deepspeed.zero.GatheredParameters([embedding]):
-            model.char_heads.init_from_embeddings(embedding.detach().cpu(), table.chars.cpu(), table.spellable.cpu())
+            init_heads(model.char_heads, embedding.detach().cpu(), table, token_counts.cpu())
     trainable = model.freeze_for_distillation()
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if trunk_layer is not None:

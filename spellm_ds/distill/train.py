@@ -191,7 +191,7 @@ class Distillation:
             named = ((counts > 0) & self.table.spellable.cpu()).nonzero().squeeze(1)
             self.anchors = StateAnchors(self.teacher.module.get_output_embeddings(), named)
         self.student = build_student(self.model_dir, self.student_ds, config, self.charset, self.table,
-                                     self.trunk_layer)
+                                     self.trunk_layer, counts)
         self.start_step = checkpoint.load(self.student, self.resume_from) if self.resume_from else 0
         if self.resume_from and self.rank == 0:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)

@@ -12,6 +12,13 @@ its output layer starts at zero, so an untrained read-out is the identity. With 
 logits, added to the heads' own: the logits then reach rank k*|C| in the read-out's features,
 where through the d-wide residual they reach rank d at most.
 
+With ``prototypes`` P > 0 (beyond the paper) each head scores a character by the max of P
+prototype rows: the character at position j is a union of many tokens' regions of the state
+space, which one half-space per character cannot carve out. Started from the LM-head rows of the
+P most frequent tokens spelled with that character there (:meth:`CharHeads.init_prototypes`), the
+untrained heads already spell the teacher's top-1 wherever it is one of the prototypes; empty
+slots (fewer than P such tokens) are masked.
+
 Torch only: this file is copied into every exported model (``trust_remote_code``).
 """
 
@@ -21,13 +28,15 @@ import torch
 from torch import nn
 
 HEAD_INITS = ("embedding", "random")
+EMPTY_SLOT = -1e4
+"""The logit of a masked prototype slot: below any real one, finite so that 0 x log p stays 0."""
 
 
 class CharHeads(nn.Module):
     def __init__(self, hidden_size: int, k: int, num_chars: int, readout_width: int = 0,
-                 wide_heads: bool = False) -> None:
+                 wide_heads: bool = False, prototypes: int = 0) -> None:
         super().__init__()
-        self.k, self.num_chars, self.wide_heads = k, num_chars, wide_heads
+        self.k, self.num_chars, self.wide_heads, self.prototypes = k, num_chars, wide_heads, prototypes
         self.readout = None
         if readout_width > 0:
             out = k * num_chars if wide_heads else hidden_size
@@ -35,7 +44,9 @@ class CharHeads(nn.Module):
                                          nn.Linear(readout_width, out))
             nn.init.zeros_(self.readout[2].weight)
             nn.init.zeros_(self.readout[2].bias)
-        self.proj = nn.Linear(hidden_size, k * num_chars)
+        self.proj = nn.Linear(hidden_size, k * num_chars * max(prototypes, 1))
+        if prototypes:
+            self.register_buffer("empty_slots", torch.zeros(k * num_chars * prototypes, dtype=torch.bool))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., d]`` -> char logits ``[..., k, |C|]``."""
@@ -45,6 +56,9 @@ class CharHeads(nn.Module):
             logits = self.proj(hidden) + self.readout(hidden)
         else:
             logits = self.proj(hidden + self.readout(hidden))
+        if self.prototypes:
+            slots = logits.masked_fill(self.empty_slots, EMPTY_SLOT).unflatten(-1, (self.k, self.num_chars, -1))
+            return slots.amax(-1)
         return logits.unflatten(-1, (self.k, self.num_chars))
 
     @torch.no_grad()
@@ -67,3 +81,24 @@ class CharHeads(nn.Module):
         weight /= counts.clamp(min=1).unsqueeze(-1)
         self.proj.weight.copy_(weight.reshape(k * num_chars, -1))
         self.proj.bias.copy_(torch.log((counts + 1) / (counts + 1).sum(-1, keepdim=True)).reshape(-1))
+
+    @torch.no_grad()
+    def init_prototypes(self, lm_head: torch.Tensor, chars: torch.Tensor, spellable: torch.Tensor,
+                        counts: torch.Tensor) -> None:
+        """Prototype start: the slots of (position j, char c) hold the LM-head rows of the P tokens
+        spelled with c at j (END after a token's end) seen most often (``counts``; ties by id), bias
+        0: the head's logit for c is then the teacher's best logit among them. Slots left over are
+        masked."""
+        k, num_chars, per_char = self.k, self.num_chars, self.prototypes
+        rows = torch.full((k, num_chars, per_char), -1, dtype=torch.long)
+        candidates = spellable.nonzero().squeeze(1)
+        ordered = candidates[counts[candidates].argsort(descending=True, stable=True)]
+        for j in range(k):
+            column = chars[ordered, j]
+            for c in column.unique().tolist():
+                members = ordered[column == c][:per_char]
+                rows[j, c, : len(members)] = members
+        rows = rows.flatten()
+        self.empty_slots.copy_(rows < 0)
+        self.proj.weight.copy_(lm_head[rows.clamp(min=0)].float() * (rows >= 0).unsqueeze(1))
+        self.proj.bias.zero_()

@@ -31,6 +31,8 @@ class SpeLLMConfig(PretrainedConfig):
     """Beyond the paper: the width of a residual MLP read-out before the heads (0: none)."""
     wide_heads: bool = False
     """Beyond the paper: the read-out's hidden layer also feeds the char logits directly."""
+    prototypes: int = 0
+    """Beyond the paper: each head scores a character by the max of this many prototype rows (0: one linear row)."""
     trainable_layers: int = 5
     """The last decoder layers whose FFN blocks trained (0: the trunk is the teacher's)."""
     train_attention: bool = False
@@ -65,10 +67,12 @@ class SpeLLMConfig(PretrainedConfig):
     def check_values(self) -> None:
         """A ValueError naming the first value no export writes (a hand-edited or corrupt
         ``config.json``), instead of a crash deep inside the model."""
-        for name, least in (("k", 1), ("readout_width", 0), ("trainable_layers", 0), ("rerank_k", 0)):
+        for name, least in (("k", 1), ("readout_width", 0), ("trainable_layers", 0), ("rerank_k", 0), ("prototypes", 0)):
             value = getattr(self, name)
             if type(value) is not int or value < least:
                 raise ValueError(f"{name} {value!r} is not an integer >= {least}")
+        if self.prototypes and self.wide_heads:
+            raise ValueError("prototypes and wide_heads do not combine")
         charset = self.charset
         if charset is not None and (not isinstance(charset, (list, tuple)) or len(charset) < 2
                                     or not all(isinstance(symbol, str) for symbol in charset)):

@@ -78,7 +78,7 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
         text = config.get_text_config()
         self.base = AutoModelForCausalLM.from_config(text) if base is None else base
         self.char_heads = CharHeads(text.hidden_size, config.k, len(config.charset), config.readout_width,
-                                    config.wide_heads)
+                                    config.wide_heads, config.prototypes)
         vocab = self.base.get_output_embeddings().weight.shape[0]
         # each token's spelling: its first k char ids (END-padded) and its length (0: unspellable)
         self.register_buffer("spelling_chars", torch.zeros(vocab, config.k, dtype=torch.long))

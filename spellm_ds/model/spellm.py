@@ -151,7 +151,7 @@ class Student(nn.Module):
         self.base = base
         self.config = config
         self.char_heads = CharHeads(base.config.hidden_size, config.k, len(config.charset), config.readout_width,
-                                    config.wide_heads).to(base.dtype)
+                                    config.wide_heads, config.prototypes).to(base.dtype)
 
     def freeze_for_distillation(self) -> int:
         """Train only the char heads and the FFN blocks (and with ``train_attention`` the attention
@@ -205,6 +205,19 @@ class Student(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 with_token_logits: bool = False, trunk_hidden: torch.Tensor | None = None) -> SpeLLMOutput:
         return spellm_outputs(self, input_ids, attention_mask, with_token_logits, trunk_hidden)
+
+
+@torch.no_grad()
+def init_heads(heads: CharHeads, lm_head: torch.Tensor, table: SpellingTable,
+               token_counts: torch.Tensor | None = None) -> None:
+    """The informed start of ``--head_init embedding``: prototypes from LM-head rows where the heads
+    have them (the most frequent tokens by ``token_counts``; none given: by token id), else the mean
+    LM-head row per (position, char)."""
+    if heads.prototypes:
+        counts = torch.zeros(len(table.spellable)) if token_counts is None else token_counts
+        heads.init_prototypes(lm_head, table.chars.cpu(), table.spellable.cpu(), counts)
+    else:
+        heads.init_from_embeddings(lm_head, table.chars.cpu(), table.spellable.cpu())
 
 
 # ---------------------------------------------------------------------------- export and load
@@ -361,6 +374,5 @@ def untrained(base_dir: str | Path, charset: Charset | None = None, **settings) 
     table = SpellingTable.from_tokenizer(tokenizer, charset, config.k, model_vocab_size(base.config))
     student = Student(base, config)
     if config.head_init == "embedding":
-        student.char_heads.init_from_embeddings(base.get_output_embeddings().weight.float(), table.chars,
-                                                table.spellable)
+        init_heads(student.char_heads, base.get_output_embeddings().weight.float(), table)
     return with_tokenizer(build_export(config, base, {}, student.char_heads.state_dict(), table), tokenizer)
