@@ -116,3 +116,24 @@ def test_rerank_over_every_spelling_is_greedy_decoding_over_the_nameable_tokens(
     assert nameable[out.sequences].all()
     assert (out.provenance == Provenance.RERANKED).any()  # random heads rarely spell the LM head's choice
     assert ((out.provenance == Provenance.EXACT) | (out.provenance == Provenance.RERANKED)).all()
+
+
+def test_untrained_prototype_heads_spell_the_teachers_choice_after_export(family_dir, tmp_path):
+    """``--prototypes`` with a slot for every token: the untrained heads (read-out at identity, the
+    trunk the teacher's) spell the LM head's best spellable token at every position, and so does
+    the exported model reloaded through transformers (prototype rows and masks saved with it)."""
+    from spellm_ds.hf.char_decoding import read_string
+    from spellm_ds.model.spellm import save_export
+
+    model = untrained(family_dir, k=6, trainable_layers=0, readout_width=24, prototypes=512)
+    save_export(model, tmp_path / "export", model.tokenizer, family_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert reloaded.config.prototypes == 512 and torch.equal(reloaded.char_heads.empty_slots,
+                                                             model.char_heads.empty_slots)
+    ids = torch.tensor([model.tokenizer.encode(text)[:24] for text in tiny.corpus_texts(63)[60:63]])
+    chars, lengths = model.spelling_chars, model.spelling_lengths
+    with torch.no_grad():
+        hidden = reloaded.base.get_decoder()(ids).last_hidden_state
+        best = reloaded.get_output_embeddings()(hidden).masked_fill(lengths == 0, float("-inf")).argmax(-1)
+        spelled = read_string(reloaded.char_heads(hidden))
+    assert torch.equal(spelled, chars[best]), (spelled != chars[best]).any(-1).float().mean()
