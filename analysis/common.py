@@ -14,7 +14,7 @@ import torch
 
 from analysis.collect import Analysis, add_args, collect
 from spellm_ds import cli
-from spellm_ds.distill.metrics import match_flags, wilson_interval
+from spellm_ds.distill.metrics import Z_95, match_flags, wilson_interval
 from spellm_ds.hf.char_decoding import falls_back
 
 VARIANTS = ("raw", "autocorrect", "autocorrect_fallback")
@@ -65,10 +65,10 @@ def paired_difference(values: torch.Tensor, baseline: torch.Tensor,
     mean, n = float(diff.mean()), len(diff)
     result: dict[str, Any] = {"diff": mean, "n": n}
     if clusters is None:
-        half = 1.96 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
+        half = Z_95 * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
     else:
         variance, result["clusters"] = clustered_variance_of_mean(diff, clusters[scored])
-        half = 1.96 * math.sqrt(variance)
+        half = Z_95 * math.sqrt(variance)
     return {**result, "ci95": [mean - half, mean + half]}
 
 

@@ -22,6 +22,7 @@ import torch
 
 from analysis.collect import held_out_texts
 from spellm_ds import cli
+from spellm_ds.distill.metrics import Z_95
 from spellm_ds.errors import SpellmError
 from spellm_ds.hf import SpeLLMForCausalLM
 from spellm_ds.model.decoding import decode_loop, generate, lm_head_picker
@@ -50,7 +51,7 @@ def agreement(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     agreed = agreed_tokens(reference, candidate).double()
     n, length = reference.shape
     mean = float(agreed.mean())
-    half = 1.96 * float(agreed.std()) / math.sqrt(n) if n > 1 else 0.0
+    half = Z_95 * float(agreed.std()) / math.sqrt(n) if n > 1 else 0.0
     return {"identical": float((agreed == length).double().mean()), "mean_agreed_tokens": mean,
             "mean_agreed_ci95": [mean - half, mean + half], "agreed_tokens": agreed.long().tolist()}
 

@@ -37,6 +37,7 @@ import torch
 from bench.common import write
 from spellm_ds import cli
 from spellm_ds.errors import SpellmError
+from spellm_ds.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = ("perf/tokens_per_s", "perf/step_s", "perf/teacher_s", "perf/student_s", "perf/backward_s")
@@ -103,14 +104,6 @@ def variant_settings(variant: Variant) -> dict:
 
 
 BOUNDS = {f"bound_1x{CORES}": (1, CORES), f"bound_{CORES}x1": (CORES, 1)}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_job(workdir: Path, name: str, extra: list[str], variant: Variant, steps: int) -> dict[str, float]:

@@ -37,10 +37,11 @@ from pathlib import Path
 import torch
 
 from bench.common import write
-from bench.distill_throughput import ROOT, free_port
+from bench.distill_throughput import ROOT
 from spellm_ds import cli
 from spellm_ds.distill.config import parameter_sizes
 from spellm_ds.errors import SpellmError
+from spellm_ds.runtime.distributed import free_port
 
 TINYLLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
                 "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,

@@ -58,7 +58,9 @@ def tau(text: str) -> float | None:
 
 
 def add_tau_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tau", type=tau, default=0.22,
+    from spellm_ds.hf.char_decoding import DEFAULT_TAU
+
+    parser.add_argument("--tau", type=tau, default=DEFAULT_TAU,
                         help="fall back to the LM head at this mean head entropy (nats); 'none' never falls back "
                              "(default: %(default)s)")
 

@@ -9,22 +9,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from spellm_ds.runtime.distributed import free_port
 
 PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
 
 
 class Unavailable(Exception):
     """The environment cannot run a SLURM cluster (the reason is the message)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_installed() -> None:

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from spellm_ds.data.packing import first_read_steps, step_rows
+from spellm_ds.distill.checkpoint import BEFORE_THE_FLAG, check_compatible, complete_checkpoints, saved_run, step_of
 from spellm_ds.distill.config import RunConfig, resolve_student_config
 from spellm_ds.errors import SpellmError
 from spellm_ds.model.spellm import load
-from spellm_ds.distill.checkpoint import BEFORE_THE_FLAG, check_compatible, complete_checkpoints, saved_run, step_of
 from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env, scalars, torchrun
 from tests.entry_points import run_script

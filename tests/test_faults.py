@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spellm_ds.distill.checkpoint import complete_checkpoints, damage, read_state, step_of
 from spellm_ds.model.spellm import load
 from spellm_ds.runtime.atomic import recover_dir
-from spellm_ds.distill.checkpoint import complete_checkpoints, damage, read_state, step_of
 from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env
 from tests.test_checkpoint import args

@@ -124,7 +124,11 @@ def rates(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-def wilson_interval(count: int, total: int, z: float = 1.96) -> tuple[float, float]:
+Z_95 = 1.96
+"""The normal quantile of every 95% interval the package reports."""
+
+
+def wilson_interval(count: int, total: int, z: float = Z_95) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (the observations treated as independent)."""
     if total == 0:
         return (0.0, 0.0)

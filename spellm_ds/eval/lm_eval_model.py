@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from spellm_ds.distill.teacher import lm_head_log_probs
 from spellm_ds.errors import SpellmError
-from spellm_ds.hf.char_decoding import Provenance
+from spellm_ds.hf.char_decoding import DEFAULT_TAU, Provenance
 from spellm_ds.model.decoding import generate
 from spellm_ds.model.spellm import load
 from spellm_ds.runtime.precision import INFERENCE_DTYPES
@@ -52,7 +52,7 @@ def flag(value: str | bool) -> bool:
 
 @register_model("spellm")
 class SpeLLMEvalModel(TemplateLM):
-    def __init__(self, pretrained: str, tau: float | str = 0.22, autocorrect: str | bool = True,
+    def __init__(self, pretrained: str, tau: float | str = DEFAULT_TAU, autocorrect: str | bool = True,
                  fallback: str | bool = True, rerank_k: int | str = 0, dtype: str = "float32", batch_size: int | str = 8,
                  device: str | None = None, max_length: int | str | None = None, **unused) -> None:
         super().__init__()

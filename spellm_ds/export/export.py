@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from spellm_ds.data.packing import cached_packing
+from spellm_ds.distill.checkpoint import no_code_from_pickles, read_state, refusal, saved_run
 from spellm_ds.distill.config import RunConfig
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.calibration import CALIBRATION_FILE, fit_spelling_temperature
@@ -27,7 +28,6 @@ from spellm_ds.model.charset import Charset
 from spellm_ds.model.spelling import SpellingTable, model_vocab_size
 from spellm_ds.model.spellm import build_export, save_export
 from spellm_ds.runtime.atomic import recover_dir, replace_dir, staging_dir
-from spellm_ds.distill.checkpoint import no_code_from_pickles, read_state, refusal, saved_run
 
 BASE_PREFIX, HEADS_PREFIX = "base.", "char_heads."
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -134,3 +135,10 @@ def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a local rendezvous: tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
