@@ -117,3 +117,21 @@ def test_experiment_records_are_short_and_their_links_resolve():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page}: broken link {target}"
+
+
+def test_the_recorded_scripts_import_what_exists():
+    """The scripts kept with the records (and scripts/) still run against the package as it is:
+    every name they import from it exists."""
+    import importlib.util
+
+    missing = []
+    for path in sorted((ROOT / "experiments").rglob("*.py")) + sorted((ROOT / "scripts").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.split(".")[0] in ("spellm_ds", "analysis", "bench")):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                    missing.append(f"{path.relative_to(ROOT)}: {node.module}.{alias.name}")
+    assert not missing, missing

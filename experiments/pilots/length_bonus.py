@@ -26,9 +26,9 @@ from spellm_ds.data import assets
 from spellm_ds.data.corpus import out_of_domain_texts
 from spellm_ds.data.packing import pack
 from spellm_ds.distill.config import RunConfig
+from spellm_ds.export.export import run_eval_blocks
 from spellm_ds.hf.char_decoding import after_first_end
 from spellm_ds.model.spellm import load
-from spellm_ds.distill.checkpoint import run_eval_blocks
 
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 BUDGETS = (0.15, 0.3)
