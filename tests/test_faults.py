@@ -20,7 +20,7 @@ from tests import tiny
 from tests.distributed import ROOT, free_port, rank_env
 from tests.test_checkpoint import args
 
-TRAINING_KILLS = 20
+TRAINING_KILLS = 14  # with the 6 export kills, the 20 trials issue 58 asks for
 EXPORT_KILLS = 6
 
 
