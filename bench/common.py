@@ -7,15 +7,20 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from spellm_ds.errors import SpellmError
+from spellm_ds.runtime.distributed import free_port
 from spellm_ds.runtime.provenance import commit
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def hardware() -> dict[str, Any]:
@@ -117,3 +122,21 @@ def write(name: str, settings: dict[str, Any], results: Any, out: Path | None = 
     print(json.dumps(document, indent=2))
     print(f"written {path}")
     return path
+
+
+def distill_job(name: str, out: Path, ranks: int, flags: list[str], threads: int = 1):
+    """One real ``launch/distill.py`` job on ``ranks`` local ranks (torchrun, ``threads`` threads
+    each) writing to ``out``: its stdout and its TensorBoard scalars (an ``EventAccumulator``:
+    ``.Scalars(tag)``). A failed job raises with the last line of its stderr."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "launch" / "distill.py"),
+               "--output_dir", str(out), "--resume", "none", "--save_every", "0", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    if result.returncode != 0:
+        raise SpellmError(f"the {name} job failed: {result.stderr.strip().splitlines()[-1:]}")
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return result.stdout, events

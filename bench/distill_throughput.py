@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +33,9 @@ from typing import NamedTuple
 
 import torch
 
-from bench.common import write
+from bench.common import ROOT, distill_job, write
 from spellm_ds import cli
-from spellm_ds.errors import SpellmError
-from spellm_ds.runtime.distributed import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 TAGS = ("perf/tokens_per_s", "perf/step_s", "perf/teacher_s", "perf/student_s", "perf/backward_s")
 CORES = os.cpu_count() or 1
 ZERO3 = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
@@ -108,31 +104,20 @@ BOUNDS = {f"bound_1x{CORES}": (1, CORES), f"bound_{CORES}x1": (CORES, 1)}
 
 def run_job(workdir: Path, name: str, extra: list[str], variant: Variant, steps: int) -> dict[str, float]:
     """One real job; medians over its steps after the first two, tokens/s summed over ranks."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = workdir / f"{name}-{time.monotonic_ns()}"
-    ranks = variant.ranks
     extra = [*extra, *variant.flags]
     for flag, config in (("--deepspeed", variant.student_config), ("--teacher_deepspeed", variant.teacher_config)):
         if config is not None:
             config_path = workdir / f"{name}{flag.replace('-', '_')}.json"
             config_path.write_text(json.dumps(config))
             extra = [flag, str(config_path), *extra]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "launch" / "distill.py"),
-               "--output_dir", str(out), "--max_steps", str(steps), "--save_every", "0", "--eval_every", "100000",
-               "--eval_blocks", "2", "--resume", "none", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=str(variant.threads))
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    if result.returncode != 0:
-        raise SpellmError(f"the {name} job failed: {result.stderr.strip().splitlines()[-1:]}")
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
+    _, events = distill_job(name, workdir / f"{name}-{time.monotonic_ns()}", variant.ranks,
+                            ["--max_steps", str(steps), "--eval_every", "100000", "--eval_blocks", "2", *extra],
+                            variant.threads)
     medians = {}
     for tag in TAGS:
         values = [e.value for e in events.Scalars(tag) if e.step > 2] or [e.value for e in events.Scalars(tag)]
         medians[tag.removeprefix("perf/")] = statistics.median(values)
-    medians["tokens_per_s"] *= ranks  # TensorBoard logs rank 0's; every rank processes as many
+    medians["tokens_per_s"] *= variant.ranks  # TensorBoard logs rank 0's; every rank processes as many
     return medians
 
 

@@ -24,11 +24,9 @@ unchanged.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,13 +34,11 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write
-from bench.distill_throughput import ROOT
+from bench.common import ROOT, distill_job, write
 from spellm_ds import cli
 from spellm_ds.data import corpus
 from spellm_ds.distill.config import parameter_sizes
 from spellm_ds.errors import SpellmError
-from spellm_ds.runtime.distributed import free_port
 
 TINYLLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
                 "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
@@ -68,21 +64,13 @@ def random_model(directory: Path) -> None:
 
 def run_job(workdir: Path, name: str, model: str, data: Path, flags: list[str], ranks: int) -> dict:
     """One real job; each rank's memory line and the median step time from TensorBoard."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     out = workdir / name
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "launch" / "distill.py"),
-               "--model", model, "--data", str(data), "--output_dir", str(out),
-               "--resume", "none", "--save_every", "0", "--eval_blocks", "1", *flags]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    stdout, events = distill_job(name, out, ranks, ["--model", model, "--data", str(data), "--eval_blocks", "1",
+                                                    *flags])
     wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SpellmError(f"the {name} job failed: {result.stderr.strip().splitlines()[-1:]}")
     ranks_seen = {}
-    for match in RANK_LINE.finditer(result.stdout):
+    for match in RANK_LINE.finditer(stdout):
         rank, rss, accelerator, teacher, teacher_whole, student, student_whole = match.groups()
         ranks_seen[int(rank)] = {"peak_rss_gb": float(rss),
                                  "peak_accelerator_gb": float(accelerator) if accelerator else None,
@@ -92,10 +80,8 @@ def run_job(workdir: Path, name: str, model: str, data: Path, flags: list[str], 
                                  "student_held_share": float(student) / float(student_whole)}
     if len(ranks_seen) != ranks:
         raise SpellmError(f"the {name} job printed {len(ranks_seen)} of {ranks} ranks' memory lines")
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
     step_s = [e.value for e in events.Scalars("perf/step_s")]
-    trained = [line for line in result.stdout.splitlines() if line.startswith("trainable parameters")]
+    trained = [line for line in stdout.splitlines() if line.startswith("trainable parameters")]
     return {"ranks": [ranks_seen[r] for r in sorted(ranks_seen)], "step_s_median": statistics.median(step_s),
             "step_s": step_s, "job_wall_s": wall, "trainable": trained[0] if trained else None,
             "exported": (out / "model" / "config.json").is_file()}
