@@ -1,9 +1,9 @@
 """End-to-end greedy decoding speed: transformers, our loop with the LM head, SpeLLM, no head.
 
     python -m bench.decode_speed --model SPELLM_DIR [--new_tokens 128] [--repeats 7] [--threads N] [--tau 0.22]
-        [--rerank_k 16] [--quick] [--out FILE]
+        [--rerank_k 16] [--batches 1 8 32] [--quick] [--out FILE]
 
-Same prompts (BoolQ dev questions), batch 1 and 8, fp32 and (where it is fast) bf16, every variant generating exactly
+Same prompts (BoolQ dev questions), batches 1, 8 and 32, fp32 and (where it is fast) bf16, every variant generating exactly
 ``--new_tokens`` tokens (EOS ignored), one warm-up and ``--repeats`` interleaved rounds, medians
 with distribution-free 95% intervals, at one stated thread count:
   (1) hf_generate      transformers' generate() on the base model (greedy)
@@ -131,6 +131,8 @@ def main() -> None:
     add_dtypes_arg(parser)
     cli.add_tau_arg(parser)
     cli.add_rerank_arg(parser)
+    parser.add_argument("--batches", type=cli.positive_int, nargs="+", default=[1, 8, 32],
+                        help="prompts decoded together (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a tiny random model, few tokens, for CI")
     parser.add_argument("--out", type=cli.output_file, default=None)
     args = parser.parse_args()
@@ -138,7 +140,7 @@ def main() -> None:
         import tempfile
         from pathlib import Path
 
-        args.model, args.new_tokens, args.repeats = tiny_model(Path(tempfile.mkdtemp())), 8, 1
+        args.model, args.new_tokens, args.repeats, args.batches = tiny_model(Path(tempfile.mkdtemp())), 8, 1, [1, 8]
     if args.model is None:
         parser.error("--model is required (an exported SpeLLM directory) unless --quick")
     if args.repeats < 6 and not args.quick:
@@ -151,7 +153,7 @@ def main() -> None:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        for batch in (1, 8):
+        for batch in args.batches:
             encoded = tokenizer(prompts(batch), return_tensors="pt", padding=True)
             record: dict = {}
             head_seconds: dict[str, list[float]] = {}
@@ -185,7 +187,7 @@ def main() -> None:
             print(f"{setting}: " + ", ".join(f"{n} {t:.1f} tok/s" for n, t in tps.items()))
     write("decode_speed" + ("_quick" if args.quick else ""),
           {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats, "tau": args.tau,
-           "rerank_k": args.rerank_k,
+           "rerank_k": args.rerank_k, "batches": args.batches,
            "threads": torch.get_num_threads(), "quick": args.quick}, results, args.out)
 
 
