@@ -433,3 +433,32 @@ def test_a_teacher_that_fits_runs_whole_without_zero3_hooks(distillation, tmp_pa
     assert torch.allclose(signal.top_probs, sharded.top_probs, atol=1e-6)
     losses = [whole.train_step(step)["loss/total"] for step in range(2)]
     assert all(math.isfinite(loss) for loss in losses)
+
+
+def test_prototype_heads_train_under_zero3_on_their_filled_rows_only(process_group, tmp_path):
+    """--prototypes on the default recipe, fully sharded: the heads compute the filled slots of a
+    partitioned weight (gathered by ZeRO-3 for the call), the sharded student's char logits equal
+    the whole model's, training moves filled rows only, and the loss falls."""
+    run = tiny_distillation(tmp_path, trainable_layers=0, readout_width=32, prototypes=4, max_steps=12)
+    heads = run.student.module.char_heads
+    assert heads.proj.weight.ds_numel > 0 and heads.proj.weight.numel() == 0  # partitioned, released
+    empty = heads.empty_slots.clone()
+    assert empty.any() and not empty.all()
+    before = gathered(heads)["proj.weight"]
+    losses = [run.train_step(step)["loss/total"] for step in range(12)]
+    after = gathered(heads)["proj.weight"]
+    moved = (after - before).abs().sum(-1) > 0
+    assert bool(moved[~empty].any()) and not bool(moved[empty].any())
+    assert bool((after[empty] == 0).all())
+    ids = run.data.held_out[:2]
+    run.student.eval()
+    with torch.no_grad():
+        _, trunk = teacher_signal(run.teacher.module, ids, trunk_layer=run.trunk_layer)
+        shared = run.student(trunk_hidden=trunk)
+        whole = whole_student(run)
+        whole.char_heads.empty_slots.copy_(empty)  # a buffer: whole_student carries the parameters
+        naive = whole(ids)
+    run.student.train()
+    assert torch.allclose(shared.char_logits, naive.char_logits, atol=1e-5)
+    assert bool((shared.char_logits == -1e4).any())  # a (position, char) no prototype holds
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])

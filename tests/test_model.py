@@ -138,3 +138,33 @@ def test_prototype_heads_start_as_the_teachers_choice_among_their_tokens():
     assert bool((out[:, ~held] == -1e4).all()) and bool((out[:, held] > -1e4).all())
     out.logsumexp(-1).sum().backward()
     assert few.proj.weight.grad.abs().sum() > 0
+
+
+def test_prototype_heads_compute_the_max_over_filled_slots_with_its_gradient():
+    """The prototype heads compute only the filled slots and read the max back with a gather: the
+    logits and every gradient equal the plain definition (all slots, empty ones masked, a
+    differentiable max), and a changed mask is taken up."""
+    from spellm_ds.hf.char_heads import EMPTY_SLOT
+
+    torch.manual_seed(0)
+    d, k, num_chars, per_char = 24, 4, 7, 3
+    heads = CharHeads(d, k, num_chars, readout_width=16, prototypes=per_char)
+    torch.nn.init.normal_(heads.readout[2].weight)
+    heads.empty_slots.copy_(torch.rand(k * num_chars * per_char) < 0.5)
+    heads.empty_slots.view(k, num_chars, per_char)[1, 2] = True  # a (position, char) with no prototype
+
+    def plain(states):
+        logits = heads.proj(states + heads.readout(states)).masked_fill(heads.empty_slots, EMPTY_SLOT)
+        return logits.unflatten(-1, (k, num_chars, per_char)).amax(-1)
+
+    states = torch.randn(5, 6, d)
+    for _ in range(2):
+        weights = torch.randn(5, 6, k, num_chars)
+        fast = heads(states)
+        assert torch.equal(fast, plain(states))
+        assert bool((fast[..., 1, 2] == EMPTY_SLOT).all())
+        grads = torch.autograd.grad((fast * weights).sum(), list(heads.parameters()))
+        expected = torch.autograd.grad((plain(states) * weights).sum(), list(heads.parameters()))
+        for got, want in zip(grads, expected):
+            assert torch.allclose(got, want, atol=1e-6)
+        heads.empty_slots.view(k, num_chars, per_char)[0] = True  # the layout follows the mask
