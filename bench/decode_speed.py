@@ -3,9 +3,9 @@
     python -m bench.decode_speed --model SPELLM_DIR [--new_tokens 128] [--repeats 7] [--threads N] [--tau 0.22]
         [--rerank_k 16] [--batches 1 8 32] [--quick] [--out FILE]
 
-Same prompts (BoolQ dev questions), batches 1, 8 and 32, fp32 and (where it is fast) bf16, every variant generating exactly
-``--new_tokens`` tokens (EOS ignored), one warm-up and ``--repeats`` interleaved rounds, medians
-with distribution-free 95% intervals, at one stated thread count:
+Same prompts (BoolQ dev questions), batches 1, 8 and 32 (``--batches``), fp32 and (where it is fast) bf16,
+every variant generating exactly ``--new_tokens`` tokens (EOS ignored), one warm-up and ``--repeats``
+interleaved rounds, medians with distribution-free 95% intervals, at one stated thread count:
   (1) hf_generate      transformers' generate() on the base model (greedy)
   (2) loop_lm_head     our decode loop, tokens from the LM head
   (3) spellm           our loop, SpeLLM char heads + AutoCorrect, no fallback (tau none)

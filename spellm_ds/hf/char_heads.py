@@ -65,21 +65,19 @@ class CharHeads(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., d]`` -> char logits ``[..., k, |C|]``."""
+        if self.readout is not None and self.wide_heads:
+            return (self.proj(hidden) + self.readout(hidden)).unflatten(-1, (self.k, self.num_chars))
+        features = hidden if self.readout is None else hidden + self.readout(hidden)
         if self.prototypes:
-            return self.prototype_logits(hidden if self.readout is None else hidden + self.readout(hidden))
-        if self.readout is None:
-            logits = self.proj(hidden)
-        elif self.wide_heads:
-            logits = self.proj(hidden) + self.readout(hidden)
-        else:
-            logits = self.proj(hidden + self.readout(hidden))
-        return logits.unflatten(-1, (self.k, self.num_chars))
+            return self.prototype_logits(features)
+        return self.proj(features).unflatten(-1, (self.k, self.num_chars))
 
     def prototype_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Each (position, char)'s best filled prototype: ``[..., d]`` -> ``[..., k, |C|]``;
         ``EMPTY_SLOT`` where a (position, char) has none."""
         rows, columns = self.slot_layout()
-        compact = nn.functional.pad(self.proj(features, rows), (0, 1), value=EMPTY_SLOT).flatten(0, -2)  # [M, filled + 1]
+        compact = nn.functional.pad(self.proj(features, rows), (0, 1), value=EMPTY_SLOT)  # an empty slot's column
+        compact = compact.flatten(0, -2)  # [M, filled + 1]
         per_char = columns.view(self.k * self.num_chars, self.prototypes)
         with torch.no_grad():
             best = compact.index_select(1, columns).unflatten(1, (-1, self.prototypes)).argmax(-1)  # [M, k |C|]
