@@ -462,3 +462,43 @@ def test_prototype_heads_train_under_zero3_on_their_filled_rows_only(process_gro
     assert torch.allclose(shared.char_logits, naive.char_logits, atol=1e-5)
     assert bool((shared.char_logits == -1e4).any())  # a (position, char) no prototype holds
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+
+
+def test_whiten_readout_fixes_the_first_steps_statistics_trains_resumes_and_folds_at_export(process_group, tmp_path):
+    """--whiten_readout on the default recipe: before the first step the read-out's input is
+    centred on the mean of the teacher's final states over the first step's blocks and whitened;
+    the statistics stay fixed while the heads train, a resumed run reads them from its checkpoint,
+    and the export, whitening folded into the read-out, reproduces the student's logits."""
+    settings = dict(trainable_layers=0, readout_width=32, whiten_readout=True, max_steps=12, save_every=8)
+    run = tiny_distillation(tmp_path, **settings)
+    heads = run.student.module.char_heads
+    cfg = run.config
+    rows, _ = step_rows(len(run.data.train), 0, 0, 1, cfg.micro_batch, 0, 1, cfg.seed)
+    with torch.no_grad():
+        _, final = teacher_signal(run.teacher.module, run.data.train[rows], trunk_layer=run.trunk_layer)
+    assert torch.allclose(heads.whiten_mean, final.flatten(0, 1).mean(0), atol=1e-5)
+    states = final.flatten(0, 1).double()
+    variances = torch.linalg.eigvalsh(states.T.cov(correction=0))
+    whitened = torch.nn.functional.linear(states - heads.whiten_mean.double(), heads.whiten_matrix.double())
+    shrunk = variances / (0.9 * variances + 0.1 * variances.mean())  # unit variance, up to the default shrinkage
+    assert torch.allclose(torch.linalg.eigvalsh(whitened.T.cov(correction=0)), shrunk, atol=1e-3)
+    fitted = heads.whiten_matrix.clone()
+    losses = [run.train_step(step)["loss/total"] for step in range(8)]
+    assert torch.equal(heads.whiten_matrix, fitted)  # not trained
+    heads.whiten_mean.add_(0.5)  # so a resume that fitted them anew would differ
+    saved = run.save(8)
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+
+    resumed = tiny_distillation(tmp_path, **settings)  # --resume auto: from step 8
+    assert resumed.start_step == 8
+    assert torch.equal(resumed.student.module.char_heads.whiten_matrix, fitted)
+    assert torch.equal(resumed.student.module.char_heads.whiten_mean, heads.whiten_mean)
+    ids = run.data.held_out[:2, :16]
+    run.student.eval()
+    with torch.no_grad():
+        _, trunk = teacher_signal(run.teacher.module, ids, trunk_layer=run.trunk_layer)
+        expected = run.student(trunk_hidden=trunk).char_logits
+    exported = load(export.export(saved, tmp_path / "model"))
+    assert not exported.char_heads.whitened and "whiten_matrix" not in exported.char_heads.state_dict()
+    with torch.no_grad():
+        assert torch.allclose(spellm_outputs(exported, ids).char_logits, expected, atol=1e-4)

@@ -168,3 +168,39 @@ def test_prototype_heads_compute_the_max_over_filled_slots_with_its_gradient():
         for got, want in zip(grads, expected):
             assert torch.allclose(got, want, atol=1e-6)
         heads.empty_slots.view(k, num_chars, per_char)[0] = True  # the layout follows the mask
+
+
+def test_whitened_readout_input_has_unit_covariance_and_folds_into_plain_heads():
+    """``add_whitening`` + ``fit_whitening``: the read-out reads states of identity covariance
+    (no shrinkage) or of the shrunk spectrum; ``fold_whitening`` turns the whitened heads' state
+    into plain heads with the same logits, and leaves a plain state alone."""
+    from spellm_ds.hf.char_heads import fold_whitening
+
+    torch.manual_seed(0)
+    d, k, num_chars = 12, 3, 5
+    mixing = torch.randn(d, d) * torch.logspace(-2, 1, d)  # variances over four orders of magnitude
+    states = torch.randn(4000, d) @ mixing.T + 5 * torch.randn(d)  # and a large common direction
+    mean, covariance = states.double().mean(0), states.double().T.cov(correction=0)
+    heads = CharHeads(d, k, num_chars, readout_width=8)
+    heads.add_whitening()
+    assert torch.equal(heads.whiten_matrix, torch.eye(d))  # identity until fitted
+    variances = heads.fit_whitening(mean, covariance, shrinkage=0.0)
+    assert variances.max() / variances.min() > 1e3
+    whitened = torch.nn.functional.linear(states.double() - mean, heads.whiten_matrix.double())
+    assert torch.allclose(whitened.T.cov(correction=0), torch.eye(d, dtype=torch.double), atol=1e-4)
+    assert torch.allclose(whitened.mean(0), torch.zeros(d, dtype=torch.double), atol=1e-6)
+    heads.fit_whitening(mean, covariance, shrinkage=0.5)
+    shrunk = torch.nn.functional.linear(states.double() - mean, heads.whiten_matrix.double()).T.cov(correction=0)
+    expected = variances / (0.5 * variances + 0.5 * variances.mean())
+    assert torch.allclose(torch.linalg.eigvalsh(shrunk), expected.sort().values, atol=1e-4)
+
+    torch.nn.init.normal_(heads.readout[2].weight, std=0.1)
+    plain = CharHeads(d, k, num_chars, readout_width=8)
+    folded = fold_whitening(heads.state_dict())
+    assert "whiten_matrix" not in folded and "whiten_mean" not in folded
+    plain.load_state_dict(folded)
+    with torch.no_grad():
+        assert torch.allclose(plain(states[:50]), heads(states[:50]), atol=1e-4)
+        assert not torch.allclose(plain.readout(states[:50]), heads.readout(states[:50]))  # the fold changed W1
+    untouched = plain.state_dict()
+    assert fold_whitening(untouched) is untouched

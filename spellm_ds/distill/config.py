@@ -143,6 +143,9 @@ class RunConfig:
     train_attention: bool = option(False, "train the attention blocks of the trainable layers too", EXPERIMENTAL)
     wide_heads: bool = option(False, "the read-out's hidden layer also feeds the char logits directly "
                               "(width x k|C| weights), not only through its hidden-size output", EXPERIMENTAL)
+    whiten_readout: bool = option(False, "the read-out reads the teacher's state centred and whitened, with "
+                                  "statistics from the first step's blocks (one extra teacher forward); folded "
+                                  "into the read-out at export", EXPERIMENTAL)
     prototypes: int = option(0, "each head scores a character by the max of this many rows, started from the LM-head "
                              "rows of the most frequent tokens spelled with it there (0: one linear row, the "
                              "paper's)", EXPERIMENTAL)
@@ -184,6 +187,8 @@ class RunConfig:
             (not self.wide_heads or self.readout_width != 0, "--wide_heads needs a read-out; drop --readout_width 0"),
             (self.prototypes >= 0, f"--prototypes {self.prototypes} must be >= 0"),
             (not (self.prototypes and self.wide_heads), "--prototypes and --wide_heads do not combine; drop one"),
+            (not self.whiten_readout or self.readout_width != 0, "--whiten_readout needs a read-out; drop "
+                                                                  "--readout_width 0"),
             (self.reg_weight >= 0, f"--reg_weight {self.reg_weight} must be >= 0"),
             (0 < self.eval_fraction < 1, f"--eval_fraction {self.eval_fraction} must be in (0, 1)"),
             (self.eval_every >= 1, f"--eval_every {self.eval_every} must be at least 1"),

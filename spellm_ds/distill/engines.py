@@ -100,6 +100,8 @@ def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, ch
         embedding = base.get_output_embeddings().weight
         with deepspeed.zero.GatheredParameters([embedding]):
             init_heads(model.char_heads, embedding.detach().cpu(), table, token_counts.cpu())
+    if run.whiten_readout:
+        model.char_heads.add_whitening()  # identity until the run fits it (Distillation._fit_whitening)
     trainable = model.freeze_for_distillation()
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if trunk_layer is not None:

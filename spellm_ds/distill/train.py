@@ -31,6 +31,9 @@ Features
   labelled by the teacher's LM head there (:class:`spellm_ds.distill.teacher.StateAnchors`): contexts for
   the tokens the text names too rarely for the heads to learn them; training metrics count the
   text's positions only (off: it cost raw agreement in pilots);
+- ``--whiten_readout`` (beyond the paper, off): the read-out reads the teacher's final state centred
+  and whitened, with statistics fixed from the first step's blocks before training
+  (:meth:`spellm_ds.hf.char_heads.CharHeads.add_whitening`); folded into the read-out at export;
 - two DeepSpeed engines per rank (:mod:`spellm_ds.distill.engines`: student with optimizer, teacher
   without), ZeRO-3 by default; teacher stage 0 or 3, optional teacher parameter offload;
 - bf16 where the accelerator computes it natively, fp32 elsewhere (``"auto"`` in the configs);
@@ -193,6 +196,8 @@ class Distillation:
         self.student = build_student(self.model_dir, self.student_ds, config, self.charset, self.table,
                                      self.trunk_layer, counts)
         self.start_step = checkpoint.load(self.student, self.resume_from) if self.resume_from else 0
+        if config.whiten_readout and not self.resume_from:  # a resumed run's statistics are in its checkpoint
+            self._fit_whitening()
         if self.resume_from and self.rank == 0:
             print(f"resumed from {self.resume_from} at step {self.start_step}", flush=True)
         self.writer = self._tensorboard()
@@ -303,6 +308,32 @@ class Distillation:
         out, labels = student_and_labels(self.student, input_ids, signal, trunk, self.table, self.config.label_rule(),
                                          with_token_logits)
         return signal, out, labels, teacher_s, read
+
+    @torch.no_grad()
+    def _fit_whitening(self) -> None:
+        """``--whiten_readout``: the mean and covariance of the read-out's input at the start (the
+        teacher's final normed state) over the first step's blocks of every rank, from one teacher
+        forward the cache does not store; fixed for the rest of the run."""
+        cfg = self.config
+        final_layer = self.teacher.module.config.get_text_config().num_hidden_layers
+        sums = 0
+        for micro_step in range(cfg.grad_accum):
+            rows, _ = step_rows(len(self.data.train), 0, micro_step, cfg.grad_accum, cfg.micro_batch, self.rank,
+                                self.world_size, cfg.seed)
+            _, states = teacher_signal(self.teacher.module, self.data.train[rows].to(self.device),
+                                       trunk_layer=final_layer, with_signal=False)
+            states = states.flatten(0, -2).double()
+            sums = sums + torch.cat([states.sum(0), (states.T @ states).flatten(), states.new_tensor([len(states)])])
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+        d, count = states.shape[1], sums[-1]
+        mean = sums[:d] / count
+        covariance = sums[d:-1].view(d, d) / count - torch.outer(mean, mean)
+        variances = self.student.module.char_heads.fit_whitening(mean, covariance)
+        if self.rank == 0:
+            print(f"whitening the read-out's input: {int(count)} positions, variance {variances.min():.3g} to "
+                  f"{variances.max():.3g} along the covariance's eigenvectors, mean state norm {mean.norm():.3g}",
+                  flush=True)
 
     def _on_every_rank(self, flag: bool) -> bool:
         agreed = torch.tensor(int(flag), device=self.device)

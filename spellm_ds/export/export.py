@@ -23,6 +23,7 @@ from spellm_ds.distill.checkpoint import no_code_from_pickles, read_state, refus
 from spellm_ds.distill.config import RunConfig
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.calibration import CALIBRATION_FILE, fit_spelling_temperature
+from spellm_ds.hf.char_heads import fold_whitening
 from spellm_ds.model import loading as model_loading
 from spellm_ds.model.charset import Charset
 from spellm_ds.model.spelling import SpellingTable, model_vocab_size
@@ -133,7 +134,8 @@ def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB", changed
     table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))
     model = build_export(run.spellm_config(base.config, charset), base,
                          {n.removeprefix(BASE_PREFIX): t for n, t in trained.items() if n.startswith(BASE_PREFIX)},
-                         {n.removeprefix(HEADS_PREFIX): t for n, t in trained.items() if n.startswith(HEADS_PREFIX)},
+                         fold_whitening({n.removeprefix(HEADS_PREFIX): t for n, t in trained.items()
+                                         if n.startswith(HEADS_PREFIX)}),
                          table)
     calibration = fit_spelling_temperature(model, held_out)
     model.config.spelling_temperature = calibration.temperature

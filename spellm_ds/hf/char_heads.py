@@ -23,6 +23,10 @@ product saves), and the max is taken without autograd and read back with one gat
 backward pass touches only the winning rows: a training step's heads cost half as much as with
 every row and a differentiable max.
 
+With whitening (:meth:`CharHeads.add_whitening`, training only, beyond the paper) the read-out
+reads its input centred and whitened; at export the whitening folds into the read-out's first
+layer (:func:`fold_whitening`), so exported models never carry it.
+
 Torch only: this file is copied into every exported model (``trust_remote_code``).
 """
 
@@ -62,15 +66,44 @@ class CharHeads(nn.Module):
         if prototypes:
             self.register_buffer("empty_slots", torch.zeros(k * num_chars * prototypes, dtype=torch.bool))
             self._slot_layout: tuple | None = None
+        self.whitened = False
+
+    def add_whitening(self) -> None:
+        """The read-out reads ``A (h - m)`` instead of ``h`` (``whiten_matrix`` A, ``whiten_mean`` m;
+        identity until :meth:`fit_whitening`). Why: the teacher's final states share one large common
+        direction and spread over four orders of magnitude of variance, which the read-out's
+        per-coordinate Adam steps handle badly. Buffers, so checkpoints carry them."""
+        if self.readout is None:
+            raise ValueError("whitening is the read-out's input: it needs a read-out")
+        d = self.proj.in_features
+        self.register_buffer("whiten_mean", torch.zeros(d))
+        self.register_buffer("whiten_matrix", torch.eye(d))
+        self.whitened = True
+
+    @torch.no_grad()
+    def fit_whitening(self, mean: torch.Tensor, covariance: torch.Tensor, shrinkage: float = 0.1) -> torch.Tensor:
+        """ZCA whitening of states with this ``mean`` and ``covariance``, shrunk towards its mean
+        variance by ``shrinkage`` (directions a small sample barely sees are not blown up);
+        returns the covariance's eigenvalues."""
+        values, vectors = torch.linalg.eigh(covariance.double())
+        shrunk = (1 - shrinkage) * values + shrinkage * values.mean()  # the same eigenvectors
+        self.whiten_matrix.copy_(vectors @ torch.diag(shrunk.rsqrt()) @ vectors.T)
+        self.whiten_mean.copy_(mean)
+        return values
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., d]`` -> char logits ``[..., k, |C|]``."""
         if self.readout is not None and self.wide_heads:
-            return (self.proj(hidden) + self.readout(hidden)).unflatten(-1, (self.k, self.num_chars))
-        features = hidden if self.readout is None else hidden + self.readout(hidden)
+            return (self.proj(hidden) + self._readout(hidden)).unflatten(-1, (self.k, self.num_chars))
+        features = hidden if self.readout is None else hidden + self._readout(hidden)
         if self.prototypes:
             return self.prototype_logits(features)
         return self.proj(features).unflatten(-1, (self.k, self.num_chars))
+
+    def _readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.whitened:
+            hidden = nn.functional.linear(hidden - self.whiten_mean, self.whiten_matrix)
+        return self.readout(hidden)
 
     def prototype_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Each (position, char)'s best filled prototype: ``[..., d]`` -> ``[..., k, |C|]``;
@@ -135,3 +168,18 @@ class CharHeads(nn.Module):
         self.empty_slots.copy_(rows < 0)
         self.proj.weight.copy_(lm_head[rows.clamp(min=0)].float() * (rows >= 0).unsqueeze(1))
         self.proj.bias.zero_()
+
+
+@torch.no_grad()
+def fold_whitening(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whitened heads' state dict as plain heads': ``W1 A (h - m) + b1 = (W1 A) h + (b1 - W1 A m)``,
+    computed in fp64; a state without whitening is returned as it is."""
+    if "whiten_matrix" not in state:
+        return state
+    state = dict(state)
+    matrix, mean = state.pop("whiten_matrix").double(), state.pop("whiten_mean").double()
+    weight, bias = state["readout.0.weight"], state["readout.0.bias"]
+    folded = weight.double() @ matrix
+    state["readout.0.weight"] = folded.to(weight.dtype)
+    state["readout.0.bias"] = (bias.double() - folded @ mean).to(bias.dtype)
+    return state
