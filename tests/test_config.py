@@ -79,8 +79,8 @@ def test_learning_rates_default_to_the_piloted_recipe(trainable_layers, ffn_lr, 
     assert run.ffn_lr == (None if trainable_layers == 0 else peak[1])
 
 
-@pytest.mark.parametrize("flag, hidden, width", [(None, 576, 2304), (None, 64, 256), (0, 576, 0), (100, 576, 100)])
-def test_the_default_recipe_is_a_read_out_four_times_the_hidden_size_on_the_teachers_state(flag, hidden, width):
+@pytest.mark.parametrize("flag, hidden, width", [(None, 576, 1152), (None, 64, 128), (0, 576, 0), (100, 576, 100)])
+def test_the_default_recipe_is_a_read_out_twice_the_hidden_size_on_the_teachers_state(flag, hidden, width):
     """The default trains no decoder layer and sizes its read-out by the model; 0 is the paper's heads."""
     from transformers import LlamaConfig
 

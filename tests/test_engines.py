@@ -184,12 +184,12 @@ def test_teacher_never_changes_and_export_reproduces_the_student(distillation, t
 
 
 def test_the_default_recipe_trains_a_readout_on_the_teachers_final_state(process_group, tmp_path):
-    """--trainable_layers 0 with the default read-out (4x the hidden size): the student holds no
+    """--trainable_layers 0 with the default read-out (2x the hidden size): the student holds no
     decoder layer, its heads and read-out (only they) train on the teacher's final normed state,
     no token regulariser is computed, and the export reproduces it from the tokens."""
     run = tiny_distillation(tmp_path, trainable_layers=0, readout_width=None, max_steps=12)
     student = run.student.module
-    assert student.config.readout_width == 4 * student.base.config.hidden_size
+    assert student.config.readout_width == 2 * student.base.config.hidden_size
     assert run.trunk_layer == len(decoder_layers(student.base)) == 4
     assert not any(sum(1 for _ in layer.parameters()) for layer in decoder_layers(student.base))
     # neither token embedding nor LM head (no token regulariser): of the base model only the final norm

@@ -34,8 +34,11 @@ teacher (experiments/fidelity-pilots.md, "Label rule, batch size and learning ra
 FULL_SHARDING_PERSISTENCE = 100_000
 """DeepSpeed's own default ``stage3_param_persistence_threshold``: only small tensors (norms,
 biases) stay whole; every weight matrix is sharded and gathered when used."""
-READOUT_PER_HIDDEN = 4
-"""The default read-out's width per unit of hidden size: a transformer FFN's ratio (2304 for SmolLM2-135M)."""
+READOUT_PER_HIDDEN = 2
+"""The default read-out's width per unit of hidden size (1152 for SmolLM2-135M). Half a transformer
+FFN's ratio: at 435k teacher tokens 2x and 4x agree with the teacher alike (+0.5 [-0.1, +1.1] raw
+top-1 for 2x, experiments/2026-12-07-readout-width/), and 2x keeps the char path under 7% of the
+LM head's weights at decode."""
 RESIDENT_SHARE = 0.25
 """``"auto"`` keeps whole models resident when teacher + student take at most this share of a rank's memory."""
 
