@@ -1,17 +1,12 @@
 #!/usr/bin/env bash
 # Issue 57 item 3: a narrower read-out, so the char path costs under 10% of the LM head at decode.
-# Same budget as every issue-53 pilot: 1,700 blocks (435k tokens through the teacher), 3,050 steps,
-# reading the baseline's teacher cache; base is the earlier run (reused when runs/p53/base/model
-# exists). Then decode speed of the baseline and the narrowest read-out, one after the other, alone.
+# Same budget as every issue-53 pilot (../issue53-budget.sh), reading the baseline's teacher cache;
+# then decode speed of the 1,152-wide pilot, alone on the machine.
 # Run from the repository root after `make setup`:  bash experiments/2026-12-07-readout-width/run.sh
-set -euo pipefail
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-OUT=${OUT:-runs/p53}
+source experiments/issue53-budget.sh
 HERE=$(dirname "$0")
-BLOCKS="--teacher_cache --train_blocks 1700 --save_every 0"
-C="$BLOCKS --teacher_cache_from $OUT/base"
-.venv/bin/python -m analysis.pilots --out "$OUT" --steps 3050 \
-    --pilot base="$BLOCKS --lr 1.5e-3" \
-    --pilot narrow1536="$C --lr 1.5e-3 --readout_width 1536" \
-    --pilot narrow1152="$C --lr 1.5e-3 --readout_width 1152"
-cp "$OUT/pilots.json" "$OUT/pilots.md" "$HERE/"
+pilots "$HERE" \
+    --pilot narrow1536="$CACHED --readout_width 1536" \
+    --pilot narrow1152="$CACHED --readout_width 1152"
+.venv/bin/spellm bench decode-speed --model "$OUT/narrow1152/model" --new_tokens 32 --repeats 6 --threads 2 \
+    --batches 1 8 32 --out "$HERE/decode_speed.json"
