@@ -11,7 +11,7 @@ Variants (all on the same hidden states, SmolLM2-135M dimensions: d=576, |V|=491
                      repairs only the rows whose string missed)
   (e) + entropy      mean head entropy and the fallback mask too = CharDecoder.propose
   (f) decode path    (c) + entropy and fallback mask, no AutoCorrect: a step where every row hit
-  (g) + read-out     (f) behind a residual MLP read-out of ``--readout_width`` (default 4d; beyond
+  (g) + read-out     (f) behind a residual MLP read-out of ``--readout_width`` (default 2d; beyond
                      the paper, see ``--readout_width`` of distill)
   (h) + re-rank      (g) with every row re-ranked: its top ``--rerank_k`` spellings scored by as many
                      LM-head rows (beyond the paper; ``--rerank_k`` of decoding)
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", type=cli.output_file, default=None)
     parser.add_argument("--readout_width", type=cli.positive_int, default=None,
-                        help="width of the read-out timed in (g) (default: 4 x the hidden size)")
+                        help=f"width of the read-out timed in (g) (default: {READOUT_PER_HIDDEN} x the hidden size)")
     parser.add_argument("--rerank_k", type=cli.positive_int, default=16,
                         help="spellings re-ranked per row in (h) (default: %(default)s)")
     add_threads_arg(parser)

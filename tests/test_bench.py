@@ -29,7 +29,7 @@ def positive(value):
 @pytest.mark.processes
 def test_head_cost(tmp_path):
     document = run_bench("head_cost", tmp_path, "--dtypes", "fp32", "bf16")
-    assert document["settings"]["readout_width"] == 4 * document["settings"]["hidden"]
+    assert document["settings"]["readout_width"] == 2 * document["settings"]["hidden"]  # the library default
     assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == os.cpu_count()
     results = document["results"]
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8, 64)}
