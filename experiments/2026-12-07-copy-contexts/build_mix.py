@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from copy_rate import list_text, natural_words
+from copy_rate import list_text, natural_words, token_counts
 
 from spellm_ds.data.corpus import training_texts
 from spellm_ds.model.spellm import load
@@ -30,8 +30,9 @@ def main() -> None:
     model = load(args.model)
     tokenizer = model.tokenizer
     texts = training_texts()
-    words = natural_words(tokenizer, model.spelling_lengths, texts).tolist()
-    natural_tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+    seen = token_counts(tokenizer, texts, len(model.spelling_lengths))
+    words = natural_words(tokenizer, model.spelling_lengths, seen).tolist()
+    natural_tokens = int(seen.sum())
     rng = random.Random(0)
     lists, list_tokens = [], 0
     while list_tokens < args.share / (1 - args.share) * natural_tokens:

@@ -43,14 +43,18 @@ def band_yield(top1: torch.Tensor, counts: torch.Tensor) -> dict[str, dict[str, 
             for i in range(len(BAND_EDGES))}
 
 
-def natural_words(tokenizer, spelling_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """The spellable tokens that are a space and 3+ letters, occur in ``texts`` and tokenize back
-    to themselves."""
-    vocab = len(spelling_lengths)
+def token_counts(tokenizer, texts: list[str], vocab: int) -> torch.Tensor:
+    """``[vocab]``: how often each token occurs in ``texts``."""
     seen = torch.zeros(vocab, dtype=torch.long)
     for start in range(0, len(texts), 1000):
         for ids in tokenizer(texts[start : start + 1000])["input_ids"]:
             seen += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab]
+    return seen
+
+
+def natural_words(tokenizer, spelling_lengths: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """The spellable tokens that are a space and 3+ letters, occur in the text (``seen``: its
+    :func:`token_counts`) and tokenize back to themselves."""
     words = []
     for token in (seen > 0).nonzero().squeeze(1).tolist():
         string = tokenizer.decode([token])
@@ -98,7 +102,8 @@ def main() -> None:
     counts = training_top1_counts(Path(args.run) / "teacher_cache", vocab)
 
     # 1: natural words, one token each, by band
-    words = natural_words(tokenizer, model.spelling_lengths, training_texts()[: args.texts])
+    seen = token_counts(tokenizer, training_texts()[: args.texts], vocab)
+    words = natural_words(tokenizer, model.spelling_lengths, seen)
     bands = group_of(counts[words], BAND_EDGES)
     rng = random.Random(0)
 
