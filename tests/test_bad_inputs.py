@@ -116,6 +116,7 @@ CASES = [
     (lambda f: distill(f, "--readout_width", "-1"), "--readout_width -1"),
     (lambda f: distill(f, "--seq_len", "1"), "--seq_len 1"),
     (lambda f: distill(f, "--eval_fraction", "1.5"), "--eval_fraction 1.5"),
+    (lambda f: distill(f, "--copy_lists", "1"), "--copy_lists 1.0 must be in [0, 1)"),
     (lambda f: distill(f, "--keep_checkpoints", "0"), "--keep_checkpoints 0"),
     (lambda f: distill(f, "--save_every", "-1"), "--save_every -1"),
     (lambda f: distill(f, "--reg_weight", "-1"), "--reg_weight -1"),

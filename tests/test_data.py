@@ -203,3 +203,51 @@ def test_blocks_are_packed_once_per_content_tokenizer_and_settings(tmp_path, mon
         data.cached_packing([str(copy)], "text", tokenizer, 64, 0.1, 0)  # other content
     with pytest.raises(SpellmError, match="packed data .* is missing"):
         data.cached_packing([str(first)], "text", tokenizer, 64, 0.2, 0, build=False)
+
+
+@pytest.mark.parametrize("metaspace", [False, True], ids=["byte_level", "sentencepiece"])
+def test_copy_lists_take_an_exact_share_of_every_prefix_and_leave_the_natural_blocks_in_order(metaspace):
+    """``--copy_lists``: the words are single tokens of the training text; each list text names its
+    words twice; list blocks make up floor(n x share) of every first n blocks; the natural blocks are
+    the ones a run without lists reads, in order; held-out blocks do not change."""
+    from spellm_ds.data import copy_lists, packing
+    from tests import tiny
+
+    texts = tiny.corpus_texts(120)
+    tokenizer = tiny.trained_tokenizer(texts, vocab_size=800, metaspace=metaspace)
+    words = copy_lists.word_tokens(tokenizer, texts)
+    assert len(words) >= copy_lists.LIST_LENGTH
+    for word in words:
+        assert copy_lists.WORD.fullmatch(word) and word in " ".join(texts).replace("\n", " ")
+    listed = tokenizer(copy_lists.list_text(words[:16]), add_special_tokens=False)["input_ids"]
+    for word in words[:16]:
+        (token,) = tokenizer("," + word, add_special_tokens=False)["input_ids"][-1:]
+        assert listed.count(token) >= 2, (word, tokenizer.convert_ids_to_tokens(listed))
+
+    for max_blocks in (None, 40):
+        plain = packing.pack_documents(texts, tokenizer, 64, 0.1, 0, max_blocks)
+        mixed = packing.pack_documents(texts, tokenizer, 64, 0.1, 0, max_blocks, copy_lists=0.3)
+        rows = copy_lists.list_rows(len(mixed.train), 0.3)
+        prefix_lists = torch.cumsum(rows.long(), 0)
+        assert torch.equal(prefix_lists, torch.floor(torch.arange(1, len(rows) + 1) * 0.3).long())
+        assert torch.equal(mixed.held_out, plain.held_out)
+        natural = mixed.train[~rows]
+        assert torch.equal(natural, plain.train[: len(natural)])
+        assert len(natural) == (len(plain.train) if max_blocks is None else max_blocks - int(max_blocks * 0.3))
+        assert len(mixed.train) == (max_blocks or len(mixed.train))
+        decoded = tokenizer.decode(mixed.train[rows].flatten())
+        assert decoded.count("The same list again:") >= int(rows.sum()) * 64 // 100
+        assert "The same list again:" not in tokenizer.decode(natural.flatten())
+
+
+def test_copy_lists_need_words_and_are_part_of_the_packing_key(tmp_path, monkeypatch):
+    from spellm_ds.data import packing
+    from tests import tiny
+
+    texts = tiny.corpus_texts(60)
+    tokenizer = tiny.trained_tokenizer(texts)
+    with pytest.raises(SpellmError, match="--copy_lists found no word tokens"):
+        packing.pack_documents(["1, 2, 3. " * 200, "4 5 6 " * 200], tokenizer, 16, 0.5, 0, copy_lists=0.2)
+    keys = [packing.packing_key(None, "text", tokenizer, 64, 0.1, 0, None, share) for share in (0.0, 0.2)]
+    assert keys[0] != keys[1]
+    assert packing.packed_dir(keys[0]) != packing.packed_dir(keys[1])

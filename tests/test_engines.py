@@ -464,6 +464,33 @@ def test_prototype_heads_train_under_zero3_on_their_filled_rows_only(process_gro
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
 
 
+def test_copy_lists_train_export_and_refuse_a_resume_that_changes_them(process_group, tmp_path):
+    """--copy_lists on the default recipe with a padded vocabulary (Qwen2): the run's training blocks
+    are the packed data's with every fourth a list block, it trains on them, the export fits its
+    temperature on the same held-out blocks without packing anew, and a resume with another share
+    is refused."""
+    from spellm_ds.data import assets, copy_lists
+
+    settings = dict(trainable_layers=0, readout_width=32, copy_lists=0.25, max_steps=6, save_every=6)
+    run = tiny_distillation(tmp_path, "qwen2", **settings)
+    rows = copy_lists.list_rows(len(run.data.train), 0.25)
+    assert rows.tolist()[:8] == [False, False, False, True] * 2
+    assert "training blocks of 32 tokens (25% of them copy lists)" in run.header()
+    listed = run.tokenizer.decode(run.data.train[rows].flatten())
+    assert "The same list again:" in listed and "The same list again:" not in run.tokenizer.decode(
+        run.data.train[~rows].flatten())
+    losses = [run.train_step(step)["loss/total"] for step in range(6)]
+    saved = run.save(6)
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    packed = len(list((assets.cache_root() / "packed").iterdir()))
+    eval_blocks = export.run_eval_blocks(RunConfig(**run.config.to_dict()), run.tokenizer)
+    assert torch.equal(eval_blocks, run.data.held_out[: run.config.eval_blocks])
+    assert len(list((assets.cache_root() / "packed").iterdir())) == packed  # read, not packed again
+    assert load(export.export(saved, tmp_path / "model")).char_heads is not None
+    with pytest.raises(SpellmError, match="copy_lists"):
+        tiny_distillation(tmp_path, "qwen2", **{**settings, "copy_lists": 0.5})
+
+
 def test_whiten_readout_fixes_the_first_steps_statistics_trains_resumes_and_folds_at_export(process_group, tmp_path):
     """--whiten_readout on the default recipe: before the first step the read-out's input is
     centred on the mean of the teacher's final states over the first step's blocks and whitened;

@@ -59,15 +59,22 @@ def corpus_texts(n: int = 300) -> list[str]:
     return corpus.boolq_training_articles()[:n]
 
 
-def trained_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on ``texts`` (deterministic), with an EOS token."""
+def trained_tokenizer(texts: list[str], vocab_size: int = 400, metaspace: bool = False) -> PreTrainedTokenizerFast:
+    """A BPE trained on ``texts`` (deterministic), with an EOS token: byte-level, or with
+    ``metaspace`` SentencePiece-style (``▁`` for spaces, an unknown token for unseen characters)."""
     from tokenizers import trainers
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    if metaspace:
+        backend = Tokenizer(models.BPE(unk_token="<unk>"))
+        backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        specials, alphabet = ["<|endoftext|>", "<unk>"], []
+    else:
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        specials, alphabet = ["<|endoftext|>"], pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                  show_progress=False)
     backend.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 

@@ -1,10 +1,12 @@
 """The copy-context pilot's training text: the default corpus's training documents plus list texts
-(``copy_rate.list_text``) of natural words drawn uniformly from every word the corpus holds
-(``copy_rate.natural_words``), not by frequency, so the teacher's top-1 is a chosen rare word at
-about 16 of every 70 positions. ``--share``: the list texts' share of all tokens, so of any run's
-first blocks (the documents are shuffled before packing).
+(``spellm_ds.data.copy_lists.list_text``) of words drawn uniformly from every word the corpus
+holds (``spellm_ds.data.copy_lists.word_tokens``), not by frequency, so the teacher's top-1 is a
+chosen rare word at about 16 of every 70 positions. ``--share``: the list texts' share of all
+tokens, so of any run's first blocks (the documents are shuffled before packing). The pilot that
+led to ``--copy_lists``, which packs lists into blocks of their own instead (an exact share of
+every run's first blocks).
 
-    PYTHONPATH=. .venv/bin/python experiments/2026-12-07-copy-contexts/build_mix.py runs/p53/base-hf runs/copy/mix.jsonl
+    PYTHONPATH=. .venv/bin/python experiments/2026-12-07-copy-contexts/build_mix.py runs/copy/mix.jsonl
 """
 
 from __future__ import annotations
@@ -14,31 +16,25 @@ import json
 import random
 from pathlib import Path
 
-from copy_rate import list_text, natural_words, token_counts
-
+from spellm_ds.data import assets
+from spellm_ds.data.copy_lists import LIST_LENGTH, list_text, word_tokens
 from spellm_ds.data.corpus import training_texts
-from spellm_ds.model.spellm import load
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="an export of the teacher (its tokenizer and spelling table)")
     parser.add_argument("out", help="the JSON-lines file to write (field text)")
     parser.add_argument("--share", type=float, default=0.2)
-    parser.add_argument("--list_length", type=int, default=16)
     args = parser.parse_args()
-    model = load(args.model)
-    tokenizer = model.tokenizer
+    tokenizer = assets.load_tokenizer(assets.embedded_model_dir())
     texts = training_texts()
-    seen = token_counts(tokenizer, texts, len(model.spelling_lengths))
-    words = natural_words(tokenizer, model.spelling_lengths, seen).tolist()
-    natural_tokens = int(seen.sum())
+    words = word_tokens(tokenizer, texts)
+    natural_tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))
     rng = random.Random(0)
     lists, list_tokens = [], 0
     while list_tokens < args.share / (1 - args.share) * natural_tokens:
-        ids, _ = list_text(tokenizer, rng.sample(words, args.list_length))
-        lists.append(tokenizer.decode(ids))
-        list_tokens += len(ids)
+        lists.append(list_text(rng.sample(words, LIST_LENGTH)))
+        list_tokens += len(tokenizer(lists[-1], add_special_tokens=False)["input_ids"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for text in texts + lists:

@@ -8,5 +8,5 @@
 source experiments/issue53-budget.sh
 HERE=$(dirname "$0")
 PYTHONPATH=. .venv/bin/python "$HERE/copy_rate.py" "$OUT/base/model" "$OUT/base"
-PYTHONPATH=. .venv/bin/python "$HERE/build_mix.py" "$OUT/base/model" runs/copy/mix.jsonl
+PYTHONPATH=. .venv/bin/python "$HERE/build_mix.py" runs/copy/mix.jsonl
 pilots "$HERE" --pilot copy20="$BUDGET --data runs/copy/mix.jsonl"

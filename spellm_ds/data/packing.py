@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from spellm_ds.data import corpus
+from spellm_ds.data.copy_lists import with_copy_lists
 from spellm_ds.data.text_overlap import without_shared_sentences
 from spellm_ds.errors import SpellmError, first_line
 from spellm_ds.runtime.provenance import content_hash
@@ -130,14 +131,19 @@ def split_documents(texts: list[str], eval_fraction: float, seed: int) -> tuple[
 
 
 def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: float, seed: int,
-                   max_train_blocks: int | None = None) -> PackedData:
+                   max_train_blocks: int | None = None, copy_lists: float = 0.0) -> PackedData:
     """Split the documents (:func:`split_documents`), drop training documents that share a long
     sentence with a held-out one (:func:`without_shared_sentences`), pack both; with
     ``max_train_blocks``, only the first that many training blocks (a random subset of the
-    documents, for runs that repeat passes over less text)."""
+    documents, for runs that repeat passes over less text); with ``copy_lists``, that share of the
+    training blocks are list texts of the training documents' words
+    (:mod:`spellm_ds.data.copy_lists`; held-out blocks stay natural text)."""
     train_texts, held_out_texts = split_documents(texts, eval_fraction, seed)
     held_out = pack(held_out_texts, tokenizer, seq_len)
-    train = pack(without_shared_sentences(train_texts, held_out_texts), tokenizer, seq_len, max_train_blocks)
+    train_texts = without_shared_sentences(train_texts, held_out_texts)
+    train = pack(train_texts, tokenizer, seq_len, max_train_blocks)
+    if copy_lists:
+        train = with_copy_lists(train, train_texts, tokenizer, copy_lists, max_train_blocks, seed)
     for name, blocks in (("training", train), ("held-out", held_out)):
         if len(blocks) == 0:
             raise SpellmError(f"the {name} documents are shorter than one {seq_len}-token block; "
@@ -198,11 +204,11 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def packing_key(paths: Sequence[str] | None, text_field: str, tokenizer, seq_len: int, eval_fraction: float,
-                seed: int, max_train_blocks: int | None) -> dict:
+                seed: int, max_train_blocks: int | None, copy_lists: float) -> dict:
     """Everything packed blocks depend on: the data's content, the tokenizer and the packing settings."""
     return {"version": PACKING_VERSION, "data_sha256": content_hash(data_files(paths)), "text_field": text_field,
             "tokenizer_sha256": tokenizer_hash(tokenizer), "seq_len": seq_len, "eval_fraction": eval_fraction,
-            "seed": seed, "max_train_blocks": max_train_blocks}
+            "seed": seed, "max_train_blocks": max_train_blocks, "copy_lists": copy_lists}
 
 
 def packed_dir(key: dict) -> Path:
@@ -214,18 +220,19 @@ def packed_dir(key: dict) -> Path:
 
 
 def cached_packing(paths: Sequence[str] | None, text_field: str, tokenizer, seq_len: int, eval_fraction: float,
-                   seed: int, max_train_blocks: int | None = None, build: bool = True) -> PackedData:
+                   seed: int, max_train_blocks: int | None = None, copy_lists: float = 0.0,
+                   build: bool = True) -> PackedData:
     """:func:`pack_documents` of ``paths``' documents, tokenised once: the blocks are cached on disk
     (written atomically, memory-mapped when read) under a key of the data's content, the tokenizer
     and the settings, so a restart, a resume or another run of the same data reads them in a
     fraction of a second. ``build=False`` only reads (the ranks that wait for one to write)."""
     from spellm_ds.data import assets
 
-    key = packing_key(paths, text_field, tokenizer, seq_len, eval_fraction, seed, max_train_blocks)
+    key = packing_key(paths, text_field, tokenizer, seq_len, eval_fraction, seed, max_train_blocks, copy_lists)
 
     def write(directory: Path) -> None:
         data = pack_documents(load_texts(paths, text_field)["text"], tokenizer, seq_len, eval_fraction, seed,
-                              max_train_blocks)
+                              max_train_blocks, copy_lists)
         for split in ("train", "held_out"):
             np.save(directory / f"{split}.npy", getattr(data, split).numpy())
         (directory / "key.json").write_text(json.dumps(key, indent=2) + "\n")

@@ -170,6 +170,10 @@ class RunConfig:
                                      "often its label occurs in the training text", EXPERIMENTAL, metavar="POWER")
     label_per_char: bool = option(False, "score label candidates by char NLL per counted character, not summed",
                                   EXPERIMENTAL)
+    copy_lists: float = option(0.0, "this share of the training blocks are list texts (words of the training text, "
+                               "drawn uniformly, listed twice: the teacher copies them), so rare words are labels "
+                               "as often as common ones (spellm_ds.data.copy_lists); held-out blocks stay natural",
+                               EXPERIMENTAL, metavar="SHARE")
     label_gate: float | None = option(None, "where the teacher gives its top-1 probability >= P, that token is the "
                                       "label whatever the rule scores", EXPERIMENTAL, metavar="P")
 
@@ -215,6 +219,7 @@ class RunConfig:
             (self.state_noise >= 0, f"--state_noise {self.state_noise} must be >= 0 (0: the states the text gives)"),
             (self.rare_label_power >= 0,
              f"--rare_label_power {self.rare_label_power} must be >= 0 (0: every label weighs the same)"),
+            (0 <= self.copy_lists < 1, f"--copy_lists {self.copy_lists} must be in [0, 1) (0: natural text only)"),
             (self.anchored_rows >= 0,
              f"--anchored_rows {self.anchored_rows} must be >= 0 (0: the states the text gives)"),
             *((value == 0 or (self.trainable_layers == 0 and self.shared_trunk),

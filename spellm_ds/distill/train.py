@@ -31,6 +31,9 @@ Features
   labelled by the teacher's LM head there (:class:`spellm_ds.distill.teacher.StateAnchors`): contexts for
   the tokens the text names too rarely for the heads to learn them; training metrics count the
   text's positions only (off: it cost raw agreement in pilots);
+- ``--copy_lists SHARE`` (beyond the paper, off): that share of the training blocks are list texts
+  of the training text's words drawn uniformly, read twice, so the teacher's top-1 is a rare word
+  as often as a common one (:mod:`spellm_ds.data.copy_lists`);
 - ``--whiten_readout`` (beyond the paper, off): the read-out reads the teacher's final state centred
   and whitened, with statistics fixed from the first step's blocks before training
   (:meth:`spellm_ds.hf.char_heads.CharHeads.add_whitening`); folded into the read-out at export;
@@ -223,7 +226,7 @@ class Distillation:
         if no earlier run did, the others read what it wrote."""
         cfg = self.config
         settings = (cfg.data, cfg.text_field, self.tokenizer, cfg.seq_len, cfg.eval_fraction, cfg.seed,
-                    cfg.train_blocks)
+                    cfg.train_blocks, cfg.copy_lists)
         data = cached_packing(*settings) if self.rank == 0 else None
         dist.barrier()
         return data if data is not None else cached_packing(*settings, build=False)
@@ -484,11 +487,12 @@ class Distillation:
         cfg = self.config
         blocks_per_step = cfg.micro_batch * cfg.grad_accum * self.world_size
         teacher_blocks = min(len(self.data.train), cfg.max_steps * blocks_per_step)
+        lists = f" ({cfg.copy_lists:.0%} of them copy lists)" if cfg.copy_lists else ""
         plan = ", then ".join(f"{name} to step {end:,}" for name, end in self.phases())
         return "\n".join([
             f"model: {cfg.model} ({self.model_dir})",
             f"data: {', '.join(cfg.data) if cfg.data else 'the default corpus'}: {len(self.data.train):,} training "
-            f"blocks of {cfg.seq_len} tokens, {len(self.data.held_out):,} held out",
+            f"blocks of {cfg.seq_len} tokens{lists}, {len(self.data.held_out):,} held out",
             f"plan: {cfg.max_steps:,} steps of {blocks_per_step} blocks ({blocks_per_step * cfg.seq_len:,} tokens); "
             f"{teacher_blocks * cfg.seq_len:,} tokens through the teacher"
             f"{' once (teacher cache)' if cfg.teacher_cache else ''}; {plan}",

@@ -50,7 +50,7 @@ def run_eval_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
             raise SpellmError(f"the run's data {path} is gone; restore it to export (the spelling temperature "
                               "is fitted on the run's held-out documents)")
     return cached_packing(run.data, run.text_field, tokenizer, run.seq_len, run.eval_fraction, run.seed,
-                          run.train_blocks).held_out[: run.eval_blocks]
+                          run.train_blocks, run.copy_lists).held_out[: run.eval_blocks]
 
 
 def last_evaluation(output_dir: Path) -> dict[str, float]:
