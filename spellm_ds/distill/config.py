@@ -147,7 +147,7 @@ class RunConfig:
     wide_heads: bool = option(False, "the read-out's hidden layer also feeds the char logits directly "
                               "(width x k|C| weights), not only through its hidden-size output", EXPERIMENTAL)
     whiten_readout: bool = option(False, "the read-out reads the teacher's state centred and whitened, with "
-                                  "statistics from the first step's blocks (one extra teacher forward); folded "
+                                  "statistics from the first step's blocks (the teacher reads them once more); folded "
                                   "into the read-out at export", EXPERIMENTAL)
     prototypes: int = option(0, "each head scores a character by the max of this many rows, started from the LM-head "
                              "rows of the most frequent tokens spelled with it there (0: one linear row, the "

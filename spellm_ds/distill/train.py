@@ -315,8 +315,9 @@ class Distillation:
     @torch.no_grad()
     def _fit_whitening(self) -> None:
         """``--whiten_readout``: the mean and covariance of the read-out's input at the start (the
-        teacher's final normed state) over the first step's blocks of every rank, from one teacher
-        forward the cache does not store; fixed for the rest of the run."""
+        teacher's final normed state) over the first step's blocks of every rank, from one extra
+        teacher forward per micro step of that step (the cache does not store them); fixed for the
+        rest of the run."""
         cfg = self.config
         final_layer = self.teacher.module.config.get_text_config().num_hidden_layers
         sums = 0
