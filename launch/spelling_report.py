@@ -8,11 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from spellm_ds import cli
 from spellm_ds.data import assets
-from spellm_ds.data.packing import load_texts
+from spellm_ds.data.packing import load_texts, token_counts
 from spellm_ds.model import loading as model_loading
 from spellm_ds.model.charset import Charset
 from spellm_ds.model.spelling import SpellingTable, model_vocab_size
@@ -29,21 +27,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def corpus_token_counts(tokenizer, texts: list[str], vocab_size: int) -> torch.Tensor:
-    counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for start in range(0, len(texts), 1024):
-        for ids in tokenizer(texts[start : start + 1024], add_special_tokens=False)["input_ids"]:
-            counts += torch.bincount(torch.tensor(ids, dtype=torch.int64), minlength=vocab_size)[:vocab_size]
-    return counts
-
-
 def main() -> None:
     args = parse_args()
     model_dir = assets.resolve_model(args.model)
     tokenizer = assets.load_tokenizer(model_dir)
     charset = Charset.from_file(args.charset) if args.charset else Charset.default()
     vocab_size = model_vocab_size(model_loading.load_config(model_dir))
-    counts = corpus_token_counts(tokenizer, load_texts(args.data, args.text_field)["text"], vocab_size)
+    counts = token_counts(tokenizer, load_texts(args.data, args.text_field)["text"], vocab_size)
     rows = [SpellingTable.from_tokenizer(tokenizer, charset, k, vocab_size).stats(counts) for k in args.k]
     if args.json:
         print(json.dumps({"model": args.model, "reports": rows}, indent=2))

@@ -215,7 +215,7 @@ def test_copy_lists_take_an_exact_share_of_every_prefix_and_leave_the_natural_bl
 
     texts = tiny.corpus_texts(120)
     tokenizer = tiny.trained_tokenizer(texts, vocab_size=800, metaspace=metaspace)
-    words = copy_lists.word_tokens(tokenizer, texts)
+    words = copy_lists.word_tokens(tokenizer, packing.token_counts(tokenizer, texts, len(tokenizer)))
     assert len(words) >= copy_lists.LIST_LENGTH
     for word in words:
         assert copy_lists.WORD.fullmatch(word) and word in " ".join(texts).replace("\n", " ")

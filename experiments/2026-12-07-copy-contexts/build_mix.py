@@ -19,6 +19,7 @@ from pathlib import Path
 from spellm_ds.data import assets
 from spellm_ds.data.copy_lists import LIST_LENGTH, list_text, word_tokens
 from spellm_ds.data.corpus import training_texts
+from spellm_ds.data.packing import token_counts
 
 
 def main() -> None:
@@ -28,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = assets.load_tokenizer(assets.embedded_model_dir())
     texts = training_texts()
-    words = word_tokens(tokenizer, texts)
-    natural_tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    counts = token_counts(tokenizer, texts, len(tokenizer))
+    words, natural_tokens = word_tokens(tokenizer, counts), int(counts.sum())
     rng = random.Random(0)
     lists, list_tokens = [], 0
     while list_tokens < args.share / (1 - args.share) * natural_tokens:

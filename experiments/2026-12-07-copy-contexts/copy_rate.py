@@ -30,6 +30,7 @@ from analysis.collect import held_out_blocks
 from analysis.common import rate
 from analysis.label_frequency import training_top1_counts
 from spellm_ds.data.corpus import training_texts
+from spellm_ds.data.packing import token_counts
 from spellm_ds.distill.metrics import BAND_EDGES, group_name, group_of
 from spellm_ds.model.spellm import load
 
@@ -41,15 +42,6 @@ def band_yield(top1: torch.Tensor, counts: torch.Tensor) -> dict[str, dict[str, 
     return {group_name(BAND_EDGES, i): {"share": float((groups == i).float().mean()),
                                         "distinct_per_1000": 1000 * len(top1[groups == i].unique()) / len(top1)}
             for i in range(len(BAND_EDGES))}
-
-
-def token_counts(tokenizer, texts: list[str], vocab: int) -> torch.Tensor:
-    """``[vocab]``: how often each token occurs in ``texts``."""
-    seen = torch.zeros(vocab, dtype=torch.long)
-    for start in range(0, len(texts), 1000):
-        for ids in tokenizer(texts[start : start + 1000])["input_ids"]:
-            seen += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab]
-    return seen
 
 
 def natural_words(tokenizer, spelling_lengths: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:

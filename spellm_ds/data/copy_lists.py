@@ -28,17 +28,13 @@ WORD = re.compile(r" [^\W\d_]{3,}")
 LIST_LENGTH = 16
 
 
-def word_tokens(tokenizer, texts: list[str]) -> list[str]:
-    """The texts of the tokens that are a space and 3+ letters, occur in ``texts`` and come back
-    as the same single token after a comma (``, word``: how a list writes them), by token id."""
-    vocab = len(tokenizer)
-    seen = torch.zeros(vocab, dtype=torch.long)
-    for start in range(0, len(texts), 1000):
-        for ids in tokenizer(texts[start : start + 1000], add_special_tokens=False)["input_ids"]:
-            seen += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab]
+def word_tokens(tokenizer, counts: torch.Tensor) -> list[str]:
+    """The texts of the tokens that are a space and 3+ letters, occur in the text (``counts``:
+    :func:`spellm_ds.data.packing.token_counts`) and come back as the same single token after a
+    comma (``, word``: how a list writes them), by token id."""
     comma = tokenizer(",", add_special_tokens=False)["input_ids"]
-    words, (texts_of_tokens, _) = [], token_texts(tokenizer, vocab)
-    for token in (seen > 0).nonzero().squeeze(1).tolist():
+    words, (texts_of_tokens, _) = [], token_texts(tokenizer, len(counts))
+    for token in (counts > 0).nonzero().squeeze(1).tolist():
         text = texts_of_tokens[token]
         if (text is not None and WORD.fullmatch(text)
                 and tokenizer("," + text, add_special_tokens=False)["input_ids"] == comma + [token]):
@@ -71,12 +67,12 @@ def list_rows(total: int, share: float) -> torch.Tensor:
     return steps[1:] > steps[:-1]
 
 
-def with_copy_lists(natural: torch.Tensor, texts: list[str], tokenizer, share: float, max_blocks: int | None,
+def with_copy_lists(natural: torch.Tensor, counts: torch.Tensor, tokenizer, share: float, max_blocks: int | None,
                     seed: int) -> torch.Tensor:
-    """The training blocks ``natural`` (packed from ``texts``, in order) with list blocks of the
-    texts' words interleaved (:func:`list_rows`): as many blocks as ``max_blocks`` (or every
-    natural block) allows."""
-    words = word_tokens(tokenizer, texts)
+    """The training blocks ``natural`` with list blocks of the words of their documents (``counts``:
+    every token's count in them) interleaved (:func:`list_rows`): as many blocks as ``max_blocks``
+    (or every natural block) allows."""
+    words = word_tokens(tokenizer, counts)
     if not words:
         raise SpellmError("--copy_lists found no word tokens (a space and 3+ letters) in the training text; add "
                           "text of words or drop --copy_lists")

@@ -121,6 +121,15 @@ def pack(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = Non
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
 
 
+def token_counts(tokenizer, texts: list[str], vocab_size: int) -> torch.Tensor:
+    """``[vocab_size]`` int64: how often each token id occurs in ``texts``."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for start in range(0, len(texts), 1000):
+        for ids in tokenizer(texts[start : start + 1000], add_special_tokens=False)["input_ids"]:
+            counts += torch.bincount(torch.tensor(ids, dtype=torch.int64), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
 def split_documents(texts: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(training, held-out) documents: shuffled by ``seed``, ``eval_fraction`` of them held out."""
     if len(texts) < 2:
@@ -143,7 +152,8 @@ def pack_documents(texts: list[str], tokenizer, seq_len: int, eval_fraction: flo
     train_texts = without_shared_sentences(train_texts, held_out_texts)
     train = pack(train_texts, tokenizer, seq_len, max_train_blocks)
     if copy_lists:
-        train = with_copy_lists(train, train_texts, tokenizer, copy_lists, max_train_blocks, seed)
+        counts = token_counts(tokenizer, train_texts, len(tokenizer))
+        train = with_copy_lists(train, counts, tokenizer, copy_lists, max_train_blocks, seed)
     for name, blocks in (("training", train), ("held-out", held_out)):
         if len(blocks) == 0:
             raise SpellmError(f"the {name} documents are shorter than one {seq_len}-token block; "
