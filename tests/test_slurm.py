@@ -68,7 +68,7 @@ def test_two_node_job_completes(cluster, tiny_run, tmp_path):
 def test_preempted_job_is_requeued_and_resumes(cluster, tiny_run, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "job.out"
-    job = cluster.submit(["--nodes=2", f"--output={log}", f"--chdir={ROOT}", SBATCH, *distill_flags(tiny_run, 60, 2)],
+    job = cluster.submit(["--nodes=2", f"--output={log}", f"--chdir={ROOT}", SBATCH, *distill_flags(tiny_run, 24, 2)],
                          job_env(out))
     deadline = time.time() + 300
     while not complete_checkpoints(out):  # any one: step2 is pruned a few steps after it lands
@@ -83,7 +83,7 @@ def test_preempted_job_is_requeued_and_resumes(cluster, tiny_run, tmp_path):
     assert f"resumed from {out / 'checkpoints' / f'step{stopped}'} at step {stopped}" in text
     assert "restart 1" in text and (out / "model" / "config.json").is_file()
     steps = [s for s, _ in scalars(out / "tensorboard")["loss/total"]]
-    assert steps == list(range(1, 61))  # the step count continued where the first run stopped
+    assert steps == list(range(1, 25))  # the step count continued where the first run stopped
 
 
 def test_mpirun_two_ranks(tiny_run, tmp_path):
