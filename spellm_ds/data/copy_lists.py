@@ -21,7 +21,6 @@ import re
 import torch
 
 from spellm_ds.errors import SpellmError
-from spellm_ds.model.spelling import token_texts
 
 WORD = re.compile(r" [^\W\d_]{3,}")
 """A word token's text: a space and three or more letters."""
@@ -33,11 +32,11 @@ def word_tokens(tokenizer, counts: torch.Tensor) -> list[str]:
     :func:`spellm_ds.data.packing.token_counts`) and come back as the same single token after a
     comma (``, word``: how a list writes them), by token id."""
     comma = tokenizer(",", add_special_tokens=False)["input_ids"]
-    words, (texts_of_tokens, _) = [], token_texts(tokenizer, len(counts))
+    after = len(tokenizer.decode(comma))
+    words = []
     for token in (counts > 0).nonzero().squeeze(1).tolist():
-        text = texts_of_tokens[token]
-        if (text is not None and WORD.fullmatch(text)
-                and tokenizer("," + text, add_special_tokens=False)["input_ids"] == comma + [token]):
+        text = tokenizer.decode(comma + [token])[after:]  # after a comma, so a leading space is kept
+        if WORD.fullmatch(text) and tokenizer("," + text, add_special_tokens=False)["input_ids"] == comma + [token]:
             words.append(text)
     return words
 
