@@ -251,3 +251,25 @@ def test_copy_lists_need_words_and_are_part_of_the_packing_key(tmp_path, monkeyp
     keys = [packing.packing_key(None, "text", tokenizer, 64, 0.1, 0, None, share) for share in (0.0, 0.2)]
     assert keys[0] != keys[1]
     assert packing.packed_dir(keys[0]) != packing.packed_dir(keys[1])
+
+
+def test_a_run_of_few_blocks_reads_a_sample_of_the_whole_text_not_of_a_few_long_documents():
+    """One long document (about half the text) among many short ones: the first fifth of the
+    training blocks holds each about as the whole does, whichever way the documents fall, because
+    training documents are cut into pieces before the shuffle (whole, the long one would make the
+    first fifth all or nothing)."""
+    from spellm_ds.data import packing
+    from tests import tiny
+
+    long_document = "\n".join(f"The river runs past the mill, line {i}." for i in range(6000))
+    short_documents = [f"A bright star, number {i}, shines over the quiet sea tonight." for i in range(4000)]
+    texts = [long_document, *short_documents]
+    tokenizer = tiny.trained_tokenizer(texts, vocab_size=600)
+    river, star = (tokenizer(word, add_special_tokens=False)["input_ids"] for word in (" river", " star"))
+    assert len(river) == len(star) == 1
+    whole = packing.pack_documents(texts, tokenizer, 64, 0.01, 0).train
+    long_share = float((whole == river[0]).sum() / ((whole == river[0]).sum() + (whole == star[0]).sum()))
+    for seed in range(3):
+        first = packing.pack_documents(texts, tokenizer, 64, 0.01, seed, max_train_blocks=len(whole) // 5).train
+        rivers, stars = int((first == river[0]).sum()), int((first == star[0]).sum())
+        assert abs(rivers / (rivers + stars) - long_share) < 0.2, (seed, rivers, stars, long_share)

@@ -230,7 +230,7 @@ def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path)
     assert all(ffn == pytest.approx(heads / 10) for heads, ffn in lrs)
     assert max(lrs) == pytest.approx((1e-2, 1e-3))  # both reach their peaks, then decay together
     assert lrs[-1][0] < 0.5e-2
-    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.95 * sum(losses[:3])
 
 
 def test_the_teacher_cache_is_the_teacher_and_skips_it_after_the_first_pass(process_group, tmp_path):

@@ -71,8 +71,9 @@ class RunConfig:
     deepspeed: str = option(str(REPOSITORY / "ds_configs" / "zero3.json"), "the student's DeepSpeed config",
                             ESSENTIALS, metavar="JSON")
     max_steps: int = option(300, "optimizer steps", ESSENTIALS)
-    train_blocks: int | None = option(None, "train on the first N packed training blocks only (a random subset of "
-                                      "the documents), read again pass after pass (default: every block)",
+    train_blocks: int | None = option(None, "train on the first N packed training blocks only (a random sample of "
+                                      "the training text, in pieces of about 4,000 characters), read again pass after "
+                                      "pass (default: every block)",
                                       ESSENTIALS, metavar="N")
     teacher_cache: bool = option(False, "store the teacher's output per block in OUTPUT_DIR/teacher_cache the first "
                                  "time a block is read and read it back on later passes and evaluations (a pass "
