@@ -387,3 +387,20 @@ def test_a_checkpoint_that_trained_the_blocks_at_the_heads_lr_is_refused_with_th
     state = {"run": {**run.to_dict(), "ffn_lr": None}}
     with pytest.raises(SpellmError, match="one parameter group .* cannot resume: export it"):
         check_compatible(state, run.to_dict(), charset=None, world_size=1, checkpoint=tmp_path)
+
+
+def test_a_checkpoint_of_blocks_packed_another_way_is_refused(tmp_path):
+    """A run resumed after the packing changed would read other blocks for the rest of its steps;
+    a checkpoint from before the version was recorded was packed by version 1."""
+    from spellm_ds.data.packing import PACKING_VERSION
+    from spellm_ds.model.charset import Charset
+
+    run, charset = RunConfig().to_dict(), Charset.default()
+    (tmp_path / "rng_rank0.safetensors").touch()
+    content = {"data_sha256": "d", "model_sha256": "m", "packing_version": PACKING_VERSION}
+    state = {"run": run, "charset": list(charset.symbols), "world_size": 1}
+    check_compatible({**state, "content": content}, run, charset, world_size=1, checkpoint=tmp_path, content=content)
+    for recorded in ({"data_sha256": "d", "model_sha256": "m"}, {**content, "packing_version": PACKING_VERSION + 1}):
+        with pytest.raises(SpellmError, match="blocks of packing version .* start anew"):
+            check_compatible({**state, "content": recorded}, run, charset, world_size=1, checkpoint=tmp_path,
+                             content=content)

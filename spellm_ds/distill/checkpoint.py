@@ -155,6 +155,12 @@ def check_compatible(state: dict[str, Any], run: dict[str, Any], charset: Charse
     """
     saved = saved_run(state)
     recorded = state.get("content", {})
+    old_packing, new_packing = recorded.get("packing_version", 1), (content or {}).get("packing_version")
+    if new_packing is not None and old_packing != new_packing:
+        raise SpellmError(f"checkpoint {checkpoint} trained on blocks of packing version {old_packing} and this "
+                          f"spellm-ds packs version {new_packing}, other blocks: finish the run with the release that "
+                          "started it (its commit is in the checkpoint's spellm_state.json), or start anew in another "
+                          "--output_dir")
     for what in ("data", "model"):
         old, new = recorded.get(f"{what}_sha256"), (content or {}).get(f"{what}_sha256")
         if old is not None and new is not None and old != new:

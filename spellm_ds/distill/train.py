@@ -75,7 +75,14 @@ import torch.distributed as dist
 
 from spellm_ds import cli
 from spellm_ds.data import assets
-from spellm_ds.data.packing import PackedData, cached_packing, data_files, first_read_steps, step_rows
+from spellm_ds.data.packing import (
+    PACKING_VERSION,
+    PackedData,
+    cached_packing,
+    data_files,
+    first_read_steps,
+    step_rows,
+)
 from spellm_ds.distill import checkpoint
 from spellm_ds.distill.config import (
     RunConfig,
@@ -168,7 +175,7 @@ class Distillation:
         used = mixed_precision_dtype(self.student_ds) == torch.bfloat16
         self.precision = chosen if used == chosen.bf16 else precision.Precision(used, "the DeepSpeed config sets it")
         self.content = {"data_sha256": content_hash(data_files(config.data)),
-                        "model_sha256": content_hash(model_files(self.model_dir))}
+                        "model_sha256": content_hash(model_files(self.model_dir)), "packing_version": PACKING_VERSION}
         self.resume_from = checkpoint.find_resume_point(config.resume, self.output_dir)
         if self.resume_from is None:
             self._start_anew()
