@@ -5,7 +5,8 @@ of the analyses, to tell a fit short of capacity from one short of data.
 
 For a default-corpus run with ``--train_blocks TRAIN_BLOCKS`` (seed 0, the default split), writes
 ``train.jsonl``: documents drawn at random from those whose every token lies in the run's training
-blocks (``spellm_ds.data.packing.pack_documents``' order), and ``held_out.jsonl``: documents drawn at random
+blocks (``spellm_ds.data.packing.pack_documents``' order of whole documents, packing version 1:
+the runs it was written for), and ``held_out.jsonl``: documents drawn at random
 from the corpus's held-out split (the mixed-source documents the in-training evaluation reads).
 Each drawn document is cut to its first ``CHARS`` characters, so that many documents, not a few
 long ones, fill the ``--max_tokens`` positions and both files mix the sources alike. Scoring a model
