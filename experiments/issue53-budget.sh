@@ -3,7 +3,8 @@
 # seven cached passes), lr 1.5e-3, the read-out 2,304 wide (the default when the pilots began).
 # BUDGET: the baseline's flags; CACHED: the same, reading the baseline's teacher cache.
 # pilots HERE [--pilot NAME=FLAGS]...: the baseline and the given pilots, trained where their model
-# is missing, scored together on the same held-out positions; the tables copied into HERE.
+# is missing, scored together on the same held-out positions; the tables copied into HERE as
+# $TABLE.json and $TABLE.md (TABLE=pilots unless set).
 set -euo pipefail
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT=${OUT:-runs/p53}
@@ -14,5 +15,6 @@ pilots() {
     local here=$1
     shift
     .venv/bin/python -m analysis.pilots --out "$OUT" --steps 3050 --pilot base="$BUDGET" "$@"
-    cp "$OUT/pilots.json" "$OUT/pilots.md" "$here/"
+    cp "$OUT/pilots.json" "$here/${TABLE:-pilots}.json"
+    cp "$OUT/pilots.md" "$here/${TABLE:-pilots}.md"
 }

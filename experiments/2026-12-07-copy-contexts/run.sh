@@ -10,3 +10,9 @@ HERE=$(dirname "$0")
 PYTHONPATH=. .venv/bin/python "$HERE/copy_rate.py" "$OUT/base/model" "$OUT/base"
 PYTHONPATH=. .venv/bin/python "$HERE/build_mix.py" runs/copy/mix.jsonl
 pilots "$HERE" --pilot copy20="$BUDGET --data runs/copy/mix.jsonl"
+# the dose (40% of the corpus's tokens as lists) and the library option (--copy_lists 0.25: a quarter
+# of every run's blocks, as copy20's first blocks held), each scored against the same baseline
+PYTHONPATH=. .venv/bin/python "$HERE/build_mix.py" runs/copy/mix40.jsonl --share 0.4
+TABLE=pilots-copy40 pilots "$HERE" --pilot copy40="$BUDGET --data runs/copy/mix40.jsonl"
+PYTHONPATH=. .venv/bin/python "$HERE/composition.py" runs/copy/mix.jsonl runs/copy/mix40.jsonl
+TABLE=pilots-lists25 pilots "$HERE" --pilot lists25="$BUDGET --copy_lists 0.25"
