@@ -118,7 +118,9 @@ class Cluster:
         r = self.root
         lines = [
             "ClusterName=spellmtest", "SlurmctldHost=localhost", f"SlurmctldPort={free_port()}", "SlurmUser=root",
-            "AuthType=auth/munge", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            # cred_expire also sets how long a requeued job waits before it starts again (default 120 s)
+            "AuthType=auth/munge", "AuthInfo=cred_expire=30", "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none", "SchedulerParameters=batch_sched_delay=0",
             "SlurmdParameters=config_overrides", "ReturnToService=2", "MpiDefault=none", "JobRequeue=1",
