@@ -148,7 +148,7 @@ def shuffled_pieces(texts: list[str], seed: int) -> list[str]:
     """``texts`` cut at line ends into pieces of at most ``PIECE_CHARS`` characters (a longer line
     stays whole), shuffled by ``seed``: the first blocks of any length are then a random sample of
     the text. Shuffling whole documents is not: where a few documents are long (42 Shakespeare
-    works held 29% of the default corpus), a run's first 1,700 blocks held 47% Shakespeare."""
+    works are 23% of the training split), a run's first 1,700 blocks held 47% Shakespeare."""
     pieces = []
     for text in texts:
         piece: list[str] = []
