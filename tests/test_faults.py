@@ -44,6 +44,11 @@ def newest_step(out) -> int:
     return step_of(found[-1]) if found else -1
 
 
+def saving(out) -> bool:
+    """A checkpoint is being written: its directory is there, its ``COMPLETE`` marker is not yet."""
+    return any(not (p / "COMPLETE").exists() for p in (out / "checkpoints").glob("step*"))
+
+
 def assert_intact(out) -> None:
     """Every complete checkpoint holds the files its marker lists, and its state reads."""
     found = complete_checkpoints(out)
@@ -66,12 +71,16 @@ def test_kills_at_random_moments_lose_nothing_complete_and_every_run_resumes(bas
             assert all(r.poll() is None for r in ranks), ranks[0].communicate()[1][-3000:]
             assert time.time() < deadline, f"trial {trial}: no new checkpoint after 240 s"
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))
+        if trial % 2:  # a random moment
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # the moment a save is seen under way, so that some kills surely land inside one
+            while not saving(out) and time.time() < deadline:
+                time.sleep(0.001)
         for rank in ranks:
             rank.send_signal(signal.SIGKILL)
         stdout = ranks[0].communicate()[0]
         ranks[1].communicate()
-        during_save += any(not (p / "COMPLETE").exists() for p in (out / "checkpoints").glob("step*"))
+        during_save += saving(out)
         if before >= 0:
             assert f"resumed from {out / 'checkpoints' / f'step{before}'} at step {before}" in stdout, stdout[-2000:]
         assert_intact(out)
