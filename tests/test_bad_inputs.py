@@ -133,6 +133,8 @@ CASES = [
     (lambda f: distill(f, "--rare_label_power", "-1"), "--rare_label_power -1"),
     (lambda f: distill(f, "--label_prior_weight", "-0.5"), "--label_prior_weight -0.5"),
     (lambda f: distill(f, "--ffn_lr", "0"), "--ffn_lr 0"),
+    (lambda f: distill(f, "--head_lr", "0"), "--head_lr 0.0 must be positive"),
+    (lambda f: distill(f, "--head_lr", "1e-4", "--readout_width", "0"), "--head_lr 0.0001 needs a read-out"),
     (lambda f: distill(f, "--ffn_lr", "1e-4", "--trainable_layers", "0"), "--trainable_layers > 0"),
     (lambda f: distill(f, "--max_steps", "0"), "--max_steps 0"),
     (lambda f: distill(f, "--teacher_cache_from", str(f["root"])), "needs --teacher_cache"),

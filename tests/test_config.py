@@ -79,6 +79,31 @@ def test_learning_rates_default_to_the_piloted_recipe(trainable_layers, ffn_lr, 
     assert run.ffn_lr == (None if trainable_layers == 0 else peak[1])
 
 
+@pytest.mark.parametrize("trainable_layers, head_lr, peak", [(0, 3e-4, [3e-3, 3e-4]), (2, 3e-4, [3e-3, 3e-4, 1e-3])])
+def test_head_lr_gives_the_heads_rows_a_group_of_their_own(tmp_path, trainable_layers, head_lr, peak):
+    """--head_lr: the heads' output rows (``proj``) in a group at that peak, the read-out at --lr,
+    the pretrained blocks at --ffn_lr, in the order of the scheduler's peaks."""
+    from transformers import AutoModelForCausalLM
+
+    from spellm_ds.distill.engines import parameter_groups
+    from tests import tiny
+
+    run = RunConfig(trainable_layers=trainable_layers, head_lr=head_lr, readout_width=8)
+    assert resolve_student_config(run, world_size=1)["scheduler"]["params"]["warmup_max_lr"] == peak
+    base = AutoModelForCausalLM.from_pretrained(tiny.tiny_llama_dir(tmp_path, tiny.corpus_texts(20)))
+    student = tiny.student(base, k=4, trainable_layers=trainable_layers, readout_width=8, teacher="x")
+    student.freeze_for_distillation()
+    groups = parameter_groups(student, run)
+    assert [group["lr"] for group in groups] == peak
+    names = {id(p): n for n, p in student.named_parameters()}
+    members = [sorted(names[id(p)] for p in group["params"]) for group in groups]
+    assert members[0] and all(n.startswith("char_heads.readout.") for n in members[0])
+    assert members[1] == ["char_heads.proj.bias", "char_heads.proj.weight"]
+    assert len(members) == len(peak) and all(members) and all(".mlp." in n for group in members[2:] for n in group)
+    with pytest.raises(SpellmError, match="--head_lr 0.001 needs a read-out"):
+        RunConfig(head_lr=1e-3, readout_width=0).validate()
+
+
 @pytest.mark.parametrize("flag, hidden, width", [(None, 576, 1152), (None, 64, 128), (0, 576, 0), (100, 576, 100)])
 def test_the_default_recipe_is_a_read_out_twice_the_hidden_size_on_the_teachers_state(flag, hidden, width):
     """The default trains no decoder layer and sizes its read-out by the model; 0 is the paper's heads."""

@@ -212,23 +212,23 @@ def test_the_default_recipe_trains_a_readout_on_the_teachers_final_state(process
         assert torch.allclose(spellm_outputs(load(exported), ids).char_logits, expected, atol=1e-5)
 
 
-def test_ffn_lr_gives_the_ffn_blocks_their_own_schedule(process_group, tmp_path):
-    """--ffn_lr: the heads train at --lr and the FFNs at --ffn_lr, both under the same warm-up and
-    decay; with every fidelity lever on, the loss still falls."""
-    run = tiny_distillation(tmp_path, max_steps=12, lr=1e-2, ffn_lr=1e-3, warmup=2, ignore_after_end=True,
-                            reg_target="teacher", reg_weight=1.0, soft_char_weight=0.5, soft_char_candidates=16,
-                            label_prior_weight=0.5, spelling_kl_weight=0.5)
+def test_each_learning_rate_flag_gives_its_parameters_their_own_schedule(process_group, tmp_path):
+    """--ffn_lr and --head_lr: the read-out trains at --lr, the heads' rows at --head_lr and the FFNs
+    at --ffn_lr, all under the same warm-up and decay; with every fidelity lever on, the loss still falls."""
+    run = tiny_distillation(tmp_path, max_steps=20, lr=1e-2, head_lr=5e-3, ffn_lr=1e-3, readout_width=16, warmup=2,
+                            ignore_after_end=True, reg_target="teacher", reg_weight=1.0, soft_char_weight=0.5,
+                            soft_char_candidates=16, label_prior_weight=0.5, spelling_kl_weight=0.5)
     groups = run.student.optimizer.optimizer.param_groups if hasattr(run.student.optimizer, "optimizer") \
         else run.student.optimizer.param_groups
-    assert len(groups) == 2
+    assert len(groups) == 3
     losses, lrs = [], []
-    for step in range(12):
+    for step in range(20):
         metrics = run.train_step(step)
         assert metrics["loss/spelling_kl"] > 0 and metrics["loss/soft_char"] > 0
         losses.append(metrics["loss/total"])
         lrs.append(run.student.get_lr())
-    assert all(ffn == pytest.approx(heads / 10) for heads, ffn in lrs)
-    assert max(lrs) == pytest.approx((1e-2, 1e-3))  # both reach their peaks, then decay together
+    assert all(rows == pytest.approx(readout / 2) and ffn == pytest.approx(readout / 10) for readout, rows, ffn in lrs)
+    assert max(lrs) == pytest.approx((1e-2, 5e-3, 1e-3))  # each reaches its peak, then all decay together
     assert lrs[-1][0] < 0.5e-2
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < 0.95 * sum(losses[:3])
 

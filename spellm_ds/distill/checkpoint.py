@@ -51,7 +51,7 @@ RUN_DEFINING_FLAGS = ("model", "data", "text_field", "train_blocks", "k", "train
                       "soft_char_prefix", "spelling_kl_weight", "spelling_kl_fraction", "state_noise", "anchored_rows",
                       "rare_label_power", "label_selection", "label_prior_weight", "label_per_char",
                       "label_gate", "ignore_after_end", "wide_heads", "prototypes", "whiten_readout",
-                      "copy_lists", "eval_fraction", "seed")
+                      "copy_lists", "head_lr", "eval_fraction", "seed")
 """Flags a resumed run must share with its checkpoint: they fix the model, the held-out split, the
 data order and the schedule. The rest (evaluation, saving, speed settings) may change."""
 BEFORE_THE_FLAG = {"train_attention": False, "ffn_lr": None, "reg_target": "label", "soft_char_weight": 0.0,
@@ -59,7 +59,7 @@ BEFORE_THE_FLAG = {"train_attention": False, "ffn_lr": None, "reg_target": "labe
                    "spelling_kl_fraction": 1.0, "state_noise": 0.0, "anchored_rows": 0, "rare_label_power": 0.0,
                    "label_prior_weight": 1.0, "ignore_after_end": False, "readout_width": 0, "label_per_char": False,
                    "label_gate": None, "wide_heads": False,
-                   "prototypes": 0, "whiten_readout": False, "copy_lists": 0.0}
+                   "prototypes": 0, "whiten_readout": False, "copy_lists": 0.0, "head_lr": None}
 """What a checkpoint written before a flag existed did, which is not always today's default."""
 _TAG = re.compile(r"^step(\d+)$")
 

@@ -177,6 +177,9 @@ class RunConfig:
                                EXPERIMENTAL, metavar="SHARE")
     label_gate: float | None = option(None, "where the teacher gives its top-1 probability >= P, that token is the "
                                       "label whatever the rule scores", EXPERIMENTAL, metavar="P")
+    head_lr: float | None = option(None, "peak learning rate of the char heads' output rows (the prototypes with "
+                                   "--prototypes), apart from the read-out's --lr: a lower one keeps more of what "
+                                   "their informed start knows (default: --lr)", EXPERIMENTAL, metavar="LR")
 
     def validate(self) -> None:
         """Every flag that can be checked without loading anything; one line per problem."""
@@ -207,6 +210,10 @@ class RunConfig:
              f"--grad_accum {self.grad_accum} must be at least 1"),
             (self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive"),
             (self.ffn_lr is None or self.ffn_lr > 0, f"--ffn_lr {self.ffn_lr} must be positive"),
+            (self.head_lr is None or self.head_lr > 0, f"--head_lr {self.head_lr} must be positive"),
+            (self.head_lr is None or self.readout_width != 0,
+             f"--head_lr {self.head_lr} needs a read-out (without one the heads' rows are all that train, at --lr); "
+             "drop --readout_width 0 or --head_lr"),
             (self.ffn_lr is None or self.trainable_layers > 0,
              f"--ffn_lr {self.ffn_lr} needs FFN blocks to train; pass --trainable_layers > 0 or drop --ffn_lr"),
             (self.reg_target in REG_TARGETS, f"--reg_target {self.reg_target!r}: use one of {', '.join(REG_TARGETS)}"),
@@ -405,10 +412,11 @@ def resolve_student_config(run: RunConfig, world_size: int, auto_persistence: in
     lr = _settle(params, "lr", run.lr, "--lr", source)
     params["lr"] = DEFAULTS["lr"] if lr is None else lr
     scheduler = config.get("scheduler", {}).get("params", {})
-    # two parameter groups (heads, pretrained blocks), each with its own peak; one with no blocks to train
+    # a parameter group per peak (char heads, their output rows, pretrained blocks); one when only --lr applies
     if run.ffn_lr is None and run.trainable_layers > 0:
         run.ffn_lr = DEFAULTS["ffn_lr"]
-    peak = params["lr"] if run.ffn_lr is None else [params["lr"], run.ffn_lr]
+    peaks = [lr for lr in (params["lr"], run.head_lr, run.ffn_lr) if lr is not None]
+    peak = peaks if len(peaks) > 1 else peaks[0]
     for key, value in (("warmup_max_lr", peak), ("warmup_num_steps", run.warmup),
                        ("total_num_steps", run.max_steps)):
         if scheduler.get(key) == "auto":

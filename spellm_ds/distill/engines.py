@@ -77,14 +77,18 @@ def keep_whole_without_hooks(engine) -> bool:
 
 
 def parameter_groups(model: Student, run: RunConfig) -> list:
-    """The trainable parameters: the char heads (at ``--lr``) and the pretrained blocks that train
-    (at ``--ffn_lr``), in the order of the scheduler's peak list; one group when no blocks train."""
+    """The trainable parameters: the char heads at ``--lr``, their output rows at ``--head_lr`` and the
+    pretrained blocks that train at ``--ffn_lr``, each group where its flag is set, in the order of the
+    scheduler's peak list (:func:`spellm_ds.distill.config.resolve_student_config`); one plain list
+    when only ``--lr`` applies."""
+    heads = {id(p) for p in model.char_heads.parameters()}
+    rows = {id(p) for p in model.char_heads.proj.parameters()} if run.head_lr is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if run.ffn_lr is None:
-        return trainable
-    heads = list(model.char_heads.parameters())
-    ffn = [p for p in trainable if all(p is not h for h in heads)]
-    return [{"params": heads, "lr": run.lr}, {"params": ffn, "lr": run.ffn_lr}]
+    groups = [([p for p in trainable if id(p) in heads - rows], run.lr),
+              ([p for p in trainable if id(p) in rows], run.head_lr),
+              ([p for p in trainable if id(p) not in heads], run.ffn_lr)]
+    groups = [{"params": params, "lr": lr} for params, lr in groups if lr is not None]
+    return groups if len(groups) > 1 else groups[0]["params"]
 
 
 def build_student(model_dir: Path, ds_config: dict[str, Any], run: RunConfig, charset: Charset,
