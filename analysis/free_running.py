@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -93,17 +92,18 @@ def main() -> None:
     cli.add_device_args(parser)
     parser.add_argument("--out", type=cli.output_file, required=True, help="JSON report path")
     args = parser.parse_args()
-    print(json.dumps(summary(run(args, args.out)), indent=2))
+    print(json.dumps(summary(run(args)), indent=2))
 
 
-def run(args: argparse.Namespace, out: Path) -> dict:
+def run(args: argparse.Namespace) -> dict:
+    """Free-running agreement of ``args.model`` with its teacher, written to ``args.out``."""
     student = load(args.model, dtype=args.dtype, device=args.device)
     teacher = load_teacher(student, args.teacher)
     prompt_ids = prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts,
                          args.prompt_tokens).to(args.device)
     result = compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
