@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from spellm_ds.hf import SpeLLMForCausalLM
-from spellm_ds.hf.char_decoding import Provenance, greedy_tokens
+from spellm_ds.hf.char_decoding import CharDecoder, Provenance, greedy_tokens
 from spellm_ds.model.decoding import generate
 from spellm_ds.model.spellm import load
 from tests import tiny
@@ -100,6 +100,29 @@ def test_greedy_generate_follows_rerank_and_autocorrect_settings(exported):
             == Provenance.RERANKED).any()
     with pytest.raises(ValueError, match="greedy"):
         model.generate(**exported.batch, do_sample=True, rerank_k=4)
+
+
+def test_greedy_generate_scores_every_spelling_only_where_something_reads_them(exported, monkeypatch):
+    """With no logits processor and no scores returned, greedy generate() picks tokens as the
+    package's loop does, without the full distribution; asked for scores, or with a processor, it
+    computes the distribution, and the tokens are the same."""
+    model = AutoModelForCausalLM.from_pretrained(exported.directory)
+    computed = []
+    mixture = CharDecoder.mixture_log_probs
+    monkeypatch.setattr(CharDecoder, "mixture_log_probs", lambda *a, **k: computed.append(1) or mixture(*a, **k))
+    settings = dict(do_sample=False, tau=exported.tau, eos_token_id=None)
+    fast = hf_new_tokens(model, exported.batch, 4, **settings)
+    assert not computed
+    scored = model.generate(**exported.batch, max_new_tokens=10, pad_token_id=0, return_dict_in_generate=True,
+                            output_scores=True, **settings)
+    assert len(computed) == 10 and torch.equal(scored.sequences[:, exported.batch["input_ids"].shape[1]:], fast)
+    assert all(bool(torch.isfinite(step).sum(-1).gt(1).all()) for step in scored.scores)  # distributions, not one-hots
+    class Unchanged(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores
+
+    processed = hf_new_tokens(model, exported.batch, 4, logits_processor=LogitsProcessorList([Unchanged()]), **settings)
+    assert len(computed) == 20 and torch.equal(processed, fast)
 
 
 @pytest.mark.parametrize("settings", [{"rerank_k": 0}, {"rerank_k": 4}, {"autocorrect": False}])
