@@ -201,6 +201,7 @@ def test_blocks_are_packed_once_per_content_tokenizer_and_settings(tmp_path, mon
     copy.write_text(copy.read_text() + "\n\nOne more document at the end.")
     with pytest.raises(AssertionError, match="tokenised again"):
         data.cached_packing([str(copy)], "text", tokenizer, 64, 0.1, 0)  # other content
+    assert len(list((tmp_path / "cache" / "packed").iterdir())) == 1  # the failed builds left no temporary dirs
     with pytest.raises(SpellmError, match="packed data .* is missing"):
         data.cached_packing([str(first)], "text", tokenizer, 64, 0.2, 0, build=False)
 

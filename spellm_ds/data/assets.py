@@ -36,11 +36,16 @@ def cache_root() -> Path:
 
 def cached_dir(final: Path, ready: str, build) -> Path:
     """``final``, built once by ``build(tmp_dir)`` into a temporary sibling and renamed into place
-    (concurrent ranks may race: the first rename wins, the others drop their copy)."""
+    (concurrent ranks may race: the first rename wins, the others drop their copy). A build that
+    fails leaves nothing behind (bad data would otherwise leave a temporary directory per try)."""
     if not (final / ready).exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-        build(tmp)
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             tmp.rename(final)
         except OSError:
