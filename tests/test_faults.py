@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spellm_ds.distill.checkpoint import complete_checkpoints, damage, read_state, step_of
+from spellm_ds.distill.checkpoint import COMPLETE, complete_checkpoints, damage, read_state, step_of
 from spellm_ds.model.spellm import load
 from spellm_ds.runtime.atomic import recover_dir
 from tests import tiny
@@ -46,7 +46,7 @@ def newest_step(out) -> int:
 
 def saving(out) -> bool:
     """A checkpoint is being written: its directory is there, its ``COMPLETE`` marker is not yet."""
-    return any(not (p / "COMPLETE").exists() for p in (out / "checkpoints").glob("step*"))
+    return any(not (p / COMPLETE).exists() for p in (out / "checkpoints").glob("step*"))
 
 
 def assert_intact(out) -> None:

@@ -19,8 +19,8 @@ hf``, perplexity scripts, ``Trainer.evaluate``, ``device_map`` and ``dtype``.
   head's; that token is raised to the top of the row's logits, so logits processors still act on
   SpeLLM's distribution. With no processor and no scores returned, ``forward()`` names the token
   alone (a one-hot row), as the package's own loop does. Sampling and beam search read the
-  distribution as it is. ``tau``,
-  ``rerank_k`` and ``autocorrect`` may be passed to ``generate()``; the config holds the defaults.
+  distribution as it is. ``tau``, ``rerank_k`` and ``autocorrect`` may be passed to
+  ``generate()``; the config holds the defaults.
 
 The spelling of every token (its first k char ids and its length) is stored with the weights, so
 decoding needs no tokenizer. An export may store only what changed (``config.base_weights``): the
@@ -161,20 +161,20 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
         decoder = self.char_decoder(tau)
         lm_head = self.get_output_embeddings()
         char_logits = self.char_heads(rows)
-        if decoding is not None and decoding.argmax_only:
-            proposal = decoder.propose(char_logits, autocorrect=False)
-            host = torch.cat([proposal.fallback, proposal.hit]).cpu()
-            ids, _ = greedy_tokens(decoder, char_logits, rows, lm_head, proposal, host[: len(rows)], host[len(rows):],
-                                   rerank_k, decoding.autocorrect, decoding.eos_token_id)
-            chosen = torch.zeros(len(rows), lm_head.weight.shape[0], device=rows.device).scatter_(1, ids[:, None], 1.0)
-            return chosen.view(*hidden.shape[:-1], -1)
-        log_probs, proposal, fallback_logits = decoder.mixture_log_probs(char_logits, rows, lm_head, rerank_k)
+        if decoding is not None and decoding.argmax_only:  # greedy, and nothing reads the distribution
+            log_probs, proposal, fallback_logits = None, decoder.propose(char_logits, autocorrect=False), None
+        else:
+            log_probs, proposal, fallback_logits = decoder.mixture_log_probs(char_logits, rows, lm_head, rerank_k)
         if decoding is not None and decoding.greedy:
             host = torch.cat([proposal.fallback, proposal.hit]).cpu()
             ids, _ = greedy_tokens(decoder, char_logits, rows, lm_head, proposal, host[: len(rows)], host[len(rows):],
                                    rerank_k, decoding.autocorrect, decoding.eos_token_id, fallback_logits)
-            top = log_probs.max(-1, keepdim=True).values
-            log_probs = log_probs.scatter(1, ids.unsqueeze(1), top + 1.0)
+            if log_probs is None:
+                log_probs = torch.zeros(len(rows), lm_head.weight.shape[0], device=rows.device).scatter_(
+                    1, ids.unsqueeze(1), 1.0)
+            else:
+                top = log_probs.max(-1, keepdim=True).values
+                log_probs = log_probs.scatter(1, ids.unsqueeze(1), top + 1.0)
         return log_probs.view(*hidden.shape[:-1], -1)
 
     # ----------------------------------------------------------------- forward
