@@ -36,7 +36,7 @@ class Records:
     teacher_entropy: torch.Tensor  # [N]
     raw_chars: torch.Tensor  # [N, k] the predicted string (argmax chars ended at the first END)
     hit: torch.Tensor  # [N] bool: raw string is a valid spelling
-    autocorrected: torch.Tensor  # [N] the char path's token: lookup or AutoCorrect, or the re-ranked one (rerank_k)
+    autocorrected: torch.Tensor  # [N] the char path's token: lookup or AutoCorrect, or the re-ranked one
     fallback_token: torch.Tensor  # [N] the student's LM head argmax
     student_entropy: torch.Tensor  # [N] mean per-head entropy
     label_chars: torch.Tensor  # [N, k] selected label (by the rule the model was trained with)
@@ -77,6 +77,7 @@ class Analysis:
     table: SpellingTable
     tau: float
     rerank_k: int  # 0: the paper's char path; else its tokens were re-ranked by the LM head
+    shortlist: int  # 0: none; else the LM head also scored that many frequent tokens
     teacher: str
     corpus_counts: torch.Tensor  # [V] token occurrences in the analysed text
     tokenizer: object
@@ -105,11 +106,12 @@ def held_out_blocks(tokenizer, data: list[str] | None, text_field: str, seq_len:
 @torch.no_grad()
 def collect(args: argparse.Namespace) -> Analysis:
     device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
-    student = load(args.model, dtype=dtype, device=device)
+    shortlist = getattr(args, "shortlist", 0)
+    student = load(args.model, dtype=dtype, device=device, shortlist=shortlist)
     teacher_name = args.teacher or student.config.teacher
     teacher = load_teacher(student, teacher_name)
     table = student.spelling
-    decoder = student.char_decoder(args.tau)  # with the model's spelling temperature
+    decoder = student.char_decoder(args.tau, shortlist)  # with the model's spelling temperature
     lm_head = student.base.get_output_embeddings()
     blocks = held_out_blocks(student.tokenizer, args.data, args.text_field, args.seq_len, args.max_tokens)
     # The student's layers below the trainable ones are the recorded teacher's: share them,
@@ -124,7 +126,7 @@ def collect(args: argparse.Namespace) -> Analysis:
         signal, out, labels = teacher_and_student(teacher, student, batch, table, label_rule_of(student.config),
                                                   trunk_layer, with_token_logits=True, targets=targets)
         char_logits = out.char_logits.flatten(0, 1)
-        # with --rerank_k, the char path's token and next-token log-prob are the re-ranked ones
+        # with --rerank_k or --shortlist, the char path's token and next-token log-prob are the re-ranked ones
         proposal, heads_next_logp = decoder.propose_and_score(char_logits, targets.flatten(), args.rerank_k,
                                                               out.hidden.flatten(0, 1), lm_head)
         lm_logp = torch.log_softmax(out.token_logits.float(), -1)
@@ -138,5 +140,5 @@ def collect(args: argparse.Namespace) -> Analysis:
             heads_next_logp=heads_next_logp,
             lm_next_logp=lm_logp.gather(-1, targets.unsqueeze(-1)).flatten()).items()}))
     counts = torch.bincount(blocks.flatten(), minlength=table.vocab_size)
-    return Analysis(Records.concat(parts), table.to("cpu"), args.tau, args.rerank_k, teacher_name, counts,
+    return Analysis(Records.concat(parts), table.to("cpu"), args.tau, args.rerank_k, shortlist, teacher_name, counts,
                     student.tokenizer, args.seq_len)

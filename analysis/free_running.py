@@ -57,15 +57,16 @@ def agreement(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def compute(student: SpeLLMForCausalLM, teacher, prompt_ids: torch.Tensor, new_tokens: int,
-            tau: float | None, rerank_k: int = 0) -> dict:
+            tau: float | None, rerank_k: int = 0, shortlist: int = 0) -> dict:
     """Teacher vs SpeLLM greedy continuations of ``prompt_ids`` (equal-length prompts, no padding);
-    ``rerank_k`` re-ranks the char heads' tokens in both variants."""
+    ``rerank_k`` and ``shortlist`` re-rank the char heads' tokens in both variants."""
     eos = student.tokenizer.eos_token_id
     reference = decode_loop(teacher, lm_head_picker(teacher), prompt_ids, None, new_tokens, eos).sequences
     result: dict = {"prompts": len(prompt_ids), "prompt_tokens": prompt_ids.shape[1], "new_tokens": new_tokens,
-                    "tau": tau, "rerank_k": rerank_k}
+                    "tau": tau, "rerank_k": rerank_k, "shortlist": shortlist}
     for variant, variant_tau in (("raw", None), ("autocorrect_fallback", tau)):
-        out = generate(student, prompt_ids, max_new_tokens=new_tokens, tau=variant_tau, rerank_k=rerank_k)
+        out = generate(student, prompt_ids, max_new_tokens=new_tokens, tau=variant_tau, rerank_k=rerank_k,
+                       shortlist=shortlist)
         sequences = torch.nn.functional.pad(out.sequences, (0, reference.shape[1] - out.sequences.shape[1]),
                                             value=eos if eos is not None else -1)
         result[variant] = {**agreement(reference, sequences), "provenance": out.counts(),
@@ -97,11 +98,11 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Free-running agreement of ``args.model`` with its teacher, written to ``args.out``."""
-    student = load(args.model, dtype=args.dtype, device=args.device)
+    student = load(args.model, dtype=args.dtype, device=args.device, shortlist=args.shortlist)
     teacher = load_teacher(student, args.teacher)
     prompt_ids = prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts,
                          args.prompt_tokens).to(args.device)
-    result = compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
+    result = compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k, args.shortlist)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -16,8 +16,8 @@ from spellm_ds import cli
 
 def compute(analysis: Analysis, args: argparse.Namespace | None = None) -> dict:
     r = analysis.records
-    result: dict = {"teacher": analysis.teacher, "tau": analysis.tau, "rerank_k": analysis.rerank_k, "positions": len(r),
-                    "k": analysis.table.k}
+    result: dict = {"teacher": analysis.teacher, "tau": analysis.tau, "rerank_k": analysis.rerank_k,
+                    "shortlist": analysis.shortlist, "positions": len(r), "k": analysis.table.k}
     blocks = analysis.blocks()  # intervals count the positions of one text block as one sample
     for variant in VARIANTS:
         result[variant] = {name: rate(flags, blocks) for name, flags in correct_flags(analysis, variant).items()}

@@ -111,7 +111,7 @@ def score(model: Path, args: argparse.Namespace,
     teacher cache ``counts_from``) and each column's clusters (a position's block; a prompt)."""
     analysis = collect(argparse.Namespace(model=str(model), data=args.data, text_field=args.text_field, teacher=None,
                                           max_tokens=args.max_tokens, seq_len=256, batch_size=4, tau=args.tau,
-                                          rerank_k=args.rerank_k))
+                                          rerank_k=args.rerank_k, shortlist=args.shortlist))
     rates = match_rates.compute(analysis)
     flags = {}
     for variant, tau in [(v, None) for v in VARIANTS] + [("fallback_ceiling", 0.0)]:
@@ -130,7 +130,7 @@ def score(model: Path, args: argparse.Namespace,
     student = load(model)
     teacher = load_teacher(student)
     prompt_ids = free_running.prompts(student.tokenizer, held_out_texts(args.data, args.text_field), args.prompts, 32)
-    free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k)
+    free = free_running.compute(student, teacher, prompt_ids, args.new_tokens, args.tau, args.rerank_k, args.shortlist)
     flags["free_running/agreed_tokens"] = torch.tensor(free["autocorrect_fallback"]["agreed_tokens"], dtype=torch.float64)
     blocks = analysis.blocks()
     clusters = {key: torch.arange(len(column)) if key.startswith("free_running/") else blocks
@@ -225,7 +225,7 @@ def main() -> None:
     from spellm_ds.runtime.provenance import commit
 
     results: dict = {"commit": commit(), "steps": args.steps, "held_out": args.data or "BoolQ dev passages", "positions": args.max_tokens,
-                     "tau": args.tau, "rerank_k": args.rerank_k, "pilots": {}}
+                     "tau": args.tau, "rerank_k": args.rerank_k, "shortlist": args.shortlist, "pilots": {}}
     baseline_flags = counts_from = None
     for name, flags in args.pilot:
         model = run_pilot(out, name, flags, args.steps, args.ranks)

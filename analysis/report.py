@@ -29,6 +29,10 @@ def markdown(report: dict, model: str) -> str:
                 f"heads' top-{m['rerank_k']} valid spellings by the LM head's logits, and the char heads' likelihood "
                 "shares their mass of those spellings by the LM head's softmax over them.", ""]
                if m["rerank_k"] else []),
+             *([f"Shortlist (`--shortlist {m['shortlist']}`, beyond the paper): the LM head also scored the "
+                f"{m['shortlist']} tokens most frequent in the training text on the autocorrect rows, and the char "
+                "heads' likelihood shares their mass of the candidates by the LM head's softmax over them.", ""]
+               if m.get("shortlist") else []),
              "Agreement with the teacher's top-1 (exact+prefix) and with any of its top-5 (match@5); the "
              "fallback ceiling sends every position through the student's LM head.", "",
              "| decoding | exact | prefix | vs top-1: exact+prefix (95% CI) | vs top-5: match@5 (95% CI) |",

@@ -1,7 +1,7 @@
 """End-to-end greedy decoding speed: transformers, our loop with the LM head, SpeLLM, no head.
 
     python -m bench.decode_speed --model SPELLM_DIR [--new_tokens 128] [--repeats 7] [--threads N] [--tau 0.22]
-        [--rerank_k 16] [--batches 1 8 32] [--quick] [--out FILE]
+        [--rerank_k 16] [--shortlist 1000] [--batches 1 8 32] [--quick] [--out FILE]
 
 Same prompts (BoolQ dev questions), batches 1, 8 and 32 (``--batches``), fp32 and (where it is fast) bf16,
 every variant generating exactly ``--new_tokens`` tokens (EOS ignored), one warm-up and ``--repeats``
@@ -11,7 +11,8 @@ interleaved rounds, medians with distribution-free 95% intervals, at one stated 
   (3) spellm           our loop, SpeLLM char heads + AutoCorrect, no fallback (tau none)
   (4) spellm_fallback  our loop, SpeLLM with fallback at --tau (the fallback rate is reported)
   (5) loop_no_head     our loop with no output head at all (the upper bound of any head saving)
-  (6) spellm_rerank    with --rerank_k K only: (4) with the decided rows re-ranked by K LM-head rows
+  (6) spellm_rerank    with --rerank_k K or --shortlist U only: (4) with the decided rows re-ranked by
+                       the LM head's rows of the K best spellings and of the shortlist's U tokens
   (7) spellm_hf_generate  (4) through transformers' own generate() on the SpeLLM model (its exported
                        interface: the same tokens, plus the full-vocabulary distribution each step)
 Reported: tokens/s, ratios to (1) and (2), and each variant's gain over (2), the fair baseline
@@ -46,13 +47,10 @@ def prompts(batch: int) -> list[str]:
 
 
 def tiny_model(directory) -> str:
-    from spellm_ds.model.spellm import save_export, untrained
     from tests import tiny
 
     base_dir = tiny.tiny_llama_dir(directory / "base", tiny.corpus_texts(40))
-    model = untrained(base_dir, k=10, trainable_layers=2)
-    save_export(model, directory / "spellm", model.tokenizer, base_dir)
-    return str(directory / "spellm")
+    return str(tiny.spellm_dir(directory / "spellm", base_dir, k=10, trainable_layers=2))
 
 
 def timed(pick: TokenPicker, spent: list[float]) -> TokenPicker:
@@ -66,11 +64,12 @@ def timed(pick: TokenPicker, spent: list[float]) -> TokenPicker:
     return timed_pick
 
 
-def variants(model, ids, mask, new_tokens: int, tau: float, rerank_k: int, record: dict,
+def variants(model, ids, mask, new_tokens: int, tau: float, rerank_k: int, shortlist: int, record: dict,
              head_seconds: dict[str, list[float]]):
     """The decoders; each run of (2)-(6) appends its output head's total time to ``head_seconds``."""
     base = model.base
-    char_only, with_fallback_decoder = model.char_decoder(None), model.char_decoder(tau)  # built untimed
+    char_only, with_fallback_decoder = model.char_decoder(None, 0), model.char_decoder(tau, 0)  # built untimed
+    reranking_decoder = model.char_decoder(tau, shortlist)
 
     def no_head_pick(hidden, finished):
         zeros = torch.zeros(len(hidden), dtype=torch.long, device=hidden.device)
@@ -83,7 +82,7 @@ def variants(model, ids, mask, new_tokens: int, tau: float, rerank_k: int, recor
             record[f"{name}_provenance"] = out.provenance
         return run
 
-    rerank = {"spellm_rerank": loop("spellm_rerank", spellm_picker(model, with_fallback_decoder, rerank_k=rerank_k))}
+    rerank = {"spellm_rerank": loop("spellm_rerank", spellm_picker(model, reranking_decoder, rerank_k=rerank_k))}
     return {
         "hf_generate": lambda: base.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                                              min_new_tokens=new_tokens, do_sample=False,
@@ -92,9 +91,9 @@ def variants(model, ids, mask, new_tokens: int, tau: float, rerank_k: int, recor
         "spellm": loop("spellm", spellm_picker(model, char_only)),
         "spellm_fallback": loop("spellm_fallback", spellm_picker(model, with_fallback_decoder)),
         "loop_no_head": loop("loop_no_head", no_head_pick),
-        **(rerank if rerank_k else {}),
+        **(rerank if rerank_k or shortlist else {}),
         "spellm_hf_generate": lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                                     do_sample=False, tau=tau, eos_token_id=None,
+                                                     do_sample=False, tau=tau, shortlist=0, eos_token_id=None,
                                                      pad_token_id=model.tokenizer.pad_token_id or 0),
     }
 
@@ -148,7 +147,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     for dtype in dtypes_to_time(args.dtypes):
-        model = load(args.model, dtype=dtype)
+        model = load(args.model, dtype=dtype, shortlist=args.shortlist)
         tokenizer = model.tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -158,7 +157,8 @@ def main() -> None:
             record: dict = {}
             head_seconds: dict[str, list[float]] = {}
             times = interleaved_times(variants(model, encoded["input_ids"], encoded["attention_mask"],
-                                               args.new_tokens, args.tau, args.rerank_k, record, head_seconds),
+                                               args.new_tokens, args.tau, args.rerank_k, args.shortlist, record,
+                                               head_seconds),
                                       args.repeats)
             head_seconds = {name: spent[1:] for name, spent in head_seconds.items()}  # [0] was the warm-up
             speeds = {name: [batch * args.new_tokens / t for t in ts] for name, ts in times.items()}
@@ -182,12 +182,12 @@ def main() -> None:
                 "autocorrected_rate": rate(record["spellm_provenance"], Provenance.AUTOCORRECTED),
                 **({"rerank_fallback_rate": rate(record["spellm_rerank_provenance"], Provenance.FALLBACK),
                     "reranked_rate": rate(record["spellm_rerank_provenance"], Provenance.RERANKED)}
-                   if args.rerank_k else {}),
+                   if args.rerank_k or args.shortlist else {}),
             })
             print(f"{setting}: " + ", ".join(f"{n} {t:.1f} tok/s" for n, t in tps.items()))
     write("decode_speed" + ("_quick" if args.quick else ""),
           {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats, "tau": args.tau,
-           "rerank_k": args.rerank_k, "batches": args.batches,
+           "rerank_k": args.rerank_k, "shortlist": args.shortlist, "batches": args.batches,
            "threads": torch.get_num_threads(), "quick": args.quick}, results, args.out)
 
 

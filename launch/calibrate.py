@@ -19,7 +19,7 @@ from spellm_ds.data.packing import load_texts, pack
 from spellm_ds.distill.config import RunConfig
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.calibration import calibrate
-from spellm_ds.export.export import run_eval_blocks
+from spellm_ds.export.export import run_blocks
 from spellm_ds.model.spellm import read_spellm_config
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     if args.data:
         blocks = pack(load_texts(args.data, args.text_field)["text"], tokenizer, run.seq_len, max_blocks=run.eval_blocks)
     else:
-        blocks = run_eval_blocks(run, tokenizer)
+        blocks = run_blocks(run, tokenizer).held_out[: run.eval_blocks]
     if len(blocks) == 0:
         raise SpellmError(f"the held-out text is shorter than one {run.seq_len}-token block; add text with --data")
     print(calibrate(model_dir, blocks, args.dtype, args.device).summary())

@@ -64,9 +64,10 @@ def main() -> None:
     common = {"dtype": dtype, "batch_size": args.batch_size, "device": args.device}
     systems = {
         "teacher": HFLM(pretrained=str(assets.resolve_model(teacher)), **common),
-        "spellm": SpeLLMEvalModel(args.model, fallback=False, rerank_k=args.rerank_k, **common),
+        "spellm": SpeLLMEvalModel(args.model, fallback=False, rerank_k=args.rerank_k, shortlist=args.shortlist,
+                                  **common),
         "spellm_fallback": SpeLLMEvalModel(args.model, tau="none" if args.tau is None else args.tau,
-                                           rerank_k=args.rerank_k, **common),
+                                           rerank_k=args.rerank_k, shortlist=args.shortlist, **common),
     }
     samples, fallback_rates = {}, {}
     for name, model in systems.items():
@@ -81,6 +82,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         settings = {"model": args.model, "teacher": teacher, "tau": args.tau, "rerank_k": args.rerank_k,
+                    "shortlist": args.shortlist,
                     "dtype": dtype, "device": args.device, "limit": args.limit,
                     "tasks": args.tasks, "lm_eval_version": lm_eval.__version__}
         report = {"settings": settings, "tasks": results, "fallback_rates": fallback_rates, "per_sample": per_sample}

@@ -1,9 +1,10 @@
 """Generate text with a SpeLLM model's character heads.
 
-    python launch/generate.py --model DIR --prompt "The capital of France is" [--chat] [--tau 0.22] [--rerank_k 16]
+    python launch/generate.py --model DIR --prompt "The capital of France is" [--chat] [--tau 0.22] [--rerank_k 16] \
+        [--shortlist 1000]
 
 Prints the continuation of each prompt, then how many tokens were exact char-head hits,
-AutoCorrect repairs, LM-head fallbacks and (with --rerank_k) LM-head re-rankings.
+AutoCorrect repairs, LM-head fallbacks and (with --rerank_k or --shortlist) LM-head re-rankings.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     if args.sample and args.rerank_k:
         raise SpellmError("--rerank_k re-ranks greedy decoding only; drop --sample or --rerank_k")
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, shortlist=args.shortlist)
     tokenizer = model.tokenizer
     if args.chat and not tokenizer.chat_template:
         raise SpellmError(f"{args.model} has no chat template; drop --chat")
@@ -53,7 +54,8 @@ def main() -> None:
     out = generate(model, batch["input_ids"], batch["attention_mask"], args.max_new_tokens, args.tau,
                    do_sample=args.sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   generator=torch.Generator().manual_seed(args.seed), rerank_k=args.rerank_k)
+                   generator=torch.Generator().manual_seed(args.seed), rerank_k=args.rerank_k,
+                   shortlist=args.shortlist)
     texts = [tokenizer.decode(row[row_origin >= 0], skip_special_tokens=True)
              for row, row_origin in zip(out.sequences, out.provenance)]
     if args.json:

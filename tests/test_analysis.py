@@ -49,7 +49,7 @@ def make(table, tokenizer, rows, tau=0.5, next_token=None):
         label_valid=torch.ones(n, dtype=torch.bool), next_ids=torch.as_tensor(next_ids),
         teacher_next_logp=torch.as_tensor(teacher_logp), heads_next_logp=torch.as_tensor(heads_logp),
         lm_next_logp=torch.as_tensor(lm_logp))
-    return Analysis(records, table, tau, 0, "teacher", torch.zeros(table.vocab_size), None, 1)  # independent rows
+    return Analysis(records, table, tau, 0, 0, "teacher", torch.zeros(table.vocab_size), None, 1)  # independent rows
 
 
 CANDS = [" the", " cafe", "hello", " x", "123"]

@@ -44,9 +44,10 @@ def test_head_cost(tmp_path):
 
 @pytest.mark.processes
 def test_decode_speed(tmp_path):
-    document = run_bench("decode_speed", tmp_path, "--threads", "1", "--rerank_k", "4", "--dtypes", "fp32", "bf16")
+    document = run_bench("decode_speed", tmp_path, "--threads", "1", "--rerank_k", "4", "--shortlist", "30",
+                         "--dtypes", "fp32", "bf16")
     assert document["settings"]["threads"] == document["hardware"]["torch_threads"] == 1
-    assert document["settings"]["rerank_k"] == 4
+    assert document["settings"]["rerank_k"] == 4 and document["settings"]["shortlist"] == 30
     results = document["results"]
     assert {(r["dtype"], r["batch"]) for r in results} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 8)}
     for row in results:
@@ -144,23 +145,29 @@ def test_operating_points(tmp_path):
     model = tiny.spellm_dir(tmp_path / "spellm", base_dir, std=0.3, k=6, trainable_layers=0)
     out = tmp_path / "points.json"
     result = subprocess.run([sys.executable, "-m", "bench.operating_points", "--model", str(model), "--taus", "0",
-                             "1.5", "none", "--rerank_k", "3", "--max_tokens", "512", "--batch", "2",
+                             "1.5", "none", "--rerank_k", "3", "--shortlist", "20", "--max_tokens", "512",
+                             "--batch", "2",
                              "--new_tokens", "4", "--repeats", "6", "--threads", "1", "--out", str(out)],
                             capture_output=True, text=True, timeout=600, cwd=ROOT, env=rank_env())
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]["rows"]
-    assert [(row["tau"], row["rerank_k"]) for row in rows] == [(0.0, 0), (1.5, 0), (None, 0), (0.0, 3), (1.5, 3),
-                                                                (None, 3)]
+    decodings = [(0, 0), (3, 0), (0, 20), (3, 20)]
+    assert [(row["tau"], row["rerank_k"], row["shortlist"]) for row in rows] == [
+        (tau, *decoding) for decoding in decodings for tau in (0.0, 1.5, None)]
     everything, nothing = rows[0], rows[2]
     assert everything["fallback_rate"]["rate"] == 1.0 and everything["agreement"]["rate"] == 1.0
     assert everything["generated_fallback_rate"] == 1.0
     assert nothing["fallback_rate"]["rate"] == 0.0 and nothing["generated_fallback_rate"] == 0.0
     assert nothing["agreement"]["rate"] < 1.0  # untrained heads
+    # the LM head's choice among more candidates agrees more often where the heads decide everything
+    never = {(row["rerank_k"], row["shortlist"]): row["agreement"]["rate"] for row in rows if row["tau"] is None}
+    assert never[0, 0] < never[3, 0] < never[3, 20] and never[0, 0] < never[0, 20]
     assert all(positive(row["speed_vs_lm_head"]["median"]) for row in rows)
     best = json.loads(out.read_text())["results"]["fastest_at_target"]  # which one is a matter of timing
     reaching = [row for row in rows if row["agreement"]["rate"] >= 0.95]
     assert everything in reaching and best == max(reaching, key=lambda row: row["speed_vs_lm_head"]["median"])
-    assert f"fastest at >= 95% agreement: tau {best['tau']}, rerank_k {best['rerank_k']}:" in result.stdout
+    assert (f"fastest at >= 95% agreement: tau {best['tau']}, rerank_k {best['rerank_k']}, shortlist "
+            f"{best['shortlist']}:") in result.stdout
 
 
 @pytest.mark.processes

@@ -3,7 +3,15 @@ import copy
 import pytest
 import torch
 
-from spellm_ds.hf.char_decoding import CharDecoder, Provenance, best_candidate, mean_head_entropy, read_string, sample
+from spellm_ds.hf.char_decoding import (
+    CharDecoder,
+    Provenance,
+    best_candidate,
+    frequent_spellings,
+    mean_head_entropy,
+    read_string,
+    sample,
+)
 from spellm_ds.model.charset import END_ID, UNK_ID, Charset
 from spellm_ds.model.decoding import generate
 from spellm_ds.model.spelling import SpellingTable
@@ -356,3 +364,68 @@ def test_the_lm_head_of_some_rows_is_theirs_whatever_the_padding(count):
     got = lm_head_logits_of_rows(lm_head, hidden, rows)
     assert got.shape == (count, 50)
     assert torch.allclose(got, lm_head_logits(lm_head, hidden)[rows], atol=1e-6)
+
+
+def test_the_shortlist_is_the_most_frequent_spellings(table):
+    """frequent_spellings: a spelling counts every token spelled that way, the canonical token stands
+    for it, most frequent first (ties by id), spellings never counted left out."""
+    g = torch.Generator().manual_seed(3)
+    counts = torch.randint(0, 4, (table.vocab_size,), generator=g)
+    totals = {}
+    for v in table.spellable.nonzero().squeeze(1).tolist():
+        canonical = int(table.lookup(table.chars[v]))
+        totals[canonical] = totals.get(canonical, 0) + int(counts[v])
+    expected = [v for v, total in sorted(totals.items(), key=lambda item: (-item[1], item[0])) if total > 0]
+    assert frequent_spellings(table, counts, 40).tolist() == expected[:40]
+    assert frequent_spellings(table, counts, 10**6).tolist() == expected
+    with pytest.raises(ValueError, match="canonical"):
+        CharDecoder(table, shortlist=(table.spellable & ~table.canonical).nonzero()[:1, 0])
+
+
+@pytest.mark.parametrize("rerank_k", [0, 3])
+def test_a_shortlist_joins_the_candidates_once_and_shares_their_mass(table, rerank_k):
+    """Against a brute force per row: the candidates are the shortlist plus the char path's own token
+    (rerank_k 0) or the heads' best rerank_k spellings outside it; greedy emits the LM head's best of
+    them; the distribution gives the candidates the heads' mass of them, split by the LM head's
+    softmax, each spelling once, the rest the heads' own; scoring and sampling read the same one."""
+    g = torch.Generator().manual_seed(4)
+    rows, width, vocab = 6, 12, table.vocab_size
+    counts = torch.randint(0, 3, (vocab,), generator=g)
+    shortlist = frequent_spellings(table, counts, 15)
+    decoder = CharDecoder(table, tau=None, temperature=1.3, shortlist=shortlist)
+    plain = CharDecoder(table, tau=None, temperature=1.3)
+    logits = torch.randn(rows, table.k, len(table.charset), generator=g) * 3
+    logits[0].scatter_(1, table.chars[shortlist[2]].unsqueeze(-1), 40.0)  # row 0 spells a shortlist token
+    hidden = torch.randn(rows, width, generator=g)
+    lm_head = torch.nn.Linear(width, vocab)
+    torch.nn.init.normal_(lm_head.bias, std=1.0, generator=g)
+    scores = plain.spelling_scores(torch.log_softmax(logits, -1))
+    heads = torch.log_softmax(scores / 1.3, -1)
+    own = plain.propose(logits).token_ids
+    assert own[0] == shortlist[2]
+    token_logits = lm_head(hidden).detach()
+    valid = decoder.valid_ids
+    every = torch.arange(vocab).repeat(rows)
+    proposal, log_probs = decoder.propose_and_score(logits.repeat_interleave(vocab, 0), every, rerank_k,
+                                                    hidden.repeat_interleave(vocab, 0), lm_head)
+    log_probs = log_probs.view(rows, vocab).detach()
+    mixture, mixed_proposal, _ = decoder.mixture_log_probs(logits, hidden, lm_head, rerank_k)
+    assert torch.allclose(mixture.detach(), log_probs, atol=1e-5)  # scoring and sampling: one distribution
+    chosen = decoder.rerank(logits, hidden, lm_head, rerank_k)
+    assert torch.equal(mixed_proposal.token_ids, chosen)
+    assert torch.equal(proposal.token_ids.view(rows, vocab)[:, 0], chosen)
+    whole = log_probs[:, valid] + table.shared_by[valid].float().log()
+    for row in range(rows):
+        columns = [int(c) for c in torch.searchsorted(valid, shortlist)]
+        if rerank_k:
+            outside = [c for c in scores[row].argsort(descending=True).tolist() if c not in columns]
+            columns += outside[:rerank_k]
+        elif int(torch.searchsorted(valid, own[row])) not in columns:
+            columns.append(int(torch.searchsorted(valid, own[row])))
+        candidates = valid[columns]
+        assert chosen[row] == candidates[token_logits[row, candidates].argmax()]
+        expected = heads[row].clone()
+        expected[columns] = heads[row, columns].logsumexp(0) + torch.log_softmax(token_logits[row, candidates], 0)
+        assert torch.allclose(whole[row], expected, atol=1e-5)
+        assert whole[row].logsumexp(0).item() == pytest.approx(0.0, abs=1e-5)
+    assert len(set(shortlist.tolist()) | {int(own[0])}) == len(shortlist)  # row 0: its own token counted once

@@ -175,8 +175,11 @@ def test_teacher_never_changes_and_export_reproduces_the_student(distillation, t
     with torch.no_grad():
         assert torch.allclose(spellm_outputs(reloaded, ids).char_logits, expected, atol=1e-5)
     # the spelling temperature is fitted on the run's own evaluation blocks, and recorded
-    held_out = export.run_eval_blocks(distillation.config, reloaded.tokenizer)
-    assert torch.equal(held_out, distillation.data.held_out[: distillation.config.eval_blocks])
+    blocks = export.run_blocks(distillation.config, reloaded.tokenizer)
+    assert torch.equal(blocks.held_out, distillation.data.held_out)
+    # the shortlist ranks by the training text's counts, which every rank computed the same way
+    assert torch.equal(reloaded.token_counts, distillation.token_counts.cpu())
+    assert int(reloaded.token_counts.sum()) == distillation.data.train.numel()
     calibration = json.loads((exported / "calibration.json").read_text())
     assert calibration["positions"] > 0
     assert calibration["nll"][str(calibration["temperature"])] == min(calibration["nll"].values())
@@ -483,8 +486,8 @@ def test_copy_lists_train_export_and_refuse_a_resume_that_changes_them(process_g
     saved = run.save(6)
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     packed = len(list((assets.cache_root() / "packed").iterdir()))
-    eval_blocks = export.run_eval_blocks(RunConfig(**run.config.to_dict()), run.tokenizer)
-    assert torch.equal(eval_blocks, run.data.held_out[: run.config.eval_blocks])
+    blocks = export.run_blocks(RunConfig(**run.config.to_dict()), run.tokenizer)
+    assert torch.equal(blocks.held_out, run.data.held_out) and torch.equal(blocks.train, run.data.train)
     assert len(list((assets.cache_root() / "packed").iterdir())) == packed  # read, not packed again
     assert load(export.export(saved, tmp_path / "model")).char_heads is not None
     with pytest.raises(SpellmError, match="copy_lists"):

@@ -91,14 +91,16 @@ def test_train_attention_adds_exactly_the_top_layers_attention(family_dir):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attention(layers[-1]).parameters())
 
 
-def test_rerank_over_every_spelling_is_greedy_decoding_over_the_nameable_tokens(family_dir):
-    """With every valid spelling a candidate, re-ranked decoding is the LM head's greedy choice
-    among the tokens the char heads can name (never a padding row); its provenance marks each
-    token that is not the heads' own argmax string."""
+@pytest.mark.parametrize("candidates", ["rerank_k", "shortlist"])
+def test_rerank_over_every_spelling_is_greedy_decoding_over_the_nameable_tokens(family_dir, candidates):
+    """With every valid spelling a candidate (the heads' top-K, or a shortlist of them all),
+    re-ranked decoding is the LM head's greedy choice among the tokens the char heads can name
+    (never a padding row); its provenance marks each token that is not the heads' own argmax string."""
     from spellm_ds.hf.char_decoding import Provenance
     from spellm_ds.model.decoding import decode_loop
 
     student = untrained(family_dir, k=6)
+    student.token_counts.fill_(1)  # every token counted: the shortlist holds every valid spelling
     torch.manual_seed(0)
     torch.nn.init.normal_(student.char_heads.proj.weight, std=0.3)
     base = student.base
@@ -110,7 +112,7 @@ def test_rerank_over_every_spelling_is_greedy_decoding_over_the_nameable_tokens(
         return logits.argmax(-1), torch.zeros_like(finished, dtype=torch.long)
 
     ids = torch.randint(0, len(student.tokenizer), (3, 7), generator=torch.Generator().manual_seed(1))
-    out = generate(student, ids, max_new_tokens=12, tau=None, eos_token_id=None, rerank_k=int(nameable.sum()))
+    out = generate(student, ids, max_new_tokens=12, tau=None, eos_token_id=None, **{candidates: int(nameable.sum())})
     expected = decode_loop(base, masked_greedy, ids, None, 12).sequences
     assert torch.equal(out.sequences, expected)
     assert nameable[out.sequences].all()

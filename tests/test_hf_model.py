@@ -89,17 +89,22 @@ def test_greedy_generate_is_the_packages_decoder(exported, tau_kind, rows):
         assert kinds["fallback"] > 0
 
 
-def test_greedy_generate_follows_rerank_and_autocorrect_settings(exported):
+def test_greedy_generate_follows_rerank_shortlist_and_autocorrect_settings(exported):
     model = AutoModelForCausalLM.from_pretrained(exported.directory)
     eos = exported.model.tokenizer.eos_token_id
-    for settings in ({"rerank_k": 4}, {"autocorrect": False, "eos_token_id": eos}):
+    for settings in ({"rerank_k": 4}, {"autocorrect": False, "eos_token_id": eos}, {"shortlist": 20},
+                     {"shortlist": 20, "rerank_k": 3}):
         ours = package_new_tokens(exported.model, exported.batch, 4, tau=exported.tau, **settings)
         theirs = hf_new_tokens(model, exported.batch, 4, do_sample=False, tau=exported.tau, **settings)
         assert torch.equal(theirs[:, : ours.sequences.shape[1]], ours.sequences), settings
-    assert (package_new_tokens(exported.model, exported.batch, 4, tau=None, rerank_k=4, eos_token_id=None).provenance
-            == Provenance.RERANKED).any()
+    for settings in ({"rerank_k": 4}, {"shortlist": 20}):
+        out = package_new_tokens(exported.model, exported.batch, 4, tau=None, eos_token_id=None, **settings)
+        assert (out.provenance == Provenance.RERANKED).any(), settings
     with pytest.raises(ValueError, match="greedy"):
         model.generate(**exported.batch, do_sample=True, rerank_k=4)
+    for generate_with in (model.generate, lambda **kw: package_new_tokens(exported.model, exported.batch, 4, **kw)):
+        with pytest.raises(ValueError, match="shortlist"):
+            generate_with(autocorrect=False, eos_token_id=eos, shortlist=20)
 
 
 def test_greedy_generate_scores_every_spelling_only_where_something_reads_them(exported, monkeypatch):
@@ -125,14 +130,15 @@ def test_greedy_generate_scores_every_spelling_only_where_something_reads_them(e
     assert len(computed) == 20 and torch.equal(processed, fast)
 
 
-@pytest.mark.parametrize("settings", [{"rerank_k": 0}, {"rerank_k": 4}, {"autocorrect": False}])
+@pytest.mark.parametrize("settings", [{"rerank_k": 0}, {"rerank_k": 4}, {"autocorrect": False}, {"shortlist": 20},
+                                      {"shortlist": 20, "rerank_k": 3}])
 def test_greedy_picks_read_from_the_mixture_are_the_ones_computed_afresh(exported, settings):
     """generate()'s greedy step reuses mixture_log_probs' AutoCorrect, rerank and LM-head rows: the
     tokens and provenance must be those greedy_tokens computes on its own."""
     model = AutoModelForCausalLM.from_pretrained(exported.directory)
     torch.manual_seed(0)
     hidden = torch.randn(16, model.config.get_text_config().hidden_size) * 4
-    decoder, lm_head = model.char_decoder(exported.tau), model.get_output_embeddings()
+    decoder, lm_head = model.char_decoder(exported.tau, settings.get("shortlist", 0)), model.get_output_embeddings()
     char_logits = model.char_heads(hidden)
     rerank_k, autocorrect, eos = settings.get("rerank_k", 0), settings.get("autocorrect", True), 7
     mixed, mixture_proposal, fallback_logits = decoder.mixture_log_probs(char_logits, hidden, lm_head, rerank_k)
@@ -145,9 +151,10 @@ def test_greedy_picks_read_from_the_mixture_are_the_ones_computed_afresh(exporte
     assert 0 < int(plain.fallback.sum()) < len(hidden) and bool((~plain.hit & ~plain.fallback).any())
 
 
-def test_sampled_generate_is_the_packages_sampling(exported):
+@pytest.mark.parametrize("shortlist", [0, 20])
+def test_sampled_generate_is_the_packages_sampling(exported, shortlist):
     model = AutoModelForCausalLM.from_pretrained(exported.directory)
-    settings = {"temperature": 0.8, "top_k": 30, "top_p": 0.9}
+    settings = {"temperature": 0.8, "top_k": 30, "top_p": 0.9, "shortlist": shortlist}
     torch.manual_seed(7)
     ours = package_new_tokens(exported.model, exported.batch, 4, tau=exported.tau, eos_token_id=None, do_sample=True,
                               **settings)
@@ -187,18 +194,48 @@ def test_forward_logits_are_the_packages_log_probabilities(exported):
         assert out.loss.item() == float("inf")
 
 
-def test_forward_follows_rerank_k_from_the_config(exported):
+@pytest.mark.parametrize("settings", [{"rerank_k": 4}, {"shortlist": 20}])
+def test_forward_follows_rerank_k_and_shortlist_from_the_config(exported, settings):
     from spellm_ds.eval.lm_eval_model import SpeLLMEvalModel
 
     model = AutoModelForCausalLM.from_pretrained(exported.directory)
-    model.config.tau, model.config.rerank_k = exported.tau, 4
-    lm = SpeLLMEvalModel(str(exported.directory), tau=exported.tau, rerank_k=4, batch_size=4)
+    model.config.tau = exported.tau
     text = exported.model.tokenizer(tiny.corpus_texts(70)[63])["input_ids"][:24]
     with torch.no_grad():
+        plain = model(torch.tensor([text])).logits[0]
+        for name, value in settings.items():
+            setattr(model.config, name, value)
         logits = model(torch.tensor([text])).logits[0]
+    assert not torch.allclose(logits, plain)
+    lm = SpeLLMEvalModel(str(exported.directory), tau=exported.tau, batch_size=4, **settings)
     for cut in (4, 12, 23):
         (score, _), = lm.continuation_log_probs([(text[:cut], text[cut:cut + 1])])
         assert logits[cut - 1, text[cut]].item() == pytest.approx(score, abs=1e-4)
+
+
+def test_a_shortlist_needs_the_token_counts_an_export_records(exported, tmp_path):
+    """An export records its training text's token counts (the shortlist's ranking); one made before
+    they were (no such tensor) still loads, and refuses a shortlist with the fix, in transformers
+    and in the package's commands."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from spellm_ds.errors import SpellmError
+
+    model = AutoModelForCausalLM.from_pretrained(exported.directory)
+    assert int(model.token_counts.sum()) > 0 and not model.token_counts[len(exported.model.tokenizer):].any()
+    shutil.copytree(exported.directory, tmp_path / "bare")
+    tensors = load_file(tmp_path / "bare" / "model.safetensors")
+    del tensors["token_counts"]
+    save_file(tensors, tmp_path / "bare" / "model.safetensors", metadata={"format": "pt"})
+    without = AutoModelForCausalLM.from_pretrained(tmp_path / "bare")
+    assert not without.token_counts.any() and not load(tmp_path / "bare").token_counts.any()
+    assert without.generate(**exported.batch, max_new_tokens=2, pad_token_id=0).shape[1] > 0  # no shortlist: fine
+    with pytest.raises(ValueError, match="no token counts.*re-export"):
+        without.generate(**exported.batch, max_new_tokens=2, pad_token_id=0, shortlist=5)
+    with pytest.raises(SpellmError, match="records no token counts.*launch/export.py"):
+        load(tmp_path / "bare", shortlist=5)
 
 
 @pytest.mark.processes
@@ -326,7 +363,8 @@ def test_an_export_of_only_what_changed_loads_as_the_whole_model(exported, tmp_p
     save_export(model, tmp_path / "changed", model.tokenizer, base_dir, changed_only=True)
     stored = load_file(tmp_path / "changed" / "model.safetensors")
     assert {name for name in stored if name.startswith("base.")} == {edited}
-    assert {name.split(".")[0] for name in stored} == {"base", "char_heads", "spelling_chars", "spelling_lengths"}
+    assert {name.split(".")[0] for name in stored} == {"base", "char_heads", "spelling_chars", "spelling_lengths",
+                                                       "token_counts"}
     whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole")
     assembled = AutoModelForCausalLM.from_pretrained(tmp_path / "changed")
     assert isinstance(assembled, SpeLLMForCausalLM) and assembled.config.base_weights["path"] == str(base_dir)

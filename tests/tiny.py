@@ -135,12 +135,15 @@ def tiny_setup(root, n_texts: int = 150, layers: int = 4, family: str = "llama")
 
 def spellm_dir(directory, base_dir, std: float | None = None, **settings):
     """An exported SpeLLM model around the base model in ``base_dir`` with untrained heads (their
-    projection drawn from N(0, ``std``) when given, for heads that decide something)."""
+    projection drawn from N(0, ``std``) when given, for heads that decide something), recording the
+    token counts of 60 corpus passages as its training text's (the shortlist ranks by them)."""
     import torch
 
+    from spellm_ds.data.assets import load_tokenizer
     from spellm_ds.model.spellm import save_export, untrained
 
-    model = untrained(base_dir, **settings)
+    ids = [i for text in corpus_texts(60) for i in load_tokenizer(base_dir)(text)["input_ids"]]
+    model = untrained(base_dir, token_counts=torch.bincount(torch.tensor(ids)), **settings)
     if std is not None:
         torch.manual_seed(0)
         torch.nn.init.normal_(model.char_heads.proj.weight, std=std)

@@ -26,7 +26,7 @@ from spellm_ds.data import assets
 from spellm_ds.data.corpus import out_of_domain_texts
 from spellm_ds.data.packing import pack
 from spellm_ds.distill.config import RunConfig
-from spellm_ds.export.export import run_eval_blocks
+from spellm_ds.export.export import run_blocks
 from spellm_ds.hf.char_decoding import after_first_end
 from spellm_ds.model.spellm import load
 
@@ -106,7 +106,7 @@ def main() -> None:
     model = load(sys.argv[1]).eval()
     texts = {
         "boolq_dev": pack(assets.held_out_texts(), model.tokenizer, 256, max_blocks=32),
-        "run_eval_blocks": run_eval_blocks(RunConfig(), model.tokenizer),
+        "run_eval_blocks": run_blocks(RunConfig(), model.tokenizer).held_out[: RunConfig().eval_blocks],
         "out_of_domain": pack(out_of_domain_texts(), model.tokenizer, 256, max_blocks=32),
     }
     results = {name: probe(model, blocks) for name, blocks in texts.items()}

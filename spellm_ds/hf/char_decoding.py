@@ -14,6 +14,11 @@ Everything here is batched on the model's device. Per decode step:
    LM head scores only the ``rerank_k`` valid spellings the heads score highest, and the best of
    them is emitted. It reads ``rerank_k`` of the LM head's V rows (O(rerank_k d)), so the heads
    still choose what can be said and the teacher's own logits order it; it replaces steps 1-2.
+5. optionally (a ``shortlist``, beyond the paper) the candidates the LM head scores also hold the U
+   tokens most frequent in the text the heads trained on (:func:`frequent_spellings`): beside them,
+   the char path's own token (steps 1-2), or with ``rerank_k`` the heads' best ``rerank_k``
+   spellings outside the shortlist. Frequent tokens are known before any head trains, and the
+   heads still miss many of them; U rows of the LM head cost O(U d) per row.
 
 The char heads also define a proper token distribution, used for sampling and for scoring: with
 ``s(v) = sum_j log p_j(spelling(v)_j)`` over j up to v's first END, a valid spelling has
@@ -22,7 +27,10 @@ spelled that way (``é``/``e``, or long tokens with the same first k characters)
 temperature ``T`` (1 as trained, fitted at export) only spreads the distribution: argmax,
 AutoCorrect and the fallback rule do not depend on it. :func:`mixture_log_probs` gives the
 distribution decoding samples from and scoring reads: the heads' where they decide, the LM
-head's where the row falls back.
+head's where the row falls back. With re-ranking or a shortlist, the candidates share the heads'
+probability of them by the LM head's softmax over them. (Its argmax is the greedy token without a
+shortlist; with one, a spelling outside the candidates can hold more than the best candidate gets,
+so greedy decoding emits the best candidate and ``generate()`` raises it to the top of the row.)
 
 Torch and transformers only: this file is copied into every exported model (``trust_remote_code``),
 and the package decodes with the same functions.
@@ -169,11 +177,13 @@ class Provenance(IntEnum):
 
 
 class Candidates(NamedTuple):
-    """A row's re-ranking candidates, ``[B, K]`` each, in descending order of spelling score."""
+    """A row's re-ranking candidates, ``[B, K]`` each: the shortlist's (if any), then the heads'
+    best outside it in descending order of spelling score. A candidate that repeats a shortlist
+    spelling (the char path's own token can) has score and logit -inf, so each spelling counts once."""
 
     columns: torch.Tensor  # their columns among the valid spellings
     ids: torch.Tensor  # their token ids
-    scores: torch.Tensor  # their spelling scores
+    scores: torch.Tensor | None  # their spelling scores (None where the caller gave none)
     logits: torch.Tensor  # their LM-head logits (fp32)
 
 
@@ -194,6 +204,17 @@ def tempered_log_probs(read: torch.Tensor, normaliser: torch.Tensor, temperature
     """``log p_T(v) = s(v) / T - logsumexp_u s(u) / T``: ``[N]`` read scores of the tokens asked
     for and their rows' :func:`log_normaliser` -> ``[N]``."""
     return read / temperature - normaliser
+
+
+def frequent_spellings(table: Spellings, counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The shortlist: the canonical tokens of the ``size`` valid spellings most frequent by ``counts``
+    ``[V]`` (a spelling counts every token spelled that way), most frequent first, ties by id;
+    spellings never counted are left out."""
+    spelled = table.spellable.nonzero().squeeze(1)
+    totals = torch.zeros(table.vocab_size, dtype=torch.float64, device=spelled.device)
+    totals.index_add_(0, table.lookup(table.chars[spelled]), counts.to(spelled.device)[spelled].double())
+    order = totals.argsort(descending=True, stable=True)[:size]
+    return order[totals[order] > 0]
 
 
 def best_candidate(candidates: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -228,15 +249,25 @@ def lm_head_logits_of_rows(lm_head: torch.nn.Module, hidden: torch.Tensor, rows:
 
 
 class CharDecoder:
-    """Maps char logits to tokens; holds the valid spellings on the model's device."""
+    """Maps char logits to tokens; holds the valid spellings on the model's device, and the
+    ``shortlist`` (canonical token ids, :func:`frequent_spellings`) if any."""
 
-    def __init__(self, table: Spellings, tau: float | None = DEFAULT_TAU, temperature: float = 1.0) -> None:
+    def __init__(self, table: Spellings, tau: float | None = DEFAULT_TAU, temperature: float = 1.0,
+                 shortlist: torch.Tensor | None = None) -> None:
         if not temperature > 0:
             raise ValueError(f"spelling temperature {temperature} must be > 0")
         self.table = table
         self.tau = tau
         self.temperature = temperature
         self.valid_ids = table.canonical.nonzero().squeeze(1)  # [N]
+        self.shortlist_columns = None  # [U] the shortlist's columns among the valid spellings
+        if shortlist is not None:
+            if not len(shortlist) or not bool(table.canonical[shortlist].all()):
+                raise ValueError("a shortlist holds canonical token ids (frequent_spellings), at least one")
+            self.shortlist_columns = torch.searchsorted(self.valid_ids, shortlist.to(self.valid_ids.device))
+            self.on_shortlist = torch.zeros(len(self.valid_ids), dtype=torch.bool,  # [N]
+                                            device=self.valid_ids.device).index_fill_(0, self.shortlist_columns, True)
+        self._shortlist_rows: tuple | None = None
         valid_chars = table.chars[self.valid_ids]  # [N, k]
         # valid spellings with the characters after their first END pointing at an extra zero
         # log-prob column (index C): a spelling scores only the characters it reads
@@ -254,7 +285,16 @@ class CharDecoder:
         moved.table, moved.tau, moved.temperature = self.table.to(device), self.tau, self.temperature
         moved.valid_ids, moved.scored_pairs = self.valid_ids.to(device), self.scored_pairs.to(device)
         moved.log_share = self.log_share.to(device)
+        moved.shortlist_columns, moved._shortlist_rows = None, None
+        if self.shortlist_columns is not None:
+            moved.shortlist_columns = self.shortlist_columns.to(device)
+            moved.on_shortlist = self.on_shortlist.to(device)
         return moved
+
+    def reranks(self, rerank_k: int) -> bool:
+        """Whether the LM head picks among candidates on the rows the heads decide: with ``rerank_k``
+        or a shortlist."""
+        return bool(rerank_k) or self.shortlist_columns is not None
 
     def spelling_scores(self, char_logp: torch.Tensor) -> torch.Tensor:
         """Summed per-head log-prob of every valid spelling, over its characters up to its first
@@ -320,24 +360,60 @@ class CharDecoder:
         return self.valid_ids[scores.argmax(-1)]
 
     def rerank(self, char_logits: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Module,
-               rerank_k: int) -> torch.Tensor:
-        """Per row, of the ``rerank_k`` valid tokens whose spellings the heads score highest, the one
-        the LM head scores highest (fp32): ``[B, k, C]`` char logits and ``[B, d]`` hidden states ->
-        ``[B]`` token ids. The logits come from ``rerank_k`` gathered rows of ``lm_head``, not all V."""
-        found = self.rerank_candidates(self.spelling_scores(torch.log_softmax(char_logits.float(), -1)), hidden,
-                                       lm_head, rerank_k)
+               rerank_k: int, own: torch.Tensor | None = None) -> torch.Tensor:
+        """Per row, of the candidates (:meth:`rerank_candidates`) the one the LM head scores highest
+        (fp32): ``[B, k, C]`` char logits and ``[B, d]`` hidden states -> ``[B]`` token ids. The
+        logits come from gathered rows of ``lm_head``, not all V. ``own``: the char path's tokens,
+        which a shortlist without ``rerank_k`` adds (computed here when not given)."""
+        scores = None
+        if rerank_k or own is None:
+            scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
+        if own is None and not rerank_k:
+            own = self.proposal_from(char_logits, scores).token_ids
+        found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, own)
         return best_candidate(found.ids, found.logits)
 
-    def rerank_candidates(self, scores: torch.Tensor, hidden: torch.Tensor, lm_head: torch.nn.Module,
-                          rerank_k: int) -> Candidates:
-        """The ``rerank_k`` valid tokens of highest spelling score per row (:meth:`spelling_scores`)
-        and their LM-head logits (fp32, with the head's bias if it has one)."""
-        top = scores.topk(min(rerank_k, scores.shape[1]), -1)
-        candidates = self.valid_ids[top.indices]
-        logits = (lm_head.weight[candidates].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
+    def rerank_candidates(self, scores: torch.Tensor | None, hidden: torch.Tensor, lm_head: torch.nn.Module,
+                          rerank_k: int, own: torch.Tensor | None = None) -> Candidates:
+        """Per row, the candidates and their LM-head logits (fp32, with the head's bias if it has one):
+        the shortlist's tokens, if any, then the ``rerank_k`` valid spellings outside it the heads
+        score highest (``scores``, :meth:`spelling_scores`); with a shortlist and no ``rerank_k``,
+        the char path's token ``own`` ``[B]`` (lookup or AutoCorrect) instead, counted only where
+        the shortlist does not hold it (``scores`` may then be None)."""
+        shortlist = self.shortlist_columns
+        if rerank_k:
+            outside = scores if shortlist is None else scores.index_fill(1, shortlist, float("-inf"))
+            room = scores.shape[1] - (0 if shortlist is None else len(shortlist))
+            columns = outside.topk(min(rerank_k, room), -1).indices
+        else:
+            columns = self._spelling_index()[own].unsqueeze(1)
+        ids = self.valid_ids[columns]
+        logits = (lm_head.weight[ids].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
         if lm_head.bias is not None:
-            logits = logits + lm_head.bias[candidates].float()
-        return Candidates(top.indices, candidates, top.values, logits)
+            logits = logits + lm_head.bias[ids].float()
+        chosen = None if scores is None else scores.gather(1, columns)
+        if shortlist is not None:
+            if not rerank_k:
+                repeated = self.on_shortlist[columns]
+                logits = logits.masked_fill(repeated, float("-inf"))
+                chosen = None if chosen is None else chosen.masked_fill(repeated, float("-inf"))
+            weight, bias = self.shortlist_rows(lm_head)
+            columns = torch.cat([shortlist.expand(len(hidden), -1), columns], 1)
+            ids = self.valid_ids[columns]
+            logits = torch.cat([torch.addmm(bias, hidden.float(), weight.t()), logits], 1)
+            chosen = None if chosen is None else torch.cat([scores.index_select(1, shortlist), chosen], 1)
+        return Candidates(columns, ids, chosen, logits)
+
+    def shortlist_rows(self, lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shortlist's LM-head rows and biases in fp32 (zeros without a bias), gathered once per
+        head and kept while its weights are unchanged: the shortlist is the same on every row."""
+        weight = lm_head.weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        if self._shortlist_rows is None or self._shortlist_rows[0] != key:
+            ids = self.valid_ids[self.shortlist_columns]
+            bias = torch.zeros(len(ids), device=weight.device) if lm_head.bias is None else lm_head.bias[ids].float()
+            self._shortlist_rows = (key, weight[ids].detach().float(), bias.detach())
+        return self._shortlist_rows[1:]
 
     def propose(self, char_logits: torch.Tensor, autocorrect: bool = True) -> Proposal:
         """Tokens from char logits ``[B, k, C]`` and which rows should fall back; no host sync.
@@ -355,12 +431,12 @@ class CharDecoder:
         """:meth:`propose` (with AutoCorrect) and :meth:`spelling_log_probs` of ``token_ids`` from one
         pass over the valid spellings, the costly part of both (scoring a position reads both).
 
-        With ``rerank_k`` (and the rows' ``hidden`` states and the ``lm_head``) the proposal's
-        tokens are :meth:`rerank`'s, and the log-probs are those of the re-ranked distribution:
-        the heads' probability of their ``rerank_k`` candidates, shared among them by the LM
-        head's softmax over them, every other spelling keeping the heads' probability (and a
-        token, as ever, its share of its spelling's). Its argmax over the valid spellings is
-        :meth:`rerank`'s token (the best candidate holds at least 1 / ``rerank_k`` of their mass,
+        With ``rerank_k`` or a shortlist (and the rows' ``hidden`` states and the ``lm_head``) the
+        proposal's tokens are :meth:`rerank`'s, and the log-probs are those of the re-ranked
+        distribution: the heads' probability of the candidates, shared among them by the LM head's
+        softmax over them, every other spelling keeping the heads' probability (and a token, as
+        ever, its share of its spelling's). Without a shortlist its argmax over the valid spellings
+        is :meth:`rerank`'s token (the best candidate holds at least 1 / ``rerank_k`` of their mass,
         no other spelling more than the least of them), so scores and greedy decoding agree.
         """
         char_logp = torch.log_softmax(char_logits.float(), -1)
@@ -368,9 +444,9 @@ class CharDecoder:
         normaliser = log_normaliser(scores, self.temperature)
         proposal = self.proposal_from(char_logits, scores)
         log_probs = self._log_probs_of(char_logp, normaliser, token_ids)
-        if not rerank_k:
+        if not self.reranks(rerank_k):
             return proposal, log_probs
-        found = self.rerank_candidates(scores, hidden, lm_head, rerank_k)
+        found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, proposal.token_ids)
         set_logp = log_normaliser(found.scores, self.temperature) - normaliser
         # a token is scored as its spelling, i.e. as the canonical token of that spelling
         member = found.ids == self.table.lookup(self.table.chars[token_ids]).unsqueeze(-1)  # [B, rerank_k]
@@ -393,7 +469,7 @@ class CharDecoder:
                           rerank_k: int = 0) -> tuple[torch.Tensor, Proposal, torch.Tensor]:
         """SpeLLM's next-token distribution ``[B, V]`` (fp32 log-probs), the proposal, and the LM
         head's logits on the fallback rows (``[0, V]`` without any): the char heads' distribution
-        (re-ranked with ``rerank_k``, as :meth:`propose_and_score` scores it) on the rows they
+        (re-ranked with ``rerank_k`` or a shortlist, as :meth:`propose_and_score` scores it) on the rows they
         decide, the LM head's on the rows that fall back (the head runs on those rows only).
         Sampling draws from it, scoring reads it. Cost per row: the valid spellings' scores
         (O(N k / 2) gathers), a ``[V]`` row, and the LM head (O(V d)) on fallback rows."""
@@ -401,10 +477,13 @@ class CharDecoder:
         scores = self.spelling_scores(char_logp)
         proposal = self.proposal_from(char_logits, scores)
         spelling_logp = torch.log_softmax(scores / self.temperature, -1)  # [B, N]
-        if rerank_k:
-            found = self.rerank_candidates(scores, hidden, lm_head, rerank_k)
-            set_logp = torch.logsumexp(spelling_logp.gather(1, found.columns), -1, keepdim=True)
-            spelling_logp = spelling_logp.scatter(1, found.columns, set_logp + torch.log_softmax(found.logits, -1))
+        if self.reranks(rerank_k):
+            found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, proposal.token_ids)
+            set_logp = (log_normaliser(found.scores, self.temperature)
+                        - log_normaliser(scores, self.temperature)).unsqueeze(1)
+            # a repeated candidate (score -inf) shares its column with a shortlist one: the larger wins
+            spelling_logp = spelling_logp.scatter(1, found.columns, float("-inf")).scatter_reduce(
+                1, found.columns, set_logp + torch.log_softmax(found.logits, -1), reduce="amax")
             proposal = proposal._replace(token_ids=best_candidate(found.ids, found.logits))
         log_probs = self.spread(spelling_logp)
         rows = proposal.fallback.nonzero().squeeze(1)
@@ -424,9 +503,9 @@ def greedy_tokens(decoder: CharDecoder, char_logits: torch.Tensor, hidden: torch
 
     The argmax string's token where it is a valid spelling (the paper's rule); AutoCorrect on the
     missed rows only (or, with ``autocorrect=False``, ``eos_token_id``: the row ends there); with
-    ``rerank_k``, :meth:`CharDecoder.rerank`'s token on every decided row (EXACT where it is the
-    heads' argmax string, RERANKED otherwise); the LM head's argmax on the fallback rows, computed
-    for those rows alone.
+    ``rerank_k`` or a shortlist, :meth:`CharDecoder.rerank`'s token on every decided row (EXACT where
+    it is the heads' argmax string, RERANKED otherwise); the LM head's argmax on the fallback rows,
+    computed for those rows alone.
 
     ``fallback_logits``: given where ``proposal`` and they come from :meth:`CharDecoder.mixture_log_probs`
     with the same ``rerank_k``: that proposal already holds AutoCorrect's or rerank's tokens, and
@@ -434,25 +513,25 @@ def greedy_tokens(decoder: CharDecoder, char_logits: torch.Tensor, hidden: torch
     """
     ids, origin = proposal.token_ids, provenance(proposal)
     device = ids.device
+    reranks = decoder.reranks(rerank_k)
     if fallback_logits is not None:
-        if rerank_k:
+        if reranks:
             exact = ids == decoder.table.lookup(read_string(char_logits))
             origin = torch.where(proposal.fallback | exact, origin, int(Provenance.RERANKED))
         elif not autocorrect:
             ids = torch.where(hit.to(device) | fallback.to(device), ids, eos_token_id)
-    elif rerank_k:
+    else:
+        missed = (~hit & ~fallback).nonzero().squeeze(1).to(device)
+        if len(missed) and not rerank_k:  # re-ranking by rerank_k scores every spelling anyway
+            ids = ids.clone()
+            ids[missed] = decoder.autocorrect(char_logits[missed]) if autocorrect else eos_token_id
         decided = (~fallback).nonzero().squeeze(1).to(device)
-        if len(decided):
-            chosen = decoder.rerank(char_logits[decided], hidden[decided], lm_head, rerank_k)
+        if reranks and len(decided):
+            chosen = decoder.rerank(char_logits[decided], hidden[decided], lm_head, rerank_k, own=ids[decided])
             ids, origin = ids.clone(), origin.clone()
             ids[decided] = chosen
             origin[decided] = torch.where(chosen == proposal.token_ids[decided], int(Provenance.EXACT),
                                           int(Provenance.RERANKED))
-    else:
-        missed = (~hit & ~fallback).nonzero().squeeze(1).to(device)
-        if len(missed):
-            ids = ids.clone()
-            ids[missed] = decoder.autocorrect(char_logits[missed]) if autocorrect else eos_token_id
     rows = fallback.nonzero().squeeze(1).to(device)
     if len(rows):
         ids = ids.clone()

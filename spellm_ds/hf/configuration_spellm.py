@@ -16,7 +16,7 @@ from .char_decoding import DEFAULT_TAU
 
 class SpeLLMConfig(PretrainedConfig):
     """``text_config`` is the base causal LM's config (any family); the rest describe the char
-    heads, how they were trained and how they decode (``tau``, ``rerank_k``: the defaults of
+    heads, how they were trained and how they decode (``tau``, ``rerank_k``, ``shortlist``: the defaults of
     ``generate()`` and of the distribution ``forward()`` returns)."""
 
     model_type = "spellm"
@@ -54,6 +54,9 @@ class SpeLLMConfig(PretrainedConfig):
     """Fall back to the LM head at this mean head entropy (nats); None: never."""
     rerank_k: int = 0
     """Beyond the paper: re-rank the heads' top-K valid spellings by the LM head (0: off)."""
+    shortlist: int = 0
+    """Beyond the paper: the LM head also scores this many of the tokens most frequent in the
+    training text (``token_counts``) where the heads decide (0: off)."""
     base_weights: dict | None = None
     """Set where the export stores only what changed (``launch/export.py --changed_only``): where
     the base model's weights are (``path``; ``hub_id`` and ``revision`` when they came from the
@@ -67,7 +70,8 @@ class SpeLLMConfig(PretrainedConfig):
     def check_values(self) -> None:
         """A ValueError naming the first value no export writes (a hand-edited or corrupt
         ``config.json``), instead of a crash deep inside the model."""
-        for name, least in (("k", 1), ("readout_width", 0), ("trainable_layers", 0), ("rerank_k", 0), ("prototypes", 0)):
+        for name, least in (("k", 1), ("readout_width", 0), ("trainable_layers", 0), ("rerank_k", 0),
+                            ("shortlist", 0), ("prototypes", 0)):
             value = getattr(self, name)
             if type(value) is not int or value < least:
                 raise ValueError(f"{name} {value!r} is not an integer >= {least}")

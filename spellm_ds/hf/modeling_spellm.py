@@ -19,8 +19,11 @@ hf``, perplexity scripts, ``Trainer.evaluate``, ``device_map`` and ``dtype``.
   head's; that token is raised to the top of the row's logits, so logits processors still act on
   SpeLLM's distribution. With no processor and no scores returned, ``forward()`` names the token
   alone (a one-hot row), as the package's own loop does. Sampling and beam search read the
-  distribution as it is. ``tau``, ``rerank_k`` and ``autocorrect`` may be passed to
+  distribution as it is. ``tau``, ``rerank_k``, ``shortlist`` and ``autocorrect`` may be passed to
   ``generate()``; the config holds the defaults.
+- ``shortlist`` U (beyond the paper): where the heads decide, the LM head also scores the U tokens
+  most frequent in the text the heads trained on (counts stored with the weights), beside the
+  heads' own token, and the best is emitted (U of the LM head's V rows per position).
 
 The spelling of every token (its first k char ids and its length) is stored with the weights, so
 decoding needs no tokenizer. An export may store only what changed (``config.base_weights``): the
@@ -40,7 +43,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .char_decoding import CharDecoder, Spellings, greedy_tokens
+from .char_decoding import CharDecoder, Spellings, frequent_spellings, greedy_tokens
 from .char_heads import CharHeads
 from .configuration_spellm import SpeLLMConfig
 
@@ -53,6 +56,7 @@ class _Decoding:
 
     tau: float | None
     rerank_k: int
+    shortlist: int
     autocorrect: bool
     greedy: bool
     eos_token_id: int | None
@@ -65,6 +69,7 @@ class SpeLLMPreTrainedModel(PreTrainedModel):
     config_class = SpeLLMConfig
     config: SpeLLMConfig
     base_model_prefix = "base"
+    _keys_to_ignore_on_load_missing = [r"^token_counts$"]  # exports before 2026-12-08 record none (no shortlist)
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
@@ -88,6 +93,9 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
         # each token's spelling: its first k char ids (END-padded) and its length (0: unspellable)
         self.register_buffer("spelling_chars", torch.zeros(vocab, config.k, dtype=torch.long))
         self.register_buffer("spelling_lengths", torch.zeros(vocab, dtype=torch.long))
+        # how often each token occurs in the text the heads trained on (all 0: not recorded); the
+        # shortlist is the most frequent
+        self.register_buffer("token_counts", torch.zeros(vocab, dtype=torch.long))
         self._decoders: dict = {}
         self._decoding: _Decoding | None = None
         self.post_init()
@@ -115,8 +123,11 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
         return loaded
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """Nothing to do: the char heads initialise themselves when built, the base model its own
-        modules, and ``from_pretrained`` loads both."""
+        """The token counts an older export lacks are none (0); nothing else to do: the char heads
+        initialise themselves when built, the base model its own modules, and ``from_pretrained``
+        loads both."""
+        if module is self:
+            self.token_counts.zero_()
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.base.get_input_embeddings()
@@ -134,18 +145,27 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------- decoding
     def spellings(self) -> Spellings:
         """The spelling table from the stored buffers, on the model's device."""
-        return self.char_decoder(None).table
+        return self.char_decoder(None, 0).table
 
-    def char_decoder(self, tau: float | None | object = _UNSET) -> CharDecoder:
-        """The decoder at ``tau`` (default: the config's), with the model's spelling temperature;
-        built once per device, setting and content of the spelling buffers."""
+    def char_decoder(self, tau: float | None | object = _UNSET, shortlist: int | None = None) -> CharDecoder:
+        """The decoder at ``tau`` with a ``shortlist`` of that many tokens (defaults: the config's),
+        with the model's spelling temperature; built once per device, setting and content of the
+        spelling buffers."""
         tau = self.config.tau if tau is _UNSET else tau
-        chars = self.spelling_chars
+        shortlist = self.config.shortlist if shortlist is None else shortlist
+        chars, counts = self.spelling_chars, self.token_counts
         key = (chars.device, chars.data_ptr(), chars._version, self.spelling_lengths._version, tau,
-               self.config.spelling_temperature)
+               self.config.spelling_temperature, shortlist, counts._version if shortlist else None)
         if key not in self._decoders:
             table = Spellings.from_chars(len(self.config.charset), chars, self.spelling_lengths).to(chars.device)
-            self._decoders[key] = CharDecoder(table, tau, self.config.spelling_temperature)
+            frequent = None
+            if shortlist:
+                if not bool(counts.any()):
+                    raise ValueError("this SpeLLM model records no token counts, which a shortlist ranks tokens "
+                                     "by; re-export it from its checkpoint with this version of spellm-ds, or "
+                                     "decode without a shortlist")
+                frequent = frequent_spellings(table, counts, shortlist)
+            self._decoders[key] = CharDecoder(table, tau, self.config.spelling_temperature, frequent)
         return self._decoders[key]
 
     def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -155,10 +175,12 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
         token is the same, and the full distribution (every valid spelling scored on every row) doubled
         the output head's time per step at batch 8 and 32 (bf16, CPU)."""
         decoding = self._decoding
-        tau, rerank_k = (self.config.tau, self.config.rerank_k) if decoding is None else (decoding.tau,
-                                                                                           decoding.rerank_k)
+        if decoding is None:
+            tau, rerank_k, shortlist = self.config.tau, self.config.rerank_k, self.config.shortlist
+        else:
+            tau, rerank_k, shortlist = decoding.tau, decoding.rerank_k, decoding.shortlist
         rows = hidden.reshape(-1, hidden.shape[-1])
-        decoder = self.char_decoder(tau)
+        decoder = self.char_decoder(tau, shortlist)
         lm_head = self.get_output_embeddings()
         char_logits = self.char_heads(rows)
         if decoding is not None and decoding.argmax_only:  # greedy, and nothing reads the distribution
@@ -200,22 +222,27 @@ class SpeLLMForCausalLM(SpeLLMPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *, tau=_UNSET,
-                 rerank_k: int | None = None, autocorrect: bool = True, **kwargs):
+                 rerank_k: int | None = None, shortlist: int | None = None, autocorrect: bool = True, **kwargs):
         """transformers' ``generate()`` with SpeLLM's output head (module docstring). ``tau`` (None:
-        never fall back), ``rerank_k`` (greedy only) and ``autocorrect`` (False: greedy only, a
-        string that spells no token ends its row with EOS) override the config for this call."""
+        never fall back), ``rerank_k`` (greedy only), ``shortlist`` and ``autocorrect`` (False:
+        greedy only, without re-ranking or a shortlist, a string that spells no token ends its row
+        with EOS) override the config for this call."""
         settings = generation_config if generation_config is not None else self.generation_config
         do_sample = kwargs.get("do_sample", settings.do_sample)
         beams = kwargs.get("num_beams", settings.num_beams) or 1
         rerank_k = self.config.rerank_k if rerank_k is None else rerank_k
+        shortlist = self.config.shortlist if shortlist is None else shortlist
         if (rerank_k or not autocorrect) and (do_sample or beams > 1):
             raise ValueError("rerank_k and autocorrect=False are greedy decoding; drop do_sample/num_beams, "
                              "or set rerank_k=0 and autocorrect=True")
+        if (rerank_k or shortlist) and not autocorrect:
+            raise ValueError("re-ranking and the shortlist choose a token on every row the heads decide, so "
+                             "autocorrect=False does not apply; drop it, or set rerank_k=0 and shortlist=0")
         eos = kwargs.get("eos_token_id", settings.eos_token_id)
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
         if not autocorrect and eos is None:
             raise ValueError("autocorrect=False ends a row at a string that spells no token, which needs an eos_token_id")
-        self._decoding = _Decoding(self.config.tau if tau is _UNSET else tau, rerank_k, autocorrect,
+        self._decoding = _Decoding(self.config.tau if tau is _UNSET else tau, rerank_k, shortlist, autocorrect,
                                    greedy=not do_sample and beams == 1, eos_token_id=eos)
         try:
             return super().generate(inputs, generation_config, **kwargs)

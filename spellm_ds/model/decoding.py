@@ -90,14 +90,17 @@ def spellm_picker(model, decoder: CharDecoder, do_sample: bool = False, temperat
 
     With ``autocorrect=False`` (greedy only) a string that is no token's spelling has no token to
     emit: the row ends there with ``eos_token_id`` (its provenance stays AUTOCORRECTED, marking
-    the miss). ``rerank_k``: greedy only. One device->host transfer per token carries the fallback
+    the miss). ``rerank_k``: greedy only; it and a shortlist (``decoder``'s) need AutoCorrect. One
+    device->host transfer per token carries the fallback
     and hit masks and the previous step's finished flags (the stopping check) together.
     """
     if not autocorrect and (do_sample or eos_token_id is None):
         raise ValueError("decoding without AutoCorrect is greedy and needs an eos_token_id to end a missed row")
-    if rerank_k and (do_sample or not autocorrect):
-        raise ValueError("re-ranking (rerank_k > 0) is greedy decoding that repairs every row: "
-                         "drop do_sample and autocorrect=False, or set rerank_k=0")
+    if rerank_k and do_sample:
+        raise ValueError("re-ranking (rerank_k > 0) is greedy decoding: drop do_sample, or set rerank_k=0")
+    if decoder.reranks(rerank_k) and not autocorrect:
+        raise ValueError("re-ranking and the shortlist choose a token on every row the heads decide: "
+                         "drop autocorrect=False, or set rerank_k=0 and shortlist=0")
     lm_head = model.base.get_output_embeddings()
 
     def pick(hidden: torch.Tensor, finished: torch.Tensor):
@@ -125,12 +128,14 @@ MODEL_EOS = object()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
              tau: float | None = DEFAULT_TAU, eos_token_id: int | None | object = MODEL_EOS, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, autocorrect: bool = True, rerank_k: int = 0) -> GenerationOutput:
+             generator: torch.Generator | None = None, autocorrect: bool = True, rerank_k: int = 0,
+             shortlist: int = 0) -> GenerationOutput:
     """Decode with the char heads of ``model`` (an exported SpeLLM model, :func:`spellm_ds.model.spellm.load`)
-    at fallback threshold ``tau`` (see :func:`spellm_picker`) over a KV cache; ``eos_token_id``
-    None never stops early. Returns the new tokens and each one's provenance."""
+    at fallback threshold ``tau`` with a ``shortlist`` of that many frequent tokens (see
+    :func:`spellm_picker`) over a KV cache; ``eos_token_id`` None never stops early. Returns the
+    new tokens and each one's provenance."""
     if eos_token_id is MODEL_EOS:
         eos_token_id = model.tokenizer.eos_token_id
-    pick = spellm_picker(model, model.char_decoder(tau), do_sample, temperature, top_k, top_p, generator, autocorrect,
-                         eos_token_id, rerank_k)
+    pick = spellm_picker(model, model.char_decoder(tau, shortlist), do_sample, temperature, top_k, top_p, generator,
+                         autocorrect, eos_token_id, rerank_k)
     return decode_loop(model.base, pick, input_ids, attention_mask, max_new_tokens, eos_token_id)

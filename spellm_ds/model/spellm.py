@@ -234,9 +234,10 @@ def spellm_config(base_config, charset: Charset, **settings) -> SpeLLMConfig:
 
 @torch.no_grad()
 def build_export(config: SpeLLMConfig, base, trained: dict[str, torch.Tensor], heads_state: dict[str, torch.Tensor],
-                 table: SpellingTable) -> SpeLLMForCausalLM:
+                 table: SpellingTable, token_counts: torch.Tensor | None = None) -> SpeLLMForCausalLM:
     """The exported model: ``base`` (the loaded base model, frozen weights as they are) with the
-    ``trained`` base weights copied in (cast to its dtype), and the char heads and spellings."""
+    ``trained`` base weights copied in (cast to its dtype), the char heads, the spellings and the
+    training text's ``token_counts`` (the shortlist's ranking; none: not recorded)."""
     missing = sorted(set(trained) - set(base.state_dict()))
     if missing:
         raise SpellmError(f"the trained weights do not fit the base model ({missing[:3]}); export with the base "
@@ -247,6 +248,8 @@ def build_export(config: SpeLLMConfig, base, trained: dict[str, torch.Tensor], h
     model.char_heads.to(base.dtype)
     model.spelling_chars.copy_(table.chars)
     model.spelling_lengths.copy_(table.lengths)
+    if token_counts is not None:
+        model.token_counts[: len(token_counts)] = token_counts  # the text names no padding row
     model.config.dtype = base.dtype
     return model.eval()
 
@@ -322,10 +325,12 @@ def read_spellm_config(directory: Path) -> SpeLLMConfig:
         raise SpellmError(f"{path} is not a valid SpeLLM config ({e}); re-export the model") from None
 
 
-def load(directory: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+def load(directory: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+         shortlist: int = 0):
     """An exported model for this package's analyses and decoding, in eval mode, with its tokenizer
     (``model.tokenizer``) and spelling table with charset (``model.spelling``) attached. ``dtype``
-    ``"auto"``: :func:`spellm_ds.runtime.precision.inference_dtype` of the model's own on ``device``."""
+    ``"auto"``: :func:`spellm_ds.runtime.precision.inference_dtype` of the model's own on ``device``.
+    ``shortlist``: the caller will decode with one, which needs the token counts an export records."""
     from spellm_ds.data.assets import load_tokenizer
     from spellm_ds.runtime.precision import inference_dtype
 
@@ -334,6 +339,10 @@ def load(directory: str | Path, dtype: torch.dtype | str = torch.float32, device
     if isinstance(dtype, str):
         dtype = inference_dtype(dtype, config.dtype or torch.float32, torch.device(device).type)
     model = model_loading.from_pretrained(SpeLLMForCausalLM, directory, config=config, dtype=dtype).to(device).eval()
+    if shortlist and not bool(model.token_counts.any()):
+        raise SpellmError(f"{directory} records no token counts, which --shortlist ranks tokens by (it was exported "
+                          "before they were); re-export it from its checkpoint with launch/export.py, or drop "
+                          "--shortlist")
     return with_tokenizer(model, load_tokenizer(directory))
 
 
@@ -359,9 +368,11 @@ def with_tokenizer(model: SpeLLMForCausalLM, tokenizer) -> SpeLLMForCausalLM:
 
 
 @torch.no_grad()
-def untrained(base_dir: str | Path, charset: Charset | None = None, **settings) -> SpeLLMForCausalLM:
+def untrained(base_dir: str | Path, charset: Charset | None = None, token_counts: torch.Tensor | None = None,
+              **settings) -> SpeLLMForCausalLM:
     """A SpeLLM model around the base model in ``base_dir`` whose heads are as a distillation
-    starts them (``head_init``), untrained: for tests and benchmarks, with its tokenizer attached."""
+    starts them (``head_init``), untrained: for tests and benchmarks, with its tokenizer attached
+    (and ``token_counts`` recorded where given)."""
     from transformers import AutoModelForCausalLM
 
     from spellm_ds.data.assets import load_tokenizer
@@ -375,4 +386,5 @@ def untrained(base_dir: str | Path, charset: Charset | None = None, **settings) 
     student = Student(base, config)
     if config.head_init == "embedding":
         init_heads(student.char_heads, base.get_output_embeddings().weight.float(), table)
-    return with_tokenizer(build_export(config, base, {}, student.char_heads.state_dict(), table), tokenizer)
+    return with_tokenizer(build_export(config, base, {}, student.char_heads.state_dict(), table, token_counts),
+                          tokenizer)
