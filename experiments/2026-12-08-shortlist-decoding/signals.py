@@ -6,8 +6,9 @@ logits over them are a fallback signal the char heads alone did not have. Per he
 whether the best candidate is the teacher's top-1, the heads' mean entropy (the package's rule),
 the best candidate's log-probability within the candidates, the margin of its logit over the
 next one, its logit, and the heads' probability of spellings outside the candidates (which needs
-every spelling scored on every row, as AutoCorrect does). Each rule's fallback for 95% / 98% agreement ranks positions by one
-signal; the logistic gate is fitted on the first half of the blocks and scored on the second.
+every spelling scored on every row, as AutoCorrect does). Each rule's fallback for 95% / 98%
+agreement ranks positions by one signal; the logistic gate is fitted on the first half of the
+blocks and scored on the second.
 
     PYTHONPATH=. .venv/bin/python experiments/2026-12-08-shortlist-decoding/signals.py MODEL_DIR POSITIONS U OUT.json
 """
