@@ -1,7 +1,7 @@
 """Free-running agreement: greedy continuations of fixed prompts, teacher vs SpeLLM.
 
     python -m analysis.free_running --model DIR [--data FILE] [--prompts 50] [--new_tokens 64] [--tau 0.22] \\
-        [--rerank_k 16] --out free_running.json
+        [--rerank_k 16] [--shortlist 1000] --out free_running.json
 
 The match rates are teacher-forced: every position is scored from the teacher's own context. A
 converted model that generates feeds on its own tokens, so one early difference changes all that

@@ -6,8 +6,9 @@ teacher gives, not only agree on the argmax. Per position, the NLL (nats) of the
 
 - the teacher;
 - SpeLLM at ``tau``: the char heads' token distribution where they decide, the student's LM head
-  where they fall back (what ``launch/evaluate.py`` scores); with ``--rerank_k K`` the heads' is
-  the re-ranked one (their mass of their top-K spellings shared by the LM head's softmax);
+  where they fall back (what ``launch/evaluate.py`` scores); with ``--rerank_k K`` or
+  ``--shortlist U`` the heads' is the re-ranked one (their mass of the candidates shared by the LM
+  head's softmax);
 - the char heads everywhere, and the LM head everywhere (the fallback ceiling).
 
 Each is compared with the teacher as a paired mean difference with a 95% interval, also over a

