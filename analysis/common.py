@@ -77,6 +77,16 @@ def fallback_mask(analysis: Analysis, tau: float | None) -> torch.Tensor:
     return falls_back(analysis.records.student_entropy, analysis.records.raw_chars, tau)
 
 
+def fallback_for_agreement(unsure: torch.Tensor, right: torch.Tensor, target: float) -> float:
+    """The smallest share of positions whose hand-over to the LM head, the least sure first (highest
+    ``unsure``), leaves agreement with the teacher at ``target`` or more, counting every handed-over
+    position right (the default recipe's LM head is the teacher's): the fallback a rule that ranks
+    positions by ``unsure`` needs. ``right``: the decoded token agrees, per position."""
+    wrong = (~right.bool()[unsure.argsort()]).long().cumsum(0)  # the surest decided first
+    kept = (wrong / len(right) <= 1 - target).nonzero()
+    return 1 - (kept.max().item() + 1 if len(kept) else 0) / len(right)
+
+
 def correct_flags(analysis: Analysis, variant: str, tau: float | None = None) -> dict[str, torch.Tensor]:
     """Per-position exact / prefix / exact_or_prefix / at5 flags of one decoding variant.
 

@@ -285,3 +285,19 @@ def test_pilot_columns_split_by_length_and_band(table, byte_level_tokenizer):
     assert columns["raw/top1/band 1-9"].tolist() == pytest.approx([nan, nan, 1], nan_ok=True)
     assert columns["raw/top1/band 1000-9999"].tolist() == pytest.approx([1, 0, nan], nan_ok=True)
     assert "raw/top1/length 1" not in columns and not any("band" in key for key in split_columns(analysis, None))
+
+
+def test_fallback_for_agreement_hands_over_the_least_sure_positions_first():
+    """Against a brute force over every count of handed-over positions (the least sure first): the
+    smallest share whose hand-over (counted right) leaves agreement >= the target."""
+    from analysis.common import fallback_for_agreement
+
+    g = torch.Generator().manual_seed(0)
+    unsure = torch.rand(200, generator=g)
+    right = torch.rand(200, generator=g) > unsure  # surer positions are right more often
+    order = unsure.argsort(descending=True)
+    for target in (0.5, 0.8, 0.95, 1.0):
+        handed = next(n for n in range(201) if (right[order[n:]].sum() + n) / 200 >= target)
+        assert fallback_for_agreement(unsure, right, target) == pytest.approx(handed / 200)
+    assert fallback_for_agreement(unsure, torch.ones(200, dtype=torch.bool), 1.0) == 0.0
+    assert fallback_for_agreement(unsure, torch.zeros(200, dtype=torch.bool), 0.9) == pytest.approx(0.9)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from analysis.collect import held_out_blocks
+from analysis.common import fallback_for_agreement
 from spellm_ds.distill.forward import teacher_and_student
 from spellm_ds.distill.losses import label_rule_of
 from spellm_ds.hf.char_decoding import after_first_end
@@ -56,12 +57,6 @@ def collect(model_dir: str, positions: int) -> dict[str, torch.Tensor]:
         columns["neg_logp_per_char"].append(-best.sum(-1) / read.sum(-1))
     return {name: torch.cat(parts) for name, parts in columns.items()}
 
-
-def fallback_needed(unsure: torch.Tensor, right: torch.Tensor, target: float) -> float:
-    """The smallest share of positions, the least sure first, whose hand-over leaves agreement >= target."""
-    wrong = (1 - right[unsure.argsort()]).cumsum(0)  # the surest decided first
-    kept = (wrong / len(right) <= 1 - target).nonzero()
-    return 1 - (kept.max().item() + 1 if len(kept) else 0) / len(right)
 
 
 def logistic(x: torch.Tensor, y: torch.Tensor, l2: float):
@@ -108,7 +103,7 @@ def main(model_dir: str, positions: int, out: str) -> None:
         x = inputs["hidden + features"]
         unsure[f"MLP 64 on hidden + features ({epochs} epochs)"] = -mlp(x[fit], right[fit], epochs)(x[test])
     unsure["oracle"] = 1 - right[test]
-    table = {rule: {f"{t:.0%}": round(fallback_needed(u, right[test], t), 4) for t in TARGETS}
+    table = {rule: {f"{t:.0%}": round(fallback_for_agreement(u, right[test], t), 4) for t in TARGETS}
              for rule, u in unsure.items()}
     result = {"model": model_dir, "positions": n, "scored": n - half,
               "char path right (top-1)": round(right[test].mean().item(), 4),

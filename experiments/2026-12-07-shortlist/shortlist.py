@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from analysis.collect import held_out_blocks
+from analysis.common import fallback_for_agreement
 from analysis.label_frequency import training_top1_counts
 from spellm_ds.distill.forward import teacher_and_student
 from spellm_ds.distill.losses import label_rule_of
@@ -53,12 +54,6 @@ def collect(model_dir: str, positions: int) -> tuple[torch.Tensor, torch.Tensor,
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
-def fallback_needed(unsure: torch.Tensor, right: torch.Tensor, target: float) -> float:
-    """The smallest share of positions, the least sure first, whose hand-over leaves agreement >= target."""
-    wrong = (1 - right[unsure.argsort()]).cumsum(0)
-    kept = (wrong / len(right) <= 1 - target).nonzero()
-    return 1 - (kept.max().item() + 1 if len(kept) else 0) / len(right)
-
 
 def main(model_dir: str, cache_dir: str, positions: int, out: str) -> None:
     torch.set_num_threads(1)
@@ -83,7 +78,7 @@ def main(model_dir: str, cache_dir: str, positions: int, out: str) -> None:
                     "LM-head rows per token": int(name.split()[1]) + int(name.split("top-")[1])
                     if name.startswith("shortlist") else 0,
                     "agreement at tau 0.22": round(torch.where(entropy >= TAU, 1.0, right).mean().item(), 4),
-                    **{f"fallback for {t:.0%}": round(fallback_needed(entropy, right, t), 4) for t in TARGETS}}
+                    **{f"fallback for {t:.0%}": round(fallback_for_agreement(entropy, right, t), 4) for t in TARGETS}}
              for name, right in rows.items()}
     result = {"model": model_dir, "teacher cache": cache_dir, "positions": len(top1), "vocabulary": vocab,
               "band shares": {label: round(rows.float().mean().item(), 4) for label, rows in bands.items()},

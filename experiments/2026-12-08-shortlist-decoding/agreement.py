@@ -18,20 +18,13 @@ from pathlib import Path
 import torch
 
 from analysis.collect import collect
-from analysis.common import correct_flags, paired_difference, rate
+from analysis.common import correct_flags, fallback_for_agreement, paired_difference, rate
 from analysis.label_frequency import training_top1_counts
 from spellm_ds.distill.metrics import BAND_EDGES, LENGTH_EDGES, group_name, group_of
 
 TARGETS = (0.95, 0.98)
 TAU = 0.22
 
-
-def fallback_needed(entropy: torch.Tensor, right: torch.Tensor, target: float) -> float:
-    """The smallest share of positions, the least sure first, whose hand-over to the LM head (right
-    by construction: it is the teacher's head) leaves agreement >= target."""
-    wrong = (~right[entropy.argsort()]).long().cumsum(0)
-    kept = (wrong / len(right) <= 1 - target).nonzero()
-    return 1 - (kept.max().item() + 1 if len(kept) else 0) / len(right)
 
 
 def main(model: str, cache_dir: str, positions: int, out: str, sizes: list[int]) -> None:
@@ -55,7 +48,7 @@ def main(model: str, cache_dir: str, positions: int, out: str, sizes: list[int])
                         if (band == b).any()},
             "by_length": {group_name(LENGTH_EDGES, b): rate(right[length == b])["rate"]
                           for b in range(len(LENGTH_EDGES)) if (length == b).any()},
-            **{f"fallback_for_{t:.0%}": round(fallback_needed(r.student_entropy, right, t), 4) for t in TARGETS},
+            **{f"fallback_for_{t:.0%}": round(fallback_for_agreement(r.student_entropy, right, t), 4) for t in TARGETS},
             f"agreement_with_fallback_at_tau_{TAU}": rate(with_fallback, blocks)["rate"],
             f"fallback_rate_at_tau_{TAU}": rate(r.student_entropy >= TAU)["rate"],
         }

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from analysis.common import fallback_for_agreement
 from analysis.label_frequency import training_top1_counts
 from spellm_ds.data.packing import cached_packing
 from spellm_ds.distill.config import RunConfig
 from spellm_ds.model.spellm import load
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "2026-12-07-shortlist"))
-from shortlist import collect, fallback_needed  # noqa: E402
+from shortlist import collect  # noqa: E402
 
 torch.set_num_threads(1)
 model_dir, run_dir, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
@@ -39,7 +40,7 @@ for name, counts in ranked_by.items():
         for k in (0, 1, 4):
             right = ((rank[top1] < size) | (char_best[:, :k] == top1[:, None]).any(1)).float()
             result[f"{name} U{size} k{k}"] = {"agree": round(right.mean().item(), 4),
-                                              "fb95": round(fallback_needed(entropy, right, 0.95), 4),
-                                              "fb98": round(fallback_needed(entropy, right, 0.98), 4)}
+                                              "fb95": round(fallback_for_agreement(entropy, right, 0.95), 4),
+                                              "fb98": round(fallback_for_agreement(entropy, right, 0.98), 4)}
             print(name, size, k, result[f"{name} U{size} k{k}"], flush=True)
 Path(out).write_text(json.dumps(result, indent=1) + "\n")

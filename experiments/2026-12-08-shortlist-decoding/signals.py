@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from analysis.collect import held_out_blocks
+from analysis.common import fallback_for_agreement
 from spellm_ds.distill.forward import teacher_and_student
 from spellm_ds.distill.losses import label_rule_of
 from spellm_ds.hf.char_decoding import best_candidate
@@ -57,13 +58,6 @@ def collect(model_dir: str, positions: int, size: int) -> dict[str, torch.Tensor
     return {name: torch.cat(parts) for name, parts in columns.items()}
 
 
-def fallback_needed(unsure: torch.Tensor, right: torch.Tensor, target: float) -> float:
-    """The smallest share of positions, the least sure first, whose hand-over to the LM head leaves
-    agreement >= target (the LM head is the teacher's)."""
-    wrong = (~right[unsure.argsort()]).long().cumsum(0)
-    kept = (wrong / len(right) <= 1 - target).nonzero()
-    return 1 - (kept.max().item() + 1 if len(kept) else 0) / len(right)
-
 
 def logistic_gate(features: torch.Tensor, right: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
     """-logit P(right) of a logistic regression on standardised ``features`` fitted on rows ``fit``."""
@@ -96,8 +90,8 @@ def main(model_dir: str, positions: int, size: int, out: str) -> None:
     result = {"model": model_dir, "positions": int(scored.sum()), "shortlist": size,
               "agreement_without_fallback": round(right[scored].float().mean().item(), 4), "rules": {}}
     for name, unsure in signals.items():
-        result["rules"][name] = {f"fallback for {t:.0%}": round(fallback_needed(unsure[scored], right[scored], t), 4)
-                                 for t in TARGETS}
+        needed = {t: fallback_for_agreement(unsure[scored], right[scored], t) for t in TARGETS}
+        result["rules"][name] = {f"fallback for {t:.0%}": round(value, 4) for t, value in needed.items()}
         print(f"{name:28s} {result['rules'][name]}", flush=True)
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
 
