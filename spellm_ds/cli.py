@@ -73,9 +73,9 @@ def add_rerank_arg(parser: argparse.ArgumentParser) -> None:
                              "decoding (default: %(default)s)")
     parser.add_argument("--shortlist", type=non_negative_int, default=0, metavar="U",
                         help="beyond the paper: where the char heads decide, the LM head also scores the U tokens "
-                             "most frequent in the text the heads trained on (U of its rows), beside the heads' "
-                             "own token or their --rerank_k best, and the best is emitted and scored as --rerank_k "
-                             "does; 0: off (default: %(default)s)")
+                             "most frequent in the text the heads trained on (U of its rows), beside the token "
+                             "the heads spell (no AutoCorrect) or their --rerank_k best, and the best is emitted "
+                             "and scored as --rerank_k does; 0: off (default: %(default)s)")
 
 
 def default_device() -> str:

@@ -384,8 +384,9 @@ def test_the_shortlist_is_the_most_frequent_spellings(table):
 
 @pytest.mark.parametrize("rerank_k", [0, 3])
 def test_a_shortlist_joins_the_candidates_once_and_shares_their_mass(table, rerank_k):
-    """Against a brute force per row: the candidates are the shortlist plus the char path's own token
-    (rerank_k 0) or the heads' best rerank_k spellings outside it; greedy emits the LM head's best of
+    """Against a brute force per row: the candidates are the shortlist plus the token of the heads'
+    argmax string where it spells one (rerank_k 0: no AutoCorrect) or the heads' best rerank_k
+    spellings outside it; greedy emits the LM head's best of
     them; the distribution gives the candidates the heads' mass of them, split by the LM head's
     softmax, each spelling once, the rest the heads' own; scoring and sampling read the same one."""
     g = torch.Generator().manual_seed(4)
@@ -401,8 +402,8 @@ def test_a_shortlist_joins_the_candidates_once_and_shares_their_mass(table, rera
     torch.nn.init.normal_(lm_head.bias, std=1.0, generator=g)
     scores = plain.spelling_scores(torch.log_softmax(logits, -1))
     heads = torch.log_softmax(scores / 1.3, -1)
-    own = plain.propose(logits).token_ids
-    assert own[0] == shortlist[2]
+    own = table.lookup(read_string(logits))
+    assert own[0] == shortlist[2] and (own < 0).any()  # row 0 spells a shortlist token; some rows spell none
     token_logits = lm_head(hidden).detach()
     valid = decoder.valid_ids
     every = torch.arange(vocab).repeat(rows)
@@ -420,7 +421,7 @@ def test_a_shortlist_joins_the_candidates_once_and_shares_their_mass(table, rera
         if rerank_k:
             outside = [c for c in scores[row].argsort(descending=True).tolist() if c not in columns]
             columns += outside[:rerank_k]
-        elif int(torch.searchsorted(valid, own[row])) not in columns:
+        elif own[row] >= 0 and int(torch.searchsorted(valid, own[row])) not in columns:
             columns.append(int(torch.searchsorted(valid, own[row])))
         candidates = valid[columns]
         assert chosen[row] == candidates[token_logits[row, candidates].argmax()]

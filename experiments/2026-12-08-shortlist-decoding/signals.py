@@ -23,7 +23,7 @@ from analysis.collect import held_out_blocks
 from analysis.common import fallback_for_agreement
 from spellm_ds.distill.forward import teacher_and_student
 from spellm_ds.distill.losses import label_rule_of
-from spellm_ds.hf.char_decoding import best_candidate
+from spellm_ds.hf.char_decoding import best_candidate, looked_up
 from spellm_ds.model.spellm import load, load_teacher, shared_trunk_layer
 
 TARGETS = (0.95, 0.98)
@@ -45,7 +45,7 @@ def collect(model_dir: str, positions: int, size: int) -> dict[str, torch.Tensor
         char_logits, hidden = out.char_logits.flatten(0, 1).float(), out.hidden.flatten(0, 1)
         proposal = decoder.propose(char_logits)
         scores = decoder.spelling_scores(torch.log_softmax(char_logits, -1)) / decoder.temperature
-        found = decoder.rerank_candidates(scores, hidden, lm_head, 0, proposal.token_ids)
+        found = decoder.rerank_candidates(scores, hidden, lm_head, 0, looked_up(proposal))
         top2 = found.logits.topk(2, -1).values
         for name, column in (("right", best_candidate(found.ids, found.logits) == signal.top_ids.flatten(0, 1)[:, 0]),
                              ("entropy", proposal.entropy),

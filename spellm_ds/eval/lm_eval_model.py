@@ -13,7 +13,7 @@
   With ``rerank_k=K`` both follow re-ranking: the heads' probability of their top-K spellings is
   shared among them by the LM head's softmax over them (the rest keep the heads' probability);
   ``shortlist=U`` adds the U tokens most frequent in the training text to the candidates (with
-  ``rerank_k=0``, beside the char path's own token).
+  ``rerank_k=0``, beside the token the heads' argmax string spells).
 - ``generate_until``: the project's decode loop (:func:`spellm_ds.model.decoding.generate`; greedy or
   sampled; ``autocorrect=false`` ends a row at a string that is no token; ``rerank_k=K`` re-ranks
   the decided rows by the LM head, greedy only), ``batch_size`` left-padded prompts at a time.

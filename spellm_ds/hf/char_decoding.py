@@ -16,7 +16,8 @@ Everything here is batched on the model's device. Per decode step:
    still choose what can be said and the teacher's own logits order it; it replaces steps 1-2.
 5. optionally (a ``shortlist``, beyond the paper) the candidates the LM head scores also hold the U
    tokens most frequent in the text the heads trained on (:func:`frequent_spellings`): beside them,
-   the char path's own token (steps 1-2), or with ``rerank_k`` the heads' best ``rerank_k``
+   the heads' argmax string's token where it spells one (step 1; a string that spells none adds
+   nothing, so no AutoCorrect pass runs), or with ``rerank_k`` the heads' best ``rerank_k``
    spellings outside the shortlist. Frequent tokens are known before any head trains, and the
    heads still miss many of them; U rows of the LM head cost O(U d) per row.
 
@@ -222,6 +223,11 @@ def best_candidate(candidates: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     return candidates.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
 
 
+def looked_up(proposal: Proposal) -> torch.Tensor:
+    """The token of each row's argmax string, -1 where it spells none (before AutoCorrect)."""
+    return torch.where(proposal.hit, proposal.token_ids, -1)
+
+
 def provenance(proposal: Proposal) -> torch.Tensor:
     """Per-row :class:`Provenance` codes."""
     codes = torch.where(proposal.hit, int(Provenance.EXACT), int(Provenance.AUTOCORRECTED))
@@ -363,13 +369,12 @@ class CharDecoder:
                rerank_k: int, own: torch.Tensor | None = None) -> torch.Tensor:
         """Per row, of the candidates (:meth:`rerank_candidates`) the one the LM head scores highest
         (fp32): ``[B, k, C]`` char logits and ``[B, d]`` hidden states -> ``[B]`` token ids. The
-        logits come from gathered rows of ``lm_head``, not all V. ``own``: the char path's tokens,
-        which a shortlist without ``rerank_k`` adds (computed here when not given)."""
-        scores = None
-        if rerank_k or own is None:
-            scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1))
+        logits come from gathered rows of ``lm_head``, not all V. ``own``: the heads' argmax
+        strings' tokens (-1: none), which a shortlist without ``rerank_k`` adds (looked up here
+        when not given)."""
+        scores = self.spelling_scores(torch.log_softmax(char_logits.float(), -1)) if rerank_k else None
         if own is None and not rerank_k:
-            own = self.proposal_from(char_logits, scores).token_ids
+            own = self.table.lookup(read_string(char_logits))
         found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, own)
         return best_candidate(found.ids, found.logits)
 
@@ -378,15 +383,16 @@ class CharDecoder:
         """Per row, the candidates and their LM-head logits (fp32, with the head's bias if it has one):
         the shortlist's tokens, if any, then the ``rerank_k`` valid spellings outside it the heads
         score highest (``scores``, :meth:`spelling_scores`); with a shortlist and no ``rerank_k``,
-        the char path's token ``own`` ``[B]`` (lookup or AutoCorrect) instead, counted only where
-        the shortlist does not hold it (``scores`` may then be None)."""
+        the token ``own`` ``[B]`` of the heads' argmax string instead, counted only where there is
+        one (-1: none) and the shortlist does not hold it (``scores`` may then be None)."""
         shortlist = self.shortlist_columns
         if rerank_k:
             outside = scores if shortlist is None else scores.index_fill(1, shortlist, float("-inf"))
             room = scores.shape[1] - (0 if shortlist is None else len(shortlist))
             columns = outside.topk(min(rerank_k, room), -1).indices
         else:
-            columns = self._spelling_index()[own].unsqueeze(1)
+            # no token (-1) stands as a repeat of a shortlist spelling: both are then scored -inf
+            columns = torch.where(own < 0, shortlist[0], self._spelling_index()[own.clamp(min=0)]).unsqueeze(1)
         ids = self.valid_ids[columns]
         logits = (lm_head.weight[ids].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)
         if lm_head.bias is not None:
@@ -446,7 +452,7 @@ class CharDecoder:
         log_probs = self._log_probs_of(char_logp, normaliser, token_ids)
         if not self.reranks(rerank_k):
             return proposal, log_probs
-        found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, proposal.token_ids)
+        found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, looked_up(proposal))
         set_logp = log_normaliser(found.scores, self.temperature) - normaliser
         # a token is scored as its spelling, i.e. as the canonical token of that spelling
         member = found.ids == self.table.lookup(self.table.chars[token_ids]).unsqueeze(-1)  # [B, rerank_k]
@@ -478,7 +484,7 @@ class CharDecoder:
         proposal = self.proposal_from(char_logits, scores)
         spelling_logp = torch.log_softmax(scores / self.temperature, -1)  # [B, N]
         if self.reranks(rerank_k):
-            found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, proposal.token_ids)
+            found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, looked_up(proposal))
             set_logp = (log_normaliser(found.scores, self.temperature)
                         - log_normaliser(scores, self.temperature)).unsqueeze(1)
             # a repeated candidate (score -inf) shares its column with a shortlist one: the larger wins
@@ -522,7 +528,7 @@ def greedy_tokens(decoder: CharDecoder, char_logits: torch.Tensor, hidden: torch
             ids = torch.where(hit.to(device) | fallback.to(device), ids, eos_token_id)
     else:
         missed = (~hit & ~fallback).nonzero().squeeze(1).to(device)
-        if len(missed) and not rerank_k:  # re-ranking by rerank_k scores every spelling anyway
+        if len(missed) and not reranks:  # re-ranking repairs every row
             ids = ids.clone()
             ids[missed] = decoder.autocorrect(char_logits[missed]) if autocorrect else eos_token_id
         decided = (~fallback).nonzero().squeeze(1).to(device)
