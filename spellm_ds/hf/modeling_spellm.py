@@ -23,7 +23,8 @@ hf``, perplexity scripts, ``Trainer.evaluate``, ``device_map`` and ``dtype``.
   ``generate()``; the config holds the defaults.
 - ``shortlist`` U (beyond the paper): where the heads decide, the LM head also scores the U tokens
   most frequent in the text the heads trained on (counts stored with the weights), beside the
-  heads' own token, and the best is emitted (U of the LM head's V rows per position).
+  token the heads' argmax string spells, and the best is emitted (U of the LM head's V rows per
+  position).
 
 The spelling of every token (its first k char ids and its length) is stored with the weights, so
 decoding needs no tokenizer. An export may store only what changed (``config.base_weights``): the
