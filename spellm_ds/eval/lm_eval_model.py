@@ -53,6 +53,13 @@ def flag(value: str | bool) -> bool:
     raise SpellmError(f"model_args value {value!r} is not a boolean; use true or false")
 
 
+def count_arg(name: str, value: int | str, meaning: str) -> int:
+    """A ``--model_args`` count >= 0, or a one-line error naming ``name`` and what it counts."""
+    if not str(value).isdigit():
+        raise SpellmError(f"{name}={value!r} is not an integer >= 0; use 0 (off) or {meaning}")
+    return int(value)
+
+
 @register_model("spellm")
 class SpeLLMEvalModel(TemplateLM):
     def __init__(self, pretrained: str, tau: float | str = DEFAULT_TAU, autocorrect: str | bool = True,
@@ -66,17 +73,13 @@ class SpeLLMEvalModel(TemplateLM):
         if device and device.startswith("cuda") and available == "cpu":
             logger.warning("device %s is not available (lm_eval asks for cuda by default); using the CPU", device)
             device = None
-        if not str(shortlist).isdigit():
-            raise SpellmError(f"shortlist={shortlist!r} is not an integer >= 0; use 0 (off) or the tokens to add")
-        self.shortlist = int(shortlist)
+        self.shortlist = count_arg("shortlist", shortlist, "the tokens to add")
         self.model = load(pretrained, dtype=INFERENCE_DTYPES[dtype], device=device or available,
                           shortlist=self.shortlist)
         self.tokenizer = self.model.tokenizer
         self.tau = None if not flag(fallback) or str(tau).lower() == "none" else float(tau)
         self.autocorrect = flag(autocorrect)
-        if not str(rerank_k).isdigit():
-            raise SpellmError(f"rerank_k={rerank_k!r} is not an integer >= 0; use 0 (off) or the candidates to re-rank")
-        self.rerank_k = int(rerank_k)
+        self.rerank_k = count_arg("rerank_k", rerank_k, "the candidates to re-rank")
         self.decoder = self.model.char_decoder(self.tau, self.shortlist)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length or getattr(self.model.base.config, "max_position_embeddings", 2048))

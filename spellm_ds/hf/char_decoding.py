@@ -180,7 +180,8 @@ class Provenance(IntEnum):
 class Candidates(NamedTuple):
     """A row's re-ranking candidates, ``[B, K]`` each: the shortlist's (if any), then the heads'
     best outside it in descending order of spelling score. A candidate that repeats a shortlist
-    spelling (the char path's own token can) has score and logit -inf, so each spelling counts once."""
+    spelling (the heads' own token can, and stands so where their string spells none) has score
+    and logit -inf, so each spelling counts once."""
 
     columns: torch.Tensor  # their columns among the valid spellings
     ids: torch.Tensor  # their token ids
@@ -482,11 +483,11 @@ class CharDecoder:
         char_logp = torch.log_softmax(char_logits.float(), -1)
         scores = self.spelling_scores(char_logp)
         proposal = self.proposal_from(char_logits, scores)
-        spelling_logp = torch.log_softmax(scores / self.temperature, -1)  # [B, N]
+        normaliser = log_normaliser(scores, self.temperature).unsqueeze(1)
+        spelling_logp = scores / self.temperature - normaliser  # [B, N]
         if self.reranks(rerank_k):
             found = self.rerank_candidates(scores, hidden, lm_head, rerank_k, looked_up(proposal))
-            set_logp = (log_normaliser(found.scores, self.temperature)
-                        - log_normaliser(scores, self.temperature)).unsqueeze(1)
+            set_logp = log_normaliser(found.scores, self.temperature).unsqueeze(1) - normaliser
             # a repeated candidate (score -inf) shares its column with a shortlist one: the larger wins
             spelling_logp = spelling_logp.scatter(1, found.columns, float("-inf")).scatter_reduce(
                 1, found.columns, set_logp + torch.log_softmax(found.logits, -1), reduce="amax")
